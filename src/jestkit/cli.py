@@ -1,0 +1,63 @@
+"""The `jestkit` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from jestkit.demo import DemoConfig, print_summary, run_demo
+
+    if args.config:
+        cfg = DemoConfig.from_dict(json.loads(Path(args.config).read_text()))
+    else:
+        cfg = DemoConfig.quick() if args.quick else DemoConfig()
+    if args.quick and args.config:
+        raise ValueError("give either --quick or --config, not both")
+    out = Path(args.out if args.out else ("runs/demo-quick" if args.quick else "runs/demo"))
+    report = run_demo(cfg, out, overwrite=args.overwrite, workers=args.workers,
+                      show_progress=not args.no_progress)
+    print_summary(report)
+    print(f"\nreport: {out / 'report.md'}  (machine-readable: {out / 'report.json'})")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jestkit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="train reference + learners with every method on "
+                                       "digits-web and report the speed-ups")
+    demo.add_argument("--quick", action="store_true", help="a <= 2-minute smoke run")
+    demo.add_argument("--out", help="run directory (default runs/demo, or runs/demo-quick)")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="replace an existing run directory (only once the new run is done)")
+    demo.add_argument("--config", help="a JSON demo config (see configs/demo.json)")
+    demo.add_argument("--workers", type=_positive_int, default=2,
+                      help="parallel learner runs (default 2, one per core)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as err:
+        print(f"jestkit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

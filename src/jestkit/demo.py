@@ -1,0 +1,188 @@
+"""`jestkit demo`: every method of the paper side by side on `digits-web`, from one command.
+
+Trains the reference on the curated split, then learners with uniform, hard_learner,
+easy_reference and learnability (joint), and learnability (independent), several seeds
+each, all at the same sub-batch size b and number of steps T; then reports by BRIEF 7.
+
+Learner runs are independent, so they run in parallel worker processes (one thread each:
+these models are small enough that two single-threaded runs beat one two-threaded run).
+Results are written to a temporary directory and moved into place at the end, so an
+existing run directory is never half-overwritten.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from jestkit.data import NOISE_FRACTIONS, load_digits_web
+from jestkit.models import load_model, save_model
+from jestkit.report import build_report, summary_table, write_report
+from jestkit.training import LearnerConfig, ReferenceConfig, train_learner, train_reference
+
+# (report name, method, selection) of every learner the demo trains.
+DEMO_METHODS: tuple[tuple[str, str, str], ...] = (
+    ("uniform", "uniform", "joint"),
+    ("learnability-joint", "learnability", "joint"),
+    ("learnability-independent", "learnability", "independent"),
+    ("easy_reference-joint", "easy_reference", "joint"),
+    ("hard_learner-joint", "hard_learner", "joint"),
+)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Everything the demo does. Plain data: `configs/demo.json` holds the same values."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    data_seed: int = 0
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    methods: tuple[str, ...] = tuple(name for name, _, _ in DEMO_METHODS)
+
+    @classmethod
+    def quick(cls) -> DemoConfig:
+        """A smoke run (<= 2 minutes): one seed, few steps. Its numbers mean nothing."""
+        return cls(seeds=(0,), learner=LearnerConfig(steps=40, warmup_steps=5),
+                   reference=ReferenceConfig(steps=40, warmup_steps=5))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DemoConfig:
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(d) - known:
+            raise ValueError(f"unknown demo config fields {sorted(set(d) - known)}; "
+                             f"allowed: {sorted(known)}")
+        if "learner" in d:
+            d["learner"] = LearnerConfig(**d["learner"])
+        if "reference" in d:
+            d["reference"] = ReferenceConfig(**d["reference"])
+        for key in ("seeds", "methods"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+    def __post_init__(self) -> None:
+        names = {name for name, _, _ in DEMO_METHODS}
+        unknown = [m for m in self.methods if m not in names]
+        if unknown or "uniform" not in self.methods:
+            raise ValueError(f"methods must include 'uniform' and be among {sorted(names)}, "
+                             f"got {list(self.methods)}")
+        if not self.seeds:
+            raise ValueError("seeds must not be empty")
+
+
+def learner_configs(cfg: DemoConfig) -> list[tuple[str, LearnerConfig]]:
+    """(method name, config) of every learner run, seeds innermost."""
+    spec = {name: (method, selection) for name, method, selection in DEMO_METHODS}
+    runs = []
+    for name in cfg.methods:
+        method, selection = spec[name]
+        for seed in cfg.seeds:
+            runs.append((name, dataclasses.replace(cfg.learner, method=method,
+                                                   selection=selection, seed=seed)))
+    return runs
+
+
+@lru_cache(maxsize=2)
+def _data(seed: int):
+    return load_digits_web(seed)
+
+
+def _run_one(data_seed: int, reference_path: str, cfg: LearnerConfig) -> dict:
+    """Worker: one learner run. Single-threaded so parallel workers do not contend."""
+    torch.set_num_threads(1)
+    reference = load_model(reference_path).eval()
+    return train_learner(_data(data_seed), cfg, reference).to_dict()
+
+
+def prepare_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to touch an existing, non-empty run directory unless overwrite is set."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite to "
+                              f"replace it (its contents are kept until the new run succeeds)")
+
+
+def run_demo(cfg: DemoConfig, out_dir: str | os.PathLike, *, overwrite: bool = False,
+             workers: int = 2, show_progress: bool = True) -> dict:
+    """Run the whole demo and write report.md, report.json and plots into out_dir."""
+    out = Path(out_dir)
+    prepare_out_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging."))
+    try:
+        report = _run_demo_into(cfg, staging, workers, show_progress)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return report
+
+
+def _run_demo_into(cfg: DemoConfig, out: Path, workers: int, show_progress: bool) -> dict:
+    started = time.time()
+    data = _data(cfg.data_seed)
+    bar = tqdm(total=cfg.reference.steps, desc="reference", disable=not show_progress,
+               leave=False)
+    reference, ref_info = train_reference(data, cfg.reference,
+                                          progress=lambda done, total: bar.update(1))
+    bar.close()
+    reference_path = out / "reference.safetensors"
+    save_model(reference, reference_path)
+
+    runs = learner_configs(cfg)
+    results: dict[str, list[dict]] = {name: [] for name in cfg.methods}
+    ctx = multiprocessing.get_context("spawn")  # fork + torch threads is unsafe
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        futures = {pool.submit(_run_one, cfg.data_seed, str(reference_path), lc): (name, lc)
+                   for name, lc in runs}
+        with tqdm(total=len(futures), desc="learner runs", disable=not show_progress) as bar:
+            for fut in as_completed(futures):
+                name, lc = futures[fut]
+                results[name].append(fut.result())
+                bar.set_postfix_str(f"{name} seed {lc.seed}")
+                bar.update(1)
+    for name in results:  # seed order, whatever order they finished in
+        results[name].sort(key=lambda r: r["config"]["seed"])
+        (out / "runs").mkdir(exist_ok=True)
+        (out / "runs" / f"{name}.json").write_text(json.dumps(results[name]))
+
+    pool_split = data.pool
+    config = {
+        **asdict(cfg),
+        "batch_size": cfg.learner.batch_size,
+        "filter_ratio": cfg.learner.filter_ratio,
+        "n_chunks": cfg.learner.n_chunks,
+        "steps": cfg.learner.steps,
+        "pool_size": len(pool_split),
+        "curated_size": len(data.curated),
+        "pool_clean_fraction": NOISE_FRACTIONS[0],
+        "workers": workers,
+        "wall_time_s": None,
+    }
+    report = build_report(results, ref_info, config)
+    report["config"]["wall_time_s"] = round(time.time() - started, 1)
+    write_report(report, out)
+    return report
+
+
+def print_summary(report: dict) -> None:
+    print(summary_table(report))
+    p = report["plateau"]
+    print(f"\nuniform moved {p['moved_points']:+.2f} points over its last quarter "
+          f"({'plateaued' if p['plateaued'] else 'NOT plateaued'}); "
+          f"wall time {report['config']['wall_time_s']} s")

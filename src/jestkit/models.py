@@ -1,0 +1,600 @@
+"""A small SigLIP dual encoder whose image tower is a FlexiViT.
+
+Images are float tensors [B, C, H, W] (MNIST padded to 1 x 32 x 32, values in [0, 1]); text is
+a LongTensor [B, L] of token ids with 0 as padding. Both towers end in an L2-normalised
+embedding of size `embed_dim`; the model also holds the SigLIP temperature (stored as its log)
+and bias, so `sigmoid_loss(*model(images, tokens))` is one training loss.
+
+FlexiViT (Beyer et al., 2023): the image tower keeps one patch-embedding kernel at the base
+patch size and resizes it on the fly with PI-resize, so the same weights run at any patch size
+that divides the image size. JEST's Flexi variant scores at a coarse patch size (cheap) and
+trains on a mix of fine and coarse (BRIEF 4).
+
+Construction never touches torch's global RNG: every parameter is initialised from a
+`torch.Generator` seeded by `seed` (or passed in), so two models built with the same seed are
+bit-identical and building a model changes nothing for the caller's random streams.
+
+Attention is written out as two matmuls instead of `F.scaled_dot_product_attention`: torch's
+`FlopCounterMode` has no formula for the CPU flash-attention kernel and would silently count
+attention as zero FLOPs (see `jestkit.flops`). The sequences here are at most 64 tokens at the
+base patch size, so the explicit form costs nothing noticeable.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "Block",
+    "DualEncoder",
+    "DualEncoderConfig",
+    "FlexiPatchEmbed",
+    "ImageTower",
+    "TextTower",
+    "bilinear_resize_matrix",
+    "learner_config",
+    "load_model",
+    "model_fingerprint",
+    "pi_resize_matrix",
+    "reference_config",
+    "resize_pos_embed",
+    "save_model",
+    "sigmoid_loss",
+]
+
+#: Written into every checkpoint's metadata; `load_model` refuses anything else.
+CHECKPOINT_FORMAT = "jestkit.dual_encoder.v1"
+PAD_ID = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DualEncoderConfig:
+    """Architecture of a `DualEncoder`. Plain data: `asdict` / `from_dict` round-trip via JSON.
+
+    `patch_size` is the base (training) patch size at which the patch-embedding kernel and the
+    positional embeddings are stored; other divisors of `image_size` are reached by resizing.
+    """
+
+    vocab_size: int
+    embed_dim: int = 64
+    image_width: int = 64
+    image_depth: int = 2
+    image_heads: int = 4
+    patch_size: int = 4
+    image_size: int = 32
+    in_channels: int = 1
+    text_width: int = 64
+    text_depth: int = 2
+    text_heads: int = 4
+    max_text_len: int = 16
+    mlp_ratio: int = 4
+    init_logit_scale: float = math.log(10.0)
+    init_logit_bias: float = -10.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name.startswith("init_"):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValueError(f"{f.name} must be a float, got {value!r}")
+                if not math.isfinite(value):
+                    raise ValueError(f"{f.name} must be finite, got {value!r}")
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{f.name} must be a positive int, got {value!r}")
+        if self.vocab_size < 2:
+            # id 0 is padding, so a usable vocabulary needs at least one more id.
+            raise ValueError(f"vocab_size must be >= 2 (id 0 is padding), got {self.vocab_size}")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size ({self.image_size}) must be divisible by patch_size "
+                f"({self.patch_size})"
+            )
+        for tower in ("image", "text"):
+            width, heads = getattr(self, f"{tower}_width"), getattr(self, f"{tower}_heads")
+            if width % heads:
+                raise ValueError(
+                    f"{tower}_width ({width}) must be divisible by {tower}_heads ({heads})"
+                )
+
+    @property
+    def allowed_patch_sizes(self) -> tuple[int, ...]:
+        """Patch sizes the image tower accepts: the divisors of `image_size`."""
+        return tuple(p for p in range(1, self.image_size + 1) if self.image_size % p == 0)
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys): what checkpoints and fingerprints store."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DualEncoderConfig:
+        """Inverse of `asdict`; unknown keys are an error rather than silently dropped."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown DualEncoderConfig fields: {unknown}")
+        return cls(**data)
+
+
+def reference_config(vocab_size: int) -> DualEncoderConfig:
+    """The smaller preset (reference model): width 48, depth 2, 4 heads in both towers.
+
+    Sized for a 2-core CPU: a training step at batch 64, patch 4, is ~1.5 GFLOP (measured).
+    MLP ratio 2 instead of 4 keeps most of the depth/width for a third less compute.
+    """
+    return DualEncoderConfig(
+        vocab_size=vocab_size,
+        image_width=48, image_depth=2, image_heads=4,
+        text_width=48, text_depth=2, text_heads=4,
+        mlp_ratio=2,
+    )
+
+
+def learner_config(vocab_size: int) -> DualEncoderConfig:
+    """The bigger preset (learner): width 64, depth 3, 4 heads in both towers.
+
+    ~2.5x the reference's FLOPs and parameters (training step at batch 64, patch 4: ~3.7 GFLOP).
+    """
+    return DualEncoderConfig(
+        vocab_size=vocab_size,
+        image_width=64, image_depth=3, image_heads=4,
+        text_width=64, text_depth=3, text_heads=4,
+        mlp_ratio=2,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# FlexiViT resizing
+# --------------------------------------------------------------------------------------------
+
+
+def _resize_2d(x: Tensor, size: int) -> Tensor:
+    """Bilinear resize of [..., C, h, w] to [..., C, size, size] (half-pixel centres).
+
+    Antialiased when shrinking, matching `jax.image.resize` as used by FlexiViT; when growing,
+    antialiasing is a no-op, so this is plain `F.interpolate(..., align_corners=False)`.
+    """
+    return F.interpolate(
+        x, size=(size, size), mode="bilinear", align_corners=False, antialias=size < x.shape[-1]
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def bilinear_resize_matrix(old: int, new: int) -> Tensor:
+    """B [new*new, old*old] (float64) with  resize(x).flatten() == B @ x.flatten().
+
+    Built by resizing each basis image, so it is exactly the linear map `_resize_2d` applies
+    to a single old x old patch. Cached and shared: treat the result as read-only.
+    """
+    basis = torch.eye(old * old, dtype=torch.float64).reshape(old * old, 1, old, old)
+    return _resize_2d(basis, new).reshape(old * old, new * new).T.contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def pi_resize_matrix(old: int, new: int) -> Tensor:
+    """M [old*old, new*new] (float64) with  resized_kernel_flat = kernel_flat @ M.
+
+    PI-resize: new_w = pinv(B^T) @ w. When growing (new >= old), B has full column rank so
+    B^T pinv(B^T) = I and  <B x, new_w> = <x, w>  for every patch x: a bilinearly upsampled
+    patch gives exactly the original token. When shrinking it is the least-squares solution.
+    Cached per (old, new) since the patch size changes between calls; treat as read-only.
+    """
+    b = bilinear_resize_matrix(old, new)
+    return torch.linalg.pinv(b.T).T.contiguous()
+
+
+def resize_pos_embed(pos: Tensor, new_grid: int) -> Tensor:
+    """Resize positional embeddings [1, g*g, D] to [1, new_grid**2, D] (bilinear, 2-D grid)."""
+    _, n, dim = pos.shape
+    grid = math.isqrt(n)
+    if grid * grid != n:
+        raise ValueError(f"pos must hold a square grid of tokens, got {n}")
+    if grid == new_grid:
+        return pos
+    grid_img = pos.reshape(1, grid, grid, dim).permute(0, 3, 1, 2)  # [1, D, g, g]
+    resized = _resize_2d(grid_img, new_grid)
+    return resized.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, dim)
+
+
+class FlexiPatchEmbed(nn.Module):
+    """Patch embedding stored at one base patch size, applied at any allowed patch size.
+
+    forward(images [B, C, S, S], patch_size) -> tokens [B, (S / patch_size)**2, width]
+    (no positional embedding: that is the tower's job).
+    """
+
+    def __init__(self, in_channels: int, width: int, base_patch: int, image_size: int) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.base_patch = base_patch
+        self.image_size = image_size
+        self.weight = nn.Parameter(torch.empty(width, in_channels, base_patch, base_patch))
+        self.bias = nn.Parameter(torch.empty(width))
+        # Device/dtype copies of `pi_resize_matrix`, keyed by (patch, device, dtype), so a
+        # training loop that alternates patch sizes never re-runs the pseudo-inverse.
+        self._resize_cache: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
+
+    @property
+    def allowed_patch_sizes(self) -> tuple[int, ...]:
+        """Divisors of the image size."""
+        return tuple(p for p in range(1, self.image_size + 1) if self.image_size % p == 0)
+
+    def check_patch_size(self, patch_size: int) -> None:
+        """ValueError unless `patch_size` is an int dividing the image size."""
+        allowed = self.allowed_patch_sizes
+        if isinstance(patch_size, bool) or not isinstance(patch_size, int) or (
+            patch_size not in allowed
+        ):
+            raise ValueError(
+                f"patch_size must be one of {allowed} (the divisors of image_size="
+                f"{self.image_size}), got {patch_size!r}"
+            )
+
+    def kernel(self, patch_size: int) -> Tensor:
+        """The kernel [width, C, patch_size, patch_size], PI-resized from the stored one."""
+        self.check_patch_size(patch_size)
+        if patch_size == self.base_patch:
+            return self.weight
+        key = (patch_size, self.weight.device, self.weight.dtype)
+        m = self._resize_cache.get(key)
+        if m is None:
+            m = pi_resize_matrix(self.base_patch, patch_size).to(
+                device=self.weight.device, dtype=self.weight.dtype
+            )
+            self._resize_cache[key] = m
+        width, chans = self.weight.shape[:2]
+        flat = self.weight.reshape(width * chans, self.base_patch * self.base_patch)
+        return (flat @ m).reshape(width, chans, patch_size, patch_size)
+
+    def forward(self, images: Tensor, patch_size: int | None = None) -> Tensor:
+        p = self.base_patch if patch_size is None else patch_size
+        # Non-overlapping patches: "flatten each patch, one matmul" is exactly a stride-p
+        # convolution, and on CPU several times faster than conv2d's backward.
+        kernel = self.kernel(p)  # validates p
+        batch, chans, size, _ = images.shape
+        grid = size // p
+        patches = (images.reshape(batch, chans, grid, p, grid, p)
+                   .permute(0, 2, 4, 1, 3, 5)
+                   .reshape(batch, grid * grid, chans * p * p))  # [B, (S/p)^2, C*p*p]
+        kernel = kernel.reshape(self.weight.shape[0], chans * p * p)
+        return patches @ kernel.T + self.bias
+
+
+# --------------------------------------------------------------------------------------------
+# Transformer
+# --------------------------------------------------------------------------------------------
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + MHA(LN(x)), then x + MLP(LN(x)).
+
+    forward(x [B, L, width], key_mask [B, L] bool (True = attend) or None) -> [B, L, width]
+    Every row of `key_mask` must allow at least one key (else softmax of all -inf is NaN).
+    """
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, mlp_ratio * width)
+        self.fc2 = nn.Linear(mlp_ratio * width, width)
+
+    def attention(self, x: Tensor, key_mask: Tensor | None) -> Tensor:
+        batch, length, width = x.shape
+        head_dim = width // self.heads
+        qkv = self.qkv(x).reshape(batch, length, 3, self.heads, head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, H, L, head_dim]
+        scores = (q @ k.transpose(-2, -1)) * head_dim**-0.5  # [B, H, L, L]
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        out = scores.softmax(dim=-1) @ v  # [B, H, L, head_dim]
+        return self.proj(out.transpose(1, 2).reshape(batch, length, width))
+
+    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        x = x + self.attention(self.norm1(x), key_mask)
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class ImageTower(nn.Module):
+    """FlexiViT: patch embed + resized pos emb + blocks + LN + mean pool + projection.
+
+    forward(images [B, C, S, S], patch_size | None) -> [B, embed_dim] (not normalised)
+    """
+
+    def __init__(self, config: DualEncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.base_grid = c.image_size // c.patch_size
+        self.patch_embed = FlexiPatchEmbed(c.in_channels, c.image_width, c.patch_size, c.image_size)
+        self.pos_embed = nn.Parameter(torch.empty(1, self.base_grid**2, c.image_width))
+        self.blocks = nn.ModuleList(
+            Block(c.image_width, c.image_heads, c.mlp_ratio) for _ in range(c.image_depth)
+        )
+        self.norm = nn.LayerNorm(c.image_width)
+        self.head = nn.Linear(c.image_width, c.embed_dim, bias=False)
+
+    def forward(self, images: Tensor, patch_size: int | None = None) -> Tensor:
+        c = self.config
+        expected = (c.in_channels, c.image_size, c.image_size)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"images must have shape [B, {', '.join(map(str, expected))}], "
+                             f"got {tuple(images.shape)}")
+        p = c.patch_size if patch_size is None else patch_size
+        x = self.patch_embed(images, p)  # [B, (S/p)^2, width]; validates p
+        x = x + resize_pos_embed(self.pos_embed, c.image_size // p)
+        for block in self.blocks:
+            x = block(x)
+        # Global average pooling: works at every token count, unlike a CLS token whose
+        # attention pattern would have to generalise across grid sizes.
+        return self.head(self.norm(x).mean(dim=1))
+
+
+class TextTower(nn.Module):
+    """Token + learned position embeddings, masked blocks, LN, masked mean pool, projection.
+
+    forward(tokens [B, L] int, L <= max_text_len, 0 = padding) -> [B, embed_dim]
+    """
+
+    def __init__(self, config: DualEncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.token_embed = nn.Embedding(c.vocab_size, c.text_width)
+        self.pos_embed = nn.Parameter(torch.empty(1, c.max_text_len, c.text_width))
+        self.blocks = nn.ModuleList(
+            Block(c.text_width, c.text_heads, c.mlp_ratio) for _ in range(c.text_depth)
+        )
+        self.norm = nn.LayerNorm(c.text_width)
+        self.head = nn.Linear(c.text_width, c.embed_dim, bias=False)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        c = self.config
+        if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens must be an int64/int32 tensor [B, L], got "
+                             f"{tokens.dtype} {tuple(tokens.shape)}")
+        length = tokens.shape[1]
+        if not 1 <= length <= c.max_text_len:
+            raise ValueError(f"token length must be in [1, max_text_len={c.max_text_len}], "
+                             f"got {length}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= c.vocab_size):
+            raise ValueError(f"token ids must be in [0, vocab_size={c.vocab_size})")
+        valid = tokens != PAD_ID  # [B, L]
+        # An all-padding row would mask every key (softmax of all -inf = NaN); let it attend
+        # to position 0 instead. Its pooled vector is 0 below, so its embedding is a constant.
+        first = torch.zeros_like(valid)
+        first[:, 0] = True
+        key_mask = valid | (first & ~valid.any(dim=1, keepdim=True))
+        x = self.token_embed(tokens) + self.pos_embed[:, :length]
+        for block in self.blocks:
+            x = block(x, key_mask)
+        weights = valid.to(x.dtype).unsqueeze(-1)  # [B, L, 1]
+        pooled = (self.norm(x) * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+        return self.head(pooled)
+
+
+# --------------------------------------------------------------------------------------------
+# Dual encoder, loss
+# --------------------------------------------------------------------------------------------
+
+
+class DualEncoder(nn.Module):
+    """SigLIP dual encoder with a FlexiViT image tower.
+
+    Parameters `logit_scale_log` (log t, init log 10) and `logit_bias` (c, init -10) are 0-d.
+    Build deterministically from `seed`, or from `generator` (which is then advanced);
+    torch's global RNG is neither read nor changed.
+    """
+
+    def __init__(
+        self,
+        config: DualEncoderConfig,
+        *,
+        seed: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(config, DualEncoderConfig):
+            raise TypeError(f"config must be a DualEncoderConfig, got {type(config).__name__}")
+        self.config = config
+        # nn.Linear & co. draw their default init from the global RNG; run that on a forked
+        # copy so the caller's stream is untouched. The draws are overwritten just below.
+        with torch.random.fork_rng(devices=[]):
+            self.image = ImageTower(config)
+            self.text = TextTower(config)
+        self.logit_scale_log = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(config.init_logit_bias)))
+        if generator is None:
+            generator = torch.Generator().manual_seed(seed)
+        self._init_weights(generator)
+
+    @torch.no_grad()
+    def _init_weights(self, gen: torch.Generator) -> None:
+        done: set[int] = set()
+
+        def normal(p: Tensor, std: float) -> None:
+            # Normal truncated at 2 std (the usual ViT choice: no rare huge initial weights),
+            # by inverse CDF: one uniform draw per element. (torch 2.13's trunc_normal_
+            # resamples in a loop; it made building a model take ~1 s instead of ~30 ms.)
+            edge = math.erf(2.0 / math.sqrt(2.0))  # 2 * Phi(2) - 1
+            p.uniform_(-edge, edge, generator=gen).erfinv_().mul_(std * math.sqrt(2.0))
+            done.add(id(p))
+
+        def const(p: Tensor, value: float) -> None:
+            p.fill_(value)
+            done.add(id(p))
+
+        c = self.config
+        # Fixed module order (named_modules is deterministic), so a seed fixes every value.
+        for _, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                normal(module.weight, 0.02)
+                if module.bias is not None:
+                    const(module.bias, 0.0)
+            elif isinstance(module, nn.LayerNorm):
+                const(module.weight, 1.0)
+                const(module.bias, 0.0)
+            elif isinstance(module, nn.Embedding):
+                normal(module.weight, 0.02)
+        pe = self.image.patch_embed
+        normal(pe.weight, pe.weight[0].numel() ** -0.5)  # LeCun: unit-scale tokens from pixels
+        const(pe.bias, 0.0)
+        normal(self.image.pos_embed, 0.02)
+        normal(self.text.pos_embed, 0.02)
+        # Output projections at width^-0.5 so initial embeddings are not all near-parallel.
+        normal(self.image.head.weight, c.image_width**-0.5)
+        normal(self.text.head.weight, c.text_width**-0.5)
+        const(self.logit_scale_log, c.init_logit_scale)
+        const(self.logit_bias, c.init_logit_bias)
+        missed = [n for n, p in self.named_parameters() if id(p) not in done]
+        if missed:  # guard for future edits: an uninitialised weight breaks determinism
+            raise RuntimeError(f"parameters without explicit init: {missed}")
+
+    @property
+    def logit_scale(self) -> Tensor:
+        """The temperature t = exp(logit_scale_log), already exponentiated (as open_clip)."""
+        return self.logit_scale_log.exp()
+
+    def encode_image(self, images: Tensor, patch_size: int | None = None) -> Tensor:
+        """images [B, C, S, S] -> L2-normalised embeddings [B, embed_dim]."""
+        return F.normalize(self.image(images, patch_size), dim=-1)
+
+    def encode_text(self, tokens: Tensor) -> Tensor:
+        """tokens [B, L] (0 = padding) -> L2-normalised embeddings [B, embed_dim]."""
+        return F.normalize(self.text(tokens), dim=-1)
+
+    def forward(
+        self, images: Tensor, tokens: Tensor, patch_size: int | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """-> (image_emb [B, D], text_emb [B, D], logit_scale t (0-d), logit_bias c (0-d))."""
+        return (
+            self.encode_image(images, patch_size),
+            self.encode_text(tokens),
+            self.logit_scale,
+            self.logit_bias,
+        )
+
+
+def sigmoid_loss(
+    image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float, logit_bias: Tensor | float
+) -> Tensor:
+    """SigLIP batch loss: sum over all N^2 pairs of -log sigmoid(y_ij (t u_i.v_j + c)), / N.
+
+    image_emb, text_emb: [N, D]; logit_scale: t, already exponentiated; y_ii = +1, else -1.
+    Computed in float32 (float64 if an embedding is float64) whatever the input dtype.
+    """
+    if image_emb.ndim != 2 or image_emb.shape != text_emb.shape or image_emb.shape[0] == 0:
+        raise ValueError(f"image_emb and text_emb must both be [N, D] with N >= 1, got "
+                         f"{tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
+    dtype = torch.float64 if torch.float64 in (image_emb.dtype, text_emb.dtype) else torch.float32
+    u, v = image_emb.to(dtype), text_emb.to(dtype)
+    t = torch.as_tensor(logit_scale, device=u.device).to(dtype)
+    c = torch.as_tensor(logit_bias, device=u.device).to(dtype)
+    n = u.shape[0]
+    logits = t * (u @ v.T) + c  # [N, N]
+    labels = 2.0 * torch.eye(n, dtype=dtype, device=u.device) - 1.0
+    return -F.logsigmoid(labels * logits).sum() / n
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints and identity
+# --------------------------------------------------------------------------------------------
+
+
+def _cpu_state(model: DualEncoder) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+
+
+def save_model(model: DualEncoder, path: str | os.PathLike) -> None:
+    """Write weights + config (safetensors metadata) to `path`, atomically.
+
+    The bytes go to a temp file in the same directory, are flushed and fsynced, then
+    `os.replace`d over `path`: a reader sees the old file or the complete new one, never a
+    torn write, and a crash leaves no partial checkpoint under the final name.
+    """
+    path = Path(path)
+    metadata = {"format": CHECKPOINT_FORMAT, "config": model.config.to_json()}
+    data = safetensors.torch.save(_cpu_state(model), metadata=metadata)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint is not a secret
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable; not every platform can open a directory
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> DualEncoder:
+    """Rebuild a `DualEncoder` from a `save_model` checkpoint (config from its metadata)."""
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("format") != CHECKPOINT_FORMAT or "config" not in metadata:
+        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint "
+                         f"(metadata format={metadata.get('format')!r})")
+    config = DualEncoderConfig.from_dict(json.loads(metadata["config"]))
+    model = DualEncoder(config)
+    model.load_state_dict(safetensors.torch.load_file(str(path)), strict=True)
+    return model.to(device)
+
+
+def model_fingerprint(model: DualEncoder) -> str:
+    """sha256 hex of the config JSON and every state tensor (name, dtype, shape, bytes).
+
+    Tensors are taken in sorted-name order and each field is length-prefixed, so the digest
+    is independent of device and of dict order, and no two different models collide by
+    concatenation. Used to tie cached embeddings to the exact model that made them.
+    """
+    h = hashlib.sha256()
+
+    def put(data: bytes) -> None:
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+
+    put(CHECKPOINT_FORMAT.encode())
+    put(model.config.to_json().encode())
+    state = _cpu_state(model)
+    for name in sorted(state):
+        t = state[name]
+        put(name.encode())
+        put(str(t.dtype).encode())
+        put(json.dumps(list(t.shape)).encode())
+        # Viewing as bytes works for every dtype (bfloat16 has no numpy equivalent).
+        put(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,261 @@
+"""The comparison protocol of BRIEF 7, and the tables, JSON and plots that report it.
+
+- Baseline: uniform, same learner, same b, same number of steps T.
+- Target: the baseline's final accuracy = mean of its last 3 evaluations, averaged over seeds.
+- Iteration speed-up: T / the first evaluated step at which the method's seed-averaged curve
+  reaches the target. Compute speed-up: the baseline's total FLOPs / the method's cumulative
+  FLOPs (training + all scoring) at that step. The reference's training FLOPs are reported
+  beside, never hidden inside. A method that never reaches the target reports None
+  ("not reached"), never a number.
+
+Inputs are plain dicts (`RunResult.to_dict()`), so a report can be rebuilt from saved JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+
+__all__ = ["FINAL_EVALS", "build_report", "plateau_check", "summarize_method", "summary_table",
+           "write_report"]
+
+FINAL_EVALS = 3  # "final accuracy" = mean of the last 3 evaluations
+
+
+def _mean_curve(runs: list[dict], key: str) -> list[float]:
+    steps = runs[0]["steps"]
+    for r in runs:
+        if r["steps"] != steps:
+            raise ValueError("runs of one method must be evaluated at the same steps")
+    return [statistics.fmean(r[key][i] for r in runs) for i in range(len(steps))]
+
+
+def _total_flops(ledger: dict) -> int:
+    """Training + learner scoring + reference scoring (reference *training* excluded)."""
+    return ledger["train"] + ledger["learner_scoring"] + ledger["reference_scoring"]
+
+
+def final_accuracy(run: dict) -> float:
+    return statistics.fmean(run["zero_shot_accuracy"][-FINAL_EVALS:])
+
+
+def _spread(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def plateau_check(runs: list[dict]) -> dict:
+    """How much the seed-averaged accuracy moved over the last quarter of training.
+
+    Compares the mean of the last 3 evaluations with the mean of the 3 evaluations around
+    step 3T/4 (averaging 3 points damps evaluation noise). Plateaued when it moved < 1 point.
+    """
+    curve = _mean_curve(runs, "zero_shot_accuracy")
+    steps = runs[0]["steps"]
+    q = min(range(len(steps)), key=lambda i: abs(steps[i] - 0.75 * steps[-1]))
+    lo, hi = max(0, q - 1), min(len(curve), q + 2)
+    at_q = statistics.fmean(curve[lo:hi])
+    at_end = statistics.fmean(curve[-FINAL_EVALS:])
+    moved = 100 * (at_end - at_q)
+    return {"step_three_quarters": steps[q], "accuracy_at_three_quarters": at_q,
+            "accuracy_at_end": at_end, "moved_points": moved, "plateaued": abs(moved) < 1.0}
+
+
+def summarize_method(runs: list[dict], baseline: list[dict]) -> dict:
+    """Per-method summary by the protocol (see module docstring).
+
+    Returns final_accuracy {mean, std, per_seed}, iteration_speedup, compute_speedup (None
+    when the target is never reached), step_reaching_target, clean_fraction (of selected
+    examples, mean over the run and seeds), flops per phase at T (seed mean), and the
+    seed-averaged curves.
+    """
+    finals = [final_accuracy(r) for r in runs]
+    target = statistics.fmean(final_accuracy(r) for r in baseline)
+    total_steps = baseline[0]["config"]["steps"]
+    baseline_flops = statistics.fmean(_total_flops(r["cumulative_flops"][-1]) for r in baseline)
+    curve = _mean_curve(runs, "zero_shot_accuracy")
+    steps = runs[0]["steps"]
+    reach = next((i for i, acc in enumerate(curve) if acc >= target), None)
+    if reach is None:
+        iteration_speedup = compute_speedup = step_reached = flops_at_target = None
+    else:
+        step_reached = steps[reach]
+        iteration_speedup = total_steps / step_reached
+        flops_at_target = statistics.fmean(_total_flops(r["cumulative_flops"][reach])
+                                           for r in runs)
+        compute_speedup = baseline_flops / flops_at_target
+    phases = runs[0]["cumulative_flops"][-1].keys()
+    flops_at_end = {p: statistics.fmean(r["cumulative_flops"][-1][p] for r in runs)
+                    for p in phases}
+    flops_curve = [statistics.fmean(_total_flops(r["cumulative_flops"][i]) for r in runs)
+                   for i in range(len(steps))]
+    return {
+        "final_accuracy": {"mean": statistics.fmean(finals), "std": _spread(finals),
+                           "per_seed": finals},
+        "target_accuracy": target,
+        "step_reaching_target": step_reached,
+        "iteration_speedup": iteration_speedup,
+        "compute_speedup": compute_speedup,
+        "flops_at_target": flops_at_target,
+        "flops_at_end": flops_at_end,
+        "flops_per_step": {p: v / total_steps for p, v in flops_at_end.items()},
+        "clean_fraction": statistics.fmean(statistics.fmean(r["clean_fraction"]) for r in runs),
+        "n_seeds": len(runs),
+        "curves": {
+            "steps": steps,
+            "zero_shot_accuracy": curve,
+            "zero_shot_accuracy_std": [_spread([r["zero_shot_accuracy"][i] for r in runs])
+                                       for i in range(len(steps))],
+            "i2t_recall@1": _mean_curve(runs, "i2t_recall"),
+            "t2i_recall@1": _mean_curve(runs, "t2i_recall"),
+            "cumulative_flops": flops_curve,
+            "clean_fraction": _mean_curve(runs, "clean_fraction"),
+        },
+    }
+
+
+def _fmt_speedup(x: float | None) -> str:
+    return "not reached" if x is None else f"{x:.2f}x"
+
+
+def _fmt_flops(x: float) -> str:
+    return f"{x / 1e12:.2f} T"
+
+
+def summary_table(report: dict) -> str:
+    """The markdown summary table (also what the CLI prints)."""
+    lines = [
+        "| method | final zero-shot acc. (mean ± std) | iteration speed-up | compute speed-up "
+        "| clean fraction selected | FLOPs/step train | learner scoring | reference scoring |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in report["methods"].items():
+        fa = m["final_accuracy"]
+        per = m["flops_per_step"]
+        lines.append(
+            f"| {name} | {100 * fa['mean']:.1f} ± {100 * fa['std']:.1f} | "
+            f"{_fmt_speedup(m['iteration_speedup'])} | {_fmt_speedup(m['compute_speedup'])} | "
+            f"{100 * m['clean_fraction']:.1f}% | {per['train'] / 1e9:.2f} G | "
+            f"{per['learner_scoring'] / 1e9:.2f} G | {per['reference_scoring'] / 1e9:.2f} G |")
+    ref = report["reference"]
+    lines.append(f"| reference (curated only) | {100 * ref['metrics']['zero_shot_accuracy']:.1f} "
+                 f"| | | | training: {_fmt_flops(ref['flops'])} in all | | |")
+    return "\n".join(lines)
+
+
+def _plots(report: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless; never opens a window
+    import matplotlib.pyplot as plt
+
+    files = []
+    specs = [
+        ("accuracy_vs_steps.png", "steps", "zero_shot_accuracy", "training step",
+         "zero-shot accuracy (test)"),
+        ("accuracy_vs_flops.png", "cumulative_flops", "zero_shot_accuracy",
+         "cumulative FLOPs (training + scoring)", "zero-shot accuracy (test)"),
+        ("clean_fraction.png", "steps", "clean_fraction", "training step",
+         "fraction of selected pool items that are clean"),
+    ]
+    target = report["methods"]["uniform"]["target_accuracy"] if "uniform" in report[
+        "methods"] else None
+    for fname, xkey, ykey, xlabel, ylabel in specs:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, m in report["methods"].items():
+            c = m["curves"]
+            ax.plot(c[xkey], c[ykey], label=name, lw=1.6)
+            if ykey == "zero_shot_accuracy":
+                lo = [a - s for a, s in zip(c[ykey], c["zero_shot_accuracy_std"], strict=True)]
+                hi = [a + s for a, s in zip(c[ykey], c["zero_shot_accuracy_std"], strict=True)]
+                ax.fill_between(c[xkey], lo, hi, alpha=0.15)
+        if ykey == "zero_shot_accuracy":
+            if target is not None:
+                ax.axhline(target, color="k", ls="--", lw=0.8, label="uniform's final (target)")
+            ax.axhline(report["reference"]["metrics"]["zero_shot_accuracy"], color="gray",
+                       ls=":", lw=0.8, label="reference")
+        if ykey == "clean_fraction":
+            ax.axhline(report["config"].get("pool_clean_fraction", 0.45), color="k", ls="--",
+                       lw=0.8, label="pool")
+        if xkey == "cumulative_flops":
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        files.append(fname)
+    return files
+
+
+def build_report(runs: dict[str, list[dict]], reference: dict, config: dict) -> dict:
+    """{method name: [run dicts, one per seed]} -> the report dict (report.json's content)."""
+    if "uniform" not in runs:
+        raise ValueError("the report needs the uniform baseline's runs")
+    baseline = runs["uniform"]
+    methods = {name: summarize_method(r, baseline) for name, r in runs.items()}
+    # The baseline is 1x by definition; its own first crossing of the target only says how
+    # early it plateaued, which `plateau` reports.
+    methods["uniform"].update(iteration_speedup=1.0, compute_speedup=1.0,
+                              step_reaching_target=baseline[0]["config"]["steps"])
+    total_steps = baseline[0]["config"]["steps"]
+    return {
+        "reference_accuracy": reference["metrics"]["zero_shot_accuracy"],
+        "reference": reference,
+        "reference_training_flops_amortised_per_step": reference["flops"] / total_steps,
+        "config": config,
+        "plateau": plateau_check(baseline),
+        "methods": methods,
+    }
+
+
+def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write report.json, report.md and the PNG plots into out_dir; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pngs = _plots(report, out)
+    (out / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False))
+    plateau = report["plateau"]
+    cfg = report["config"]
+    md = [
+        "# jestkit demo report",
+        "",
+        f"Data: `digits-web` (pool of {cfg.get('pool_size')} web-like pairs, "
+        f"{100 * cfg.get('pool_clean_fraction', 0.45):.0f}% clean; reference trained on "
+        f"{cfg.get('curated_size')} curated pairs). Sub-batch b = {cfg.get('batch_size')}, "
+        f"filter ratio f = {cfg.get('filter_ratio')}, n_chunks = {cfg.get('n_chunks')}, "
+        f"T = {cfg.get('steps')} steps, seeds {cfg.get('seeds')}.",
+        "",
+        "Protocol (BRIEF 7): target = uniform's final zero-shot accuracy (mean of its last "
+        f"{FINAL_EVALS} evaluations, averaged over seeds) = "
+        f"{100 * report['methods']['uniform']['target_accuracy']:.1f}%. Iteration speed-up = "
+        "T / first step where the method's seed-averaged curve reaches it; compute speed-up = "
+        "uniform's total FLOPs / the method's cumulative FLOPs (training + learner scoring + "
+        "reference scoring) at that step. FLOPs are measured with torch's flop counter.",
+        "",
+        summary_table(report),
+        "",
+        f"Reference training: {_fmt_flops(report['reference']['flops'])} FLOPs in all, "
+        f"{report['reference_training_flops_amortised_per_step'] / 1e9:.2f} GFLOP per learner "
+        "step if amortised over one run (not included in the compute speed-ups above).",
+        "",
+        "## Did uniform plateau?",
+        f"Seed-averaged accuracy around step {plateau['step_three_quarters']} (3T/4, mean of 3 "
+        f"evaluations): {100 * plateau['accuracy_at_three_quarters']:.1f}%; at the end (mean of "
+        f"the last 3): {100 * plateau['accuracy_at_end']:.1f}%; moved "
+        f"{plateau['moved_points']:+.2f} points -> "
+        f"{'plateaued (< 1 point)' if plateau['plateaued'] else 'NOT plateaued (>= 1 point)'}.",
+        "",
+        "## Plots",
+        *[f"![{p}]({p})" for p in pngs],
+        "",
+    ]
+    if report.get("notes"):
+        md += ["## Notes", *report["notes"], ""]
+    (out / "report.md").write_text("\n".join(md))
+    return {"json": out / "report.json", "md": out / "report.md",
+            **{p: out / p for p in pngs}}
+

@@ -1,0 +1,507 @@
+"""Training: the reference on curated data, the learner on the pool with online selection,
+and evaluation. Read top to bottom: config, evaluation, reference training, learner training.
+
+One learner step (BRIEF 1):
+  1. draw a super-batch of N = b / (1 - f) pairs from the pool (uniform: N = b, no scoring);
+  2. embed it under no-grad with the learner (and with the reference, unless its embeddings
+     are looked up in a cache), 3. let `JointSelector` pick b of the N,
+  4. one ordinary sigmoid-loss step on those b.
+FLOPs of every phase are measured with torch's flop counter (once per distinct shape: the
+count depends on shapes only) and accumulated in a `FlopLedger`.
+
+The loop never reads the pool's hidden `is_clean` flag for training; it only records, for the
+report, which fraction of the selected examples were clean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from jestkit.data import Batch, DigitsWeb, Split, SuperBatchSampler, class_prompts
+from jestkit.flops import FlopLedger, count_flops
+from jestkit.models import DualEncoder, DualEncoderConfig, load_model, save_model, sigmoid_loss
+from jestkit.scoring import CRITERIA
+from jestkit.selection import SELECTIONS, JointSelector, ModelEmbeddings
+
+METHODS = tuple(CRITERIA)  # uniform, hard_learner, easy_reference, learnability
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+def small_model(vocab_size: int, width: int, depth: int, patch_size: int = 8) -> DualEncoderConfig:
+    """A dual encoder sized for a 2-core CPU: 32x32 images at patch 8 are 16 tokens."""
+    return DualEncoderConfig(vocab_size=vocab_size, embed_dim=64, patch_size=patch_size,
+                             image_width=width, image_depth=depth, image_heads=4,
+                             text_width=width, text_depth=depth, text_heads=4)
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    """How the reference model is trained on the curated split."""
+
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 20
+    width: int = 48
+    depth: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_positive(self, ("steps", "batch_size", "width", "depth"))
+        _check_lr(self)
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """One learner run. `filter_ratio` f sets the super-batch N = round(b / (1 - f))."""
+
+    method: str = "learnability"
+    selection: str = "joint"
+    filter_ratio: float = 0.8
+    n_chunks: int = 16
+    batch_size: int = 64
+    steps: int = 600
+    seed: int = 0
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 30
+    width: int = 64
+    depth: int = 2
+    eval_every: int = 0  # 0: steps // 40
+    checkpoint_every: int = 0  # 0: never
+    score_patch_size: int = 0  # 0: the training patch size (live, full resolution)
+    multires_fraction: float = 0.0  # share of each sub-batch trained at score_patch_size
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {list(SELECTIONS)}, "
+                             f"got {self.selection!r}")
+        _check_positive(self, ("steps", "batch_size", "n_chunks", "width", "depth"))
+        if not 0 < self.filter_ratio < 1:
+            raise ValueError(f"filter_ratio must be in (0, 1), got {self.filter_ratio}")
+        if self.method != "uniform" and self.selection == "joint" and (
+                self.n_chunks > self.batch_size):
+            raise ValueError(f"n_chunks must be in [1, batch_size={self.batch_size}], "
+                             f"got {self.n_chunks}")
+        if not 0 <= self.multires_fraction <= 1:
+            raise ValueError(f"multires_fraction must be in [0, 1], got {self.multires_fraction}")
+        for name in ("eval_every", "checkpoint_every", "score_patch_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        _check_lr(self)
+
+    @property
+    def super_batch_size(self) -> int:
+        """N: b for uniform (no scoring), else round(b / (1 - f))."""
+        if self.method == "uniform":
+            return self.batch_size
+        return round(self.batch_size / (1 - self.filter_ratio))
+
+    @property
+    def eval_interval(self) -> int:
+        return self.eval_every or max(1, self.steps // 40)
+
+    @property
+    def name(self) -> str:
+        """The method's name in reports: uniform, or criterion-selection."""
+        return "uniform" if self.method == "uniform" else f"{self.method}-{self.selection}"
+
+
+def _check_positive(cfg, names) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_lr(cfg) -> None:
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ValueError(f"lr must be a finite float > 0, got {cfg.lr}")
+    if cfg.weight_decay < 0 or cfg.warmup_steps < 0:
+        raise ValueError("weight_decay and warmup_steps must be >= 0")
+
+
+def _lr_at(step: int, cfg) -> float:
+    """Linear warm-up, then constant: a plateau at the end means the model saturated, not
+    that a decaying learning rate froze it."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr
+
+
+# --- evaluation ------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: DualEncoder, split: Split, tokenizer, batch_size: int = 500) -> dict:
+    """Zero-shot accuracy and retrieval on a clean split, at the model's full resolution.
+
+    - zero_shot_accuracy: each image against the 10 class embeddings, each the mean of the
+      normalised embeddings of that class's caption under every template (prompt ensembling).
+    - i2t_recall@1 / t2i_recall@1 over the split's (image, caption) pairs: a retrieval counts
+      as correct when the retrieved item shows / names the pair's digit. Captions describe
+      only the digit, so many pairs share a caption text; exact-pair recall would reward
+      arbitrary tie-breaking among identical captions.
+
+    Returns a dict of floats in [0, 1].
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        images = torch.cat([model.encode_image(split.images[i:i + batch_size])
+                            for i in range(0, len(split), batch_size)])
+        texts = model.encode_text(split.tokens)
+        prompts = class_prompts(tokenizer)
+        n_templates = len(prompts[0])
+        flat = tokenizer.encode([p for cls in prompts for p in cls],
+                                max_len=split.tokens.shape[1])
+        class_emb = model.encode_text(flat).reshape(len(prompts), n_templates, -1).mean(1)
+        class_emb = torch.nn.functional.normalize(class_emb, dim=-1)
+        labels = split.labels
+        zero_shot = (images @ class_emb.T).argmax(1).eq(labels).float().mean().item()
+        sim = images @ texts.T
+        i2t = labels[sim.argmax(1)].eq(labels).float().mean().item()
+        t2i = labels[sim.argmax(0)].eq(labels).float().mean().item()
+    finally:
+        model.train(was_training)
+    return {"zero_shot_accuracy": zero_shot, "i2t_recall@1": i2t, "t2i_recall@1": t2i}
+
+
+# --- shared step machinery -------------------------------------------------------------------
+
+
+class _FlopMeter:
+    """Measure a phase's FLOPs the first time each shape runs; reuse the count afterwards."""
+
+    def __init__(self, ledger: FlopLedger):
+        self.ledger = ledger
+        self.known: dict[tuple, int] = {}
+
+    def run(self, phase: str, key: tuple, fn: Callable[[], object]):
+        key = (phase, *key)
+        if key not in self.known:
+            out = []
+            self.known[key] = count_flops(lambda: out.append(fn()))
+            self.ledger.add(phase, self.known[key])
+            return out[0]
+        self.ledger.add(phase, self.known[key])
+        return fn()
+
+
+def _optimizer(model: DualEncoder, cfg) -> torch.optim.Optimizer:
+    # No weight decay on the temperature and bias: decaying log t and c toward 0 would fight
+    # the SigLIP initialisation (t = 10, c = -10).
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+
+
+def _train_step(model, opt, images, tokens, step, cfg, meter, patch_sizes=(None,)) -> float:
+    """One optimizer step on the sigmoid loss. With several patch sizes the sub-batch is
+    split in contiguous parts, one per size (Flexi-JEST multi-resolution training)."""
+    for group in opt.param_groups:
+        group["lr"] = _lr_at(step, cfg)
+    opt.zero_grad(set_to_none=True)
+    parts = _split_sizes(images.shape[0], patch_sizes, getattr(cfg, "multires_fraction", 0.0))
+
+    def forward_backward():
+        total, start = 0.0, 0
+        for patch, size in parts:
+            if size == 0:
+                continue
+            sl = slice(start, start + size)
+            loss = sigmoid_loss(*model(images[sl], tokens[sl], patch))
+            # Each part is a batch of its own (as in FlexiViT); weight by its share of b.
+            (loss * size / images.shape[0]).backward()
+            total += loss.item() * size / images.shape[0]
+            start += size
+        return total
+
+    loss = meter.run("train", (images.shape[0], tuple(parts)), forward_backward)
+    opt.step()
+    return loss
+
+
+def _split_sizes(b: int, patch_sizes, coarse_fraction: float) -> list[tuple[int | None, int]]:
+    if len(patch_sizes) == 1:
+        return [(patch_sizes[0], b)]
+    fine, coarse = patch_sizes
+    n_coarse = round(b * coarse_fraction)
+    return [(fine, b - n_coarse), (coarse, n_coarse)]
+
+
+# --- the reference ---------------------------------------------------------------------------
+
+
+def train_reference(data: DigitsWeb, cfg: ReferenceConfig = ReferenceConfig(),
+                    progress: Callable[[int, int], None] | None = None) -> tuple[DualEncoder, dict]:
+    """Train the reference on the curated split (uniform minibatches, sigmoid loss).
+
+    Returns (model, info) with info = {"accuracy": evaluate(...) on test, "flops": its
+    training FLOPs, "config": asdict(cfg)}.
+    """
+    model = DualEncoder(small_model(data.tokenizer.vocab_size, cfg.width, cfg.depth),
+                        seed=cfg.seed)
+    opt = _optimizer(model, cfg)
+    sampler = SuperBatchSampler(data.curated, min(cfg.batch_size, len(data.curated)),
+                                seed=cfg.seed)
+    ledger = FlopLedger()
+    meter = _FlopMeter(ledger)
+    model.train()
+    for step in range(cfg.steps):
+        batch = sampler.next()
+        _train_step(model, opt, batch.images, batch.tokens, step, cfg, meter)
+        if progress:
+            progress(step + 1, cfg.steps)
+    model.eval()
+    return model, {"metrics": evaluate(model, data.test, data.tokenizer),
+                   "flops": ledger.train,
+                   "config": asdict(cfg)}
+
+
+# --- the learner -----------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    """What a learner run produced. Curves are aligned lists, one entry per evaluation."""
+
+    config: dict
+    steps: list[int] = field(default_factory=list)
+    zero_shot_accuracy: list[float] = field(default_factory=list)
+    i2t_recall: list[float] = field(default_factory=list)
+    t2i_recall: list[float] = field(default_factory=list)
+    cumulative_flops: list[dict] = field(default_factory=list)  # ledger at each evaluation
+    clean_fraction: list[float] = field(default_factory=list)  # of selected, since last eval
+    train_loss: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+#: Looks up the reference's embeddings of a super-batch (e.g. in a cache) by its example ids.
+ReferenceEmbedder = Callable[[Batch], ModelEmbeddings]
+
+
+def train_learner(
+    data: DigitsWeb,
+    cfg: LearnerConfig,
+    reference: DualEncoder | None = None,
+    *,
+    reference_embedder: ReferenceEmbedder | None = None,
+    run_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> RunResult:
+    """Train a learner on the pool with the configured selection.
+
+    Args:
+        data: the benchmark data (pool to train on, test to evaluate on).
+        cfg: the run's configuration.
+        reference: the frozen reference model (needed unless method is uniform or
+            hard_learner, or a `reference_embedder` is given).
+        reference_embedder: looks up the reference's embeddings of a super-batch (e.g. from a
+            cache) instead of running the reference; its FLOPs then count as zero.
+        run_dir: where checkpoints go (every cfg.checkpoint_every steps, atomically).
+        resume: continue from the latest checkpoint in run_dir; the result equals an
+            uninterrupted run's. The checkpoint must come from the same config.
+        stop_after: stop (after checkpointing) once this many steps are done, to resume later.
+
+    Returns:
+        RunResult with the evaluation curves and the cumulative FLOPs per phase.
+    """
+    needs_reference = cfg.method in ("learnability", "easy_reference")
+    if needs_reference and reference is None and reference_embedder is None:
+        raise ValueError(f"method {cfg.method!r} needs a reference model or reference_embedder")
+    if cfg.batch_size > len(data.pool):
+        raise ValueError(f"batch_size must be in [1, {len(data.pool)}] (the pool size), "
+                         f"got {cfg.batch_size}")
+    if cfg.super_batch_size > len(data.pool):
+        raise ValueError(f"batch_size / (1 - filter_ratio) = {cfg.super_batch_size} exceeds the "
+                         f"pool size {len(data.pool)}; lower batch_size or filter_ratio")
+
+    model_cfg = small_model(data.tokenizer.vocab_size, cfg.width, cfg.depth)
+    model = DualEncoder(model_cfg, seed=cfg.seed)
+    if cfg.score_patch_size and cfg.score_patch_size not in model_cfg.allowed_patch_sizes:
+        raise ValueError(f"score_patch_size must be one of {model_cfg.allowed_patch_sizes}, "
+                         f"got {cfg.score_patch_size}")
+    opt = _optimizer(model, cfg)
+    sampler = SuperBatchSampler(data.pool, cfg.super_batch_size, seed=cfg.seed)
+    select_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 1)
+    selector = None
+    if cfg.method != "uniform":
+        selector = JointSelector(cfg.method, batch_size=cfg.batch_size, n_chunks=cfg.n_chunks,
+                                 selection=cfg.selection)
+    ledger = FlopLedger()
+    meter = _FlopMeter(ledger)
+    result = RunResult(config=asdict(cfg))
+    start = 0
+    clean_seen = [0, 0]  # clean selected, all selected, since the last evaluation
+    if resume:
+        start = _load_checkpoint(run_dir, cfg, model, opt, sampler, select_gen, ledger, result,
+                                 clean_seen)
+    train_patches = (None,)
+    if cfg.score_patch_size and cfg.multires_fraction > 0:
+        train_patches = (model_cfg.patch_size, cfg.score_patch_size)
+
+    model.train()
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    for step in range(start, end):
+        batch = sampler.next()
+        if selector is not None:
+            idx = _select(batch, model, cfg, selector, select_gen, meter, reference,
+                          reference_embedder)
+            batch = Batch(batch.images[idx], batch.tokens[idx], batch.ids[idx],
+                          batch.indices[idx])
+        clean_seen[0] += int(data.pool.is_clean[batch.indices].sum())  # report only
+        clean_seen[1] += len(batch.indices)
+        loss = _train_step(model, opt, batch.images, batch.tokens, step, cfg, meter,
+                           train_patches)
+        done = step + 1
+        if done % cfg.eval_interval == 0 or done == cfg.steps:
+            metrics = evaluate(model, data.test, data.tokenizer)
+            result.steps.append(done)
+            result.zero_shot_accuracy.append(metrics["zero_shot_accuracy"])
+            result.i2t_recall.append(metrics["i2t_recall@1"])
+            result.t2i_recall.append(metrics["t2i_recall@1"])
+            result.cumulative_flops.append(ledger.as_dict())
+            result.clean_fraction.append(clean_seen[0] / max(1, clean_seen[1]))
+            result.train_loss.append(loss)
+            clean_seen[:] = [0, 0]
+        if run_dir is not None and cfg.checkpoint_every and (
+                done % cfg.checkpoint_every == 0 or done == end):
+            _save_checkpoint(run_dir, cfg, done, model, opt, sampler, select_gen, ledger,
+                             result, clean_seen)
+        if progress:
+            progress(done, cfg.steps)
+    return result
+
+
+def _select(batch, model, cfg, selector, gen, meter, reference, reference_embedder):
+    """Score the super-batch under no-grad and return the indices of the sub-batch."""
+    n = batch.images.shape[0]
+    learner_emb = None
+    if cfg.method in ("learnability", "hard_learner"):
+        patch = cfg.score_patch_size or None
+        with torch.no_grad():
+            img, txt, t, c = meter.run("learner_scoring", (n, patch),
+                                       lambda: model(batch.images, batch.tokens, patch))
+        learner_emb = ModelEmbeddings(img, txt, t, c)
+    reference_emb = None
+    if cfg.method in ("learnability", "easy_reference"):
+        if reference_embedder is not None:
+            reference_emb = reference_embedder(batch)  # cached: no model FLOPs
+        else:
+            with torch.no_grad():
+                img, txt, t, c = meter.run("reference_scoring", (n,),
+                                           lambda: reference(batch.images, batch.tokens))
+            reference_emb = ModelEmbeddings(img, txt, t, c)
+    return selector(learner_emb, reference_emb, generator=gen)
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+# A checkpoint is a directory step_XXXXXXX/ with the weights (safetensors) and the rest of the
+# state (optimizer, RNGs, data position, curves; torch.save). It is written under a temporary
+# name and renamed into place, then `latest` is replaced atomically: a crash at any moment
+# leaves the previous checkpoint intact and `latest` pointing at a complete one.
+
+
+def _save_checkpoint(run_dir, cfg, step, model, opt, sampler, gen, ledger, result, clean_seen):
+    run_dir = Path(run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step_{step:07d}"
+    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".step_{step:07d}."))
+    try:
+        save_model(model, tmp / "model.safetensors")
+        state = {"config": asdict(cfg), "step": step, "optimizer": opt.state_dict(),
+                 "sampler": sampler.state_dict(), "select_generator": gen.get_state(),
+                 "ledger": ledger.as_dict(), "result": result.to_dict(),
+                 "clean_seen": list(clean_seen)}
+        with open(tmp / "state.pt", "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _atomic_write_text(ckpt_root / "latest", final.name)
+    for old in sorted(ckpt_root.glob("step_*"))[:-2]:  # keep the two newest
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(run_dir, cfg, model, opt, sampler, gen, ledger, result, clean_seen) -> int:
+    if run_dir is None:
+        raise ValueError("resume=True needs run_dir")
+    latest = Path(run_dir) / "checkpoints" / "latest"
+    if not latest.exists():
+        raise FileNotFoundError(f"no checkpoint to resume in {run_dir} (missing {latest})")
+    ckpt = latest.parent / latest.read_text().strip()
+    state = torch.load(ckpt / "state.pt", weights_only=False)
+    if state["config"] != asdict(cfg):
+        diff = {k: (state["config"].get(k), v) for k, v in asdict(cfg).items()
+                if state["config"].get(k) != v}
+        raise ValueError(f"checkpoint {ckpt} was written by a different config; differing "
+                         f"fields (checkpoint, now): {diff}")
+    loaded = load_model(ckpt / "model.safetensors")
+    if loaded.config != model.config:
+        raise ValueError(f"checkpoint {ckpt} holds a model of another architecture")
+    model.load_state_dict(loaded.state_dict())
+    opt.load_state_dict(state["optimizer"])
+    sampler.load_state_dict(state["sampler"])
+    gen.set_state(state["select_generator"])
+    for k, v in state["ledger"].items():
+        setattr(ledger, k, v)
+    for f in dataclasses.fields(result):
+        setattr(result, f.name, state["result"][f.name])
+    clean_seen[:] = state["clean_seen"]
+    return state["step"]
+
+
+def save_result(result: RunResult, path: str | os.PathLike) -> None:
+    """Write a run's result as JSON, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(path, json.dumps(result.to_dict()))
+
+
+__all__ = [
+    "METHODS",
+    "LearnerConfig",
+    "ReferenceConfig",
+    "RunResult",
+    "evaluate",
+    "save_result",
+    "small_model",
+    "train_learner",
+    "train_reference",
+]

@@ -1,0 +1,76 @@
+"""The BRIEF 7 protocol on synthetic curves whose answers are known by construction."""
+
+import json
+
+import pytest
+
+from jestkit.report import build_report, plateau_check, summarize_method, write_report
+
+
+def run(acc, seed=0, steps_total=40, train=10, learner=0, reference=0, clean=0.45):
+    steps = [4 * (i + 1) for i in range(len(acc))]
+    assert steps[-1] == steps_total
+    return {
+        "config": {"steps": steps_total, "seed": seed},
+        "steps": steps,
+        "zero_shot_accuracy": list(acc),
+        "i2t_recall": list(acc),
+        "t2i_recall": list(acc),
+        "cumulative_flops": [{"train": train * s, "learner_scoring": learner * s,
+                              "reference_scoring": reference * s, "reference_training": 0}
+                             for s in steps],
+        "clean_fraction": [clean] * len(acc),
+        "train_loss": [1.0] * len(acc),
+    }
+
+
+UNIFORM = [0.1, 0.2, 0.3, 0.4, 0.5, 0.59, 0.6, 0.6, 0.6, 0.6]  # final = 0.6
+
+
+def test_speedups_by_the_protocol():
+    baseline = [run(UNIFORM, seed=s) for s in range(3)]
+    # Reaches 0.6 at the 2nd evaluation (step 8): 40/8 = 5x fewer iterations.
+    fast = [run([0.5, 0.6, 0.7, 0.75, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8], seed=s, learner=25,
+                reference=15, clean=0.8) for s in range(3)]
+    m = summarize_method(fast, baseline)
+    assert m["target_accuracy"] == pytest.approx(0.6)
+    assert m["step_reaching_target"] == 8
+    assert m["iteration_speedup"] == pytest.approx(5.0)
+    # Baseline total FLOPs 10 * 40 = 400; method at step 8: (10 + 25 + 15) * 8 = 400 -> 1x.
+    assert m["compute_speedup"] == pytest.approx(1.0)
+    assert m["final_accuracy"]["mean"] == pytest.approx(0.8)
+    assert m["clean_fraction"] == pytest.approx(0.8)
+    assert m["flops_per_step"]["learner_scoring"] == pytest.approx(25)
+
+
+def test_seed_average_decides_and_never_reached_is_none():
+    baseline = [run(UNIFORM, seed=s) for s in range(3)]
+    # One seed reaches 0.6 early, the others never: the seed-averaged curve never does.
+    runs = [run([0.6] * 10, seed=0), run([0.5] * 10, seed=1), run([0.5] * 10, seed=2)]
+    m = summarize_method(runs, baseline)
+    assert m["iteration_speedup"] is None and m["compute_speedup"] is None
+    assert m["final_accuracy"]["std"] == pytest.approx(0.057735, abs=1e-5)
+
+
+def test_plateau_check():
+    flat = plateau_check([run(UNIFORM)])
+    assert flat["plateaued"] and abs(flat["moved_points"]) < 1
+    rising = plateau_check([run([0.1 * i for i in range(1, 11)])])
+    assert not rising["plateaued"] and rising["moved_points"] > 10
+
+
+def test_report_files(tmp_path):
+    runs = {"uniform": [run(UNIFORM, seed=s) for s in range(2)],
+            "learnability-joint": [run([0.7] * 10, seed=s, learner=20) for s in range(2)]}
+    ref = {"metrics": {"zero_shot_accuracy": 0.5}, "flops": 1000, "config": {}}
+    report = build_report(runs, ref, {"steps": 40, "batch_size": 8})
+    assert report["methods"]["uniform"]["iteration_speedup"] == 1.0  # the baseline, by definition
+    paths = write_report(report, tmp_path)
+    loaded = json.loads(paths["json"].read_text())
+    assert loaded["methods"]["learnability-joint"]["iteration_speedup"] == pytest.approx(10.0)
+    assert loaded["reference_accuracy"] == 0.5
+    assert "not reached" not in paths["md"].read_text()
+    for name in ("accuracy_vs_steps.png", "accuracy_vs_flops.png", "clean_fraction.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="uniform"):
+        build_report({"learnability-joint": runs["learnability-joint"]}, ref, {})

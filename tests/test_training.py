@@ -1,0 +1,137 @@
+"""Training loop, evaluation, FLOP accounting, checkpoints and resume."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from jestkit.data import caption_digits, load_digits_web
+from jestkit.models import DualEncoder
+from jestkit.training import (
+    LearnerConfig,
+    ReferenceConfig,
+    evaluate,
+    small_model,
+    train_learner,
+    train_reference,
+)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_digits_web(0)
+
+
+@pytest.fixture(scope="module")
+def reference(data):
+    model, info = train_reference(data, ReferenceConfig(steps=3, batch_size=16, width=16, depth=1))
+    return model
+
+
+TINY = LearnerConfig(steps=6, batch_size=16, n_chunks=4, width=16, depth=1, eval_every=2,
+                     warmup_steps=2)
+
+
+class OracleModel(nn.Module):
+    """Embeds an image by its true label and a caption by the digit it names: a perfect
+    zero-shot classifier, to pin down what evaluate() returns at the top."""
+
+    def __init__(self, split, tokenizer):
+        super().__init__()
+        self.labels = {split.images[i].numpy().tobytes(): int(split.labels[i])
+                       for i in range(len(split))}
+        self.tokenizer = tokenizer
+
+    def encode_image(self, images):
+        idx = torch.tensor([self.labels[im.numpy().tobytes()] for im in images])
+        return F.one_hot(idx, 10).float()
+
+    def encode_text(self, tokens):
+        digits = [caption_digits(c) for c in self.tokenizer.decode(tokens)]
+        return F.one_hot(torch.tensor([min(d) for d in digits]), 10).float()
+
+
+def test_evaluate_perfect_and_random_models(data):
+    perfect = evaluate(OracleModel(data.test, data.tokenizer), data.test, data.tokenizer)
+    assert perfect == {"zero_shot_accuracy": 1.0, "i2t_recall@1": 1.0, "t2i_recall@1": 1.0}
+    random_model = DualEncoder(small_model(data.tokenizer.vocab_size, 16, 1), seed=3)
+    chance = evaluate(random_model, data.test, data.tokenizer)
+    # An untrained model is at chance, 1/10: 1,000 test images give a binomial standard
+    # error of 0.0095; allow 4.5 of them either way.
+    assert abs(chance["zero_shot_accuracy"] - 0.1) < 0.045
+    assert abs(chance["i2t_recall@1"] - 0.1) < 0.045
+
+
+def test_learner_run_accounts_flops_per_phase(data, reference):
+    uniform = train_learner(data, dataclasses.replace(TINY, method="uniform"))
+    jest = train_learner(data, TINY, reference)
+    u, j = uniform.cumulative_flops[-1], jest.cumulative_flops[-1]
+    assert u["learner_scoring"] == u["reference_scoring"] == 0
+    assert j["learner_scoring"] > 0 and j["reference_scoring"] > 0
+    assert j["train"] == u["train"]  # same b, same model, same steps
+    # Scoring N = b / (1 - f) = 80 pairs forward vs training b = 16 forward + backward
+    # (~3 forwards): learner scoring / training ~ 80 / (3 * 16) = 1.67.
+    assert 1.2 < j["learner_scoring"] / j["train"] < 2.2
+    assert jest.steps == [2, 4, 6] and len(jest.zero_shot_accuracy) == 3
+    # Cumulative: non-decreasing along the run.
+    totals = [sum(f.values()) for f in jest.cumulative_flops]
+    assert totals == sorted(totals) and totals[0] > 0
+
+
+def test_hard_learner_needs_no_reference(data):
+    r = train_learner(data, dataclasses.replace(TINY, method="hard_learner", steps=2))
+    assert r.cumulative_flops[-1]["reference_scoring"] == 0
+
+
+def test_resume_equals_uninterrupted(data, reference, tmp_path):
+    cfg = dataclasses.replace(TINY, checkpoint_every=3)
+    full = train_learner(data, cfg, reference)
+    train_learner(data, cfg, reference, run_dir=tmp_path, stop_after=3)
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_0000003"
+    resumed = train_learner(data, cfg, reference, run_dir=tmp_path, resume=True)
+    assert resumed.steps == full.steps
+    for key in ("zero_shot_accuracy", "i2t_recall", "train_loss", "clean_fraction"):
+        assert getattr(resumed, key) == pytest.approx(getattr(full, key), abs=1e-6), key
+    assert resumed.cumulative_flops == full.cumulative_flops
+
+
+def test_checkpoint_from_other_config_is_refused(data, reference, tmp_path):
+    cfg = dataclasses.replace(TINY, checkpoint_every=2)
+    train_learner(data, cfg, reference, run_dir=tmp_path, stop_after=2)
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    with pytest.raises(ValueError, match="different config.*filter_ratio"):
+        train_learner(data, dataclasses.replace(cfg, filter_ratio=0.5), reference,
+                      run_dir=tmp_path, resume=True)
+    # Nothing already computed is lost or overwritten by the refused run.
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train_learner(data, cfg, reference, run_dir=tmp_path / "empty", resume=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(method="learnabilty"), "method must be one of"),
+        (dict(selection="greedy"), "selection must be one of"),
+        (dict(steps=0), "steps must be a positive int"),
+        (dict(steps=-5), "steps must be a positive int"),
+        (dict(filter_ratio=1.0), r"filter_ratio must be in \(0, 1\)"),
+        (dict(batch_size=8, n_chunks=9), r"n_chunks must be in \[1, batch_size=8\]"),
+        (dict(lr=math.nan), "lr must be"),
+    ],
+)
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LearnerConfig(**kwargs)
+
+
+def test_bad_run_arguments(data, reference):
+    with pytest.raises(ValueError, match=r"batch_size must be in \[1, 3500\]"):
+        train_learner(data, dataclasses.replace(TINY, batch_size=4000, n_chunks=1), reference)
+    with pytest.raises(ValueError, match="exceeds the pool size"):
+        train_learner(data, dataclasses.replace(TINY, batch_size=1000), reference)
+    with pytest.raises(ValueError, match="needs a reference"):
+        train_learner(data, TINY)
