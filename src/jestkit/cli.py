@@ -25,6 +25,28 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache_reference(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from jestkit.cache import build_reference_cache
+    from jestkit.data import load_digits_web
+    from jestkit.models import load_model
+
+    if args.data != "digits-web":
+        raise ValueError(f"--data must be 'digits-web' (the built-in set), got {args.data!r}")
+    data = load_digits_web(args.data_seed)
+    split = getattr(data, args.split)
+    model = load_model(args.reference)
+    with tqdm(total=-(-len(split) // args.shard_size), desc="shards",
+              disable=args.no_progress) as bar:
+        cache = build_reference_cache(model, split, args.out, shard_size=args.shard_size,
+                                      overwrite=args.overwrite,
+                                      progress=lambda done, total: bar.update(1))
+    print(f"cached {len(cache)} reference embeddings (dim {cache.embed_dim}) in "
+          f"{cache.manifest['n_shards']} shards at {args.out}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -46,6 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
                       help="parallel learner runs (default 2, one per core)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
+
+    cache = sub.add_parser("cache-reference", help="embed a data set once with the frozen "
+                                                   "reference, for lookups by example id")
+    cache.add_argument("--reference", required=True, help="reference checkpoint (.safetensors)")
+    cache.add_argument("--out", required=True, help="cache directory (resumed if interrupted)")
+    cache.add_argument("--data", default="digits-web", help="data set (default digits-web)")
+    cache.add_argument("--split", default="pool", choices=("pool", "curated", "test"))
+    cache.add_argument("--data-seed", type=int, default=0)
+    cache.add_argument("--shard-size", type=_positive_int, default=512)
+    cache.add_argument("--overwrite", action="store_true",
+                       help="replace a cache of other data or another model")
+    cache.add_argument("--no-progress", action="store_true")
+    cache.set_defaults(func=_cache_reference)
     return parser
 
 
@@ -54,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
+    except (ValueError, FileExistsError, FileNotFoundError) as err:  # CacheError included
         print(f"jestkit {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -27,19 +27,29 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from jestkit.cache import ReferenceCache, build_reference_cache
 from jestkit.data import NOISE_FRACTIONS, load_digits_web
+from jestkit.flops import count_flops
 from jestkit.models import load_model, save_model
 from jestkit.report import build_report, summary_table, write_report
 from jestkit.training import LearnerConfig, ReferenceConfig, train_learner, train_reference
 
-# (report name, method, selection) of every learner the demo trains.
-DEMO_METHODS: tuple[tuple[str, str, str], ...] = (
-    ("uniform", "uniform", "joint"),
-    ("learnability-joint", "learnability", "joint"),
-    ("learnability-independent", "learnability", "independent"),
-    ("easy_reference-joint", "easy_reference", "joint"),
-    ("hard_learner-joint", "hard_learner", "joint"),
+# (report name, method, selection, scoring) of every learner the demo trains. Scoring:
+# "live" runs both models on every super-batch; "cached" looks the reference's embeddings up
+# in a cache built once; "flexi" is cached + Flexi-JEST (the learner scores at a coarse patch
+# size and trains half of each sub-batch at it).
+DEMO_METHODS: tuple[tuple[str, str, str, str], ...] = (
+    ("uniform", "uniform", "joint", "live"),
+    ("learnability-joint", "learnability", "joint", "live"),
+    ("learnability-independent", "learnability", "independent", "live"),
+    ("easy_reference-joint", "easy_reference", "joint", "live"),
+    ("hard_learner-joint", "hard_learner", "joint", "live"),
+    ("learnability-joint-cached", "learnability", "joint", "cached"),
+    ("learnability-joint-flexi", "learnability", "joint", "flexi"),
 )
+FLEXI_SCORE_PATCH = 16  # 2x the training patch 8: 4 tokens instead of 16
+FLEXI_MULTIRES_FRACTION = 0.5
+DEMO_MAX_TEXT_LEN = 8  # the longest caption is 8 words; padding to 16 doubles the text cost
 
 
 @dataclass(frozen=True)
@@ -50,7 +60,7 @@ class DemoConfig:
     data_seed: int = 0
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
-    methods: tuple[str, ...] = tuple(name for name, _, _ in DEMO_METHODS)
+    methods: tuple[str, ...] = tuple(name for name, *_ in DEMO_METHODS)
 
     @classmethod
     def quick(cls) -> DemoConfig:
@@ -75,7 +85,7 @@ class DemoConfig:
         return cls(**d)
 
     def __post_init__(self) -> None:
-        names = {name for name, _, _ in DEMO_METHODS}
+        names = {name for name, *_ in DEMO_METHODS}
         unknown = [m for m in self.methods if m not in names]
         if unknown or "uniform" not in self.methods:
             raise ValueError(f"methods must include 'uniform' and be among {sorted(names)}, "
@@ -84,28 +94,38 @@ class DemoConfig:
             raise ValueError("seeds must not be empty")
 
 
-def learner_configs(cfg: DemoConfig) -> list[tuple[str, LearnerConfig]]:
-    """(method name, config) of every learner run, seeds innermost."""
-    spec = {name: (method, selection) for name, method, selection in DEMO_METHODS}
+def learner_configs(cfg: DemoConfig) -> list[tuple[str, bool, LearnerConfig]]:
+    """(method name, uses the reference cache, config) of every learner run, seeds innermost."""
+    spec = {name: rest for name, *rest in DEMO_METHODS}
     runs = []
     for name in cfg.methods:
-        method, selection = spec[name]
+        method, selection, scoring = spec[name]
+        flexi = {}
+        if scoring == "flexi":
+            flexi = {"score_patch_size": FLEXI_SCORE_PATCH,
+                     "multires_fraction": FLEXI_MULTIRES_FRACTION}
         for seed in cfg.seeds:
-            runs.append((name, dataclasses.replace(cfg.learner, method=method,
-                                                   selection=selection, seed=seed)))
+            runs.append((name, scoring in ("cached", "flexi"),
+                         dataclasses.replace(cfg.learner, method=method, selection=selection,
+                                             seed=seed, **flexi)))
     return runs
 
 
 @lru_cache(maxsize=2)
 def _data(seed: int):
-    return load_digits_web(seed)
+    return load_digits_web(seed, max_len=DEMO_MAX_TEXT_LEN)
 
 
-def _run_one(data_seed: int, reference_path: str, cfg: LearnerConfig) -> dict:
+def _run_one(data_seed: int, reference_path: str, cache_dir: str | None,
+             cfg: LearnerConfig) -> dict:
     """Worker: one learner run. Single-threaded so parallel workers do not contend."""
     torch.set_num_threads(1)
+    data = _data(data_seed)
     reference = load_model(reference_path).eval()
-    return train_learner(_data(data_seed), cfg, reference).to_dict()
+    if cache_dir is None:
+        return train_learner(data, cfg, reference).to_dict()
+    cache = ReferenceCache.open(cache_dir, split=data.pool, model=reference)
+    return train_learner(data, cfg, reference_embedder=cache.embeddings).to_dict()
 
 
 def prepare_out_dir(out: Path, overwrite: bool) -> None:
@@ -122,6 +142,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | os.PathLike, *, overwrite: bool = F
     prepare_out_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging."))
+    staging.chmod(0o755)  # mkdtemp makes 0700; a run directory is meant to be shared
     try:
         report = _run_demo_into(cfg, staging, workers, show_progress)
         if out.exists():
@@ -145,11 +166,19 @@ def _run_demo_into(cfg: DemoConfig, out: Path, workers: int, show_progress: bool
     save_model(reference, reference_path)
 
     runs = learner_configs(cfg)
+    cache_dir = None
+    caching_flops = 0
+    if any(cached for _, cached, _ in runs):
+        cache_dir = out / "reference_cache"
+        caching_flops = count_flops(lambda: build_reference_cache(reference, data.pool,
+                                                                  cache_dir))
+    ref_info["caching_flops"] = caching_flops
     results: dict[str, list[dict]] = {name: [] for name in cfg.methods}
     ctx = multiprocessing.get_context("spawn")  # fork + torch threads is unsafe
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = {pool.submit(_run_one, cfg.data_seed, str(reference_path), lc): (name, lc)
-                   for name, lc in runs}
+        futures = {pool.submit(_run_one, cfg.data_seed, str(reference_path),
+                               str(cache_dir) if cached else None, lc): (name, lc)
+                   for name, cached, lc in runs}
         with tqdm(total=len(futures), desc="learner runs", disable=not show_progress) as bar:
             for fut in as_completed(futures):
                 name, lc = futures[fut]

@@ -206,6 +206,8 @@ def build_report(runs: dict[str, list[dict]], reference: dict, config: dict) -> 
         "reference_accuracy": reference["metrics"]["zero_shot_accuracy"],
         "reference": reference,
         "reference_training_flops_amortised_per_step": reference["flops"] / total_steps,
+        "reference_caching_flops_amortised_per_step":
+            reference.get("caching_flops", 0) / total_steps,
         "config": config,
         "plateau": plateau_check(baseline),
         "methods": methods,
@@ -241,6 +243,12 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
         f"Reference training: {_fmt_flops(report['reference']['flops'])} FLOPs in all, "
         f"{report['reference_training_flops_amortised_per_step'] / 1e9:.2f} GFLOP per learner "
         "step if amortised over one run (not included in the compute speed-ups above).",
+        "",
+        f"Reference cache (one reference forward over the pool, built once and shared by the "
+        f"`-cached` and `-flexi` runs): {_fmt_flops(report['reference'].get('caching_flops', 0))} "
+        f"FLOPs, {report['reference_caching_flops_amortised_per_step'] / 1e9:.2f} GFLOP per "
+        "learner step if charged to one run; not included above either, since it is paid once "
+        "per pool and reference, not per run.",
         "",
         "## Did uniform plateau?",
         f"Seed-averaged accuracy around step {plateau['step_three_quarters']} (3T/4, mean of 3 "

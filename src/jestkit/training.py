@@ -40,23 +40,24 @@ METHODS = tuple(CRITERIA)  # uniform, hard_learner, easy_reference, learnability
 
 
 def small_model(vocab_size: int, width: int, depth: int, patch_size: int = 8) -> DualEncoderConfig:
-    """A dual encoder sized for a 2-core CPU: 32x32 images at patch 8 are 16 tokens."""
-    return DualEncoderConfig(vocab_size=vocab_size, embed_dim=64, patch_size=patch_size,
+    """A dual encoder sized for a 2-core CPU: 32x32 images at patch 8 are 16 tokens; captions
+    are a few words, so one text block suffices."""
+    return DualEncoderConfig(vocab_size=vocab_size, embed_dim=32, patch_size=patch_size,
                              image_width=width, image_depth=depth, image_heads=4,
-                             text_width=width, text_depth=depth, text_heads=4)
+                             text_width=width, text_depth=1, text_heads=4, mlp_ratio=2)
 
 
 @dataclass(frozen=True)
 class ReferenceConfig:
-    """How the reference model is trained on the curated split."""
+    """How the reference model is trained on the curated split (smaller than the learner)."""
 
-    steps: int = 300
+    steps: int = 800
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 1e-3
     weight_decay: float = 1e-4
-    warmup_steps: int = 20
-    width: int = 48
-    depth: int = 2
+    warmup_steps: int = 30
+    width: int = 32
+    depth: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -73,13 +74,13 @@ class LearnerConfig:
     filter_ratio: float = 0.8
     n_chunks: int = 16
     batch_size: int = 64
-    steps: int = 600
+    steps: int = 1200
     seed: int = 0
-    lr: float = 2e-3
+    lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 30
-    width: int = 64
-    depth: int = 2
+    width: int = 48
+    depth: int = 1
     eval_every: int = 0  # 0: steps // 40
     checkpoint_every: int = 0  # 0: never
     score_patch_size: int = 0  # 0: the training patch size (live, full resolution)
@@ -204,10 +205,10 @@ class _FlopMeter:
 
 
 def _optimizer(model: DualEncoder, cfg) -> torch.optim.Optimizer:
-    # No weight decay on the temperature and bias: decaying log t and c toward 0 would fight
-    # the SigLIP initialisation (t = 10, c = -10).
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    # No weight decay on vectors (norms, biases) nor on SigLIP's temperature and bias:
+    # decaying log t and c toward 0 would fight their initialisation (t = 10, c = -10).
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
 
@@ -429,6 +430,7 @@ def _save_checkpoint(run_dir, cfg, step, model, opt, sampler, gen, ledger, resul
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:07d}"
     tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".step_{step:07d}."))
+    tmp.chmod(0o755)
     try:
         save_model(model, tmp / "model.safetensors")
         state = {"config": asdict(cfg), "step": step, "optimizer": opt.state_dict(),

@@ -1,0 +1,343 @@
+"""A trustworthy cache of the frozen reference's embeddings, looked up by example id.
+
+The reference never changes during learner training, so its image and text embeddings of the
+whole pool can be computed once and looked up per super-batch (BRIEF 4). Only embeddings can
+be cached, never losses: a pair's loss depends on the rest of its super-batch.
+
+A silently mismatched cache is the worst bug this system can have, so:
+
+- `manifest.json` fingerprints the data (count, the ids in order, an order-independent hash
+  of every example's content) and the model (hash of weights and config, embedding dim,
+  dtype); `ReferenceCache.open(..., split=, model=)` refuses a cache that does not match and
+  says what differs;
+- the embeddings live in shards of `shard_size` examples, each written atomically (temp
+  file, fsync, rename) with its sha256 in a sidecar file and, once complete, in the manifest;
+  a shard is verified against its checksum before its first use in a process, and a
+  truncated, altered or missing shard is named in the error, never read as data;
+- an interrupted build resumes: shards whose checksum verifies are kept, missing or
+  corrupt ones are recomputed;
+- lookups are vectorised (a sorted id index and one gather per shard touched) and read the
+  shards memory-mapped, so a pool far larger than RAM works.
+
+Layout of a cache directory::
+
+    manifest.json         fingerprints, logit_scale / logit_bias, shard list, "complete"
+    ids.npy               int64 [N]: example ids in data order (row r of the cache)
+    shard_00000.npy       float [n, 2, d]: rows of (image embedding, text embedding)
+    shard_00000.npy.sha256
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from jestkit.data import Batch, Split
+from jestkit.models import DualEncoder, model_fingerprint
+from jestkit.selection import ModelEmbeddings
+
+__all__ = ["CacheError", "ReferenceCache", "build_reference_cache", "data_fingerprint",
+           "model_identity"]
+
+FORMAT = "jestkit.reference_cache.v1"
+
+
+class CacheError(ValueError):
+    """The cache does not match, is incomplete, or a shard is corrupt (the message says which)."""
+
+
+# --- fingerprints ----------------------------------------------------------------------------
+
+
+def data_fingerprint(split: Split) -> dict:
+    """Identity of a data split: count, ids in order, and an order-independent content hash.
+
+    The content hash is the sha256 of the sorted per-example digests of (id, image bytes,
+    token bytes): the same examples in another order give the same content hash but another
+    ids hash, so the error can say "same data, other order".
+    """
+    ids = split.ids.numpy().astype(np.int64)
+    images = split.images.contiguous().numpy()
+    tokens = split.tokens.contiguous().numpy().astype(np.int64)
+    digests = sorted(
+        hashlib.sha256(ids[i].tobytes() + images[i].tobytes() + tokens[i].tobytes()).digest()
+        for i in range(len(ids)))
+    return {"count": int(len(ids)),
+            "ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest(),
+            "content_sha256": hashlib.sha256(b"".join(digests)).hexdigest()}
+
+
+def model_identity(model: DualEncoder) -> dict:
+    """Identity of the reference: weights+config hash, embedding dim, output dtype."""
+    param = next(model.parameters())
+    return {"fingerprint": model_fingerprint(model), "embed_dim": model.config.embed_dim,
+            "dtype": str(param.dtype).removeprefix("torch.")}
+
+
+def _differences(expected: dict, found: dict, what: str) -> list[str]:
+    return [f"{what} {key}: cache has {found.get(key)!r}, expected {value!r}"
+            for key, value in expected.items() if found.get(key) != value]
+
+
+# --- atomic files ----------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache is shared data, not a secret
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _shard_name(k: int) -> str:
+    return f"shard_{k:05d}.npy"
+
+
+# --- building --------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def build_reference_cache(
+    model: DualEncoder,
+    split: Split,
+    out_dir: str | os.PathLike,
+    *,
+    shard_size: int = 512,
+    batch_size: int = 256,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> ReferenceCache:
+    """Embed every example of `split` with the frozen `model` into a cache at `out_dir`.
+
+    Resumes an interrupted build of the same data and model (keeping every shard whose
+    checksum verifies). A directory holding a cache of *other* data or another model is
+    refused unless `overwrite`, so nothing computed is lost by a typo.
+
+    Returns the opened, verified cache.
+    """
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be an int >= 1, got {shard_size!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    manifest = {
+        "format": FORMAT,
+        "data": data_fingerprint(split),
+        "model": model_identity(model),
+        "logit_scale": float(model.logit_scale),
+        "logit_bias": float(model.logit_bias),
+        "shard_size": shard_size,
+        "n_shards": -(-len(split) // shard_size),
+        "complete": False,
+    }
+    manifest_path = out / "manifest.json"
+    if manifest_path.exists():
+        old = json.loads(manifest_path.read_text())
+        same = {k: v for k, v in manifest.items() if k not in ("complete", "shards")}
+        diffs = [f"{k}: cache has {old.get(k)!r}, now {v!r}" for k, v in same.items()
+                 if old.get(k) != v]
+        if diffs and not overwrite:
+            raise CacheError(f"{out} holds a cache of other data or another model; pass "
+                             f"overwrite=True (--overwrite) to replace it. Differences: "
+                             + "; ".join(diffs))
+        if diffs:
+            for p in out.glob("shard_*"):
+                p.unlink()
+    _atomic_write(manifest_path, json.dumps(manifest, indent=1).encode())
+    ids = split.ids.numpy().astype(np.int64)
+    _atomic_write(out / "ids.npy", _npy_bytes(ids))
+
+    checksums = []
+    for k in range(manifest["n_shards"]):
+        path = out / _shard_name(k)
+        sidecar = path.with_name(path.name + ".sha256")
+        if path.exists() and sidecar.exists() and _sha256_file(path) == sidecar.read_text():
+            checksums.append(sidecar.read_text())
+        else:
+            rows = slice(k * shard_size, min((k + 1) * shard_size, len(split)))
+            parts = []
+            for start in range(rows.start, rows.stop, batch_size):
+                sl = slice(start, min(start + batch_size, rows.stop))
+                parts.append(torch.stack([model.encode_image(split.images[sl]),
+                                          model.encode_text(split.tokens[sl])], dim=1))
+            data = _npy_bytes(torch.cat(parts).numpy())
+            _atomic_write(path, data)
+            digest = hashlib.sha256(data).hexdigest()
+            _atomic_write(sidecar, digest.encode())
+            checksums.append(digest)
+        if progress:
+            progress(k + 1, manifest["n_shards"])
+    manifest["shards"] = checksums
+    manifest["ids_sha256_file"] = _sha256_file(out / "ids.npy")
+    manifest["complete"] = True
+    _atomic_write(manifest_path, json.dumps(manifest, indent=1).encode())
+    return ReferenceCache.open(out, split=split, model=model)
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+class ReferenceCache:
+    """A complete reference-embedding cache, opened read-only. Use `open`."""
+
+    def __init__(self, root: Path, manifest: dict):
+        self.root = root
+        self.manifest = manifest
+        self.logit_scale = manifest["logit_scale"]
+        self.logit_bias = manifest["logit_bias"]
+        ids = np.load(root / "ids.npy", allow_pickle=False)
+        # Sorted index for vectorised id -> row lookups.
+        self._order = np.argsort(ids, kind="stable")
+        self._sorted_ids = ids[self._order]
+        self._shards: dict[int, np.ndarray] = {}  # verified, memory-mapped
+
+    @classmethod
+    def open(cls, root: str | os.PathLike, *, split: Split | None = None,
+             model: DualEncoder | None = None) -> ReferenceCache:
+        """Open the cache at `root`, checking it against the data and model it must match.
+
+        Args:
+            split: the data the cache must have been made from (fingerprint compared).
+            model: the reference it must have been made with (weights, config, dim, dtype).
+
+        Raises:
+            CacheError naming every difference, an incomplete build, or a missing or
+            truncated shard (checksums of shard contents are verified on first use).
+        """
+        root = Path(root)
+        path = root / "manifest.json"
+        if not path.exists():
+            raise CacheError(f"no reference cache at {root} (missing manifest.json)")
+        manifest = json.loads(path.read_text())
+        if manifest.get("format") != FORMAT:
+            raise CacheError(f"{path} is not a {FORMAT} manifest")
+        if not manifest.get("complete"):
+            raise CacheError(f"the cache at {root} is incomplete (an interrupted build); run "
+                             f"`jestkit cache-reference` again to resume it")
+        diffs = []
+        if split is not None:
+            found = data_fingerprint(split)
+            diffs += _differences(found, manifest["data"], "data")
+            if (found["content_sha256"] == manifest["data"]["content_sha256"]
+                    and found["ids_sha256"] != manifest["data"]["ids_sha256"]):
+                diffs.append("(same examples, in another order)")
+        if model is not None:
+            diffs += _differences(model_identity(model), manifest["model"], "model")
+        if diffs:
+            raise CacheError(f"the reference cache at {root} does not match: " + "; ".join(diffs))
+        if _sha256_file(root / "ids.npy") != manifest["ids_sha256_file"]:
+            raise CacheError(f"{root / 'ids.npy'} fails its checksum (altered or truncated)")
+        cache = cls(root, manifest)
+        for k in range(manifest["n_shards"]):
+            cache._check_shape(k)
+        return cache
+
+    def __len__(self) -> int:
+        return self.manifest["data"]["count"]
+
+    @property
+    def embed_dim(self) -> int:
+        return self.manifest["model"]["embed_dim"]
+
+    def _shard_rows(self, k: int) -> int:
+        size = self.manifest["shard_size"]
+        return min(size, len(self) - k * size)
+
+    def _check_shape(self, k: int) -> None:
+        path = self.root / _shard_name(k)
+        if not path.exists():
+            raise CacheError(f"shard {path.name} of the cache at {self.root} is missing")
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, EOFError) as err:  # np.load raises EOFError for an empty file
+            raise CacheError(f"shard {path.name} is truncated or corrupt ({err})") from None
+        if arr.shape != (self._shard_rows(k), 2, self.embed_dim):
+            raise CacheError(f"shard {path.name} has shape {arr.shape}, expected "
+                             f"{(self._shard_rows(k), 2, self.embed_dim)}")
+
+    def _shard(self, k: int) -> np.ndarray:
+        if k not in self._shards:
+            path = self.root / _shard_name(k)
+            if not path.exists():
+                raise CacheError(f"shard {path.name} of the cache at {self.root} is missing")
+            if _sha256_file(path) != self.manifest["shards"][k]:
+                raise CacheError(f"shard {path.name} fails its checksum: altered or truncated "
+                                 f"since the cache was built; rebuild it with "
+                                 f"`jestkit cache-reference` (it recomputes only bad shards)")
+            self._check_shape(k)
+            self._shards[k] = np.load(path, mmap_mode="r", allow_pickle=False)
+        return self._shards[k]
+
+    def verify(self) -> None:
+        """Check every shard's checksum now (otherwise each is checked on first use)."""
+        for k in range(self.manifest["n_shards"]):
+            self._shard(k)
+
+    def rows(self, ids: torch.Tensor) -> np.ndarray:
+        """Cache rows of the given example ids (LongTensor [n]); unknown ids are an error."""
+        query = np.asarray(ids.cpu().numpy(), dtype=np.int64)
+        pos = np.searchsorted(self._sorted_ids, query)
+        pos_clipped = np.minimum(pos, len(self._sorted_ids) - 1)
+        missing = self._sorted_ids[pos_clipped] != query
+        if missing.any():
+            raise CacheError(f"{int(missing.sum())} ids are not in the reference cache, e.g. "
+                             f"{query[missing][:5].tolist()}")
+        return self._order[pos_clipped]
+
+    def lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image [n, d], text [n, d]) reference embeddings of the examples `ids` [n]."""
+        rows = self.rows(ids)
+        size = self.manifest["shard_size"]
+        shard_of, offset = rows // size, rows % size
+        out = None
+        for k in np.unique(shard_of):  # one vectorised gather per shard touched
+            take = shard_of == k
+            block = np.asarray(self._shard(int(k))[offset[take]])
+            if out is None:
+                out = np.empty((len(rows), 2, block.shape[-1]), dtype=block.dtype)
+            out[take] = block
+        if out is None:  # no ids asked for: empty [0, d] embeddings, not a TypeError
+            out = np.empty((0, 2, self.embed_dim), dtype=self._shard(0).dtype)
+        t = torch.from_numpy(out)
+        return t[:, 0], t[:, 1]
+
+    def embeddings(self, batch: Batch) -> ModelEmbeddings:
+        """The reference's ModelEmbeddings of a super-batch, by its example ids (a
+        `ReferenceEmbedder` for `train_learner`)."""
+        image, text = self.lookup(batch.ids)
+        device = batch.images.device
+        return ModelEmbeddings(image.to(device), text.to(device), self.logit_scale,
+                               self.logit_bias)

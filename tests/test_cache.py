@@ -1,0 +1,501 @@
+"""The reference-embedding cache (BRIEF 4): it must never be silently wrong.
+
+A mismatched cache (other data, other order, other model, other dim), an incomplete one, or a
+damaged shard is refused with a CacheError saying what is wrong; an interrupted build (even a
+SIGKILL) resumes to exactly the bytes of an uninterrupted one; lookups give the reference's
+own embeddings in the query's order, memory-mapped; and selecting with cached embeddings picks
+the very same sub-batches as selecting with the live reference.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+
+from jestkit.cache import (
+    CacheError,
+    ReferenceCache,
+    build_reference_cache,
+    data_fingerprint,
+    model_identity,
+)
+from jestkit.data import Batch, load_digits_web
+from jestkit.models import DualEncoder, load_model, save_model
+from jestkit.selection import JointSelector, ModelEmbeddings
+from jestkit.training import small_model
+
+SUBSET = 600  # examples in the small cache used by the mismatch and damage tests
+SHARD = 100  # -> 6 shards of the small cache
+N_SHARDS = SUBSET // SHARD
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on 2 contended cores are ~10x faster single-threaded."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_digits_web(0)
+
+
+@pytest.fixture(scope="module")
+def config(data):
+    return small_model(vocab_size=data.tokenizer.vocab_size, width=16, depth=1)
+
+
+@pytest.fixture(scope="module")
+def model(config):
+    return DualEncoder(config, seed=0).eval()
+
+
+@pytest.fixture(scope="module")
+def split(data):
+    """A fixed, shuffled subset of the pool (ids not in ascending order)."""
+    perm = torch.randperm(len(data.pool), generator=torch.Generator().manual_seed(0))
+    return data.pool.subset(perm[:SUBSET])
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, model, split):
+    """A complete cache of `split` (6 shards); tests copy it before touching it."""
+    out = tmp_path_factory.mktemp("cache") / "ref"
+    build_reference_cache(model, split, out, shard_size=SHARD)
+    return out
+
+
+@pytest.fixture
+def cache_dir(built, tmp_path):
+    out = tmp_path / "ref"
+    shutil.copytree(built, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pool_cache(tmp_path_factory, model, data):
+    """A cache of the whole pool (3,500 examples, 7 shards of 512)."""
+    out = tmp_path_factory.mktemp("pool") / "ref"
+    return build_reference_cache(model, data.pool, out, shard_size=512)
+
+
+def snapshot(root: Path) -> dict:
+    """name -> (bytes, inode, mtime) of every file in `root`."""
+    return {p.name: (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in sorted(root.iterdir())}
+
+
+def shard_files(root: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(root.glob("shard_*"))}
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape and a.dtype == b.dtype
+    return float((a - b).abs().max())
+
+
+def expect_cache_error(fn, *fragments):
+    with pytest.raises(CacheError) as info:
+        fn()
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    return message
+
+
+# --- 1. manifest mismatch --------------------------------------------------------------------
+
+
+def test_matching_cache_opens(cache_dir, split, model):
+    cache = ReferenceCache.open(cache_dir, split=split, model=model)
+    cache.verify()
+    assert len(cache) == SUBSET and cache.embed_dim == 32
+    assert cache.manifest["n_shards"] == N_SHARDS and cache.manifest["complete"] is True
+    assert cache.manifest["data"] == data_fingerprint(split)
+    assert cache.manifest["model"] == model_identity(model)
+    np.testing.assert_array_equal(np.load(cache_dir / "ids.npy"), split.ids.numpy())
+
+
+def test_other_subset_is_refused(cache_dir, split, model):
+    other = split.subset(range(SUBSET - 1))  # one example fewer
+    message = expect_cache_error(lambda: ReferenceCache.open(cache_dir, split=other),
+                                 "does not match", "data count", f"{SUBSET - 1}",
+                                 "ids_sha256", "content_sha256")
+    assert "order" not in message
+    ReferenceCache.open(cache_dir, split=split.subset(range(SUBSET)), model=model)  # control
+    swapped = split.subset(range(SUBSET))
+    swapped.ids = swapped.ids.clone()
+    swapped.ids[3] += 100_000  # same count, one id different
+    message = expect_cache_error(lambda: ReferenceCache.open(cache_dir, split=swapped),
+                                 "ids_sha256", "content_sha256")
+    assert "count" not in message and "order" not in message
+
+
+def test_modified_image_is_refused(cache_dir, split):
+    images = split.images.clone()
+    images[SUBSET // 2, 0, 16, 16] += 1e-3  # one pixel of one example
+    other = dataclasses.replace(split, images=images)
+    message = expect_cache_error(lambda: ReferenceCache.open(cache_dir, split=other),
+                                 "does not match", "data content_sha256")
+    assert "count" not in message and "ids_sha256" not in message and "order" not in message
+    tokens = split.tokens.clone()
+    tokens[0, 0] = tokens[0, 0] % 5 + 1  # one token of one caption
+    other = dataclasses.replace(split, tokens=tokens)
+    expect_cache_error(lambda: ReferenceCache.open(cache_dir, split=other), "content_sha256")
+
+
+def test_same_data_other_order_is_refused(cache_dir, split):
+    perm = torch.randperm(SUBSET, generator=torch.Generator().manual_seed(1))
+    message = expect_cache_error(
+        lambda: ReferenceCache.open(cache_dir, split=split.subset(perm)),
+        "does not match", "ids_sha256", "same examples, in another order")
+    assert "content_sha256" not in message and "count" not in message
+    swap_two = list(range(SUBSET))
+    swap_two[10], swap_two[11] = 11, 10
+    expect_cache_error(lambda: ReferenceCache.open(cache_dir, split=split.subset(swap_two)),
+                       "another order")
+
+
+def test_other_model_is_refused(cache_dir, config, split):
+    other = DualEncoder(config, seed=1)
+    message = expect_cache_error(lambda: ReferenceCache.open(cache_dir, model=other),
+                                 "does not match", "model fingerprint")
+    assert "embed_dim" not in message
+    nudged = DualEncoder(config, seed=0)
+    with torch.no_grad():
+        nudged.logit_bias += 1e-4  # one scalar weight
+    expect_cache_error(lambda: ReferenceCache.open(cache_dir, split=split, model=nudged),
+                       "model fingerprint")
+
+
+def test_other_embed_dim_is_refused(cache_dir, config):
+    other = DualEncoder(dataclasses.replace(config, embed_dim=24), seed=0)
+    expect_cache_error(lambda: ReferenceCache.open(cache_dir, model=other),
+                       "does not match", "model embed_dim", "24", "32", "model fingerprint")
+
+
+def test_incomplete_cache_is_refused_then_resumed(tmp_path, built, model, split):
+    out = tmp_path / "ref"
+
+    def interrupt(done, total):
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_reference_cache(model, split, out, shard_size=SHARD, progress=interrupt)
+    assert json.loads((out / "manifest.json").read_text())["complete"] is False
+    expect_cache_error(lambda: ReferenceCache.open(out), "incomplete")
+    expect_cache_error(lambda: ReferenceCache.open(out, split=split, model=model), "incomplete")
+    calls = []
+    with mock.patch.object(model, "encode_image", wraps=model.encode_image) as enc:
+        build_reference_cache(model, split, out, shard_size=SHARD,
+                              progress=lambda d, t: calls.append(d))
+    assert enc.call_count == N_SHARDS - 2  # the two finished shards were kept
+    assert calls == list(range(1, N_SHARDS + 1))
+    assert snapshot(out).keys() == snapshot(built).keys()
+    for name in snapshot(out):
+        assert (out / name).read_bytes() == (built / name).read_bytes(), name
+
+
+def test_missing_cache_is_refused(tmp_path):
+    expect_cache_error(lambda: ReferenceCache.open(tmp_path), "manifest.json")
+
+
+def test_building_over_another_cache_is_refused(cache_dir, config, model, split):
+    before = snapshot(cache_dir)
+    other_model = DualEncoder(config, seed=1)
+    other_data = split.subset(range(SUBSET - 50))
+    for m, s, fragment in [(other_model, split, "fingerprint"),
+                           (model, other_data, "count"),
+                           (model, split.subset(range(SUBSET)[::-1]), "ids_sha256")]:
+        expect_cache_error(lambda m=m, s=s: build_reference_cache(m, s, cache_dir,
+                                                                  shard_size=SHARD),
+                           "overwrite", fragment)
+        assert snapshot(cache_dir) == before  # nothing deleted, rewritten or added
+    ReferenceCache.open(cache_dir, split=split, model=model).verify()
+    # With overwrite=True it is replaced by the new cache (and no stale shard survives).
+    cache = build_reference_cache(other_model, other_data, cache_dir, shard_size=SHARD,
+                                  overwrite=True)
+    cache.verify()
+    assert len(sorted(cache_dir.glob("shard_*.npy"))) == cache.manifest["n_shards"] == 6
+    expect_cache_error(lambda: ReferenceCache.open(cache_dir, split=split), "count")
+    expect_cache_error(lambda: ReferenceCache.open(cache_dir, model=model), "fingerprint")
+
+
+def test_cli_refuses_other_model(tmp_path, cache_dir, config, capsys):
+    from jestkit.cli import main
+
+    # The cache was built from a subset; the CLI's full pool is other data -> refused.
+    ckpt = tmp_path / "ref.safetensors"
+    save_model(DualEncoder(config, seed=0), ckpt)
+    before = snapshot(cache_dir)
+    rc = main(["cache-reference", "--reference", str(ckpt), "--out", str(cache_dir),
+               "--shard-size", str(SHARD), "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "overwrite" in err and "count" in err
+    assert snapshot(cache_dir) == before
+
+
+# --- 2. shard damage -------------------------------------------------------------------------
+
+
+def data_offset(path: Path) -> int:
+    """Byte offset where the array data of an .npy file starts."""
+    with open(path, "rb") as f:
+        np.lib.format.read_magic(f)
+        np.lib.format.read_array_header_1_0(f)
+        return f.tell()
+
+
+def rebuild_recomputes_only(out: Path, bad: int, model, split, built: Path) -> None:
+    """Rebuilding recomputes shard `bad` alone and ends byte-identical to `built`."""
+    stat = {k: (out / f"shard_{k:05d}.npy").stat() for k in range(N_SHARDS) if k != bad}
+    with mock.patch.object(model, "encode_image", wraps=model.encode_image) as enc:
+        cache = build_reference_cache(model, split, out, shard_size=SHARD)
+    assert enc.call_count == 1  # one batch: shard_size <= batch_size
+    for k, st in stat.items():
+        now = (out / f"shard_{k:05d}.npy").stat()
+        assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns), k
+    cache.verify()
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in built.iterdir())
+    for p in built.iterdir():
+        assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+@pytest.mark.parametrize("keep", ["empty", "half_header", "header_only", "half_data",
+                                  "one_byte_short"])
+def test_truncated_shard_is_named_at_open(cache_dir, built, model, split, keep):
+    path = cache_dir / "shard_00002.npy"
+    size, start = path.stat().st_size, data_offset(path)
+    new_size = {"empty": 0, "half_header": start // 2, "header_only": start,
+                "half_data": (start + size) // 2, "one_byte_short": size - 1}[keep]
+    with open(path, "r+b") as f:
+        f.truncate(new_size)
+    expect_cache_error(lambda: ReferenceCache.open(cache_dir, split=split, model=model),
+                       "shard_00002.npy", "truncated")
+    expect_cache_error(lambda: ReferenceCache.open(cache_dir), "shard_00002.npy")
+    rebuild_recomputes_only(cache_dir, 2, model, split, built)
+
+
+def test_flipped_byte_is_named_on_use(cache_dir, built, model, split):
+    path = cache_dir / "shard_00003.npy"
+    raw = bytearray(path.read_bytes())
+    start = data_offset(path)
+    middle = (start + len(raw)) // 2
+    raw[middle] ^= 0x01  # one bit of one float in the middle of the data
+    path.write_bytes(bytes(raw))
+    cache = ReferenceCache.open(cache_dir, split=split, model=model)  # shapes are fine
+    # Lookups that do not touch shard 3 still work and agree with the intact cache.
+    good = ReferenceCache.open(built)
+    ids_other = split.ids[torch.tensor([0, 150, 250, 599])]
+    for a, b in zip(cache.lookup(ids_other), good.lookup(ids_other), strict=True):
+        assert torch.equal(a, b)
+    ids_bad = split.ids[torch.tensor([5, 310, 599])]  # row 310 lies in shard 3
+    for _ in range(2):  # and it stays refused: never cached as verified
+        expect_cache_error(lambda: cache.lookup(ids_bad), "shard_00003.npy", "checksum")
+    with pytest.raises(CacheError, match="shard_00003.npy"):
+        cache.embeddings(Batch(split.images[:1], split.tokens[:1], split.ids[300:301],
+                               torch.tensor([300])))
+    expect_cache_error(lambda: ReferenceCache.open(cache_dir).verify(), "shard_00003.npy")
+    rebuild_recomputes_only(cache_dir, 3, model, split, built)
+
+
+def test_shard_replaced_by_another_is_named_on_use(cache_dir, built, model, split):
+    shutil.copyfile(cache_dir / "shard_00001.npy", cache_dir / "shard_00004.npy")
+    cache = ReferenceCache.open(cache_dir, split=split, model=model)  # same shape
+    expect_cache_error(cache.verify, "shard_00004.npy", "checksum")
+    expect_cache_error(lambda: cache.lookup(split.ids[400:401]), "shard_00004.npy")
+    rebuild_recomputes_only(cache_dir, 4, model, split, built)
+
+
+def test_deleted_shard_is_named_at_open(cache_dir, built, model, split):
+    (cache_dir / "shard_00005.npy").unlink()
+    expect_cache_error(lambda: ReferenceCache.open(cache_dir, split=split, model=model),
+                       "shard_00005.npy", "missing")
+    rebuild_recomputes_only(cache_dir, 5, model, split, built)
+
+
+def test_deleted_shard_after_open_is_named_on_use(cache_dir, split):
+    cache = ReferenceCache.open(cache_dir)
+    (cache_dir / "shard_00000.npy").unlink()
+    expect_cache_error(lambda: cache.lookup(split.ids[:3]), "shard_00000.npy", "missing")
+
+
+def test_altered_ids_file_is_refused(cache_dir, split):
+    ids = np.load(cache_dir / "ids.npy")
+    np.save(cache_dir / "ids.npy", ids[::-1].copy())
+    expect_cache_error(lambda: ReferenceCache.open(cache_dir), "ids.npy", "checksum")
+
+
+# --- 3. SIGKILL mid-build, then resume -------------------------------------------------------
+
+
+def test_sigkill_mid_build_resumes_to_identical_cache(tmp_path, data):
+    # A somewhat larger reference and small shards, so the build (35 shards) takes long enough
+    # to be killed mid-way; every build single-threaded, as the byte comparison needs.
+    ref = tmp_path / "reference.safetensors"
+    save_model(DualEncoder(small_model(data.tokenizer.vocab_size, width=48, depth=2), seed=3),
+               ref)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    command = [sys.executable, "-m", "jestkit.cli", "cache-reference", "--reference", str(ref),
+               "--out", str(killed), "--shard-size", "100", "--no-progress"]
+
+    # The uninterrupted build runs in this process (one thread) while the CLI starts up.
+    uninterrupted = threading.Thread(target=build_reference_cache,
+                                     args=(load_model(ref), data.pool, clean),
+                                     kwargs={"shard_size": 100})
+    victim = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    uninterrupted.start()
+    try:
+        deadline = time.monotonic() + 120
+        while victim.poll() is None and time.monotonic() < deadline:
+            if len(list(killed.glob("shard_*.npy.sha256"))) >= 3:
+                os.kill(victim.pid, signal.SIGKILL)
+                break
+            time.sleep(0.001)
+        assert victim.wait(timeout=30) == -signal.SIGKILL, victim.stderr.read().decode()
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+        victim.communicate()
+        uninterrupted.join()
+    manifest = json.loads((killed / "manifest.json").read_text())
+    assert manifest["complete"] is False  # really killed mid-build
+    assert manifest["n_shards"] == 35
+    done = sorted(killed.glob("shard_*.npy.sha256"))
+    assert 3 <= len(done) < 35
+    expect_cache_error(lambda: ReferenceCache.open(killed), "incomplete")
+    kept = {}
+    for sidecar in done:
+        shard = sidecar.with_suffix("")
+        if shard.exists() and hashlib.sha256(shard.read_bytes()).hexdigest() == sidecar.read_text():
+            kept[shard.name] = shard.stat().st_ino
+    assert len(kept) >= 3
+
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "cached 3500 reference embeddings (dim 32) in 35 shards" in resumed.stdout
+
+    for name, inode in kept.items():  # finished shards were kept, not recomputed
+        assert (killed / name).stat().st_ino == inode, name
+    assert (killed / "ids.npy").read_bytes() == (clean / "ids.npy").read_bytes()
+    assert (killed / "manifest.json").read_bytes() == (clean / "manifest.json").read_bytes()
+    a, b = shard_files(killed), shard_files(clean)
+    assert len(a) == 70 and a.keys() == b.keys()
+    for name in a:
+        assert a[name] == b[name], name
+    visible = sorted(p.name for p in killed.iterdir() if not p.name.startswith("."))
+    assert visible == sorted(p.name for p in clean.iterdir())
+    ReferenceCache.open(killed, split=data.pool, model=load_model(ref)).verify()
+
+
+# --- 4. lookups ------------------------------------------------------------------------------
+
+
+def test_lookup_of_permutation_matches_direct_embedding(pool_cache, data, model):
+    pool = data.pool
+    gen = torch.Generator().manual_seed(5)
+    rows = torch.randperm(len(pool), generator=gen)[:700]
+    rows = torch.cat([rows, rows[:20]])  # repeats are fine
+    image, text = pool_cache.lookup(pool.ids[rows])
+    with torch.no_grad():
+        want_image = model.encode_image(pool.images[rows])
+        want_text = model.encode_text(pool.tokens[rows])
+    assert image.shape == text.shape == (720, 32) and image.dtype == torch.float32
+    assert max_diff(image, want_image) <= 1e-6 and max_diff(text, want_text) <= 1e-6
+    # Power: a mis-ordered answer would be far off (embeddings of different examples).
+    assert max_diff(image[1:], want_image[:-1]) > 0.1
+    # Whole pool, in its own order.
+    image, text = pool_cache.lookup(pool.ids)
+    with torch.no_grad():
+        assert max_diff(image, model.encode_image(pool.images)) <= 1e-6
+        assert max_diff(text, model.encode_text(pool.tokens)) <= 1e-6
+    # ids as any integer tensor
+    i32, _ = pool_cache.lookup(pool.ids[rows].to(torch.int32))
+    assert torch.equal(i32, pool_cache.lookup(pool.ids[rows])[0])
+
+
+def test_embeddings_of_batch(pool_cache, data):
+    pool = data.pool
+    idx = torch.arange(100, 164).flip(0)
+    batch = Batch(pool.images[idx], pool.tokens[idx], pool.ids[idx], idx)
+    emb = pool_cache.embeddings(batch)
+    image, text = pool_cache.lookup(pool.ids[idx])
+    assert torch.equal(emb.image, image) and torch.equal(emb.text, text)
+    assert emb.logit_scale == pool_cache.logit_scale == pytest.approx(10.0, rel=1e-6)
+    assert emb.logit_bias == pool_cache.logit_bias == -10.0
+
+
+def test_empty_lookup(pool_cache):
+    image, text = pool_cache.lookup(torch.empty(0, dtype=torch.long))
+    assert image.shape == text.shape == (0, 32) and image.dtype == torch.float32
+
+
+def test_unknown_ids_are_refused(pool_cache, data):
+    pool = data.pool
+    foreign = data.test.ids[:2]  # ids from another split
+    assert not np.isin(foreign.numpy(), pool.ids.numpy()).any()
+    for bad in (foreign, torch.tensor([int(pool.ids.max()) + 1]), torch.tensor([-1]),
+                torch.tensor([int(pool.ids.min()) - 1])):
+        query = torch.cat([pool.ids[:3], bad])
+        message = expect_cache_error(lambda q=query: pool_cache.lookup(q), "not in")
+        assert str(int(bad[0])) in message
+
+
+def test_lookups_are_memory_mapped(pool_cache, data):
+    pool = data.pool
+    pool_cache.lookup(pool.ids[torch.tensor([0, 600, 3499])])
+    assert pool_cache._shards, "no shard was read"
+    for k, arr in pool_cache._shards.items():
+        assert isinstance(arr, np.memmap), k
+        assert arr.shape[1:] == (2, 32)
+    pool_cache.verify()
+    assert set(pool_cache._shards) == set(range(7))
+    assert all(isinstance(a, np.memmap) for a in pool_cache._shards.values())
+
+
+# --- 5. cached vs live selection -------------------------------------------------------------
+
+
+def test_cached_and_live_reference_select_identically(pool_cache, data, model, config):
+    pool = data.pool
+    learner = DualEncoder(config, seed=11).eval()
+    selector = JointSelector(filter_ratio=0.8)
+    picks = set()
+    for seed in range(4):
+        rows = torch.randperm(len(pool), generator=torch.Generator().manual_seed(100 + seed))
+        rows = rows[:320]
+        images, tokens, ids = pool.images[rows], pool.tokens[rows], pool.ids[rows]
+        with torch.no_grad():
+            learner_emb = ModelEmbeddings(*learner(images, tokens))
+            live = ModelEmbeddings(*model(images, tokens))
+        cached = pool_cache.embeddings(Batch(images, tokens, ids, rows))
+        got = selector(learner_emb, cached, generator=torch.Generator().manual_seed(seed))
+        want = selector(learner_emb, live, generator=torch.Generator().manual_seed(seed))
+        assert got.shape == (64,)
+        assert torch.equal(got, want), seed
+        picks.add(tuple(got.tolist()))
+        # Power: the reference does matter to the selection (another reference differs).
+        other = pool_cache.lookup(ids.roll(1))
+        wrong = selector(learner_emb, ModelEmbeddings(*other, cached.logit_scale,
+                                                      cached.logit_bias),
+                         generator=torch.Generator().manual_seed(seed))
+        assert not torch.equal(wrong, want), seed
+    assert len(picks) == 4
