@@ -594,3 +594,73 @@ def test_selector_mismatched_devices_cpu_meta():
                            1.0)
     with pytest.raises(ValueError, match="different devices"):
         JointSelector(batch_size=4, n_chunks=2)(lrn, meta)
+
+
+# --- found in review ---------------------------------------------------------------------
+
+
+def test_temperature_scales_the_law():
+    """P(i) prop. to exp(A_ii / temperature); ignoring or inverting temperature is rejected."""
+    a = random_scores(6, seed=11, scale=1.0)
+    diag, draws, tau = a.diagonal(), 30000, 0.5
+    gen = torch.Generator().manual_seed(1)
+    counts = Counter(joint_select(a, 1, n_chunks=1, generator=gen, temperature=tau).item()
+                     for _ in range(draws))
+
+    def law(logits):
+        return {i: p.item() for i, p in enumerate(torch.softmax(logits, 0))}
+
+    assert chi_square_pvalue(counts, law(diag / tau), draws) > 1e-3
+    assert chi_square_pvalue(counts, law(diag), draws) < 1e-6
+    assert chi_square_pvalue(counts, law(diag * tau), draws) < 1e-6
+    # A vanishing temperature is the greedy limit, never an overflow.
+    assert joint_select(torch.tensor([[1.0, 0], [0, 2.0]], dtype=torch.float64), 1,
+                        n_chunks=1, temperature=1e-320).tolist() == [1]
+    assert joint_select(torch.tensor([[1.0, 0], [0, 2.0]]), 1, n_chunks=1,
+                        temperature=1e-40).tolist() == [1]
+
+
+def test_half_precision_scores_accumulate_in_float32():
+    a = random_scores(64, seed=2).to(torch.bfloat16)
+    logs_half, logs_full = [], []
+    x = joint_select(a, 24, n_chunks=4, generator=torch.Generator().manual_seed(0),
+                     chunk_logits=logs_half)
+    y = joint_select(a.float(), 24, n_chunks=4, generator=torch.Generator().manual_seed(0),
+                     chunk_logits=logs_full)
+    assert torch.equal(x, y)
+    assert all(t.dtype == torch.float32 for t in logs_half)
+
+
+def test_selector_builds_no_autograd_graph():
+    lrn, ref = model_embeddings(64, seed=1), model_embeddings(64, seed=2)
+    grad_lrn = ModelEmbeddings(lrn.image.clone().requires_grad_(), lrn.text, 10.0, -5.0)
+    logs = []
+    for selection in ("joint", "independent"):
+        JointSelector(batch_size=16, n_chunks=4, selection=selection)(
+            grad_lrn, ref, chunk_logits=logs)
+    assert logs and not any(t.requires_grad or t.grad_fn is not None for t in logs)
+
+
+def test_easy_reference_selector_equals_dense():
+    ref = model_embeddings(40, seed=2, scale=6.0, bias=-2.0)
+    dense = easy_reference(None, pairwise_sigmoid_loss(ref.image, ref.text, 6.0, -2.0))
+    logs_d, logs_e = [], []
+    x = joint_select(dense, 10, n_chunks=5, generator=torch.Generator().manual_seed(2),
+                     chunk_logits=logs_d)
+    y = JointSelector("easy_reference", batch_size=10, n_chunks=5)(
+        None, ref, generator=torch.Generator().manual_seed(2), chunk_logits=logs_e)
+    assert torch.equal(x, y)
+    for u, v in zip(logs_d, logs_e, strict=True):
+        finite = ~torch.isinf(u)
+        assert torch.allclose(u[finite], v[finite], atol=1e-10)
+
+
+def test_unused_embeddings_are_ignored_and_bad_types_named():
+    lrn = model_embeddings(32, seed=1)
+    other = model_embeddings(20, seed=2)  # another N: irrelevant to hard_learner
+    idx = JointSelector("hard_learner", batch_size=8, n_chunks=2)(lrn, other)
+    assert idx.numel() == 8
+    with pytest.raises(TypeError, match="learner image_emb must be a torch.Tensor"):
+        JointSelector(batch_size=8, n_chunks=2)((lrn.image.tolist(), lrn.text, 10.0), lrn)
+    with pytest.raises(ValueError, match="criterion must be one of"):
+        JointSelector(["learnability"], batch_size=8)

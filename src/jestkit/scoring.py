@@ -69,8 +69,10 @@ def _as_scalar(value: float | Tensor, name: str, dtype: torch.dtype,
     return value
 
 
-def check_embeddings(image_emb: Tensor, text_emb: Tensor, what: str = "") -> None:
-    """Validate one model's embeddings: two finite float [N, d] tensors, same shape and device."""
+def check_embeddings(image_emb: Tensor, text_emb: Tensor, what: str = "",
+                     finite: bool = True) -> None:
+    """Validate one model's embeddings: two float [N, d] tensors, same shape and device, and
+    (if `finite`) no NaN or Inf."""
     prefix = f"{what} " if what else ""
     for name, emb in (("image_emb", image_emb), ("text_emb", text_emb)):
         if not isinstance(emb, Tensor):
@@ -87,7 +89,7 @@ def check_embeddings(image_emb: Tensor, text_emb: Tensor, what: str = "") -> Non
         raise ValueError(f"{prefix}image_emb and text_emb must be on the same device, got "
                          f"{image_emb.device} and {text_emb.device}")
     for name, emb in (("image_emb", image_emb), ("text_emb", text_emb)):
-        if not torch.isfinite(emb).all():
+        if finite and not torch.isfinite(emb).all():
             raise ValueError(f"{prefix}{name} contains NaN or Inf")
 
 
@@ -201,6 +203,6 @@ USES_REFERENCE = {"learnability": True, "hard_learner": False, "easy_reference":
 
 def get_criterion(name: str) -> Callable[..., Tensor]:
     """The criterion function called `name` (one of `CRITERIA`)."""
-    if name not in CRITERIA:
+    if not isinstance(name, str) or name not in CRITERIA:
         raise ValueError(f"criterion must be one of {sorted(CRITERIA)}, got {name!r}")
     return CRITERIA[name]

@@ -121,7 +121,9 @@ def _check_scores(scores: object, name: str = "scores", ndims: Sequence[int] = (
         raise ValueError(f"{name} must not be empty, got shape {tuple(scores.shape)}")
     if not torch.isfinite(scores).all():
         raise ValueError(f"{name} contains NaN or Inf")
-    return scores
+    # Accumulate gains in float32 (float64 stays float64), whatever the input dtype: bf16
+    # sums over hundreds of chosen examples would be off by whole nats.
+    return scores.to(compute_dtype(scores))
 
 
 # --- the sampler -----------------------------------------------------------------------------
@@ -151,7 +153,11 @@ def _gumbel_top_k(logits: Tensor, k: int, generator: torch.Generator,
     exp_noise = torch.empty(logits.shape, dtype=logits.dtype, device=generator.device)
     exp_noise.exponential_(generator=generator)
     gumbel = -torch.log(exp_noise).to(logits.device)
-    return torch.topk(logits / temperature + gumbel, k).indices
+    # logits + temperature * gumbel ranks exactly like logits / temperature + gumbel, and
+    # cannot overflow for a tiny temperature. Excluded entries stay -inf even if a noise
+    # draw were +inf (which would make -inf + inf = NaN, and topk picks NaN first).
+    keys = (logits + temperature * gumbel).masked_fill(logits == float("-inf"), float("-inf"))
+    return torch.topk(keys, k).indices
 
 
 class _ConditionalLogits(Protocol):
@@ -172,6 +178,9 @@ def _blocked_sample(state: _ConditionalLogits, n: int, sizes: list[int],
     drawn: list[Tensor] = []
     for k, size in enumerate(sizes):
         logits = state.logits()
+        if torch.isnan(logits).any():
+            raise ValueError("the conditional logits contain NaN: a logit_scale or score so "
+                             "large that the losses overflowed")
         if chosen is not None:
             logits = logits.masked_fill(chosen, float("-inf"))
         if chunk_logits is not None:
@@ -545,6 +554,7 @@ class JointSelector:
             return _check_batch_size(self.batch_size, super_batch_size)
         return max(1, round(super_batch_size * (1 - self.filter_ratio)))
 
+    @torch.no_grad()  # scoring only: an autograd graph here would hold every block alive
     def select(
         self,
         learner: ModelEmbeddings | tuple | None = None,
@@ -577,11 +587,16 @@ class JointSelector:
             raise ValueError(f"criterion {self.criterion!r} needs learner embeddings")
         if needs_r and reference is None:
             raise ValueError(f"criterion {self.criterion!r} needs reference embeddings")
-        given = [(name, e) for name, e in (("learner", learner), ("reference", reference))
-                 if e is not None]
+        # Only the embeddings the criterion reads are validated and used (uniform reads
+        # none and takes N from whichever it is given); the rest are ignored.
+        given = [(name, e) for name, e, used in (("learner", learner, needs_l),
+                                                 ("reference", reference, needs_r))
+                 if e is not None and (used or self.criterion == "uniform")]
         if not given:
             raise ValueError("give learner and/or reference embeddings")
-        devices = {name: getattr(e.image, "device", None) for name, e in given}
+        for name, e in given:
+            check_embeddings(e.image, e.text, name, finite=False)
+        devices = {name: e.image.device for name, e in given}
         if self.device is None and len(set(devices.values())) > 1:
             raise ValueError(f"learner and reference embeddings are on different devices "
                              f"{devices}; pass device= to compute on one")
@@ -604,8 +619,7 @@ class JointSelector:
             return uniform_select(n, b, generator=generator, device=device)
 
         generator = _generator(generator, device)
-        learner_m = models.get("learner") if needs_l else None
-        reference_m = models.get("reference") if needs_r else None
+        learner_m, reference_m = models.get("learner"), models.get("reference")
         state_cls = _SigmoidState if self.loss == "sigmoid" else _SoftmaxState
         state = state_cls(learner_m, reference_m, CRITERIA[self.criterion])
         if self.selection == "independent":
