@@ -74,7 +74,7 @@ class LearnerConfig:
     filter_ratio: float = 0.8
     n_chunks: int = 16
     batch_size: int = 64
-    steps: int = 1200
+    steps: int = 900
     seed: int = 0
     lr: float = 1e-3
     weight_decay: float = 1e-4
