@@ -185,7 +185,8 @@ def test_multiresolution_training_is_deterministic_and_cheaper(data, reference):
     # Half of every sub-batch at 4 image tokens instead of 16; the text tower (16 tokens
     # here) is unchanged, so the saving is on the image half only. Measured: 0.867.
     assert fa["train"] < 0.9 * ff["train"]
-    assert fa["learner_scoring"] < 0.6 * ff["learner_scoring"]
+    # Scoring at 4 image tokens: measured 0.66 of full (the 16-token text tower stays).
+    assert fa["learner_scoring"] < 0.7 * ff["learner_scoring"]
     assert fa["reference_scoring"] == ff["reference_scoring"]  # the reference is unchanged
     with pytest.raises(ValueError, match="score_patch_size must be one of"):
         train_learner(data, dataclasses.replace(TINY, score_patch_size=5), reference)

@@ -32,13 +32,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from jestkit.atomic import atomic_write
 from jestkit.data import Batch, Split
 from jestkit.models import DualEncoder, model_fingerprint
 from jestkit.selection import ModelEmbeddings
@@ -87,21 +87,6 @@ def _differences(expected: dict, found: dict, what: str) -> list[str]:
 
 
 # --- atomic files ----------------------------------------------------------------------------
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache is shared data, not a secret
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -176,9 +161,9 @@ def build_reference_cache(
         if diffs:
             for p in out.glob("shard_*"):
                 p.unlink()
-    _atomic_write(manifest_path, json.dumps(manifest, indent=1).encode())
+    atomic_write(manifest_path, json.dumps(manifest, indent=1).encode())
     ids = split.ids.numpy().astype(np.int64)
-    _atomic_write(out / "ids.npy", _npy_bytes(ids))
+    atomic_write(out / "ids.npy", _npy_bytes(ids))
 
     checksums = []
     for k in range(manifest["n_shards"]):
@@ -194,16 +179,16 @@ def build_reference_cache(
                 parts.append(torch.stack([model.encode_image(split.images[sl]),
                                           model.encode_text(split.tokens[sl])], dim=1))
             data = _npy_bytes(torch.cat(parts).numpy())
-            _atomic_write(path, data)
+            atomic_write(path, data)
             digest = hashlib.sha256(data).hexdigest()
-            _atomic_write(sidecar, digest.encode())
+            atomic_write(sidecar, digest.encode())
             checksums.append(digest)
         if progress:
             progress(k + 1, manifest["n_shards"])
     manifest["shards"] = checksums
     manifest["ids_sha256_file"] = _sha256_file(out / "ids.npy")
     manifest["complete"] = True
-    _atomic_write(manifest_path, json.dumps(manifest, indent=1).encode())
+    atomic_write(manifest_path, json.dumps(manifest, indent=1).encode())
     return ReferenceCache.open(out, split=split, model=model)
 
 

@@ -27,7 +27,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -36,6 +35,8 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from jestkit.atomic import atomic_write
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -530,35 +531,13 @@ def _cpu_state(model: DualEncoder) -> dict[str, Tensor]:
 def save_model(model: DualEncoder, path: str | os.PathLike) -> None:
     """Write weights + config (safetensors metadata) to `path`, atomically.
 
-    The bytes go to a temp file in the same directory, are flushed and fsynced, then
-    `os.replace`d over `path`: a reader sees the old file or the complete new one, never a
-    torn write, and a crash leaves no partial checkpoint under the final name.
+    A reader sees the old file or the complete new one, never a torn write, and a crash
+    leaves no partial checkpoint under the final name (`jestkit.atomic.atomic_write`).
     """
     path = Path(path)
     metadata = {"format": CHECKPOINT_FORMAT, "config": model.config.to_json()}
     data = safetensors.torch.save(_cpu_state(model), metadata=metadata)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint is not a secret
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable; not every platform can open a directory
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, data)
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> DualEncoder:

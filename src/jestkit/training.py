@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from jestkit.atomic import atomic_write
 from jestkit.data import Batch, DigitsWeb, Split, SuperBatchSampler, class_prompts
 from jestkit.flops import FlopLedger, count_flops
 from jestkit.models import DualEncoder, DualEncoderConfig, load_model, save_model, sigmoid_loss
@@ -447,18 +448,9 @@ def _save_checkpoint(run_dir, cfg, step, model, opt, sampler, gen, ledger, resul
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _atomic_write_text(ckpt_root / "latest", final.name)
+    atomic_write(ckpt_root / "latest", final.name)
     for old in sorted(ckpt_root.glob("step_*"))[:-2]:  # keep the two newest
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _load_checkpoint(run_dir, cfg, model, opt, sampler, gen, ledger, result, clean_seen) -> int:
@@ -493,7 +485,7 @@ def save_result(result: RunResult, path: str | os.PathLike) -> None:
     """Write a run's result as JSON, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(path, json.dumps(result.to_dict()))
+    atomic_write(path, json.dumps(result.to_dict()))
 
 
 __all__ = [
