@@ -21,7 +21,7 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 demo: install
-	$(BIN)/jestkit demo
+	$(BIN)/jestkit demo $(DEMO_ARGS)
 
 demo-quick: install
 	$(BIN)/jestkit demo --quick
