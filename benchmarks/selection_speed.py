@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 HERE = Path(__file__).resolve().parent
 
@@ -251,12 +252,37 @@ def measure_matmul(threads: int, size: int, repeats: int) -> dict:
     return out
 
 
+def profile_c(spec: dict) -> dict:
+    """One path-(c) selection under torch.profiler: where does its time go?"""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    n, f = spec["n"], spec["f"]
+    learner, reference = make_embeddings(n, DIM, spec["seed"])
+    b = sub_batch_size(n, f)
+    small = [tuple(x[:512] if torch.is_tensor(x) else x for x in e) for e in (learner, reference)]
+    run_path("c", *small, sub_batch_size(min(n, 512), f), f, torch.Generator().manual_seed(0))
+    busy0, own0, t0 = machine_busy_s(), own_cpu_s(), time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run_path("c", learner, reference, b, f, torch.Generator().manual_seed(1))
+    wall = time.perf_counter() - t0
+    own = own_cpu_s() - own0
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in ops)
+    table = [{"op": e.key, "calls": e.count, "self_s": e.self_cpu_time_total / 1e6,
+              "share": e.self_cpu_time_total / total} for e in ops[:12]]
+    return dict(spec, b=b, wall_s=wall, cpu_s=own,
+                others_cores=max(0.0, machine_busy_s() - busy0 - own) / wall, ops=table)
+
+
 def child(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
     if spec["path"] == "matmul":
         return measure_matmul(spec["threads"], spec.get("size", 2048), spec.get("repeats", 5))
+    if spec["path"] == "profile":
+        return profile_c(spec)
 
     n, f, path, seed = spec["n"], spec["f"], spec["path"], spec["seed"]
     b = sub_batch_size(n, f)
@@ -361,14 +387,19 @@ def cell(res: dict | None, key: str, fmt) -> str:
     return fmt(res[key])
 
 
+def repeats_cell(r: dict) -> str:
+    extra = len(r["times_s"]) - r["repeats"]
+    return f"{r['repeats']} + {extra} extra" if extra > 0 else str(r["repeats"])
+
+
 def make_tables(results: list[dict], peak_gflops: float) -> tuple[str, str]:
     by = {(r["path"], r["n"], r["f"]): r for r in results}
     keys = sorted({(r["n"], r["f"]) for r in results})
     main = ["| N | f | b | (a) time s | (a) peak MB | (b) build s | (b) select s | (c) time s "
             "| (c) peak MB | speed-up (a)/(c) | memory (c)/(a) | (c) GFLOP/s | % of matmul peak |",
             "|" + "---:|" * 13]
-    detail = ["| N | f | path | repeats | best time s | its CPU s | others' cores "
-              "| all times s | peak growth MB | RSS before MB | total peak RSS MB | notes |",
+    detail = ["| N | f | path | repeats run | best time s | its CPU s | others' cores "
+              "| median / worst s | peak growth MB | RSS before MB | total peak RSS MB | notes |",
               "|---:|---:|:---|---:|---:|---:|---:|:---|---:|---:|---:|:---|"]
     for n, f in keys:
         a, b_, c = (by.get((p, n, f)) for p in PATHS)
@@ -399,9 +430,10 @@ def make_tables(results: list[dict], peak_gflops: float) -> tuple[str, str]:
             if not r["peak_reset"]:
                 notes.append("peak-RSS mark not reset: growth may be overstated")
             detail.append(
-                f"| {n} | {f} | ({path}) | {r['repeats']} | {fmt_s(r['time_s'])} | "
+                f"| {n} | {f} | ({path}) | {repeats_cell(r)} | {fmt_s(r['time_s'])} | "
                 f"{fmt_s(r['cpu_s'])} | {r['others_cores']:.2f} | "
-                f"{', '.join(fmt_s(t) for t in r['times_s'])} | {fmt_mib(r['peak_growth_mib'])} "
+                f"{fmt_s(median(r['times_s']))} / {fmt_s(max(r['times_s']))} "
+                f"| {fmt_mib(r['peak_growth_mib'])} "
                 f"| {fmt_mib(r['rss_before_mib'])} | {fmt_mib(r['peak_rss_mib'])} "
                 f"| {'; '.join(notes)} |")
     return "\n".join(main), "\n".join(detail)
@@ -450,36 +482,47 @@ def check_targets(results: list[dict], ratios: list[float]) -> list[tuple[str, s
     return checks
 
 
-def report(args, results: list[dict], matmul: dict, command: str, elapsed: float) -> str:
+def repeats_note(results: list[dict]) -> str:
+    by_n: dict[int, set] = {}
+    for r in results:
+        if r.get("status") == "ok":
+            by_n.setdefault(r["n"], set()).add(r["repeats"])
+    return ", ".join(f"N={n}: {'/'.join(map(str, sorted(v)))}" for n, v in sorted(by_n.items()))
+
+
+def report(args, results: list[dict], matmul: dict, commands: list[str]) -> str:
     import torch
 
     main, detail = make_tables(results, matmul["square_gflops"])
-    checks = check_targets(results, args.filter_ratios)
+    checks = check_targets(results, sorted({*args.filter_ratios, *(r["f"] for r in results)}))
     lines = [
-        f"Command: `{command}` (wall time of the whole run: {elapsed / 60:.1f} min).",
+        "Command" + ("s (results of later runs replace those of earlier ones):"
+                     if len(commands) > 1 else ":"),
+        "",
+        *(f"    {c}" for c in commands),
         "",
         f"Machine: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}, "
         f"torch.set_num_threads({args.threads}); Python {platform.python_version()}; "
         f"{platform.system()} {platform.release()}.",
         "",
         f"Matmul peak (float32, {matmul['size']}³, best of {args.matmul_repeats}, measured at "
-        f"the start and at the end of the run, the better kept): "
+        f"the start and at the end of each run, the best kept): "
         f"**{matmul['square_gflops']:.1f} GFLOP/s**; a {'×'.join(map(str, matmul['block_shape']))}"
         f" block-shaped matmul like (c)'s: {matmul['block_gflops']:.1f} GFLOP/s.",
         "",
         f"Setup: d = {DIM}, K = {N_CHUNKS} chunks, learnability criterion, float32; learner "
         f"t = {LEARNER_TC[0]:g}, c = {LEARNER_TC[1]:g}; reference t = {REFERENCE_TC[0]:g}, "
         f"c = {REFERENCE_TC[1]:g}; b = round(N (1 - f)). Times are the best of the repeats "
-        f"listed in the detail table ({', '.join(sorted({str(r['repeats']) for r in results}))}"
-        f" repeats by N). Peak MB = peak RSS growth over the RSS just before the call "
+        f"listed in the detail table ({repeats_note(results)}). Peak MB = peak RSS growth "
+        f"over the RSS just before the call "
         f"(MB = MiB, 2^20 bytes). (a) and (b) are skipped (OOM-skipped) where their N×N "
         f"matrices would need more than {args.dense_max_gb:g} GB "
         f"(~{DENSE_BYTES_PER_ELEMENT} N² bytes).",
         "",
-        "Shared machine: before each measurement the driver waits (up to "
-        f"{args.wait_idle:g} s) until other processes use < {QUIET_CORES} cores, and a "
-        "measurement whose best repeat was disturbed is repeated while the extra time stays "
-        f"under {args.extra_repeat_s:g} s. \"others' cores\" in the detail table is the "
+        "Shared machine: before each measurement the driver waits (up to --wait-idle s) until "
+        f"other processes use < {QUIET_CORES} cores, and a measurement whose best repeat was "
+        "disturbed is repeated while the extra time stays under --extra-repeat-s s (see the "
+        "commands). \"others' cores\" in the detail table is the "
         "average number of cores other processes kept busy during the best repeat "
         "(/proc/stat busy time minus this process's own CPU time, over the wall time); well "
         "above 0 means that time is inflated by contention. \"its CPU s\" is the process's "
@@ -516,8 +559,8 @@ def write_out(path: Path, body: str) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=DEFAULT_SIZES,
-                   help="super-batch sizes N for all three paths (default %(default)s)")
+    p.add_argument("--sizes", type=int, nargs="*", default=DEFAULT_SIZES,
+                   help="super-batch sizes N for all three paths (default %(default)s; none: omit)")
     p.add_argument("--large-sizes", type=int, nargs="*", default=DEFAULT_LARGE_SIZES,
                    help="extra N for path (c) only (default %(default)s; none: omit)")
     p.add_argument("--filter-ratios", type=float, nargs="+", default=DEFAULT_RATIOS,
@@ -546,6 +589,12 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=None,
                    help="markdown file to write the results into (e.g. docs/benchmarks.md)")
     p.add_argument("--json", type=Path, default=None, help="also dump the raw results here")
+    p.add_argument("--profile", action="store_true",
+                   help="instead: profile path (c) with torch.profiler at each --sizes x "
+                        "--filter-ratios and print where its time goes")
+    p.add_argument("--merge", type=Path, default=None,
+                   help="a --json file of an earlier run: its results are kept except those "
+                        "this run measures again (e.g. rerun one N on a quieter machine)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.wait_idle is None:
@@ -564,6 +613,25 @@ def main(argv=None) -> int:
     command = "python benchmarks/selection_speed.py " + " ".join(
         sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
+    if args.profile:
+        for n in args.sizes:
+            for f in args.filter_ratios:
+                wait_until_quiet(args.wait_idle)
+                r = spawn({"path": "profile", "n": n, "f": f, "threads": args.threads,
+                           "seed": args.seed}, args.timeout)
+                if r["status"] != "ok":
+                    print(f"N={n} f={f}: {r['status']} {r.get('error', '')}")
+                    continue
+                print(f"\n(c) N={n} f={f} b={r['b']}: {r['wall_s']:.2f} s wall under the "
+                      f"profiler, CPU {r['cpu_s']:.2f} s, others' cores {r['others_cores']:.2f}")
+                print("| op | calls | self CPU s | share |\n|:---|---:|---:|---:|")
+                for o in r["ops"]:
+                    print(f"| {o['op']} | {o['calls']} | {o['self_s']:.3f} | "
+                          f"{100 * o['share']:.1f}% |")
+        return 0
+    previous: dict = {"results": [], "commands": [], "matmul": None}
+    if args.merge is not None:
+        previous = json.loads(args.merge.read_text())
     matmul_spec = {"path": "matmul", "threads": args.threads, "size": args.matmul_size,
                    "repeats": args.matmul_repeats}
 
@@ -599,11 +667,21 @@ def main(argv=None) -> int:
             print(f"{label}: {res['status']} {res.get('error', '')}", flush=True)
 
     matmul = measure_peak(matmul)  # again at the end: the peak is the better of the two
-    body = report(args, results, matmul, command, time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    commands = [*previous.get("commands", []), f"{command}  # {elapsed / 60:.1f} min"]
+    if previous["results"]:
+        redone = {(r["path"], r["n"], r["f"]) for r in results}
+        results = [r for r in previous["results"]
+                   if (r["path"], r["n"], r["f"]) not in redone] + results
+    if previous.get("matmul"):
+        matmul = {**matmul, **{k: max(matmul[k], previous["matmul"][k])
+                               for k in ("square_gflops", "block_gflops")}}
+    body = report(args, results, matmul, commands)
     print()
     print(body)
     if args.json is not None:
-        args.json.write_text(json.dumps({"matmul": matmul, "results": results}, indent=1))
+        args.json.write_text(json.dumps({"matmul": matmul, "results": results,
+                                         "commands": commands}, indent=1))
     if args.out is not None:
         write_out(args.out, body)
         print(f"written to {args.out}")
