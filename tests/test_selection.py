@@ -456,8 +456,7 @@ def test_property_permuting_the_super_batch_permutes_the_selection(n, data, seed
     original = joint_select(a, b, n_chunks=k, temperature=0)
     permuted = joint_select(a[perm][:, perm], b, n_chunks=k, temperature=0)
     assert torch.equal(perm[permuted], original)
-    # With noise, the same holds for the embedding path if the noise is permuted alike;
-    # check it through the distribution-free fact that permuted selections are valid sets.
+    # The same for the embedding path (greedy as well).
     lrn, ref = model_embeddings(n, seed=seed), model_embeddings(n, seed=seed + 7)
     sel = JointSelector(batch_size=b, n_chunks=k, temperature=0)
     got = sel(ModelEmbeddings(lrn.image[perm], lrn.text[perm], 10.0, -5.0),
