@@ -595,6 +595,8 @@ def parse_args(argv=None):
     p.add_argument("--merge", type=Path, default=None,
                    help="a --json file of an earlier run: its results are kept except those "
                         "this run measures again (e.g. rerun one N on a quieter machine)")
+    p.add_argument("--report-only", action="store_true",
+                   help="measure nothing: rewrite the report from the --merge file")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.wait_idle is None:
@@ -632,6 +634,15 @@ def main(argv=None) -> int:
     previous: dict = {"results": [], "commands": [], "matmul": None}
     if args.merge is not None:
         previous = json.loads(args.merge.read_text())
+    if args.report_only:
+        if not previous["results"]:
+            raise SystemExit("--report-only needs --merge with an earlier run's --json file")
+        body = report(args, previous["results"], previous["matmul"], previous["commands"])
+        print(body)
+        if args.out is not None:
+            write_out(args.out, body)
+            print(f"written to {args.out}")
+        return 0
     matmul_spec = {"path": "matmul", "threads": args.threads, "size": args.matmul_size,
                    "repeats": args.matmul_repeats}
 
@@ -666,7 +677,8 @@ def main(argv=None) -> int:
         else:
             print(f"{label}: {res['status']} {res.get('error', '')}", flush=True)
 
-    matmul = measure_peak(matmul)  # again at the end: the peak is the better of the two
+    if not args.quick:
+        matmul = measure_peak(matmul)  # again at the end: the peak is the better of the two
     elapsed = time.perf_counter() - start
     commands = [*previous.get("commands", []), f"{command}  # {elapsed / 60:.1f} min"]
     if previous["results"]:
