@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 from statistics import median
 
+from _markdown import replace_section
+
 HERE = Path(__file__).resolve().parent
 
 DIM = 256
@@ -56,8 +58,6 @@ PATHS = ("a", "b", "c")
 DENSE_BYTES_PER_ELEMENT = 16  # ~four float32 N x N matrices alive at once (L, R, A, a temp)
 
 RESULT_TAG = "SELECTION_SPEED_RESULT "
-MARK_START = "<!-- selection_speed:start -->"
-MARK_END = "<!-- selection_speed:end -->"
 MIB = 2**20
 QUIET_CORES = 0.25  # other processes using fewer cores than this: a quiet machine
 
@@ -544,16 +544,7 @@ def report(args, results: list[dict], matmul: dict, commands: list[str]) -> str:
 
 
 def write_out(path: Path, body: str) -> None:
-    section = f"{MARK_START}\n{body}{MARK_END}"
-    if path.exists():
-        text = path.read_text()
-        if MARK_START in text and MARK_END in text:
-            head, rest = text.split(MARK_START, 1)
-            tail = rest.split(MARK_END, 1)[1]
-            path.write_text(head + section + tail)
-            return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("# Selection speed benchmark\n\n" + section + "\n")
+    replace_section(path, body, "selection_speed", "Selection speed benchmark")
 
 
 def parse_args(argv=None):

@@ -60,6 +60,7 @@ import time
 from pathlib import Path
 
 import torch
+from _markdown import replace_section
 
 from jestkit.cache import build_reference_cache
 from jestkit.data import Batch, SuperBatchSampler, load_digits_web
@@ -90,8 +91,6 @@ TIME_TOLERANCE = 0.15  # measured time ratio within 15% of the FLOP-implied rati
 TARGET_F = 0.8
 PHASES = ("sample", "learner_scoring", "reference_scoring", "cache_lookup", "selection",
           "train_fwd_bwd", "optimizer", "other")
-MARK_START = "<!-- step_overhead:start -->"
-MARK_END = "<!-- step_overhead:end -->"
 
 
 # --- variants --------------------------------------------------------------------------------
@@ -579,16 +578,7 @@ def markdown(res: dict, command: str) -> str:
 
 
 def write_out(path: Path, body: str) -> None:
-    block = f"{MARK_START}\n{body}{MARK_END}\n"
-    if path.exists():
-        text = path.read_text()
-        if MARK_START in text and MARK_END in text:
-            head, rest = text.split(MARK_START, 1)
-            tail = rest.split(MARK_END, 1)[1]
-            path.write_text(head + block + tail.lstrip("\n"))
-            return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("# Step overhead of JEST\n\n" + block)
+    replace_section(path, body, "step_overhead", "Step overhead of JEST")
 
 
 def main(argv: list[str] | None = None) -> int:
