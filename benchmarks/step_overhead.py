@@ -213,7 +213,7 @@ class Runner:
         self.clean_seen[1] += len(batch.indices)
         self.last_loss = clock.time("train_step", lambda: _train_step(
             self.model, self.opt, batch.images, batch.tokens, self.step_index, cfg, self.meter,
-            self.train_patches))
+            self.train_patches, cfg.multires_fraction))
         wall, cpu = time.perf_counter() - w0, time.thread_time() - c0
         self.step_index += 1
         for src, total, out in ((clock.wall, wall, self.phase_wall),
@@ -332,7 +332,8 @@ def per_call_overhead(data, seed: int, batches: list[int], repeats: int) -> dict
     train_calls = {}
     for k, (n, patches, cfg) in train_cfgs.items():
         def step(n=n, patches=patches, cfg=cfg, opt=opts[k]):
-            _train_step(train_model, opt, images[:n], tokens[:n], 100, cfg, meter, patches)
+            _train_step(train_model, opt, images[:n], tokens[:n], 100, cfg, meter, patches,
+                        cfg.multires_fraction)
         train_calls[k] = step
     train_calls_flops = {}
     for k, fn in train_calls.items():

@@ -261,8 +261,6 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
         *[f"![{p}]({p})" for p in pngs],
         "",
     ]
-    if report.get("notes"):
-        md += ["## Notes", *report["notes"], ""]
     (out / "report.md").write_text("\n".join(md))
     return {"json": out / "report.json", "md": out / "report.md",
             **{p: out / p for p in pngs}}

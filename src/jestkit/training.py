@@ -214,13 +214,14 @@ def _optimizer(model: DualEncoder, cfg) -> torch.optim.Optimizer:
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
 
 
-def _train_step(model, opt, images, tokens, step, cfg, meter, patch_sizes=(None,)) -> float:
+def _train_step(model, opt, images, tokens, step, cfg, meter, patch_sizes=(None,),
+                coarse_fraction: float = 0.0) -> float:
     """One optimizer step on the sigmoid loss. With several patch sizes the sub-batch is
     split in contiguous parts, one per size (Flexi-JEST multi-resolution training)."""
     for group in opt.param_groups:
         group["lr"] = _lr_at(step, cfg)
     opt.zero_grad(set_to_none=True)
-    parts = _split_sizes(images.shape[0], patch_sizes, getattr(cfg, "multires_fraction", 0.0))
+    parts = _split_sizes(images.shape[0], patch_sizes, coarse_fraction)
 
     def forward_backward():
         total, start = 0.0, 0
@@ -375,7 +376,7 @@ def train_learner(
         clean_seen[0] += int(data.pool.is_clean[batch.indices].sum())  # report only
         clean_seen[1] += len(batch.indices)
         loss = _train_step(model, opt, batch.images, batch.tokens, step, cfg, meter,
-                           train_patches)
+                           train_patches, cfg.multires_fraction)
         done = step + 1
         if done % cfg.eval_interval == 0 or done == cfg.steps:
             metrics = evaluate(model, data.test, data.tokenizer)
