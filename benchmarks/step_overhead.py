@@ -1,15 +1,18 @@
 """Per-step cost of JEST against uniform training: FLOPs by phase and measured wall time.
 
-Variants (all with the demo's model sizes: learner ``small_model(vocab, 48, 1)`` at patch 8,
-reference ``small_model(vocab, 32, 1)``, sub-batch b = 64, one thread):
+Variants (all with the demo's model sizes, taken from ``LearnerConfig()`` / ``ReferenceConfig()``:
+learner image width 48, text width 16, at patch 8; reference image width 32, text width 16;
+sub-batch b = 64, one thread):
 
   uniform             b = 64, no scoring (N = b);
   live                learnability, joint, K = 16: learner and reference score the super-batch
                       of N = b / (1 - f) at full resolution;
   cached              the reference's embeddings come from a ``ReferenceCache`` (looked up by
                       example id); the learner scores live at full resolution;
-  cached+flexi        cached, and the learner scores at ``score_patch_size=16`` and trains half
-                      of each sub-batch at patch 16 (``multires_fraction=0.5``);
+  cached+flexi        cached, and the learner scores at ``score_patch_size=16`` (the demo's
+                      Flexi setting: ``multires_fraction`` from ``DemoConfig()``, 0);
+  cached+flexi+multires  as cached+flexi, and half of each sub-batch is trained at patch 16
+                      (``multires_fraction=0.5``, the paper's recipe);
 
 each JEST variant at f = 0.5, 0.8, 0.9.
 
@@ -64,12 +67,13 @@ from _markdown import replace_section
 
 from jestkit.cache import build_reference_cache
 from jestkit.data import Batch, SuperBatchSampler, load_digits_web
-from jestkit.demo import DEMO_MAX_TEXT_LEN
+from jestkit.demo import DEMO_MAX_TEXT_LEN, DemoConfig
 from jestkit.flops import FlopLedger, count_flops
 from jestkit.models import DualEncoder
 from jestkit.selection import JointSelector
 from jestkit.training import (
     LearnerConfig,
+    ReferenceConfig,
     _FlopMeter,
     _optimizer,
     _select,
@@ -78,14 +82,13 @@ from jestkit.training import (
     train_learner,
 )
 
-LEARNER_WIDTH, LEARNER_DEPTH = 48, 1
-REFERENCE_WIDTH, REFERENCE_DEPTH = 32, 1
-BATCH = 64
-N_CHUNKS = 16
-FLEXI_PATCH = 16
-MULTIRES = 0.5
+_LEARNER, _REFERENCE, _DEMO = LearnerConfig(), ReferenceConfig(), DemoConfig()
+BATCH = _LEARNER.batch_size
+N_CHUNKS = _LEARNER.n_chunks
+FLEXI_PATCH = _DEMO.flexi_score_patch_size
+MULTIRES = {"cached+flexi": _DEMO.flexi_multires_fraction, "cached+flexi+multires": 0.5}
 FILTER_RATIOS = (0.5, 0.8, 0.9)
-JEST_KINDS = ("live", "cached", "cached+flexi")
+JEST_KINDS = ("live", "cached", "cached+flexi", "cached+flexi+multires")
 FLOP_TARGET = 1.3  # cached+flexi at f = 0.8: FLOPs/step <= 1.3x uniform's
 TIME_TOLERANCE = 0.15  # measured time ratio within 15% of the FLOP-implied ratio
 TARGET_F = 0.8
@@ -97,13 +100,13 @@ PHASES = ("sample", "learner_scoring", "reference_scoring", "cache_lookup", "sel
 
 
 def variant_config(kind: str, f: float | None, seed: int) -> LearnerConfig:
-    common = dict(batch_size=BATCH, width=LEARNER_WIDTH, depth=LEARNER_DEPTH, seed=seed,
-                  n_chunks=N_CHUNKS, selection="joint")
+    common = dict(batch_size=BATCH, width=_LEARNER.width, text_width=_LEARNER.text_width,
+                  depth=_LEARNER.depth, seed=seed, n_chunks=N_CHUNKS, selection="joint")
     if kind == "uniform":
         return LearnerConfig(method="uniform", **common)
-    if kind == "cached+flexi":
+    if kind in MULTIRES:
         return LearnerConfig(method="learnability", filter_ratio=f, score_patch_size=FLEXI_PATCH,
-                             multires_fraction=MULTIRES, **common)
+                             multires_fraction=MULTIRES[kind], **common)
     return LearnerConfig(method="learnability", filter_ratio=f, **common)
 
 
@@ -167,7 +170,8 @@ class Runner:
     def __init__(self, name: str, cfg: LearnerConfig, data, reference, cache):
         self.name, self.cfg, self.data = name, cfg, data
         self.clock = _Clock()
-        model_cfg = small_model(data.tokenizer.vocab_size, cfg.width, cfg.depth)
+        model_cfg = small_model(data.tokenizer.vocab_size, cfg.width, cfg.depth,
+                                text_width=cfg.text_width)
         self.model = DualEncoder(model_cfg, seed=cfg.seed)
         self.opt = _optimizer(self.model, cfg)
         self.sampler = SuperBatchSampler(data.pool, cfg.super_batch_size, seed=cfg.seed)
@@ -291,7 +295,8 @@ def per_call_overhead(data, seed: int, batches: list[int], repeats: int) -> dict
        part at patch 8 (uniform, live, cached) against the Flexi split into two parts of 32
        (patch 8 and patch 16), and each part alone.
     """
-    model_cfg = small_model(data.tokenizer.vocab_size, LEARNER_WIDTH, LEARNER_DEPTH)
+    model_cfg = small_model(data.tokenizer.vocab_size, _LEARNER.width, _LEARNER.depth,
+                            text_width=_LEARNER.text_width)
     model = DualEncoder(model_cfg, seed=seed).eval()
     images, tokens = data.pool.images, data.pool.tokens
     fine = model_cfg.patch_size
@@ -322,7 +327,7 @@ def per_call_overhead(data, seed: int, batches: list[int], repeats: int) -> dict
     train_cfgs = {  # name: (batch, patch_sizes, config)
         f"{BATCH}@p{fine} (one part)": (BATCH, (None,), variant_config("uniform", None, seed)),
         f"{half}@p{fine} + {half}@p{FLEXI_PATCH} (Flexi)": (
-            BATCH, (fine, FLEXI_PATCH), variant_config("cached+flexi", TARGET_F, seed)),
+            BATCH, (fine, FLEXI_PATCH), variant_config("cached+flexi+multires", TARGET_F, seed)),
         f"{half}@p{fine} (one part)": (half, (None,), variant_config("uniform", None, seed)),
         f"{half}@p{FLEXI_PATCH} (one part)": (half, (FLEXI_PATCH,),
                                                variant_config("uniform", None, seed)),
@@ -376,7 +381,8 @@ def run(args) -> dict:
     data = load_digits_web(args.data_seed, max_len=DEMO_MAX_TEXT_LEN)  # as the demo
     vocab = data.tokenizer.vocab_size
     # Untrained reference: its speed does not depend on its weights.
-    reference = DualEncoder(small_model(vocab, REFERENCE_WIDTH, REFERENCE_DEPTH),
+    reference = DualEncoder(small_model(vocab, _REFERENCE.width, _REFERENCE.depth,
+                                        text_width=_REFERENCE.text_width),
                             seed=args.seed + 1000).eval()
     tmp = tempfile.TemporaryDirectory(prefix="step_overhead_cache.")
     cache = build_reference_cache(reference, data.pool, tmp.name)

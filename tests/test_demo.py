@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from jestkit.cli import main
-from jestkit.demo import DEMO_METHODS, DemoConfig
+from jestkit.demo import DEMO_METHODS, DemoConfig, _run_one
+from jestkit.training import LearnerConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -43,6 +44,26 @@ def test_quick_demo_writes_a_complete_report(quick_run):
     assert "Did uniform plateau?" in (quick_run / "report.md").read_text()
 
 
+def test_report_is_rebuilt_from_the_saved_runs(quick_run, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(quick_run, copy)
+    before = json.loads((copy / "report.json").read_text())
+    (copy / "report.md").write_text("stale")
+    assert main(["report", str(copy)]) == 0
+    after = json.loads((copy / "report.json").read_text())
+    assert after == before  # same runs, same code: the same report
+    assert "Did uniform plateau?" in (copy / "report.md").read_text()
+    # Not a run directory, or a run's curves missing: a clear error, nothing rewritten.
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no report.json" in capsys.readouterr().err
+    (copy / "runs" / "uniform.json").unlink()
+    assert main(["report", str(copy)]) == 2
+    assert "uniform.json" in capsys.readouterr().err
+    assert json.loads((copy / "report.json").read_text()) == before
+
+
 def test_existing_run_directory_is_not_overwritten(quick_run, capsys):
     before = (quick_run / "report.json").read_bytes()
     assert main(["demo", "--quick", "--out", str(quick_run), "--no-progress"]) == 2
@@ -56,6 +77,8 @@ def test_shipped_configs_are_the_built_in_ones():
 
     assert load("demo.json") == DemoConfig()
     assert load("demo-quick.json") == DemoConfig.quick()
+    for path in sorted(CONFIGS.glob("*.json")):  # every other shipped config is valid
+        assert load(path.name).methods, path
 
 
 def test_bad_demo_config():
@@ -66,3 +89,23 @@ def test_bad_demo_config():
     with pytest.raises(ValueError, match="method must be one of"):
         DemoConfig.from_dict({"learner": {"method": "nope"}})
     assert dataclasses.replace(DemoConfig(), seeds=(5,)).seeds == (5,)
+    # Flexi settings are checked when the config is made, before any training.
+    with pytest.raises(ValueError, match="multires_fraction must be in"):
+        DemoConfig(flexi_multires_fraction=1.5)
+    with pytest.raises(ValueError, match="score_patch_size must be >= 0"):
+        DemoConfig.from_dict({"flexi_score_patch_size": -16})
+    with pytest.raises(ValueError, match="text_width must be a positive int"):
+        DemoConfig.from_dict({"learner": {"text_width": 0}})
+
+
+def test_runs_without_a_reference_do_not_wait_for_it(tmp_path):
+    """uniform and hard_learner runs start while the reference trains: they must not read
+    the reference checkpoint, which does not exist yet."""
+    missing = str(tmp_path / "not-yet.safetensors")
+    for method in ("uniform", "hard_learner"):
+        cfg = LearnerConfig(method=method, steps=2, batch_size=16, n_chunks=4, width=16,
+                            text_width=8, eval_every=2)
+        result = _run_one(0, missing, None, cfg)
+        assert result["steps"] == [2]
+    with pytest.raises(FileNotFoundError):
+        _run_one(0, missing, None, dataclasses.replace(cfg, method="learnability"))

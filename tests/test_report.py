@@ -4,7 +4,14 @@ import json
 
 import pytest
 
-from jestkit.report import build_report, plateau_check, summarize_method, write_report
+from jestkit.report import (
+    build_report,
+    plateau_check,
+    steps_to_reach,
+    summarize_method,
+    summary_table,
+    write_report,
+)
 
 
 def run(acc, seed=0, steps_total=40, train=10, learner=0, reference=0, clean=0.45):
@@ -69,8 +76,24 @@ def test_report_files(tmp_path):
     loaded = json.loads(paths["json"].read_text())
     assert loaded["methods"]["learnability-joint"]["iteration_speedup"] == pytest.approx(10.0)
     assert loaded["reference_accuracy"] == 0.5
-    assert "not reached" not in paths["md"].read_text()
+    assert "not reached" not in summary_table(report)
+    assert "| learnability-joint | 4 (5.0x) | 4 (7.0x) | 4 |" in paths["md"].read_text()
     for name in ("accuracy_vs_steps.png", "accuracy_vs_flops.png", "clean_fraction.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="uniform"):
         build_report({"learnability-joint": runs["learnability-joint"]}, ref, {})
+
+
+def test_steps_to_reach_levels():
+    baseline = [run(UNIFORM, seed=s) for s in range(3)]
+    # Evaluations at steps 4, 8, ..., 40. Levels sit between curve values (no float ties).
+    fast = [run([0.5, 0.6, 0.7, 0.75, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8], seed=s) for s in range(3)]
+    methods = {"uniform": summarize_method(baseline, baseline),
+               "fast": summarize_method(fast, baseline)}
+    table = steps_to_reach(methods, levels=(0.45, 0.55, 0.65, 0.78, 0.95))
+    assert table["levels"] == [0.45, 0.55, 0.65, 0.78]  # 0.95: reached by none, left out
+    assert table["methods"]["uniform"]["steps"] == [20, 24, None, None]
+    assert table["methods"]["fast"]["steps"] == [4, 8, 12, 20]
+    # uniform's step / the method's; no ratio where uniform never gets there.
+    assert table["methods"]["fast"]["iteration_speedup"] == [5.0, 3.0, None, None]
+    assert table["methods"]["uniform"]["iteration_speedup"] == [1.0, 1.0, None, None]

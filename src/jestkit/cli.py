@@ -25,6 +25,16 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from jestkit.demo import print_summary
+    from jestkit.report import rebuild_report
+
+    report = rebuild_report(args.run_dir)
+    print_summary(report)
+    print(f"\nreport rewritten: {Path(args.run_dir) / 'report.md'}")
+    return 0
+
+
 def _cache_reference(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -68,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="parallel learner runs (default 2, one per core)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
+
+    report = sub.add_parser("report", help="rebuild report.md/json and the plots of a demo run "
+                                           "directory from its saved per-run curves")
+    report.add_argument("run_dir", help="a directory written by `jestkit demo`")
+    report.set_defaults(func=_report)
 
     cache = sub.add_parser("cache-reference", help="embed a data set once with the frozen "
                                                    "reference, for lookups by example id")

@@ -18,10 +18,14 @@ import os
 import statistics
 from pathlib import Path
 
-__all__ = ["FINAL_EVALS", "build_report", "plateau_check", "summarize_method", "summary_table",
-           "write_report"]
+from jestkit.atomic import atomic_write
+
+__all__ = ["FINAL_EVALS", "LEVELS", "build_report", "plateau_check", "rebuild_report",
+           "steps_to_reach",
+           "summarize_method", "summary_table", "write_report"]
 
 FINAL_EVALS = 3  # "final accuracy" = mean of the last 3 evaluations
+LEVELS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)  # accuracy levels of `steps_to_reach`
 
 
 def _mean_curve(runs: list[dict], key: str) -> list[float]:
@@ -60,6 +64,33 @@ def plateau_check(runs: list[dict]) -> dict:
     moved = 100 * (at_end - at_q)
     return {"step_three_quarters": steps[q], "accuracy_at_three_quarters": at_q,
             "accuracy_at_end": at_end, "moved_points": moved, "plateaued": abs(moved) < 1.0}
+
+
+def steps_to_reach(methods: dict[str, dict], levels=LEVELS) -> dict:
+    """For each accuracy level, the first evaluated step at which each method's seed-averaged
+    curve reaches it (None if never), and uniform's step divided by it.
+
+    The protocol's speed-up is measured at one level, uniform's final accuracy; this shows how
+    the speed-up depends on the level chosen (a baseline still climbing at T makes the
+    protocol's level, and so its number, move with T). Levels uniform never reaches have no
+    ratio; levels no method reaches are left out.
+    """
+    def first(curve):
+        steps, acc = curve["steps"], curve["zero_shot_accuracy"]
+        return {lv: next((s for s, a in zip(steps, acc, strict=True) if a >= lv), None)
+                for lv in levels}
+
+    reached = {name: first(m["curves"]) for name, m in methods.items()}
+    kept = [lv for lv in levels if any(r[lv] is not None for r in reached.values())]
+    base = reached.get("uniform", {})
+    out = {"levels": kept, "methods": {}}
+    for name, r in reached.items():
+        out["methods"][name] = {
+            "steps": [r[lv] for lv in kept],
+            "iteration_speedup": [base[lv] / r[lv] if base.get(lv) and r[lv] else None
+                                  for lv in kept],
+        }
+    return out
 
 
 def summarize_method(runs: list[dict], baseline: list[dict]) -> dict:
@@ -211,7 +242,26 @@ def build_report(runs: dict[str, list[dict]], reference: dict, config: dict) -> 
         "config": config,
         "plateau": plateau_check(baseline),
         "methods": methods,
+        "steps_to_reach": steps_to_reach(methods),
     }
+
+
+def _levels_table(table: dict | None) -> list[str]:
+    if not table or not table["levels"]:
+        return ["(no level reached)"]
+    lines = ["| method | " + " | ".join(f"{100 * lv:.0f}%" for lv in table["levels"]) + " |",
+             "|---|" + "---|" * len(table["levels"])]
+    for name, m in table["methods"].items():
+        cells = []
+        for step, ratio in zip(m["steps"], m["iteration_speedup"], strict=True):
+            if step is None:
+                cells.append("not reached")
+            elif name == "uniform" or ratio is None:
+                cells.append(f"{step}")
+            else:
+                cells.append(f"{step} ({ratio:.1f}x)")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
@@ -219,7 +269,7 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pngs = _plots(report, out)
-    (out / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False))
+    atomic_write(out / "report.json", json.dumps(report, indent=1, allow_nan=False))
     plateau = report["plateau"]
     cfg = report["config"]
     md = [
@@ -257,11 +307,40 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
         f"{plateau['moved_points']:+.2f} points -> "
         f"{'plateaued (< 1 point)' if plateau['plateaued'] else 'NOT plateaued (>= 1 point)'}.",
         "",
+        "## Speed-up at other accuracy levels",
+        "First evaluated step at which each method's seed-averaged curve reaches the level, "
+        "and uniform's step / the method's (the protocol's number above is the one at uniform's "
+        "final accuracy).",
+        "",
+        *_levels_table(report.get("steps_to_reach")),
+        "",
         "## Plots",
         *[f"![{p}]({p})" for p in pngs],
         "",
     ]
-    (out / "report.md").write_text("\n".join(md))
+    atomic_write(out / "report.md", "\n".join(md))
     return {"json": out / "report.json", "md": out / "report.md",
             **{p: out / p for p in pngs}}
 
+
+
+def rebuild_report(run_dir: str | os.PathLike) -> dict:
+    """Rebuild a demo run directory's report (report.json, report.md, plots) from the per-run
+    curves it saved in runs/<method>.json, with this version's report code. The reference
+    info and the run config are taken from the existing report.json; the new files are
+    written only once the report is built."""
+    run_dir = Path(run_dir)
+    old_path = run_dir / "report.json"
+    if not old_path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no report.json: not a `jestkit demo` run "
+                                f"directory")
+    old = json.loads(old_path.read_text())
+    runs = {}
+    for name in old["methods"]:
+        path = run_dir / "runs" / f"{name}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"missing per-run curves {path}")
+        runs[name] = json.loads(path.read_text())
+    report = build_report(runs, old["reference"], old["config"])
+    write_report(report, run_dir)
+    return report

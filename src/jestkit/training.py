@@ -40,12 +40,19 @@ METHODS = tuple(CRITERIA)  # uniform, hard_learner, easy_reference, learnability
 # --- configuration ---------------------------------------------------------------------------
 
 
-def small_model(vocab_size: int, width: int, depth: int, patch_size: int = 8) -> DualEncoderConfig:
+def small_model(vocab_size: int, width: int, depth: int, patch_size: int = 8,
+                text_width: int | None = None) -> DualEncoderConfig:
     """A dual encoder sized for a 2-core CPU: 32x32 images at patch 8 are 16 tokens; captions
-    are a few words, so one text block suffices."""
+    are a few words from a ~100-word vocabulary, so one narrow text block suffices.
+
+    `text_width` defaults to `width`. A narrow text tower keeps the image tower the bulk of
+    the compute, which is what makes Flexi's coarse scoring cheap (BRIEF 4): the text tower
+    costs the same at every patch size.
+    """
     return DualEncoderConfig(vocab_size=vocab_size, embed_dim=32, patch_size=patch_size,
                              image_width=width, image_depth=depth, image_heads=4,
-                             text_width=width, text_depth=1, text_heads=4, mlp_ratio=2)
+                             text_width=text_width or width, text_depth=1, text_heads=4,
+                             mlp_ratio=2)
 
 
 @dataclass(frozen=True)
@@ -58,11 +65,12 @@ class ReferenceConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 30
     width: int = 32
+    text_width: int = 16
     depth: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_positive(self, ("steps", "batch_size", "width", "depth"))
+        _check_positive(self, ("steps", "batch_size", "width", "text_width", "depth"))
         _check_lr(self)
 
 
@@ -75,12 +83,13 @@ class LearnerConfig:
     filter_ratio: float = 0.8
     n_chunks: int = 16
     batch_size: int = 64
-    steps: int = 900
+    steps: int = 1000
     seed: int = 0
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 30
     width: int = 48
+    text_width: int = 16
     depth: int = 1
     eval_every: int = 0  # 0: steps // 40
     checkpoint_every: int = 0  # 0: never
@@ -93,7 +102,8 @@ class LearnerConfig:
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {list(SELECTIONS)}, "
                              f"got {self.selection!r}")
-        _check_positive(self, ("steps", "batch_size", "n_chunks", "width", "depth"))
+        _check_positive(self, ("steps", "batch_size", "n_chunks", "width", "text_width",
+                                "depth"))
         if not 0 < self.filter_ratio < 1:
             raise ValueError(f"filter_ratio must be in (0, 1), got {self.filter_ratio}")
         if self.method != "uniform" and self.selection == "joint" and (
@@ -259,8 +269,8 @@ def train_reference(data: DigitsWeb, cfg: ReferenceConfig = ReferenceConfig(),
     Returns (model, info) with info = {"accuracy": evaluate(...) on test, "flops": its
     training FLOPs, "config": asdict(cfg)}.
     """
-    model = DualEncoder(small_model(data.tokenizer.vocab_size, cfg.width, cfg.depth),
-                        seed=cfg.seed)
+    model = DualEncoder(small_model(data.tokenizer.vocab_size, cfg.width, cfg.depth,
+                                    text_width=cfg.text_width), seed=cfg.seed)
     opt = _optimizer(model, cfg)
     sampler = SuperBatchSampler(data.curated, min(cfg.batch_size, len(data.curated)),
                                 seed=cfg.seed)
@@ -340,7 +350,8 @@ def train_learner(
         raise ValueError(f"batch_size / (1 - filter_ratio) = {cfg.super_batch_size} exceeds the "
                          f"pool size {len(data.pool)}; lower batch_size or filter_ratio")
 
-    model_cfg = small_model(data.tokenizer.vocab_size, cfg.width, cfg.depth)
+    model_cfg = small_model(data.tokenizer.vocab_size, cfg.width, cfg.depth,
+                            text_width=cfg.text_width)
     model = DualEncoder(model_cfg, seed=cfg.seed)
     if cfg.score_patch_size and cfg.score_patch_size not in model_cfg.allowed_patch_sizes:
         raise ValueError(f"score_patch_size must be one of {model_cfg.allowed_patch_sizes}, "
