@@ -92,7 +92,7 @@ def test_bad_demo_config():
     # Flexi settings are checked when the config is made, before any training.
     with pytest.raises(ValueError, match="multires_fraction must be in"):
         DemoConfig(flexi_multires_fraction=1.5)
-    with pytest.raises(ValueError, match="score_patch_size must be >= 0"):
+    with pytest.raises(ValueError, match="flexi_score_patch_size must be one of"):
         DemoConfig.from_dict({"flexi_score_patch_size": -16})
     with pytest.raises(ValueError, match="text_width must be a positive int"):
         DemoConfig.from_dict({"learner": {"text_width": 0}})

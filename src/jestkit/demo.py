@@ -6,8 +6,8 @@ each, all at the same sub-batch size b and number of steps T; then reports by BR
 
 Learner runs are independent, so they run in parallel worker processes (one thread each:
 these models are small enough that two single-threaded runs beat one two-threaded run),
-longest first. Runs that need no reference (uniform, hard_learner) start at once, while the
-reference trains in the main process.
+longest first. The longest runs that need no reference (hard_learner) start at once, while
+the reference trains in the main process.
 Results are written to a temporary directory and moved into place at the end, so an
 existing run directory is never half-overwritten.
 """
@@ -34,7 +34,13 @@ from jestkit.data import NOISE_FRACTIONS, load_digits_web
 from jestkit.flops import count_flops
 from jestkit.models import load_model, save_model
 from jestkit.report import build_report, summary_table, write_report
-from jestkit.training import LearnerConfig, ReferenceConfig, train_learner, train_reference
+from jestkit.training import (
+    LearnerConfig,
+    ReferenceConfig,
+    small_model,
+    train_learner,
+    train_reference,
+)
 
 # (report name, method, selection, scoring) of every learner the demo trains. Scoring:
 # "live" runs both models on every super-batch; "cached" looks the reference's embeddings up
@@ -49,9 +55,12 @@ DEMO_METHODS: tuple[tuple[str, str, str, str], ...] = (
     ("learnability-joint-cached", "learnability", "joint", "cached"),
     ("learnability-joint-flexi", "learnability", "joint", "flexi"),
 )
-# Relative cost of one step of each scoring kind of run, to start the longest runs first (a
-# long run started last would leave one core idle at the end). Measured ratios, rounded.
-_RUN_COST = {"uniform": 1.0, "live": 3.0, "cached": 2.5, "flexi": 2.2}
+# Approximate time of one step of each method against uniform's (f = 0.8, demo sizes; from
+# the per-phase times in docs/step_overhead.md), to start the longest runs first: a long run
+# started last would leave a core idle at the end. Only the order depends on these.
+_STEP_COST = {"uniform": 1.0, "learnability-joint": 2.9, "learnability-independent": 2.9,
+              "easy_reference-joint": 2.1, "hard_learner-joint": 2.1,
+              "learnability-joint-cached": 2.1, "learnability-joint-flexi": 1.8}
 DEMO_MAX_TEXT_LEN = 8  # the longest caption is 8 words; padding to 16 doubles the text cost
 
 
@@ -104,6 +113,10 @@ class DemoConfig:
             raise ValueError("seeds must not be empty")
         # Checked here, not only at the first -flexi run, so a bad config fails before the
         # reference is trained.
+        allowed = small_model(2, self.learner.width, self.learner.depth).allowed_patch_sizes
+        if self.flexi_score_patch_size not in allowed:
+            raise ValueError(f"flexi_score_patch_size must be one of {list(allowed)} (divisors "
+                             f"of the image size), got {self.flexi_score_patch_size}")
         dataclasses.replace(self.learner, score_patch_size=self.flexi_score_patch_size,
                             multires_fraction=self.flexi_multires_fraction)
 
@@ -144,12 +157,6 @@ def _run_one(data_seed: int, reference_path: str, cache_dir: str | None,
     return train_learner(data, cfg, reference_embedder=cache.embeddings).to_dict()
 
 
-def _scoring(name: str, cfg: LearnerConfig) -> str:
-    if cfg.method == "uniform":
-        return "uniform"
-    return {n: scoring for n, *_, scoring in DEMO_METHODS}[name]
-
-
 def _needs_reference(cfg: LearnerConfig) -> bool:
     return cfg.method in ("learnability", "easy_reference")
 
@@ -185,27 +192,29 @@ def _run_demo_into(cfg: DemoConfig, out: Path, workers: int, show_progress: bool
     data = _data(cfg.data_seed)
     reference_path = out / "reference.safetensors"
     cache_dir = out / "reference_cache"
-    runs = learner_configs(cfg)
     # Longest runs first, so the last ones to finish are short and no core idles long.
-    runs.sort(key=lambda r: -r[2].steps * _RUN_COST[_scoring(r[0], r[2])])
+    runs = sorted(learner_configs(cfg), key=lambda r: -r[2].steps * _STEP_COST[r[0]])
+    # While the reference trains here, the workers start the longest runs that need no
+    # reference (hard_learner); the rest are queued once the reference is saved.
+    early = [r for r in runs if not _needs_reference(r[2])][:workers]
+    late = [r for r in runs if r not in early]
     results: dict[str, list[dict]] = {name: [] for name in cfg.methods}
     ctx = multiprocessing.get_context("spawn")  # fork + torch threads is unsafe
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = {}
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    futures = {}
 
-        def submit(name, cached, lc):
-            futures[pool.submit(_run_one, cfg.data_seed, str(reference_path),
-                                str(cache_dir) if cached else None, lc)] = (name, lc)
+    def submit(name, cached, lc):
+        futures[pool.submit(_run_one, cfg.data_seed, str(reference_path),
+                            str(cache_dir) if cached else None, lc)] = (name, lc)
 
-        # Runs that need no reference (uniform, hard_learner) start at once and keep the
-        # workers busy while the reference trains here.
-        for run in runs:
-            if not _needs_reference(run[2]):
-                submit(*run)
+    try:
+        for run in early:
+            submit(*run)
         bar = tqdm(total=cfg.reference.steps, desc="reference", disable=not show_progress,
                    leave=False)
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # the workers have the other cores
+        # One thread: the reference shares the cores with the early runs for its few seconds.
+        torch.set_num_threads(1)
         try:
             reference, ref_info = train_reference(data, cfg.reference,
                                                   progress=lambda done, total: bar.update(1))
@@ -218,15 +227,19 @@ def _run_demo_into(cfg: DemoConfig, out: Path, workers: int, show_progress: bool
             torch.set_num_threads(threads)
             bar.close()
         ref_info["caching_flops"] = caching_flops
-        for run in runs:
-            if _needs_reference(run[2]):
-                submit(*run)
+        for run in late:
+            submit(*run)
         with tqdm(total=len(futures), desc="learner runs", disable=not show_progress) as bar:
             for fut in as_completed(futures):
                 name, lc = futures[fut]
                 results[name].append(fut.result())
                 bar.set_postfix_str(f"{name} seed {lc.seed}")
                 bar.update(1)
+    except BaseException:
+        # Fail now: drop the queued runs (the running ones end with their run).
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     for name in results:  # seed order, whatever order they finished in
         results[name].sort(key=lambda r: r["config"]["seed"])
         (out / "runs").mkdir(exist_ok=True)

@@ -279,7 +279,7 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
         f"{100 * cfg.get('pool_clean_fraction', 0.45):.0f}% clean; reference trained on "
         f"{cfg.get('curated_size')} curated pairs). Sub-batch b = {cfg.get('batch_size')}, "
         f"filter ratio f = {cfg.get('filter_ratio')}, n_chunks = {cfg.get('n_chunks')}, "
-        f"T = {cfg.get('steps')} steps, seeds {cfg.get('seeds')}.",
+        f"T = {cfg.get('steps')} steps, seeds {', '.join(map(str, cfg.get('seeds') or []))}.",
         "",
         "Protocol (BRIEF 7): target = uniform's final zero-shot accuracy (mean of its last "
         f"{FINAL_EVALS} evaluations, averaged over seeds) = "
@@ -295,10 +295,11 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
         "step if amortised over one run (not included in the compute speed-ups above).",
         "",
         f"Reference cache (one reference forward over the pool, built once and shared by the "
-        f"`-cached` and `-flexi` runs): {_fmt_flops(report['reference'].get('caching_flops', 0))} "
-        f"FLOPs, {report['reference_caching_flops_amortised_per_step'] / 1e9:.2f} GFLOP per "
-        "learner step if charged to one run; not included above either, since it is paid once "
-        "per pool and reference, not per run.",
+        f"`-cached` and `-flexi` runs): "
+        f"{report['reference'].get('caching_flops', 0) / 1e9:.2f} GFLOP, "
+        f"{report['reference_caching_flops_amortised_per_step'] / 1e9:.3f} GFLOP per learner "
+        "step if charged to one run; not included above either, since it is paid once per pool "
+        "and reference, not per run.",
         "",
         "## Did uniform plateau?",
         f"Seed-averaged accuracy around step {plateau['step_three_quarters']} (3T/4, mean of 3 "
@@ -309,8 +310,9 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
         "",
         "## Speed-up at other accuracy levels",
         "First evaluated step at which each method's seed-averaged curve reaches the level, "
-        "and uniform's step / the method's (the protocol's number above is the one at uniform's "
-        "final accuracy).",
+        "and uniform's own first step at that level / the method's. (The protocol's speed-up "
+        "above divides T, not uniform's first crossing, by the method's step at uniform's final "
+        "accuracy.)",
         "",
         *_levels_table(report.get("steps_to_reach")),
         "",
@@ -335,6 +337,9 @@ def rebuild_report(run_dir: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"{run_dir} has no report.json: not a `jestkit demo` run "
                                 f"directory")
     old = json.loads(old_path.read_text())
+    missing = [k for k in ("methods", "reference", "config") if k not in old]
+    if missing:
+        raise ValueError(f"{old_path} lacks {missing}: not written by `jestkit demo`")
     runs = {}
     for name in old["methods"]:
         path = run_dir / "runs" / f"{name}.json"

@@ -112,6 +112,10 @@ class LearnerConfig:
                              f"got {self.n_chunks}")
         if not 0 <= self.multires_fraction <= 1:
             raise ValueError(f"multires_fraction must be in [0, 1], got {self.multires_fraction}")
+        if self.multires_fraction > 0 and not self.score_patch_size:
+            # Would silently train at one resolution only.
+            raise ValueError("multires_fraction > 0 needs score_patch_size > 0 (the coarse "
+                             "patch size to train that share at)")
         for name in ("eval_every", "checkpoint_every", "score_patch_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
