@@ -148,17 +148,13 @@ def _run_one(data_seed: int, reference_path: str, cache_dir: str | None,
     """Worker: one learner run. Single-threaded so parallel workers do not contend."""
     torch.set_num_threads(1)
     data = _data(data_seed)
-    if not _needs_reference(cfg):  # may run while the reference is still being trained
+    if not cfg.needs_reference:  # may run while the reference is still being trained
         return train_learner(data, cfg).to_dict()
     reference = load_model(reference_path).eval()
     if cache_dir is None:
         return train_learner(data, cfg, reference).to_dict()
     cache = ReferenceCache.open(cache_dir, split=data.pool, model=reference)
     return train_learner(data, cfg, reference_embedder=cache.embeddings).to_dict()
-
-
-def _needs_reference(cfg: LearnerConfig) -> bool:
-    return cfg.method in ("learnability", "easy_reference")
 
 
 def prepare_out_dir(out: Path, overwrite: bool) -> None:
@@ -196,7 +192,7 @@ def _run_demo_into(cfg: DemoConfig, out: Path, workers: int, show_progress: bool
     runs = sorted(learner_configs(cfg), key=lambda r: -r[2].steps * _STEP_COST[r[0]])
     # While the reference trains here, the workers start the longest runs that need no
     # reference (hard_learner); the rest are queued once the reference is saved.
-    early = [r for r in runs if not _needs_reference(r[2])][:workers]
+    early = [r for r in runs if not r[2].needs_reference][:workers]
     late = [r for r in runs if r not in early]
     results: dict[str, list[dict]] = {name: [] for name in cfg.methods}
     ctx = multiprocessing.get_context("spawn")  # fork + torch threads is unsafe

@@ -129,6 +129,11 @@ class LearnerConfig:
         return round(self.batch_size / (1 - self.filter_ratio))
 
     @property
+    def needs_reference(self) -> bool:
+        """Whether the method scores with the reference (learnability, easy_reference)."""
+        return self.method in ("learnability", "easy_reference")
+
+    @property
     def eval_interval(self) -> int:
         return self.eval_every or max(1, self.steps // 40)
 
@@ -344,8 +349,7 @@ def train_learner(
     Returns:
         RunResult with the evaluation curves and the cumulative FLOPs per phase.
     """
-    needs_reference = cfg.method in ("learnability", "easy_reference")
-    if needs_reference and reference is None and reference_embedder is None:
+    if cfg.needs_reference and reference is None and reference_embedder is None:
         raise ValueError(f"method {cfg.method!r} needs a reference model or reference_embedder")
     if cfg.batch_size > len(data.pool):
         raise ValueError(f"batch_size must be in [1, {len(data.pool)}] (the pool size), "
@@ -423,7 +427,7 @@ def _select(batch, model, cfg, selector, gen, meter, reference, reference_embedd
                                        lambda: model(batch.images, batch.tokens, patch))
         learner_emb = ModelEmbeddings(img, txt, t, c)
     reference_emb = None
-    if cfg.method in ("learnability", "easy_reference"):
+    if cfg.needs_reference:
         if reference_embedder is not None:
             reference_emb = reference_embedder(batch)  # cached: no model FLOPs
         else:
