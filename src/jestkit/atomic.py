@@ -1,16 +1,48 @@
-"""Atomic file writes: a reader (or a crash) sees the old file or the complete new one.
+"""Atomic writes: a reader (or a crash) sees the old file or the complete new one.
 
-Checkpoints, caches and reports all go through `atomic_write`, so nothing already computed
-is ever replaced by a torn, half-written file.
+Checkpoints, caches and reports all go through `atomic_write` (files) or
+`replacing_directory` (a whole directory: a checkpoint, a demo run), so nothing already
+computed is ever replaced by a torn, half-written one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "replacing_directory"]
+
+
+@contextlib.contextmanager
+def replacing_directory(final: str | os.PathLike) -> Iterator[Path]:
+    """Build a directory in a temporary sibling, then put it in place of `final`.
+
+    Yields the temporary directory (mode 0755) to fill. On a clean exit an existing `final` is
+    first renamed aside, the new one renamed into place, and only then the old one deleted: a
+    crash at any moment leaves the old directory (under its own or a hidden ``.old`` name) or
+    the new one, never a half-written `final`. On an error the temporary directory is removed
+    and `final` is left untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.new."))
+    tmp.chmod(0o755)  # mkdtemp makes 0700; these directories are data, meant to be shared
+    try:
+        yield tmp
+        old = None
+        if final.exists():
+            old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old."))
+            os.replace(final, old)  # onto the empty directory just made
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:

@@ -18,8 +18,6 @@ import dataclasses
 import json
 import multiprocessing
 import os
-import shutil
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -29,6 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from jestkit.atomic import replacing_directory
 from jestkit.cache import ReferenceCache, build_reference_cache
 from jestkit.data import NOISE_FRACTIONS, load_digits_web
 from jestkit.flops import count_flops
@@ -169,17 +168,8 @@ def run_demo(cfg: DemoConfig, out_dir: str | os.PathLike, *, overwrite: bool = F
     """Run the whole demo and write report.md, report.json and plots into out_dir."""
     out = Path(out_dir)
     prepare_out_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging."))
-    staging.chmod(0o755)  # mkdtemp makes 0700; a run directory is meant to be shared
-    try:
+    with replacing_directory(out) as staging:
         report = _run_demo_into(cfg, staging, workers, show_progress)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return report
 
 

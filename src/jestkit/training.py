@@ -20,14 +20,13 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from jestkit.atomic import atomic_write
+from jestkit.atomic import atomic_write, replacing_directory
 from jestkit.data import Batch, DigitsWeb, Split, SuperBatchSampler, class_prompts
 from jestkit.flops import FlopLedger, count_flops
 from jestkit.models import DualEncoder, DualEncoderConfig, load_model, save_model, sigmoid_loss
@@ -450,9 +449,7 @@ def _save_checkpoint(run_dir, cfg, step, model, opt, sampler, gen, ledger, resul
     ckpt_root = run_dir / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:07d}"
-    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".step_{step:07d}."))
-    tmp.chmod(0o755)
-    try:
+    with replacing_directory(final) as tmp:
         save_model(model, tmp / "model.safetensors")
         state = {"config": asdict(cfg), "step": step, "optimizer": opt.state_dict(),
                  "sampler": sampler.state_dict(), "select_generator": gen.get_state(),
@@ -462,12 +459,6 @@ def _save_checkpoint(run_dir, cfg, step, model, opt, sampler, gen, ledger, resul
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     atomic_write(ckpt_root / "latest", final.name)
     for old in sorted(ckpt_root.glob("step_*"))[:-2]:  # keep the two newest
         shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,47 @@
+"""Atomic writes of files and whole directories: old or new, never torn; errors keep the old."""
+
+import stat
+
+import pytest
+
+from jestkit.atomic import atomic_write, replacing_directory
+
+
+def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "a.json"
+    atomic_write(path, "old")
+    atomic_write(path, b"new")
+    assert path.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_replacing_directory_puts_the_new_one_in_place(tmp_path):
+    final = tmp_path / "run"
+    final.mkdir()
+    (final / "stale.txt").write_text("from the previous run")
+    with replacing_directory(final) as tmp:
+        assert tmp != final and tmp.parent == tmp_path
+        assert (final / "stale.txt").exists()  # untouched while the new one is built
+        (tmp / "report.json").write_text("{}")
+    assert sorted(p.name for p in final.iterdir()) == ["report.json"]
+    assert stat.S_IMODE(final.stat().st_mode) == 0o755
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no temp or old copy left
+
+
+def test_replacing_directory_creates_missing_parents(tmp_path):
+    final = tmp_path / "a" / "b"
+    with replacing_directory(final) as tmp:
+        (tmp / "x").write_text("1")
+    assert (final / "x").read_text() == "1"
+
+
+def test_replacing_directory_keeps_the_old_one_on_error(tmp_path):
+    final = tmp_path / "ckpt"
+    final.mkdir()
+    (final / "model.safetensors").write_text("precious")
+    with pytest.raises(RuntimeError, match="crash"):
+        with replacing_directory(final) as tmp:
+            (tmp / "model.safetensors").write_text("half")
+            raise RuntimeError("crash while writing")
+    assert (final / "model.safetensors").read_text() == "precious"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
