@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from jestkit.cli import main
-from jestkit.demo import DEMO_METHODS, DemoConfig, _run_one
+from jestkit.demo import _STEP_COST, DEMO_METHODS, DemoConfig, _run_one
 from jestkit.training import LearnerConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -96,6 +96,11 @@ def test_bad_demo_config():
         DemoConfig.from_dict({"flexi_score_patch_size": -16})
     with pytest.raises(ValueError, match="text_width must be a positive int"):
         DemoConfig.from_dict({"learner": {"text_width": 0}})
+
+
+def test_every_demo_method_has_a_step_cost():
+    # The scheduler orders runs by it; a method added without one would fail mid-demo.
+    assert set(_STEP_COST) == {name for name, *_ in DEMO_METHODS}
 
 
 def test_runs_without_a_reference_do_not_wait_for_it(tmp_path):
