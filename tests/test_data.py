@@ -282,6 +282,21 @@ def test_random_shift_range_and_zero_fill() -> None:
         random_shift(x[0], 2)
 
 
+def test_random_shift_equals_slow_per_image_shift() -> None:
+    # Non-square, several channels: the one-gather version against a loop of slices.
+    x = torch.rand(40, 3, 12, 17, generator=torch.Generator().manual_seed(3))
+    m = 3
+    out = random_shift(x, m, torch.Generator().manual_seed(4))
+    dy, dx = torch.randint(-m, m + 1, (2, 40), generator=torch.Generator().manual_seed(4))
+    for img, got, sy, sx in zip(x, out, dy.tolist(), dx.tolist(), strict=True):
+        want = torch.zeros_like(img)
+        h, w = img.shape[1:]
+        # want[y, x] = img[y - sy, x - sx] wherever that is inside the image
+        want[:, max(sy, 0):h + min(sy, 0), max(sx, 0):w + min(sx, 0)] = \
+            img[:, max(-sy, 0):h + min(-sy, 0), max(-sx, 0):w + min(-sx, 0)]
+        assert torch.equal(got, want)
+
+
 def test_random_shift_seeded_and_no_global_rng() -> None:
     x = torch.rand(64, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     state = torch.random.get_rng_state()

@@ -56,8 +56,8 @@ def test_coarse_patch_cuts_image_flops(model) -> None:
     fine = measure_image_forward_flops(model, images, 4)
     coarse = measure_image_forward_flops(model, images, 8)
     ratio = coarse / fine  # measured 0.216 for the reference preset
-    # 4x fewer tokens: per-token layers cost 1/4, attention 1/16; the patch-embedding
-    # convolution costs the same at every patch size (each pixel is used once either way).
+    # 4x fewer tokens: per-token layers cost 1/4, attention 1/16; the patch embedding costs
+    # about half (the coarse patches are shrunk to the base size before the stored kernel).
     assert 1 / 16 < ratio < 0.4
 
 
@@ -73,18 +73,30 @@ def test_train_step_is_three_forwards(model) -> None:
 
 def test_train_step_flops_exactly_accounted(tiny) -> None:
     cfg = tiny.config
-    for n, p in [(4, 4), (4, 8), (2, 2)]:
+    embed = tiny.image.patch_embed
+    base, width, chans = cfg.patch_size, cfg.image_width, cfg.in_channels
+    cases = [(4, 4), (4, 8), (2, 2), (3, 16)]
+    assert [embed.uses_downsample(p) for _, p in cases] == [False, True, False, True]
+    for n, p in cases:
         images, tokens = batch(n)
         train = measure_train_step_flops(tiny, images, tokens, p)
         fwd = measure_forward_flops(tiny, images, tokens, p)
         # Backward of a matmul costs two forwards (grads w.r.t. both inputs), so train = 3 x
-        # forward, except: the patch embedding needs no gradient w.r.t. pixels and the
-        # PI-resize matmul none w.r.t. its fixed matrix (each 2x, not 3x), and only the train
-        # step forms the N x N logits u @ v.T (3x).
-        conv = 2 * n * (32 // p) ** 2 * cfg.image_width * cfg.in_channels * p * p
-        resize = 0 if p == cfg.patch_size else 2 * cfg.image_width * cfg.patch_size**2 * p * p
+        # forward, except: matmuls with no input that needs a gradient are not differentiated
+        # at all (1x: shrinking coarse patches by P X P^T, whose inputs are pixels and a fixed
+        # matrix), those with one such input once (2x: the patch embedding, no gradient w.r.t.
+        # pixels; the PI-resize of the kernel, none w.r.t. its fixed matrix), and only the
+        # train step forms the N x N logits u @ v.T (3x).
+        grid = 32 // p
         logits = 2 * n * n * cfg.embed_dim
-        assert train == 3 * fwd - conv - resize + 3 * logits
+        if embed.uses_downsample(p):
+            down = 2 * n * chans * (32 * grid * p * base + grid * base * p * grid * base)
+            conv = 2 * n * grid**2 * width * chans * base * base
+            assert train == 3 * fwd - 2 * down - conv + 3 * logits
+        else:
+            conv = 2 * n * grid**2 * width * chans * p * p
+            resize = 0 if p == base else 2 * width * chans * base**2 * p * p
+            assert train == 3 * fwd - conv - resize + 3 * logits
 
 
 def test_forward_is_image_plus_text(model) -> None:

@@ -20,6 +20,7 @@ from jestkit.models import (
     learner_config,
     load_model,
     model_fingerprint,
+    pi_downsample_matrix,
     pi_resize_matrix,
     reference_config,
     save_model,
@@ -80,6 +81,42 @@ def test_pi_resize_identity_on_every_patch_when_growing() -> None:
         b, m = bilinear_resize_matrix(old, new), pi_resize_matrix(old, new)
         torch.testing.assert_close(b.T @ m.T, torch.eye(old * old, dtype=torch.float64),
                                    atol=1e-10, rtol=0)
+
+
+def test_pi_resize_is_separable() -> None:
+    # pinv(B1 (x) B1) = pinv(B1) (x) pinv(B1): the 2-D PI-resize is the 1-D one on rows and
+    # columns, which is what lets a coarse patch be shrunk before the stored kernel.
+    for old, new in [(4, 8), (8, 16), (8, 32), (4, 6), (2, 32)]:
+        down = pi_downsample_matrix(old, new)
+        assert down.shape == (old, new)
+        torch.testing.assert_close(torch.kron(down, down), pi_resize_matrix(old, new),
+                                   atol=1e-10, rtol=0)
+    with pytest.raises(ValueError, match="growing"):
+        pi_downsample_matrix(8, 4)
+
+
+@pytest.mark.parametrize("channels, width, base", [(1, 48, 8), (3, 32, 4), (2, 6, 4)])
+def test_coarse_tokens_and_gradients_equal_the_resized_kernel(channels, width, base) -> None:
+    # Slow, obvious version: the PI-resized kernel as a stride-p convolution. `forward` must
+    # give the same tokens and the same gradients at every coarse patch size, whichever path
+    # `uses_downsample` picks (width 6 is one where the resized kernel is cheaper).
+    g = torch.Generator().manual_seed(0)
+    embed = FlexiPatchEmbed(channels, width, base, 32).double()
+    with torch.no_grad():
+        for param in (embed.weight, embed.bias):
+            param.copy_(torch.randn(param.shape, generator=g, dtype=torch.float64))
+    images = torch.rand(5, channels, 32, 32, generator=g, dtype=torch.float64)
+    paths = set()
+    for p in [q for q in embed.allowed_patch_sizes if q > base]:
+        paths.add(embed.uses_downsample(p))
+        want = F.conv2d(images, embed.kernel(p), embed.bias, stride=p).flatten(2).transpose(1, 2)
+        (gw_want, gb_want) = torch.autograd.grad(want.square().sum(), (embed.weight, embed.bias))
+        got = embed(images, p)
+        (gw, gb) = torch.autograd.grad(got.square().sum(), (embed.weight, embed.bias))
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(gw, gw_want, atol=1e-8, rtol=1e-10)
+        torch.testing.assert_close(gb, gb_want, atol=1e-8, rtol=1e-10)
+    assert paths == ({False, True} if width == 6 else {True})
 
 
 def test_whole_image_interpolation_does_not_reproduce_tokens() -> None:

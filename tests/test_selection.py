@@ -220,8 +220,9 @@ def test_joint_batches_score_far_above_uniform_and_near_the_best():
 # --- the embedding path equals the dense path ------------------------------------------------
 
 
-@pytest.mark.parametrize("n, b, k", [(64, 16, 4), (50, 13, 4), (37, 10, 10), (40, 7, 1)])
-@pytest.mark.parametrize("block", [1 << 22, 97])
+@pytest.mark.parametrize("n, b, k", [(64, 16, 4), (50, 13, 4), (37, 10, 10), (40, 7, 1),
+                                     (600, 40, 4)])  # N > 512: blocks at any block size
+@pytest.mark.parametrize("block", [1 << 22, 97])  # the [N, N] fast path, and row blocks
 def test_selector_equals_dense_in_float64(n, b, k, block):
     lrn = model_embeddings(n, seed=1, scale=10.0, bias=-5.0)
     ref = model_embeddings(n, seed=2, scale=7.0, bias=-3.0, noise=0.3)
@@ -640,13 +641,14 @@ def test_selector_builds_no_autograd_graph():
     assert logs and not any(t.requires_grad or t.grad_fn is not None for t in logs)
 
 
-def test_easy_reference_selector_equals_dense():
+@pytest.mark.parametrize("block", [1 << 22, 97])  # the [N, N] fast path, and row blocks
+def test_easy_reference_selector_equals_dense(block):
     ref = model_embeddings(40, seed=2, scale=6.0, bias=-2.0)
     dense = easy_reference(None, pairwise_sigmoid_loss(ref.image, ref.text, 6.0, -2.0))
     logs_d, logs_e = [], []
     x = joint_select(dense, 10, n_chunks=5, generator=torch.Generator().manual_seed(2),
                      chunk_logits=logs_d)
-    y = JointSelector("easy_reference", batch_size=10, n_chunks=5)(
+    y = JointSelector("easy_reference", batch_size=10, n_chunks=5, max_block_elements=block)(
         None, ref, generator=torch.Generator().manual_seed(2), chunk_logits=logs_e)
     assert torch.equal(x, y)
     for u, v in zip(logs_d, logs_e, strict=True):

@@ -151,6 +151,11 @@ def analytic_forward_flops(cfg, n, image_tokens, text_tokens):
 
     p = cfg.image_size // math.isqrt(image_tokens)
     image = tower(image_tokens, cfg.image_width, cfg.image_depth, cfg.in_channels * p * p)
+    b, size, grid = cfg.patch_size, cfg.image_size, math.isqrt(image_tokens)
+    if p > b:  # coarse: each patch shrunk by P X P^T (P [b, p]), then the base kernel
+        shrink = 2 * cfg.in_channels * (size * grid * p * b + grid * b * p * grid * b)
+        image += shrink + 2 * image_tokens * cfg.in_channels * b * b * cfg.image_width
+        image -= 2 * image_tokens * cfg.in_channels * p * p * cfg.image_width
     text = tower(text_tokens, cfg.text_width, cfg.text_depth, 0)
     return n * (image + text)
 
@@ -163,6 +168,7 @@ def test_flexi_scoring_flops_match_the_expected_fraction(data):
     images, tokens = data.pool.images[:320], data.pool.tokens[:320, :8]
     full = measure_forward_flops(model, images, tokens)
     coarse = measure_forward_flops(model, images, tokens, patch_size=16)
+    assert model.image.patch_embed.uses_downsample(16)
     # The counter agrees with the hand count at both patch sizes (16 and 4 image tokens)...
     assert full == pytest.approx(analytic_forward_flops(cfg, 320, 16, 8), rel=0.01)
     assert coarse == pytest.approx(analytic_forward_flops(cfg, 320, 4, 8), rel=0.01)

@@ -438,13 +438,16 @@ def random_shift(
     m = max_shift
     shifts = torch.randint(-m, m + 1, (2, n), generator=generator, device=generator.device)
     dy, dx = shifts.to(images.device)
-    padded = torch.nn.functional.pad(images, (m, m, m, m))
-    # out[y, x] = in[y - dy, x - dx]  ==  padded[y - dy + m, x - dx + m]
-    rows = torch.arange(h, device=images.device)[None, :] - dy[:, None] + m  # [n, h]
-    cols = torch.arange(w, device=images.device)[None, :] - dx[:, None] + m  # [n, w]
-    batch = torch.arange(n, device=images.device)[:, None, None]
-    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # [n,h,w,C]
-    return out.permute(0, 3, 1, 2).contiguous()
+    chans, width_p = images.shape[1], w + 2 * m
+    padded = torch.nn.functional.pad(images, (m, m, m, m)).reshape(n, chans, -1)
+    # out[y, x] = in[y - dy, x - dx]  ==  padded[y - dy + m, x - dx + m]: in the flattened
+    # padded image that is one offset per image, so the whole batch is a single gather
+    # along the last dim (several times faster on CPU than 3-tensor advanced indexing).
+    arange = torch.arange(max(h, w), device=images.device)
+    grid = (arange[:h, None] + m) * width_p + arange[None, :w] + m  # [h, w] flat positions
+    index = grid.reshape(1, h * w) - (dy * width_p + dx)[:, None]  # [n, h*w]
+    out = padded.gather(2, index[:, None, :].expand(n, chans, h * w))
+    return out.reshape(n, chans, h, w)
 
 
 @dataclass

@@ -50,6 +50,7 @@ __all__ = [
     "learner_config",
     "load_model",
     "model_fingerprint",
+    "pi_downsample_matrix",
     "pi_resize_matrix",
     "reference_config",
     "resize_pos_embed",
@@ -203,6 +204,23 @@ def pi_resize_matrix(old: int, new: int) -> Tensor:
     return torch.linalg.pinv(b.T).T.contiguous()
 
 
+@functools.lru_cache(maxsize=64)
+def pi_downsample_matrix(old: int, new: int) -> Tensor:
+    """P [old, new] (float64), the 1-D factor of PI-resize when growing (new > old).
+
+    Bilinear resizing is separable, so B = B1 (x) B1 and pinv(B) = P (x) P with P = pinv(B1);
+    hence ``pi_resize_matrix(old, new) == kron(P, P)``, and the PI-resized kernel applied to
+    a new x new patch X gives exactly the stored kernel applied to the old x old patch
+    P X P^T. Computing tokens that way costs old*new*(new + old) multiply-adds per patch and
+    channel plus the stored kernel's old*old*width, instead of new*new*width. Read-only.
+    """
+    if new <= old:
+        raise ValueError(f"pi_downsample_matrix is for growing patches, got {old} -> {new}")
+    basis = torch.eye(old, dtype=torch.float64).reshape(old, 1, old)
+    b1 = F.interpolate(basis, size=new, mode="linear", align_corners=False)  # no antialias
+    return torch.linalg.pinv(b1.reshape(old, new).T).contiguous()  # pinv([new, old])
+
+
 def resize_pos_embed(pos: Tensor, new_grid: int) -> Tensor:
     """Resize positional embeddings [1, g*g, D] to [1, new_grid**2, D] (bilinear, 2-D grid)."""
     _, n, dim = pos.shape
@@ -233,6 +251,7 @@ class FlexiPatchEmbed(nn.Module):
         # Device/dtype copies of `pi_resize_matrix`, keyed by (patch, device, dtype), so a
         # training loop that alternates patch sizes never re-runs the pseudo-inverse.
         self._resize_cache: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
+        self._downsample_cache: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
 
     @property
     def allowed_patch_sizes(self) -> tuple[int, ...]:
@@ -266,13 +285,46 @@ class FlexiPatchEmbed(nn.Module):
         flat = self.weight.reshape(width * chans, self.base_patch * self.base_patch)
         return (flat @ m).reshape(width, chans, patch_size, patch_size)
 
+    def uses_downsample(self, patch_size: int) -> bool:
+        """Whether `forward` at this patch size takes the separable path (P X P^T, then
+        the stored kernel): patches larger than the base, when that costs fewer
+        multiply-adds than the resized kernel. Both paths give the same tokens."""
+        b, p = self.base_patch, patch_size
+        width = self.weight.shape[0]
+        return p > b and b * p * (p + b) + b * b * width < p * p * width
+
+    def _downsample(self, patch_size: int) -> Tensor:
+        key = (patch_size, self.weight.device, self.weight.dtype)
+        m = self._downsample_cache.get(key)
+        if m is None:
+            m = pi_downsample_matrix(self.base_patch, patch_size).to(
+                device=self.weight.device, dtype=self.weight.dtype
+            )
+            self._downsample_cache[key] = m
+        return m
+
     def forward(self, images: Tensor, patch_size: int | None = None) -> Tensor:
         p = self.base_patch if patch_size is None else patch_size
-        # Non-overlapping patches: "flatten each patch, one matmul" is exactly a stride-p
-        # convolution, and on CPU several times faster than conv2d's backward.
-        kernel = self.kernel(p)  # validates p
+        self.check_patch_size(p)
         batch, chans, size, _ = images.shape
         grid = size // p
+        if self.uses_downsample(p):
+            # PI-resize with a coarse patch is "shrink each patch by P X P^T, apply the stored
+            # kernel" (see `pi_downsample_matrix`): the same tokens for a fraction of the
+            # multiply-adds, which matters when few tokens make the patch embedding a large
+            # share of a coarse forward (Flexi scoring).
+            down, b = self._downsample(p), self.base_patch  # down: [b, p]
+            # Columns, then rows; both matmuls read their input in place (no permute copy).
+            x = images.reshape(batch, chans, size, grid, p) @ down.T  # [B, C, S, g, b]
+            x = down @ x.reshape(batch, chans, grid, p, grid * b)  # [B, C, g, b, g*b]
+            patches = (x.reshape(batch, chans, grid, b, grid, b)
+                       .permute(0, 2, 4, 1, 3, 5)
+                       .reshape(batch, grid * grid, chans * b * b))  # [B, (S/p)^2, C*b*b]
+            kernel = self.weight.reshape(self.weight.shape[0], chans * b * b)
+            return patches @ kernel.T + self.bias
+        # Non-overlapping patches: "flatten each patch, one matmul" is exactly a stride-p
+        # convolution, and on CPU several times faster than conv2d's backward.
+        kernel = self.kernel(p)
         patches = (images.reshape(batch, chans, grid, p, grid, p)
                    .permute(0, 2, 4, 1, 3, 5)
                    .reshape(batch, grid * grid, chans * p * p))  # [B, (S/p)^2, C*p*p]
