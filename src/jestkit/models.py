@@ -274,13 +274,7 @@ class FlexiPatchEmbed(nn.Module):
         self.check_patch_size(patch_size)
         if patch_size == self.base_patch:
             return self.weight
-        key = (patch_size, self.weight.device, self.weight.dtype)
-        m = self._resize_cache.get(key)
-        if m is None:
-            m = pi_resize_matrix(self.base_patch, patch_size).to(
-                device=self.weight.device, dtype=self.weight.dtype
-            )
-            self._resize_cache[key] = m
+        m = self._matrix(self._resize_cache, pi_resize_matrix, patch_size)
         width, chans = self.weight.shape[:2]
         flat = self.weight.reshape(width * chans, self.base_patch * self.base_patch)
         return (flat @ m).reshape(width, chans, patch_size, patch_size)
@@ -293,14 +287,14 @@ class FlexiPatchEmbed(nn.Module):
         width = self.weight.shape[0]
         return p > b and b * p * (p + b) + b * b * width < p * p * width
 
-    def _downsample(self, patch_size: int) -> Tensor:
+    def _matrix(self, cache: dict, build, patch_size: int) -> Tensor:
+        """`build(base_patch, patch_size)` on the weight's device and dtype, made once."""
         key = (patch_size, self.weight.device, self.weight.dtype)
-        m = self._downsample_cache.get(key)
+        m = cache.get(key)
         if m is None:
-            m = pi_downsample_matrix(self.base_patch, patch_size).to(
-                device=self.weight.device, dtype=self.weight.dtype
-            )
-            self._downsample_cache[key] = m
+            m = build(self.base_patch, patch_size).to(device=self.weight.device,
+                                                      dtype=self.weight.dtype)
+            cache[key] = m
         return m
 
     def forward(self, images: Tensor, patch_size: int | None = None) -> Tensor:
@@ -313,7 +307,8 @@ class FlexiPatchEmbed(nn.Module):
             # kernel" (see `pi_downsample_matrix`): the same tokens for a fraction of the
             # multiply-adds, which matters when few tokens make the patch embedding a large
             # share of a coarse forward (Flexi scoring).
-            down, b = self._downsample(p), self.base_patch  # down: [b, p]
+            down = self._matrix(self._downsample_cache, pi_downsample_matrix, p)  # [b, p]
+            b = self.base_patch
             # Columns, then rows; both matmuls read their input in place (no permute copy).
             x = images.reshape(batch, chans, size, grid, p) @ down.T  # [B, C, S, g, b]
             x = down @ x.reshape(batch, chans, grid, p, grid * b)  # [B, C, g, b, g*b]
