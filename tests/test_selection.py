@@ -270,6 +270,23 @@ def test_selector_on_cuda_equals_cpu():
     assert torch.equal(got.cpu(), cpu)
 
 
+@pytest.mark.parametrize("n, block, dense", [(64, 1 << 22, True), (64, 97, False),
+                                             (600, 1 << 22, False)])
+def test_which_super_batches_take_the_pair_matrix_path(n, block, dense):
+    # The equality tests above cover both paths only if the parameters really pick them.
+    from jestkit import selection
+
+    models = [selection._Model(e, name, None, torch.float64, block)
+              for name, e in (("learner", model_embeddings(n, seed=1)),
+                              ("reference", model_embeddings(n, seed=2)))]
+    state = selection._SigmoidState(*models, learnability)
+    assert state.dense == dense and state.pairs is None  # nothing built before a chunk
+    state.independent_scores()
+    assert state.pairs is None  # independent selection never builds it
+    state.add(torch.tensor([0, 1]))
+    assert (state.pairs is not None) == dense
+
+
 def test_independent_selector_equals_dense():
     lrn = model_embeddings(40, seed=1)
     ref = model_embeddings(40, seed=2, scale=7.0, bias=-3.0)

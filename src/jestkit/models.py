@@ -272,6 +272,9 @@ class FlexiPatchEmbed(nn.Module):
     def kernel(self, patch_size: int) -> Tensor:
         """The kernel [width, C, patch_size, patch_size], PI-resized from the stored one."""
         self.check_patch_size(patch_size)
+        return self._kernel(patch_size)
+
+    def _kernel(self, patch_size: int) -> Tensor:
         if patch_size == self.base_patch:
             return self.weight
         m = self._matrix(self._resize_cache, pi_resize_matrix, patch_size)
@@ -319,7 +322,7 @@ class FlexiPatchEmbed(nn.Module):
             return patches @ kernel.T + self.bias
         # Non-overlapping patches: "flatten each patch, one matmul" is exactly a stride-p
         # convolution, and on CPU several times faster than conv2d's backward.
-        kernel = self.kernel(p)
+        kernel = self._kernel(p)
         patches = (images.reshape(batch, chans, grid, p, grid, p)
                    .permute(0, 2, 4, 1, 3, 5)
                    .reshape(batch, grid * grid, chans * p * p))  # [B, (S/p)^2, C*p*p]

@@ -394,16 +394,14 @@ class _SigmoidState:
         # Small super-batches: build the negative-pair matrix crit(l^L, l^R) once (a few
         # [N, N] ops) and let each chunk gather its rows. Same maths as the block path, with
         # a handful of tensor ops per chunk instead of two matmuls and softplus per model.
-        # Measured on CPU (1 thread, b = N/5, K = 16): 2x faster at N = 128, 1.5x at 320,
-        # 2x slower at 640, where the N^2 elementwise work outgrows the per-op overhead.
+        # Measured (benchmarks/selector_paths.py: CPU, 1 thread, b = N/5, K = 16): 1.2-2x
+        # faster up to N = 320, about even at 512 (0.9-1.5x by embedding dim), slower from
+        # 640 on, where the N^2 elementwise work outgrows the per-op overhead.
+        # Built on the first chunk, so independent selection never pays for it.
         present = [m for m in self.models if m is not None]
         n = present[0].n
-        self.pairs = None
-        if n <= _DENSE_MAX_N and n * n <= min(m.max_block_elements for m in present):
-            terms = [None if m is None else F.softplus(m.scaled_image @ m.text.T + m.c)
-                     for m in self.models]
-            pairs = criterion(*terms)  # [N, N]; its diagonal is never read
-            self.pairs = pairs + pairs.T  # a chunk's gain is one row gather: A_ij + A_ji
+        self.dense = n <= _DENSE_MAX_N and n * n <= min(m.max_block_elements for m in present)
+        self.pairs: Tensor | None = None
 
     def _pair_sums(self, m: _Model, cols: Tensor | None) -> Tensor:
         """[N]: sum over j in cols of the negative-pair terms l_ij + l_ji (all N if None)."""
@@ -416,7 +414,12 @@ class _SigmoidState:
         return self.diag + self.gain
 
     def add(self, chunk: Tensor) -> None:
-        if self.pairs is not None:
+        if self.dense:
+            if self.pairs is None:
+                terms = [None if m is None else F.softplus(m.scaled_image @ m.text.T + m.c)
+                         for m in self.models]
+                pairs = self.criterion(*terms)  # [N, N]; its diagonal is never read
+                self.pairs = pairs + pairs.T  # a chunk's gain is one row gather: A_ij + A_ji
             self.gain += self.pairs[chunk].sum(dim=0)
             return
         sums = [None if m is None else self._pair_sums(m, chunk) for m in self.models]
