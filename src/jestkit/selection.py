@@ -140,14 +140,26 @@ def chunk_sizes(batch_size: int, n_chunks: int) -> list[int]:
 
 
 def _gumbel(shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator,
-            device: torch.device) -> Tensor:
-    """Standard Gumbel noise -log(Exp(1)) of `shape`, drawn on the generator's device."""
+            device: torch.device, temperature: float) -> Tensor | None:
+    """temperature x standard Gumbel noise -log(Exp(1)) of `shape`, every entry finite, drawn
+    on the generator's device; None for temperature 0 (the greedy limit needs no noise)."""
+    if temperature == 0:
+        return None
     exp_noise = torch.empty(shape, dtype=dtype, device=generator.device)
     exp_noise.exponential_(generator=generator)
-    # A draw of exactly 0 would give +inf noise, and -inf + inf = NaN for an excluded entry;
-    # clamping to the smallest normal number keeps every draw finite (it changes a draw only
-    # where the law has probability ~1e-38).
-    return -torch.log(exp_noise.clamp_min_(torch.finfo(dtype).tiny)).to(device)
+    # Finite noise keeps excluded entries at -inf (-inf + inf would be NaN, which topk picks
+    # first): a draw of exactly 0 is clamped to the smallest normal number (it changes a draw
+    # only where the law has probability ~1e-38), an absurd temperature to the dtype's range.
+    noise = -torch.log(exp_noise.clamp_min_(torch.finfo(dtype).tiny))
+    if temperature != 1:
+        big = torch.finfo(dtype).max
+        noise = noise.mul_(temperature).clamp_(-big, big)
+    return noise.to(device)
+
+
+def _top_k(logits: Tensor, k: int, noise: Tensor | None) -> Tensor:
+    """Indices of the k largest logits + noise (from `_gumbel`; None: greedy)."""
+    return torch.topk(logits if noise is None else logits + noise, k).indices
 
 
 def _gumbel_top_k(logits: Tensor, k: int, generator: torch.Generator,
@@ -155,18 +167,13 @@ def _gumbel_top_k(logits: Tensor, k: int, generator: torch.Generator,
     """k indices without replacement with P proportional to exp(logits / temperature).
 
     Top-k of logits/temperature + Gumbel noise is an exact draw of k items in sequential
-    (Plackett-Luce) order. Entries at -inf are never drawn. temperature 0 is the greedy
+    (Plackett-Luce) order; logits + temperature * noise ranks the same and cannot overflow
+    for a tiny temperature. Entries at -inf are never drawn. temperature 0 is the greedy
     (deterministic) limit. Noise is drawn in logits' dtype on the generator's device, so the
     same generator state gives the same draw on any path that produces the same logits.
     """
-    if temperature == 0:
-        return torch.topk(logits, k).indices
-    gumbel = _gumbel(logits.shape, logits.dtype, generator, logits.device)
-    # logits + temperature * gumbel ranks exactly like logits / temperature + gumbel, and
-    # cannot overflow for a tiny temperature. Excluded entries stay -inf even if a noise
-    # draw were +inf (which would make -inf + inf = NaN, and topk picks NaN first).
-    keys = (logits + temperature * gumbel).masked_fill(logits == float("-inf"), float("-inf"))
-    return torch.topk(keys, k).indices
+    return _top_k(logits, k, _gumbel(logits.shape, logits.dtype, generator, logits.device,
+                                     temperature))
 
 
 class _ConditionalLogits(Protocol):
@@ -185,18 +192,15 @@ def _blocked_sample(state: _ConditionalLogits, n: int, sizes: list[int],
     """Draw chunk after chunk; already chosen candidates are excluded (logit -inf)."""
     chosen = None
     drawn: list[Tensor] = []
-    # Every chunk's noise in one draw, already scaled by the temperature (finite: see
-    # `_gumbel`, so excluded entries stay at -inf): the chunks' draws are independent
-    # whatever the logits, and with few candidates the per-call cost of K draws is a
-    # measurable share of the selector's time. Top-k of logits + noise is `_gumbel_top_k`.
+    # Every chunk's noise in one draw (`_gumbel_top_k` per chunk, with the noise drawn up
+    # front): the chunks' draws are independent whatever the logits, and with few candidates
+    # the per-call cost of K draws is a measurable share of the selector's time.
     noise = None
     for k, size in enumerate(sizes):
         logits = state.logits()
-        if noise is None and temperature != 0:
-            noise = _gumbel((len(sizes), n), logits.dtype, generator, logits.device)
-            if temperature != 1:  # scaled, and kept finite for an absurd temperature
-                big = torch.finfo(noise.dtype).max
-                noise = noise.mul_(temperature).clamp_(-big, big)
+        if k == 0:
+            noise = _gumbel((len(sizes), n), logits.dtype, generator, logits.device,
+                            temperature)
         if torch.isnan(logits).any():
             raise ValueError("the conditional logits contain NaN: a logit_scale or score so "
                              "large that the losses overflowed")
@@ -204,8 +208,7 @@ def _blocked_sample(state: _ConditionalLogits, n: int, sizes: list[int],
             logits = logits.masked_fill(chosen, float("-inf"))
         if chunk_logits is not None:
             chunk_logits.append(logits.detach().clone())
-        keys = logits if noise is None else logits + noise[k]
-        idx = torch.topk(keys, size).indices
+        idx = _top_k(logits, size, None if noise is None else noise[k])
         drawn.append(idx)
         if k + 1 < len(sizes):  # the last chunk's gains are never needed
             if chosen is None:
