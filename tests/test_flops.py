@@ -134,12 +134,13 @@ def test_ledger() -> None:
     ledger.add("train", 100)
     ledger.add("learner_scoring", 20)
     ledger.add("reference_scoring", 5)
+    ledger.add("selection", 3)
     ledger.add("reference_training", 1000)
     ledger.add("train", 1)
-    assert ledger.total() == 126
-    assert ledger.total(include_reference_training=True) == 1126
+    assert ledger.total() == 129  # the selector's matmuls count; the reference's training not
+    assert ledger.total(include_reference_training=True) == 1129
     assert ledger.as_dict() == {"train": 101, "learner_scoring": 20, "reference_scoring": 5,
-                                "reference_training": 1000}
+                                "selection": 3, "reference_training": 1000}
     assert tuple(ledger.as_dict()) == PHASES
     with pytest.raises(ValueError, match=r"phase.*reference_training"):
         ledger.add("scoring", 1)

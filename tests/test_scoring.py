@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from jestkit.scoring import (
+    all_finite,
     easy_reference,
     get_criterion,
     hard_learner,
@@ -107,3 +108,22 @@ def test_bad_input(kwargs, match):
 def test_integer_embeddings_rejected():
     with pytest.raises(TypeError, match="image_emb must be a floating-point"):
         pairwise_sigmoid_loss(torch.ones(3, 2, dtype=torch.long), torch.ones(3, 2), 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_all_finite_agrees_with_elementwise_isfinite(dtype):
+    """The fast check (a finite sum) must never pass a NaN or Inf, and must not reject
+    finite entries whose sum overflows (it falls back to the exact check)."""
+    big = torch.finfo(dtype).max
+    cases = {
+        "normal": torch.randn(64, 8, generator=torch.Generator().manual_seed(0)),
+        "sum overflows": torch.full((64, 8), big / 2, dtype=dtype),
+        "nan": torch.tensor([[1.0, math.nan]]),
+        "inf": torch.tensor([[1.0, math.inf]]),
+        "-inf": torch.tensor([[-math.inf, 1.0]]),
+        "inf - inf": torch.tensor([[math.inf, -math.inf]]),
+    }
+    for name, x in cases.items():
+        x = x.to(dtype)
+        assert all_finite(x) == bool(torch.isfinite(x).all()), name
+    assert all_finite(torch.full((64, 8), big / 2, dtype=dtype))  # the fallback path

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from jestkit.data import caption_digits, load_digits_web
+from jestkit.flops import count_flops
 from jestkit.models import DualEncoder
+from jestkit.selection import JointSelector
 from jestkit.training import (
     LearnerConfig,
     ReferenceConfig,
@@ -81,6 +83,31 @@ def test_learner_run_accounts_flops_per_phase(data, reference):
     assert totals == sorted(totals) and totals[0] > 0
 
 
+def _selector_call_flops(cfg: LearnerConfig, embed_dim: int) -> int:
+    """FLOPs of one selector call on random embeddings of a run's shapes."""
+    n, gen = cfg.super_batch_size, torch.Generator().manual_seed(0)
+    emb = [(F.normalize(torch.randn(n, embed_dim, generator=gen), dim=1),
+            F.normalize(torch.randn(n, embed_dim, generator=gen), dim=1), 10.0, -10.0)
+           for _ in range(2)]
+    selector = JointSelector("learnability", batch_size=cfg.batch_size, n_chunks=cfg.n_chunks,
+                             selection=cfg.selection)
+    return count_flops(lambda: selector(*emb, generator=gen))
+
+
+def test_selector_flops_are_a_phase_of_their_own(data, reference):
+    """The selector's matmuls are counted (once per step, as a direct count of one call on
+    embeddings of the same shapes gives), and only for methods that select."""
+    uniform = train_learner(data, dataclasses.replace(TINY, method="uniform"))
+    assert uniform.cumulative_flops[-1]["selection"] == 0
+    embed_dim = small_model(data.tokenizer.vocab_size, 16, 1).embed_dim
+    for selection in ("joint", "independent"):
+        cfg = dataclasses.replace(TINY, selection=selection)
+        run = train_learner(data, cfg, reference)
+        one_call = _selector_call_flops(cfg, embed_dim)
+        assert one_call > 0
+        assert run.cumulative_flops[-1]["selection"] == cfg.steps * one_call, selection
+
+
 def test_hard_learner_needs_no_reference(data):
     r = train_learner(data, dataclasses.replace(TINY, method="hard_learner", steps=2))
     assert r.cumulative_flops[-1]["reference_scoring"] == 0
@@ -109,6 +136,21 @@ def test_checkpoint_from_other_config_is_refused(data, reference, tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train_learner(data, cfg, reference, run_dir=tmp_path / "empty", resume=True)
+
+
+def test_checkpoint_with_other_flop_phases_is_refused(data, reference, tmp_path):
+    """A checkpoint whose FLOP ledger lacks a phase (e.g. written before the selector's FLOPs
+    were counted) would resume into an undercounted run: refused, and left as it was."""
+    cfg = dataclasses.replace(TINY, checkpoint_every=2)
+    train_learner(data, cfg, reference, run_dir=tmp_path, stop_after=2)
+    state_path = tmp_path / "checkpoints" / "step_0000002" / "state.pt"
+    state = torch.load(state_path, weights_only=False)
+    del state["ledger"]["selection"]
+    torch.save(state, state_path)
+    before = state_path.read_bytes()
+    with pytest.raises(ValueError, match="FLOP phases.*start the run afresh"):
+        train_learner(data, cfg, reference, run_dir=tmp_path, resume=True)
+    assert state_path.read_bytes() == before
 
 
 @pytest.mark.parametrize(

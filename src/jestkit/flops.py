@@ -34,8 +34,10 @@ __all__ = [
 ]
 
 #: Ledger phases: learner training (fwd + bwd), learner scoring forward, reference scoring
-#: forward (zero when its embeddings are cached), and the reference's own training.
-PHASES = ("train", "learner_scoring", "reference_scoring", "reference_training")
+#: forward (zero when its embeddings are cached), the selector's own matmuls (the pairwise
+#: logits of the super-batch; a few percent of a step here, and what grows as N * b), and the
+#: reference's own training.
+PHASES = ("train", "learner_scoring", "reference_scoring", "selection", "reference_training")
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
@@ -104,6 +106,7 @@ class FlopLedger:
     train: int = 0
     learner_scoring: int = 0
     reference_scoring: int = 0
+    selection: int = 0
     reference_training: int = 0
 
     def add(self, phase: str, flops: int) -> None:
@@ -115,9 +118,9 @@ class FlopLedger:
         setattr(self, phase, getattr(self, phase) + flops)
 
     def total(self, include_reference_training: bool = False) -> int:
-        """Training + all scoring; the reference's own training only if asked (BRIEF 7
-        reports it beside the compute speed-up, not inside it)."""
-        total = self.train + self.learner_scoring + self.reference_scoring
+        """Training + all scoring + selection; the reference's own training only if asked
+        (BRIEF 7 reports it beside the compute speed-up, not inside it)."""
+        total = self.train + self.learner_scoring + self.reference_scoring + self.selection
         return total + self.reference_training if include_reference_training else total
 
     def as_dict(self) -> dict[str, int]:

@@ -4,9 +4,9 @@
 - Target: the baseline's final accuracy = mean of its last 3 evaluations, averaged over seeds.
 - Iteration speed-up: T / the first evaluated step at which the method's seed-averaged curve
   reaches the target. Compute speed-up: the baseline's total FLOPs / the method's cumulative
-  FLOPs (training + all scoring) at that step. The reference's training FLOPs are reported
-  beside, never hidden inside. A method that never reaches the target reports None
-  ("not reached"), never a number.
+  FLOPs (training + all scoring + the selector's matmuls) at that step. The reference's
+  training FLOPs are reported beside, never hidden inside. A method that never reaches the
+  target reports None ("not reached"), never a number.
 
 Inputs are plain dicts (`RunResult.to_dict()`), so a report can be rebuilt from saved JSON.
 """
@@ -37,8 +37,10 @@ def _mean_curve(runs: list[dict], key: str) -> list[float]:
 
 
 def _total_flops(ledger: dict) -> int:
-    """Training + learner scoring + reference scoring (reference *training* excluded)."""
-    return ledger["train"] + ledger["learner_scoring"] + ledger["reference_scoring"]
+    """Training + learner scoring + reference scoring + selection (reference *training*
+    excluded). Curves saved before the selection phase existed count it as 0."""
+    return (ledger["train"] + ledger["learner_scoring"] + ledger["reference_scoring"]
+            + ledger.get("selection", 0))
 
 
 def final_accuracy(run: dict) -> float:
@@ -158,8 +160,9 @@ def summary_table(report: dict) -> str:
     """The markdown summary table (also what the CLI prints)."""
     lines = [
         "| method | final zero-shot acc. (mean ± std) | iteration speed-up | compute speed-up "
-        "| clean fraction selected | FLOPs/step train | learner scoring | reference scoring |",
-        "|---|---|---|---|---|---|---|---|",
+        "| clean fraction selected | FLOPs/step train | learner scoring | reference scoring "
+        "| selection |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in report["methods"].items():
         fa = m["final_accuracy"]
@@ -168,10 +171,11 @@ def summary_table(report: dict) -> str:
             f"| {name} | {100 * fa['mean']:.1f} ± {100 * fa['std']:.1f} | "
             f"{_fmt_speedup(m['iteration_speedup'])} | {_fmt_speedup(m['compute_speedup'])} | "
             f"{100 * m['clean_fraction']:.1f}% | {per['train'] / 1e9:.2f} G | "
-            f"{per['learner_scoring'] / 1e9:.2f} G | {per['reference_scoring'] / 1e9:.2f} G |")
+            f"{per['learner_scoring'] / 1e9:.2f} G | {per['reference_scoring'] / 1e9:.2f} G | "
+            f"{per.get('selection', 0) / 1e9:.3f} G |")
     ref = report["reference"]
     lines.append(f"| reference (curated only) | {100 * ref['metrics']['zero_shot_accuracy']:.1f} "
-                 f"| | | | training: {_fmt_flops(ref['flops'])} in all | | |")
+                 f"| | | | training: {_fmt_flops(ref['flops'])} in all | | | |")
     return "\n".join(lines)
 
 
@@ -286,7 +290,8 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
         f"{100 * report['methods']['uniform']['target_accuracy']:.1f}%. Iteration speed-up = "
         "T / first step where the method's seed-averaged curve reaches it; compute speed-up = "
         "uniform's total FLOPs / the method's cumulative FLOPs (training + learner scoring + "
-        "reference scoring) at that step. FLOPs are measured with torch's flop counter.",
+        "reference scoring + the selector's own matmuls) at that step. FLOPs are measured "
+        "with torch's flop counter.",
         "",
         summary_table(report),
         "",

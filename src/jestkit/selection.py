@@ -47,6 +47,7 @@ from jestkit.scoring import (
     USES_LEARNER,
     USES_REFERENCE,
     _as_scalar,
+    all_finite,
     check_embeddings,
     compute_dtype,
     get_criterion,
@@ -119,7 +120,7 @@ def _check_scores(scores: object, name: str = "scores", ndims: Sequence[int] = (
         raise ValueError(f"{name} must be a square [N, N] matrix, got shape {tuple(scores.shape)}")
     if scores.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(scores.shape)}")
-    if not torch.isfinite(scores).all():
+    if not all_finite(scores):
         raise ValueError(f"{name} contains NaN or Inf")
     # Accumulate gains in float32 (float64 stays float64), whatever the input dtype: bf16
     # sums over hundreds of chosen examples would be off by whole nats.
@@ -180,7 +181,8 @@ class _ConditionalLogits(Protocol):
     """The state a blocked sampler needs: current logits of every candidate, and an update."""
 
     def logits(self) -> Tensor:
-        """[N] logits of every candidate given the chunks added so far."""
+        """[N] logits of every candidate given the chunks added so far; a new tensor each
+        call (the sampler masks it in place)."""
 
     def add(self, chunk: Tensor) -> None:
         """Account for the newly chosen indices `chunk` (LongTensor [n])."""
@@ -196,16 +198,23 @@ def _blocked_sample(state: _ConditionalLogits, n: int, sizes: list[int],
     # front): the chunks' draws are independent whatever the logits, and with few candidates
     # the per-call cost of K draws is a measurable share of the selector's time.
     noise = None
+    last = len(sizes) - 1
     for k, size in enumerate(sizes):
         logits = state.logits()
         if k == 0:
             noise = _gumbel((len(sizes), n), logits.dtype, generator, logits.device,
                             temperature)
-        if torch.isnan(logits).any():
+        # A NaN logit would be drawn first (topk ranks NaN highest). Every state builds its
+        # logits from running sums (or log-sum-exps) of the chunks added so far, in which a
+        # NaN, once in, stays; so checking the first chunk (the softmax state's has its own
+        # formula) and the last one (all chunks' gains but its own, which are never used)
+        # catches a NaN in any chunk, for 2 checks instead of K. The error is raised before
+        # anything is returned.
+        if (k == 0 or k == last) and torch.isnan(logits).any():
             raise ValueError("the conditional logits contain NaN: a logit_scale or score so "
                              "large that the losses overflowed")
         if chosen is not None:
-            logits = logits.masked_fill(chosen, float("-inf"))
+            logits = logits.masked_fill_(chosen, float("-inf"))  # logits() returns a new tensor
         if chunk_logits is not None:
             chunk_logits.append(logits.detach().clone())
         idx = _top_k(logits, size, None if noise is None else noise[k])

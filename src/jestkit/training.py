@@ -434,7 +434,10 @@ def _select(batch, model, cfg, selector, gen, meter, reference, reference_embedd
                 img, txt, t, c = meter.run("reference_scoring", (n,),
                                            lambda: reference(batch.images, batch.tokens))
             reference_emb = ModelEmbeddings(img, txt, t, c)
-    return selector(learner_emb, reference_emb, generator=gen)
+    # The selector's own matmuls (pairwise logits) are compute too: a ledger phase of their
+    # own. Its FLOPs depend on N, b, K and the embedding dims, all fixed within a run.
+    return meter.run("selection", (n,),
+                     lambda: selector(learner_emb, reference_emb, generator=gen))
 
 
 # --- checkpoints -----------------------------------------------------------------------------
@@ -484,6 +487,10 @@ def _load_checkpoint(run_dir, cfg, model, opt, sampler, gen, ledger, result, cle
     opt.load_state_dict(state["optimizer"])
     sampler.load_state_dict(state["sampler"])
     gen.set_state(state["select_generator"])
+    if set(state["ledger"]) != set(ledger.as_dict()):
+        # e.g. written before the selector's FLOPs were a phase: resuming would undercount
+        raise ValueError(f"checkpoint {ckpt} has FLOP phases {sorted(state['ledger'])}, this "
+                         f"version counts {sorted(ledger.as_dict())}; start the run afresh")
     for k, v in state["ledger"].items():
         setattr(ledger, k, v)
     for f in dataclasses.fields(result):
