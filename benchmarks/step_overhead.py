@@ -149,8 +149,9 @@ class _TimedMeter(_FlopMeter):
 
 
 class _Timed:
-    """Wraps a callable (the selector, the cache's embedder) to time it; its first call is
-    also run under torch's FLOP counter (the FLOPs depend on shapes only)."""
+    """Wraps a callable (the cache's embedder) to time it; its first call is also run under
+    torch's FLOP counter (the FLOPs depend on shapes only). The selector needs no wrapper:
+    `_select` runs it as the meter's "selection" phase, which `_TimedMeter` times."""
 
     def __init__(self, fn, name: str, clock: _Clock):
         self.fn, self.name, self.clock = fn, name, clock

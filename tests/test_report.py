@@ -14,18 +14,23 @@ from jestkit.report import (
 )
 
 
-def run(acc, seed=0, steps_total=40, train=10, learner=0, reference=0, clean=0.45):
+def run(acc, seed=0, steps_total=40, train=10, learner=0, reference=0, clean=0.45,
+        selection=0):
+    """A saved run's dict; selection=None: saved before the selector's FLOPs were a phase."""
     steps = [4 * (i + 1) for i in range(len(acc))]
     assert steps[-1] == steps_total
+    flops = [{"train": train * s, "learner_scoring": learner * s,
+              "reference_scoring": reference * s, "reference_training": 0} for s in steps]
+    if selection is not None:
+        for f, s in zip(flops, steps, strict=True):
+            f["selection"] = selection * s
     return {
         "config": {"steps": steps_total, "seed": seed},
         "steps": steps,
         "zero_shot_accuracy": list(acc),
         "i2t_recall": list(acc),
         "t2i_recall": list(acc),
-        "cumulative_flops": [{"train": train * s, "learner_scoring": learner * s,
-                              "reference_scoring": reference * s, "reference_training": 0}
-                             for s in steps],
+        "cumulative_flops": flops,
         "clean_fraction": [clean] * len(acc),
         "train_loss": [1.0] * len(acc),
     }
@@ -48,6 +53,27 @@ def test_speedups_by_the_protocol():
     assert m["final_accuracy"]["mean"] == pytest.approx(0.8)
     assert m["clean_fraction"] == pytest.approx(0.8)
     assert m["flops_per_step"]["learner_scoring"] == pytest.approx(25)
+    # The selector's FLOPs count: (10 + 25 + 15 + 5) * 8 = 440 at the target -> 400 / 440.
+    with_selector = [run(f["zero_shot_accuracy"], seed=s, learner=25, reference=15,
+                         selection=5) for s, f in enumerate(fast)]
+    assert summarize_method(with_selector, baseline)["compute_speedup"] == pytest.approx(400 / 440)
+
+
+def test_runs_saved_without_selection_flops_are_flagged(tmp_path):
+    """Curves saved before the selector's FLOPs were a phase still report, with the column
+    shown as n/a and a note that their compute speed-ups leave those FLOPs out."""
+    ref = {"metrics": {"zero_shot_accuracy": 0.5}, "flops": 1000, "config": {}}
+    for selection, flagged in ((None, True), (3, False)):
+        runs = {"uniform": [run(UNIFORM, seed=s, selection=selection) for s in range(2)],
+                "learnability-joint": [run([0.7] * 10, seed=s, learner=20, selection=selection)
+                                       for s in range(2)]}
+        report = build_report(runs, ref, {"steps": 40})
+        assert report["methods"]["learnability-joint"]["selection_counted"] is not flagged
+        row = next(line for line in summary_table(report).splitlines()
+                   if line.startswith("| learnability-joint |"))
+        assert row.endswith("| n/a |") is flagged
+        md = write_report(report, tmp_path / str(selection))["md"].read_text()
+        assert ("saved before the selector's own matmuls were counted" in md) is flagged
 
 
 def test_seed_average_decides_and_never_reached_is_none():

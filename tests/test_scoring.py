@@ -110,7 +110,7 @@ def test_integer_embeddings_rejected():
         pairwise_sigmoid_loss(torch.ones(3, 2, dtype=torch.long), torch.ones(3, 2), 1.0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_all_finite_agrees_with_elementwise_isfinite(dtype):
     """The fast check (a finite sum) must never pass a NaN or Inf, and must not reject
     finite entries whose sum overflows (it falls back to the exact check)."""
@@ -123,7 +123,10 @@ def test_all_finite_agrees_with_elementwise_isfinite(dtype):
         "-inf": torch.tensor([[-math.inf, 1.0]]),
         "inf - inf": torch.tensor([[math.inf, -math.inf]]),
     }
+    cases["empty"] = torch.empty(0, 8)
+    cases["subnormal, -0.0"] = torch.tensor([[torch.finfo(dtype).tiny / 4, -0.0]])
     for name, x in cases.items():
         x = x.to(dtype)
-        assert all_finite(x) == bool(torch.isfinite(x).all()), name
+        for view in (x, x.T, x[:, ::2]):  # contiguous and not
+            assert all_finite(view) == bool(torch.isfinite(view).all()), name
     assert all_finite(torch.full((64, 8), big / 2, dtype=dtype))  # the fallback path

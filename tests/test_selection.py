@@ -390,6 +390,36 @@ def test_trap_huge_logits_do_not_overflow():
     assert all(not torch.isnan(x).any() for x in logs)
 
 
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("selection", ["joint", "independent"])
+@pytest.mark.parametrize("block", [1 << 22, 7])  # the pair-matrix path and the block path
+def test_overflowing_losses_raise_instead_of_drawing_nan(loss, selection, block):
+    """A logit_scale so large that t * u . v overflows makes inf - inf = NaN scores; topk
+    would draw those first. Every path must raise, never return such a draw."""
+    g = torch.Generator().manual_seed(0)
+    emb = [(10 * torch.randn(12, 3, generator=g), 10 * torch.randn(12, 3, generator=g),
+            1e38, 0.0) for _ in range(2)]
+    selector = JointSelector("learnability", batch_size=6, n_chunks=3, loss=loss,
+                             selection=selection, max_block_elements=block)
+    with pytest.raises(ValueError, match="contain NaN"):
+        selector(*emb, generator=g)
+
+
+def test_nan_that_appears_only_in_a_middle_chunk_is_caught():
+    """Softmax state: a diagonal z_ii = -inf gives (r + logaddexp(-inf, c)) / 2 - z = NaN
+    while the running column log-sum-exp c is still -inf, and +inf once it is finite: the NaN
+    exists at chunk 1 only, is drawn there first, and is gone by the last chunk. (Found in
+    review: checking only the first and last chunks' logits returned this draw.)"""
+    img = torch.tensor([[-0.01], [-0.01], [-0.01], [-0.01], [10.0], [-0.01], [-1.0], [0.01]])
+    txt = torch.tensor([[-0.01], [-0.01], [10.0], [-10.0], [-10.0], [0.01], [10.0], [10.0]])
+    selector = JointSelector("easy_reference", batch_size=6, n_chunks=3, loss="softmax",
+                             temperature=0.0)
+    logs: list[torch.Tensor] = []
+    with pytest.raises(ValueError, match="contain NaN"):
+        selector(reference=(img, txt, 1e38, 0.0), chunk_logits=logs)
+    assert [bool(torch.isnan(x).any()) for x in logs] == [False, True, False]
+
+
 def test_trap_no_collective_calls_in_single_process():
     lrn, ref = model_embeddings(64, seed=1), model_embeddings(64, seed=2)
     dist = torch.distributed

@@ -35,8 +35,8 @@ __all__ = [
 
 #: Ledger phases: learner training (fwd + bwd), learner scoring forward, reference scoring
 #: forward (zero when its embeddings are cached), the selector's own matmuls (the pairwise
-#: logits of the super-batch; a few percent of a step here, and what grows as N * b), and the
-#: reference's own training.
+#: logits of the super-batch, as they run: ~N^2 d per model on the small-N pair-matrix path,
+#: ~4 N b d per model on the block path), and the reference's own training.
 PHASES = ("train", "learner_scoring", "reference_scoring", "selection", "reference_training")
 
 

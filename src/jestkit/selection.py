@@ -158,9 +158,18 @@ def _gumbel(shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generat
     return noise.to(device)
 
 
-def _top_k(logits: Tensor, k: int, noise: Tensor | None) -> Tensor:
-    """Indices of the k largest logits + noise (from `_gumbel`; None: greedy)."""
-    return torch.topk(logits if noise is None else logits + noise, k).indices
+_NAN_LOGITS = ("the conditional logits contain NaN: a logit_scale or score so large that "
+               "the losses overflowed")
+
+
+def _top_k(logits: Tensor, k: int, noise: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(values, indices) of the k largest logits + noise (from `_gumbel`; None: greedy).
+
+    topk ranks NaN above every number, and the noise is finite, so a NaN logit among the
+    candidates always comes out first: ``values[0]`` is NaN exactly when one was drawn.
+    """
+    values, indices = torch.topk(logits if noise is None else logits + noise, k)
+    return values, indices
 
 
 def _gumbel_top_k(logits: Tensor, k: int, generator: torch.Generator,
@@ -173,8 +182,11 @@ def _gumbel_top_k(logits: Tensor, k: int, generator: torch.Generator,
     (deterministic) limit. Noise is drawn in logits' dtype on the generator's device, so the
     same generator state gives the same draw on any path that produces the same logits.
     """
-    return _top_k(logits, k, _gumbel(logits.shape, logits.dtype, generator, logits.device,
-                                     temperature))
+    values, indices = _top_k(logits, k, _gumbel(logits.shape, logits.dtype, generator,
+                                                logits.device, temperature))
+    if torch.isnan(values[0]):
+        raise ValueError(_NAN_LOGITS)
+    return indices
 
 
 class _ConditionalLogits(Protocol):
@@ -198,32 +210,28 @@ def _blocked_sample(state: _ConditionalLogits, n: int, sizes: list[int],
     # front): the chunks' draws are independent whatever the logits, and with few candidates
     # the per-call cost of K draws is a measurable share of the selector's time.
     noise = None
-    last = len(sizes) - 1
+    firsts: list[Tensor] = []  # each chunk's largest logit + noise: NaN iff a NaN was drawn
     for k, size in enumerate(sizes):
         logits = state.logits()
         if k == 0:
             noise = _gumbel((len(sizes), n), logits.dtype, generator, logits.device,
                             temperature)
-        # A NaN logit would be drawn first (topk ranks NaN highest). Every state builds its
-        # logits from running sums (or log-sum-exps) of the chunks added so far, in which a
-        # NaN, once in, stays; so checking the first chunk (the softmax state's has its own
-        # formula) and the last one (all chunks' gains but its own, which are never used)
-        # catches a NaN in any chunk, for 2 checks instead of K. The error is raised before
-        # anything is returned.
-        if (k == 0 or k == last) and torch.isnan(logits).any():
-            raise ValueError("the conditional logits contain NaN: a logit_scale or score so "
-                             "large that the losses overflowed")
         if chosen is not None:
             logits = logits.masked_fill_(chosen, float("-inf"))  # logits() returns a new tensor
         if chunk_logits is not None:
             chunk_logits.append(logits.detach().clone())
-        idx = _top_k(logits, size, None if noise is None else noise[k])
+        values, idx = _top_k(logits, size, None if noise is None else noise[k])
+        firsts.append(values[:1])
         drawn.append(idx)
         if k + 1 < len(sizes):  # the last chunk's gains are never needed
             if chosen is None:
                 chosen = torch.zeros(n, dtype=torch.bool, device=logits.device)
             chosen[idx] = True
             state.add(idx)
+    # One check for all chunks (a per-chunk check costs a device sync each); nothing drawn
+    # is returned if a NaN logit was among any chunk's candidates.
+    if torch.isnan(torch.cat(firsts)).any():
+        raise ValueError(_NAN_LOGITS)
     return torch.cat(drawn)
 
 

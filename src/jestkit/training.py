@@ -480,6 +480,10 @@ def _load_checkpoint(run_dir, cfg, model, opt, sampler, gen, ledger, result, cle
                 if state["config"].get(k) != v}
         raise ValueError(f"checkpoint {ckpt} was written by a different config; differing "
                          f"fields (checkpoint, now): {diff}")
+    if set(state["ledger"]) != set(ledger.as_dict()):
+        # e.g. written before the selector's FLOPs were a phase: resuming would undercount
+        raise ValueError(f"checkpoint {ckpt} has FLOP phases {sorted(state['ledger'])}, this "
+                         f"version counts {sorted(ledger.as_dict())}; start the run afresh")
     loaded = load_model(ckpt / "model.safetensors")
     if loaded.config != model.config:
         raise ValueError(f"checkpoint {ckpt} holds a model of another architecture")
@@ -487,10 +491,6 @@ def _load_checkpoint(run_dir, cfg, model, opt, sampler, gen, ledger, result, cle
     opt.load_state_dict(state["optimizer"])
     sampler.load_state_dict(state["sampler"])
     gen.set_state(state["select_generator"])
-    if set(state["ledger"]) != set(ledger.as_dict()):
-        # e.g. written before the selector's FLOPs were a phase: resuming would undercount
-        raise ValueError(f"checkpoint {ckpt} has FLOP phases {sorted(state['ledger'])}, this "
-                         f"version counts {sorted(ledger.as_dict())}; start the run afresh")
     for k, v in state["ledger"].items():
         setattr(ledger, k, v)
     for f in dataclasses.fields(result):
