@@ -168,8 +168,7 @@ def _top_k(logits: Tensor, k: int, noise: Tensor | None) -> tuple[Tensor, Tensor
     topk ranks NaN above every number, and the noise is finite, so a NaN logit among the
     candidates always comes out first: ``values[0]`` is NaN exactly when one was drawn.
     """
-    values, indices = torch.topk(logits if noise is None else logits + noise, k)
-    return values, indices
+    return torch.topk(logits if noise is None else logits + noise, k)
 
 
 def _gumbel_top_k(logits: Tensor, k: int, generator: torch.Generator,
