@@ -13,8 +13,10 @@ interleaved round by round, on the same embeddings:
 
 Setup: learnability, f = 0.8 (b = N / 5), K = 16, two models with float32 embeddings of
 dimension d (32 is the demo's), one torch thread as in the demo's workers. Time: median over
-rounds of the mean of `--calls` calls. Also reported: whether both paths picked the same
-indices from the same generator state (float32 rounding may differ in the last bit).
+rounds of the mean of `--calls` calls. Also reported: the FLOPs each path executes (torch's
+flop counter, as the training loop's "selection" ledger phase counts them: the pair matrix
+costs ~N^2 d per model, the blocks ~4 N b d), and whether both paths picked the same indices
+from the same generator state (float32 rounding may differ in the last bit).
 
     python benchmarks/selector_paths.py            # ~1 minute
     python benchmarks/selector_paths.py --quick    # smoke test
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from jestkit import selection
+from jestkit.flops import count_flops
 from jestkit.selection import JointSelector, ModelEmbeddings
 
 
@@ -61,9 +64,9 @@ def main() -> None:
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, 1 thread; learnability, f = 0.8, K = 16; "
           f"{args.rounds} rounds x {args.calls} calls, median of round means\n")
-    print("| d | N | b | pair matrix ms | row blocks ms | blocks / matrix | same indices | "
-          "library's choice |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| d | N | b | pair matrix ms | row blocks ms | blocks / matrix | pair matrix MFLOP "
+          "| row blocks MFLOP | same indices | library's choice |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for d in args.dims:
         for n in args.sizes:
             learner, reference = embeddings(n, d, 1, 0.8), embeddings(n, d, 2, 0.4)
@@ -75,6 +78,8 @@ def main() -> None:
 
             with mock.patch.object(selection, "_DENSE_MAX_N", n):
                 same = torch.equal(run(matrix), run(blocks))
+                flops = {k: count_flops(lambda s=sel: run(s)) / 1e6
+                         for k, sel in (("matrix", matrix), ("blocks", blocks))}
                 times = {"matrix": [], "blocks": []}
                 for _ in range(args.rounds):
                     for name, sel in (("matrix", matrix), ("blocks", blocks)):
@@ -83,7 +88,8 @@ def main() -> None:
             t_m, t_b = (statistics.median(times[k]) * 1e3 for k in ("matrix", "blocks"))
             choice = "pair matrix" if n <= selection._DENSE_MAX_N else "row blocks"
             print(f"| {d} | {n} | {matrix.sub_batch_size(n)} | {t_m:.2f} | {t_b:.2f} | "
-                  f"{t_b / t_m:.2f} | {'yes' if same else 'no'} | {choice} |")
+                  f"{t_b / t_m:.2f} | {flops['matrix']:.1f} | {flops['blocks']:.1f} | "
+                  f"{'yes' if same else 'no'} | {choice} |")
 
 
 if __name__ == "__main__":

@@ -92,8 +92,6 @@ JEST_KINDS = ("live", "cached", "cached+flexi", "cached+flexi+multires")
 FLOP_TARGET = 1.3  # cached+flexi at f = 0.8: FLOPs/step <= 1.3x uniform's
 TIME_TOLERANCE = 0.15  # measured time ratio within 15% of the FLOP-implied ratio
 TARGET_F = 0.8
-STEP_PHASES = ("train", "learner_scoring", "reference_scoring", "selection")  # all but the
-# reference's own training, which is paid once, not per step
 PHASES = ("sample", "learner_scoring", "reference_scoring", "cache_lookup", "selection",
           "train_fwd_bwd", "optimizer", "other")
 
@@ -232,6 +230,10 @@ class Runner:
     def flops_per_step(self) -> dict[str, float]:
         n = max(1, self.step_index)
         return {k: v / n for k, v in self.ledger.as_dict().items()}
+
+    def total_flops_per_step(self) -> float:
+        """The ledger's total (all phases but the reference's own training) per step."""
+        return self.ledger.total() / max(1, self.step_index)
 
 
 def check_faithful(runner_factory, cfg, data, reference, cache, steps: int) -> dict:
@@ -434,14 +436,13 @@ def run(args) -> dict:
     tmp.cleanup()
 
     base = runners[0]
-    base_flops = base.flops_per_step()
-    base_total = sum(base_flops[p] for p in STEP_PHASES)
+    base_total = base.total_flops_per_step()
     base_med = statistics.median(base.times)
     base_cpu = statistics.median(base.cpu_times)
     rows = []
     for (name, kind, f), r in zip(specs, runners, strict=True):
         fl = r.flops_per_step()
-        total = sum(fl[p] for p in STEP_PHASES)
+        total = r.total_flops_per_step()
         without_selector = (total - fl["selection"]) / base_total  # as earlier rounds counted
         q1, med, q3 = quartiles(r.times)
         round_ratios = [statistics.median(a) / statistics.median(b)

@@ -30,7 +30,7 @@ from jestkit.atomic import atomic_write, replacing_directory
 from jestkit.data import Batch, DigitsWeb, Split, SuperBatchSampler, class_prompts
 from jestkit.flops import FlopLedger, count_flops
 from jestkit.models import DualEncoder, DualEncoderConfig, load_model, save_model, sigmoid_loss
-from jestkit.scoring import CRITERIA
+from jestkit.scoring import CRITERIA, USES_LEARNER, USES_REFERENCE
 from jestkit.selection import SELECTIONS, JointSelector, ModelEmbeddings
 
 METHODS = tuple(CRITERIA)  # uniform, hard_learner, easy_reference, learnability
@@ -130,7 +130,7 @@ class LearnerConfig:
     @property
     def needs_reference(self) -> bool:
         """Whether the method scores with the reference (learnability, easy_reference)."""
-        return self.method in ("learnability", "easy_reference")
+        return USES_REFERENCE[self.method]
 
     @property
     def eval_interval(self) -> int:
@@ -419,7 +419,7 @@ def _select(batch, model, cfg, selector, gen, meter, reference, reference_embedd
     """Score the super-batch under no-grad and return the indices of the sub-batch."""
     n = batch.images.shape[0]
     learner_emb = None
-    if cfg.method in ("learnability", "hard_learner"):
+    if USES_LEARNER[cfg.method]:
         patch = cfg.score_patch_size or None
         with torch.no_grad():
             img, txt, t, c = meter.run("learner_scoring", (n, patch),
