@@ -14,6 +14,7 @@ from jestkit.data import (
     CAPTION_TEMPLATES,
     CORRUPTIONS,
     DIGIT_WORDS,
+    MAX_SHIFT,
     NOISE_KINDS,
     NUMERALS,
     OFF_TOPIC_WORDS,
@@ -343,6 +344,19 @@ def test_sampler_augments_every_draw(web: DigitsWeb) -> None:
         assert not torch.equal(b.images, raw)
         # clean MNIST digits have a >= 4 px empty margin, so a <= 2 px shift keeps all ink
         assert torch.allclose(b.images.sum((1, 2, 3)), raw.sum((1, 2, 3)))
+
+
+def test_sampler_draw_equals_random_shift_of_its_rows(web: DigitsWeb) -> None:
+    # The sampler selects and shifts in one gather from a padded copy; it must give exactly
+    # random_shift(split.images[rows]) with the same shift stream, across epoch boundaries.
+    split = web.curated
+    sampler = SuperBatchSampler(split, 192, seed=3)
+    shifts = torch.Generator().manual_seed(3 + 0x5EED)  # the sampler's augmentation stream
+    for _ in range(7):  # 7 x 192 > 2 epochs of 500
+        batch = sampler.next()
+        want = random_shift(split.images[batch.indices], MAX_SHIFT, shifts)
+        assert torch.equal(batch.images, want)
+    assert sampler.epoch == 2
 
 
 def test_sampler_seeded(web: DigitsWeb) -> None:

@@ -31,6 +31,7 @@ __all__ = [
     "CAPTION_TEMPLATES",
     "CORRUPTIONS",
     "DIGIT_WORDS",
+    "MAX_SHIFT",
     "NOISE_FRACTIONS",
     "NOISE_KINDS",
     "NUMERALS",
@@ -417,8 +418,11 @@ def load_digits_web(seed: int = 0, max_len: int = 16) -> DigitsWeb:
     return DigitsWeb(test=test, curated=curated, pool=pool, tokenizer=tokenizer, seed=seed)
 
 
+MAX_SHIFT = 2  # the sampler's augmentation: shifts in [-2, 2] pixels on 32x32 digits
+
+
 def random_shift(
-    images: Tensor, max_shift: int = 2, generator: torch.Generator | None = None
+    images: Tensor, max_shift: int = MAX_SHIFT, generator: torch.Generator | None = None
 ) -> Tensor:
     """Translate each image of ``[n,C,H,W]`` by its own integer ``(dy, dx)``, zero fill.
 
@@ -429,25 +433,40 @@ def random_shift(
         raise ValueError(f"images must be [n,C,H,W], got {tuple(images.shape)}")
     if max_shift < 0:
         raise ValueError(f"max_shift must be >= 0, got {max_shift}")
-    n, _, h, w = images.shape
+    n = images.shape[0]
     if max_shift == 0 or n == 0:
         return images.clone()
     if generator is None:
         generator = torch.Generator()
         generator.seed()  # OS entropy; leaves the global RNG alone
-    m = max_shift
+    rows = torch.arange(n, device=images.device)
+    return _shifted_rows(_zero_pad(images, max_shift), rows, max_shift, generator)
+
+
+def _zero_pad(images: Tensor, m: int) -> Tensor:
+    """``[n,C,H,W]`` -> ``[n,C,H+2m,W+2m]``, contiguous, zeros around."""
+    return torch.nn.functional.pad(images, (m, m, m, m)).contiguous()
+
+
+def _shifted_rows(padded: Tensor, rows: Tensor, m: int, generator: torch.Generator) -> Tensor:
+    """Rows ``rows`` of the unpadded images, each shifted by its own ``(dy, dx)``.
+
+    ``padded`` is ``_zero_pad(images, m)``; shifts are drawn as ``randint(-m, m+1, (2, n))``
+    from ``generator``. ``out[y, x] = in[y - dy, x - dx] == padded[y - dy + m, x - dx + m]``:
+    in the flattened padded array that is one offset per row, so selecting the rows and
+    shifting them is a single ``index_select`` (no [n, C, H, W] intermediate, no padding per
+    draw: ~2x faster on CPU than indexing the rows, padding and gathering).
+    """
+    n, (chans, hp, wp) = len(rows), padded.shape[1:]
+    h, w = hp - 2 * m, wp - 2 * m
     shifts = torch.randint(-m, m + 1, (2, n), generator=generator, device=generator.device)
-    dy, dx = shifts.to(images.device)
-    chans, width_p = images.shape[1], w + 2 * m
-    padded = torch.nn.functional.pad(images, (m, m, m, m)).reshape(n, chans, -1)
-    # out[y, x] = in[y - dy, x - dx]  ==  padded[y - dy + m, x - dx + m]: in the flattened
-    # padded image that is one offset per image, so the whole batch is a single gather
-    # along the last dim (several times faster on CPU than 3-tensor advanced indexing).
-    arange = torch.arange(max(h, w), device=images.device)
-    grid = (arange[:h, None] + m) * width_p + arange[None, :w] + m  # [h, w] flat positions
-    index = grid.reshape(1, h * w) - (dy * width_p + dx)[:, None]  # [n, h*w]
-    out = padded.gather(2, index[:, None, :].expand(n, chans, h * w))
-    return out.reshape(n, chans, h, w)
+    dy, dx = shifts.to(padded.device)
+    arange = torch.arange(max(h, w, chans), device=padded.device)
+    grid = (arange[:h, None] + m) * wp + arange[None, :w] + m  # [h, w] positions in a plane
+    offsets = arange[:chans, None] * (hp * wp) + grid.reshape(1, h * w)  # [C, h*w]
+    base = rows.to(padded.device) * (chans * hp * wp) - (dy * wp + dx)  # [n]
+    index = (base[:, None, None] + offsets).reshape(-1)
+    return padded.reshape(-1).index_select(0, index).reshape(n, chans, h, w)
 
 
 @dataclass
@@ -481,7 +500,9 @@ class SuperBatchSampler:
     takes the old epoch's tail plus the head of the new one; the new permutation is reordered
     so the tail's items go last, hence no super-batch ever holds a duplicate (a duplicate would
     be a false negative in the contrastive loss). With ``augment`` every draw applies
-    ``random_shift`` from the sampler's own generator.
+    ``random_shift`` from the sampler's own generator (computed from a zero-padded copy of the
+    split's images, made on the first draw: ~1.3x the images' memory at 32x32, for one gather
+    per draw instead of three passes).
     """
 
     def __init__(
@@ -499,6 +520,7 @@ class SuperBatchSampler:
         self._perm_gen = torch.Generator().manual_seed(self.seed)
         self._aug_gen = torch.Generator().manual_seed(self.seed + 0x5EED)
         self._perm = torch.randperm(n, generator=self._perm_gen)
+        self._padded: Tensor | None = None  # the split's images zero-padded once, on first draw
         self._cursor = 0  # next position in self._perm
         self.epoch = 0
         self.batches_drawn = 0
@@ -522,9 +544,13 @@ class SuperBatchSampler:
             self._cursor = size - len(take)
             take = torch.cat([take, self._perm[: self._cursor]])
         self.batches_drawn += 1
-        images = self.split.images[take]
         if self.augment:
-            images = random_shift(images, generator=self._aug_gen)
+            if self._padded is None:
+                self._padded = _zero_pad(self.split.images, MAX_SHIFT)
+            # = random_shift(self.split.images[take], MAX_SHIFT, self._aug_gen), in one gather
+            images = _shifted_rows(self._padded, take, MAX_SHIFT, self._aug_gen)
+        else:
+            images = self.split.images[take]
         return Batch(images=images, tokens=self.split.tokens[take], ids=self.split.ids[take],
                      indices=take.clone())  # fmt: skip
 
