@@ -287,16 +287,31 @@ def test_which_super_batches_take_the_pair_matrix_path(n, block, dense):
     assert (state.pairs is not None) == dense
 
 
-def test_independent_selector_equals_dense():
+@pytest.mark.parametrize("block", [1 << 22, 97])  # one [N, N] block, and 20 row blocks of 2
+def test_independent_selector_equals_dense(block):
     lrn = model_embeddings(40, seed=1)
     ref = model_embeddings(40, seed=2, scale=7.0, bias=-3.0)
     logs = []
-    got = JointSelector(batch_size=9, selection="independent")(
+    got = JointSelector(batch_size=9, selection="independent", max_block_elements=block)(
         lrn, ref, generator=torch.Generator().manual_seed(4), chunk_logits=logs)
     dense = dense_learnability(lrn, ref)
     expected = independent_select(dense, 9, generator=torch.Generator().manual_seed(4))
     assert torch.equal(got, expected)
     assert torch.allclose(logs[0], (dense.sum(1) + dense.sum(0)) / 2, atol=1e-10)
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("block", [1 << 22, 97])
+def test_independent_scores_compute_the_pair_matrix_once(loss, block):
+    """z_ji is z_ij transposed: independent scores need one N x N matmul per model (2 N^2 d
+    FLOPs), not one per orientation."""
+    from jestkit.flops import count_flops
+
+    n, d = 40, 8
+    lrn, ref = model_embeddings(n, d, seed=1), model_embeddings(n, d, seed=2)
+    selector = JointSelector(batch_size=9, selection="independent", loss=loss,
+                             max_block_elements=block)
+    assert count_flops(lambda: selector(lrn, ref)) == 2 * (2 * n * n * d)
 
 
 def test_softmax_conditional_scores_equal_brute_force_batch_losses():

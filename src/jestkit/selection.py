@@ -379,16 +379,25 @@ class _Model:
         self.device = image.device
         self.diag_z = (self.scaled_image * self.text).sum(dim=1)  # t u_i . v_i  [N]
 
-    def blocks(self, cols: Tensor | None):
+    def blocks(self, cols: Tensor):
         """Yield (rows, z_rc, z_cr): z_rc[a, b] = t u_{rows[a]} . v_{cols[b]} and
-        z_cr[a, b] = t u_{cols[b]} . v_{rows[a]}, bias excluded, for row blocks of all N
-        (all N columns if cols is None), each block at most max_block_elements large."""
-        image_c = self.scaled_image if cols is None else self.scaled_image[cols]
-        text_c = self.text if cols is None else self.text[cols]
+        z_cr[a, b] = t u_{cols[b]} . v_{rows[a]}, bias excluded, for row blocks of all N,
+        each block at most max_block_elements large (the chosen chunk's rows and columns)."""
+        image_c, text_c = self.scaled_image[cols], self.text[cols]
         block_rows = max(1, self.max_block_elements // max(1, image_c.shape[0]))
         for start in range(0, self.n, block_rows):
             rows = slice(start, min(start + block_rows, self.n))
             yield rows, self.scaled_image[rows] @ text_c.T, self.text[rows] @ image_c.T
+
+    def full_blocks(self):
+        """Yield (rows, z): z[a, j] = t u_{rows[a]} . v_j for all N columns, bias excluded,
+        for row blocks of all N, each at most max_block_elements large. The [N, N] matrix
+        once, in one orientation: a reduction over j is per block, one over i accumulates
+        across blocks (z_ji needs no second matmul: it is z transposed)."""
+        block_rows = max(1, self.max_block_elements // max(1, self.n))
+        for start in range(0, self.n, block_rows):
+            rows = slice(start, min(start + block_rows, self.n))
+            yield rows, self.scaled_image[rows] @ self.text.T
 
 
 _DENSE_MAX_N = 512  # the largest N whose sigmoid selector builds the [N, N] pair matrix
@@ -422,12 +431,23 @@ class _SigmoidState:
         self.dense = n <= _DENSE_MAX_N and n * n <= min(m.max_block_elements for m in present)
         self.pairs: Tensor | None = None
 
-    def _pair_sums(self, m: _Model, cols: Tensor | None) -> Tensor:
-        """[N]: sum over j in cols of the negative-pair terms l_ij + l_ji (all N if None)."""
+    def _pair_sums(self, m: _Model, cols: Tensor) -> Tensor:
+        """[N]: sum over j in cols of the negative-pair terms l_ij + l_ji."""
         out = torch.empty(m.n, dtype=m.dtype, device=m.device)
         for rows, z_rc, z_cr in m.blocks(cols):
             out[rows] = (F.softplus(z_rc + m.c).sum(dim=1) + F.softplus(z_cr + m.c).sum(dim=1))
         return out
+
+    def _all_pair_sums(self, m: _Model) -> Tensor:
+        """[N]: sum over all j of the negative-pair terms l_ij + l_ji (row + column sums of
+        one [N, N] pass)."""
+        row = torch.empty(m.n, dtype=m.dtype, device=m.device)
+        col = torch.zeros(m.n, dtype=m.dtype, device=m.device)
+        for rows, z in m.full_blocks():
+            terms = F.softplus(z + m.c)
+            row[rows] = terms.sum(dim=1)
+            col += terms.sum(dim=0)
+        return row + col
 
     def logits(self) -> Tensor:
         return self.diag + self.gain
@@ -453,7 +473,7 @@ class _SigmoidState:
                 continue
             # All-negative sums, with the i == j term corrected to the positive label:
             # softplus(-z) - softplus(z) = -z, once in the row and once in the column.
-            shares.append(self._pair_sums(m, None) / 2 - (m.diag_z + m.c))
+            shares.append(self._all_pair_sums(m) / 2 - (m.diag_z + m.c))
         return self.criterion(*shares)
 
 
@@ -484,7 +504,14 @@ class _SoftmaxState:
         self.n_added = 0
 
     def _lse(self, m: _Model, cols: Tensor | None) -> tuple[Tensor, Tensor]:
+        """([N], [N]): logsumexp over j in cols (all N if None) of z_ij, and of z_ji."""
         row = torch.empty(m.n, dtype=m.dtype, device=m.device)
+        if cols is None:  # one [N, N] pass; the column log-sum-exps accumulate over blocks
+            col = torch.full_like(row, float("-inf"))
+            for rows, z in m.full_blocks():
+                row[rows] = torch.logsumexp(z, dim=1)
+                col = torch.logaddexp(col, torch.logsumexp(z, dim=0))
+            return row, col
         col = torch.empty_like(row)
         for rows, z_rc, z_cr in m.blocks(cols):
             row[rows] = torch.logsumexp(z_rc, dim=1)
