@@ -1,6 +1,8 @@
 """Atomic writes of files and whole directories: old or new, never torn; errors keep the old."""
 
+import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +47,25 @@ def test_replacing_directory_keeps_the_old_one_on_error(tmp_path):
             raise RuntimeError("crash while writing")
     assert (final / "model.safetensors").read_text() == "precious"
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_replacing_directory_restores_the_old_one_if_the_swap_fails(tmp_path, monkeypatch):
+    final = tmp_path / "run"
+    final.mkdir()
+    (final / "report.json").write_text("old")
+    real_replace = os.replace
+
+    def fail_second_rename(src, dst):
+        if Path(src).name.startswith(".run.new."):
+            raise OSError("disk trouble")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_second_rename)
+    with pytest.raises(OSError, match="new contents are kept in") as info:
+        with replacing_directory(final) as tmp:
+            (tmp / "report.json").write_text("new")
+    monkeypatch.undo()
+    assert (final / "report.json").read_text() == "old"  # put back
+    assert (tmp / "report.json").read_text() == "new"  # and the new results are not lost
+    assert str(tmp) in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run", tmp.name])

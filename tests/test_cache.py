@@ -237,6 +237,53 @@ def test_building_over_another_cache_is_refused(cache_dir, config, model, split)
     expect_cache_error(lambda: ReferenceCache.open(cache_dir, model=model), "fingerprint")
 
 
+def test_shards_without_a_manifest_are_refused_and_never_reused(cache_dir, config, split):
+    # Found in review: with manifest.json deleted, a build with another model kept every shard
+    # whose checksum verified, i.e. the old model's embeddings, and the cache then opened.
+    (cache_dir / "manifest.json").unlink()
+    before = snapshot(cache_dir)
+    other = DualEncoder(config, seed=1).eval()
+    expect_cache_error(lambda: build_reference_cache(other, split, cache_dir, shard_size=SHARD),
+                       "no manifest.json", "overwrite")
+    assert snapshot(cache_dir) == before
+    cache = build_reference_cache(other, split, cache_dir, shard_size=SHARD, overwrite=True)
+    image, text = cache.lookup(split.ids)
+    with torch.no_grad():
+        assert torch.equal(image, other.encode_image(split.images))
+        assert torch.equal(text, other.encode_text(split.tokens))
+
+
+def test_a_shard_stamped_by_another_build_is_recomputed(tmp_path, built, config, split):
+    # An interrupted build of model B finds a shard (with its checksum sidecar) of model A:
+    # the checksum verifies, but the stamp names A's build, so it is recomputed.
+    other = DualEncoder(config, seed=1).eval()
+    mine = tmp_path / "b"
+    build_reference_cache(other, split, mine, shard_size=SHARD)
+    want = shard_files(mine)
+    manifest = json.loads((mine / "manifest.json").read_text())
+    manifest["complete"] = False  # as if killed after the last shard
+    (mine / "manifest.json").write_text(json.dumps(manifest))
+    for name in ("shard_00002.npy", "shard_00002.npy.sha256"):
+        shutil.copy(built / name, mine / name)
+    assert shard_files(mine)["shard_00002.npy"] != want["shard_00002.npy"]
+    build_reference_cache(other, split, mine, shard_size=SHARD).verify()
+    assert shard_files(mine) == want
+
+
+def test_building_a_complete_cache_again_leaves_it_alone(cache_dir, model, split):
+    # No rewrite: a reader opening it meanwhile never sees it marked incomplete.
+    before = snapshot(cache_dir)
+    build_reference_cache(model, split, cache_dir, shard_size=SHARD).verify()
+    assert snapshot(cache_dir) == before
+
+
+def test_repeated_ids_are_refused(tmp_path, model, split):
+    repeated = split.subset([0, 1, 2, 1])
+    with pytest.raises(ValueError, match="ids must be unique"):
+        build_reference_cache(model, repeated, tmp_path / "c", shard_size=SHARD)
+    assert not (tmp_path / "c").exists()
+
+
 def test_cli_refuses_other_model(tmp_path, cache_dir, config, capsys):
     from jestkit.cli import main
 
@@ -385,7 +432,8 @@ def test_sigkill_mid_build_resumes_to_identical_cache(tmp_path, data):
     kept = {}
     for sidecar in done:
         shard = sidecar.with_suffix("")
-        if shard.exists() and hashlib.sha256(shard.read_bytes()).hexdigest() == sidecar.read_text():
+        digest = hashlib.sha256(shard.read_bytes()).hexdigest() if shard.exists() else None
+        if digest == sidecar.read_text().split()[0]:
             kept[shard.name] = shard.stat().st_ino
     assert len(kept) >= 3
 

@@ -57,7 +57,7 @@ def test_report_is_rebuilt_from_the_saved_runs(quick_run, tmp_path, capsys):
     assert "Did uniform plateau?" in (copy / "report.md").read_text()
     # Not a run directory, or a run's curves missing: a clear error, nothing rewritten.
     assert main(["report", str(tmp_path)]) == 2
-    assert "no report.json" in capsys.readouterr().err
+    assert "neither report.json nor runs/info.json" in capsys.readouterr().err
     (copy / "runs" / "uniform.json").unlink()
     assert main(["report", str(copy)]) == 2
     assert "uniform.json" in capsys.readouterr().err
@@ -96,6 +96,44 @@ def test_bad_demo_config():
         DemoConfig.from_dict({"flexi_score_patch_size": -16})
     with pytest.raises(ValueError, match="text_width must be a positive int"):
         DemoConfig.from_dict({"learner": {"text_width": 0}})
+    # Found in review: these were a TypeError, or accepted and silently wrong.
+    with pytest.raises(ValueError, match=r"unknown learner config fields \['stepz'\]"):
+        DemoConfig.from_dict({"learner": {"stepz": 3}})
+    with pytest.raises(ValueError, match="unknown reference config fields"):
+        DemoConfig.from_dict({"reference": {"widht": 3}})
+    with pytest.raises(ValueError, match="seeds must not repeat"):
+        DemoConfig(seeds=(0, 0))
+    with pytest.raises(ValueError, match="methods must not repeat"):
+        DemoConfig(methods=("uniform", "uniform"))
+    with pytest.raises(ValueError, match="checkpoint_every must be 0"):
+        DemoConfig.from_dict({"learner": {"checkpoint_every": 10}})
+
+
+def test_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
+    out = tmp_path / "results"
+    out.write_text("keep me")
+    assert main(["demo", "--quick", "--out", str(out), "--overwrite", "--no-progress"]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert out.read_text() == "keep me"
+
+
+def test_finished_runs_are_kept_when_the_report_fails(tmp_path, monkeypatch):
+    from jestkit import demo
+
+    def broken(*args, **kwargs):
+        raise KeyError("a report bug")
+
+    monkeypatch.setattr(demo, "write_report", broken)
+    cfg = dataclasses.replace(DemoConfig.quick(), methods=("uniform",))
+    with pytest.raises(RuntimeError, match="finished runs are kept in") as info:
+        demo.run_demo(cfg, tmp_path / "run", show_progress=False, workers=1)
+    kept = Path(str(info.value).split("kept in ")[1].split(":")[0])
+    assert kept.parent == tmp_path and kept.name.startswith("run.unreported-")
+    assert not (tmp_path / "run").exists()
+    monkeypatch.undo()
+    assert main(["report", str(kept)]) == 0  # rebuilt from the kept runs
+    report = json.loads((kept / "report.json").read_text())
+    assert list(report["methods"]) == ["uniform"]
 
 
 def test_every_demo_method_has_a_step_cost():

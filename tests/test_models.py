@@ -333,6 +333,12 @@ def test_load_rejects_foreign_safetensors(tmp_path) -> None:
     safetensors.torch.save_file({"w": torch.zeros(2)}, str(path))
     with pytest.raises(ValueError, match="checkpoint"):
         load_model(path)
+    not_safetensors = tmp_path / "notes.txt"
+    not_safetensors.write_text("not a model")
+    with pytest.raises(ValueError, match="notes.txt is not a safetensors file"):
+        load_model(not_safetensors)
+    with pytest.raises(FileNotFoundError, match="no model checkpoint"):
+        load_model(tmp_path / "missing.safetensors")
 
 
 def test_fingerprint_tracks_weights_and_config() -> None:

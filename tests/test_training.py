@@ -153,6 +153,54 @@ def test_checkpoint_with_other_flop_phases_is_refused(data, reference, tmp_path)
     assert state_path.read_bytes() == before
 
 
+def test_stop_after_always_leaves_a_checkpoint_to_resume(data, reference, tmp_path):
+    # Found in review: with checkpoint_every = 0, stop_after stopped without saving anything.
+    full = train_learner(data, TINY, reference)
+    train_learner(data, TINY, reference, run_dir=tmp_path, stop_after=4)
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_0000004"
+    resumed = train_learner(data, TINY, reference, run_dir=tmp_path, resume=True)
+    assert resumed.zero_shot_accuracy == pytest.approx(full.zero_shot_accuracy, abs=1e-6)
+    assert resumed.cumulative_flops == full.cumulative_flops
+
+
+def test_fresh_run_never_touches_another_runs_checkpoints(data, reference, tmp_path):
+    # Found in review: a fresh run into a used run_dir deleted its own new checkpoint (the
+    # cleanup kept the two highest-named) and would later overwrite the old run's.
+    cfg = dataclasses.replace(TINY, checkpoint_every=2)
+    train_learner(data, cfg, reference, run_dir=tmp_path, stop_after=4)
+    ckpts = tmp_path / "checkpoints"
+    before = {p.name: p.stat().st_mtime_ns for p in ckpts.iterdir()}
+    with pytest.raises(FileExistsError, match="already holds checkpoints.*resume=True"):
+        train_learner(data, dataclasses.replace(cfg, seed=1), reference, run_dir=tmp_path)
+    assert {p.name: p.stat().st_mtime_ns for p in ckpts.iterdir()} == before
+    # Resuming keeps the newest two up to the step just written and never a later one.
+    (ckpts / "step_0000009").mkdir()
+    train_learner(data, cfg, reference, run_dir=tmp_path, resume=True)
+    assert sorted(p.name for p in ckpts.glob("step_*")) == [
+        "step_0000004", "step_0000006", "step_0000009"]
+    assert (ckpts / "latest").read_text() == "step_0000006"
+
+
+def test_resume_with_another_reference_is_refused(data, reference, tmp_path):
+    train_learner(data, TINY, reference, run_dir=tmp_path, stop_after=2)
+    other, _ = train_reference(data, ReferenceConfig(steps=3, batch_size=16, width=16, depth=1,
+                                                     seed=1))
+    with pytest.raises(ValueError, match="scored with reference live:.*this run with live:"):
+        train_learner(data, TINY, other, run_dir=tmp_path, resume=True)
+    # A method without a reference records none, and needs none to resume.
+    uni = dataclasses.replace(TINY, method="uniform")
+    train_learner(data, uni, run_dir=tmp_path / "u", stop_after=2)
+    assert train_learner(data, uni, run_dir=tmp_path / "u", resume=True).steps[-1] == 6
+
+
+def test_checkpoint_arguments_need_a_run_dir(data, reference):
+    for kwargs in (dict(stop_after=2), dict(resume=True)):
+        with pytest.raises(ValueError, match="need a run_dir"):
+            train_learner(data, TINY, reference, **kwargs)
+    with pytest.raises(ValueError, match="stop_after must be an int >= 1"):
+        train_learner(data, TINY, reference, run_dir="unused", stop_after=0)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -163,6 +211,9 @@ def test_checkpoint_with_other_flop_phases_is_refused(data, reference, tmp_path)
         (dict(filter_ratio=1.0), r"filter_ratio must be in \(0, 1\)"),
         (dict(batch_size=8, n_chunks=9), r"n_chunks must be in \[1, batch_size=8\]"),
         (dict(lr=math.nan), "lr must be"),
+        (dict(weight_decay=math.nan), "weight_decay must be a finite float >= 0"),
+        (dict(method="uniform", score_patch_size=16), "score_patch_size applies to"),
+        (dict(method="easy_reference", score_patch_size=16), "score_patch_size applies to"),
     ],
 )
 def test_bad_config(kwargs, match):
@@ -171,6 +222,8 @@ def test_bad_config(kwargs, match):
 
 
 def test_bad_run_arguments(data, reference):
+    with pytest.raises(ValueError, match=r"reference batch_size must be in \[1, 500\]"):
+        train_reference(data, ReferenceConfig(steps=1, batch_size=501, width=16))
     with pytest.raises(ValueError, match=r"batch_size must be in \[1, 3500\]"):
         train_learner(data, dataclasses.replace(TINY, batch_size=4000, n_chunks=1), reference)
     with pytest.raises(ValueError, match="exceeds the pool size"):

@@ -24,8 +24,9 @@ def replacing_directory(final: str | os.PathLike) -> Iterator[Path]:
     Yields the temporary directory (mode 0755) to fill. On a clean exit an existing `final` is
     first renamed aside, the new one renamed into place, and only then the old one deleted: a
     crash at any moment leaves the old directory (under its own or a hidden ``.old`` name) or
-    the new one, never a half-written `final`. On an error the temporary directory is removed
-    and `final` is left untouched.
+    the new one, never a half-written `final`. On an error in the body the temporary directory
+    is removed and `final` is left untouched; if the swap itself fails, `final` is restored
+    and the new directory is kept (its path is in the error).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -33,14 +34,23 @@ def replacing_directory(final: str | os.PathLike) -> Iterator[Path]:
     tmp.chmod(0o755)  # mkdtemp makes 0700; these directories are data, meant to be shared
     try:
         yield tmp
-        old = None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    try:
         if final.exists():
             old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old."))
             os.replace(final, old)  # onto the empty directory just made
         os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except BaseException as err:
+        # The swap failed (e.g. `final` is a file): put the old one back, keep the new one.
+        if old is not None and not final.exists():
+            os.replace(old, final)
+        elif old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        raise OSError(f"could not put {tmp} in place of {final} ({err}); the new contents "
+                      f"are kept in {tmp}") from err
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -11,7 +11,9 @@ A silently mismatched cache is the worst bug this system can have, so:
   dtype); `ReferenceCache.open(..., split=, model=)` refuses a cache that does not match and
   says what differs;
 - the embeddings live in shards of `shard_size` examples, each written atomically (temp
-  file, fsync, rename) with its sha256 in a sidecar file and, once complete, in the manifest;
+  file, fsync, rename) with its sha256 in a sidecar file (stamped with the build's data and
+  model fingerprint, so only a build of the same data and model reuses it) and, once
+  complete, in the manifest;
   a shard is verified against its checksum before its first use in a process, and a
   truncated, altered or missing shard is named in the error, never read as data;
 - an interrupted build resumes: shards whose checksum verifies are kept, missing or
@@ -24,7 +26,7 @@ Layout of a cache directory::
     manifest.json         fingerprints, logit_scale / logit_bias, shard list, "complete"
     ids.npy               int64 [N]: example ids in data order (row r of the cache)
     shard_00000.npy       float [n, 2, d]: rows of (image embedding, text embedding)
-    shard_00000.npy.sha256
+    shard_00000.npy.sha256  "<sha256 of the shard> <build fingerprint> <shard index>"
 """
 
 from __future__ import annotations
@@ -126,8 +128,10 @@ def build_reference_cache(
     """Embed every example of `split` with the frozen `model` into a cache at `out_dir`.
 
     Resumes an interrupted build of the same data and model (keeping every shard whose
-    checksum verifies). A directory holding a cache of *other* data or another model is
-    refused unless `overwrite`, so nothing computed is lost by a typo.
+    checksum verifies and whose stamp names this build); a complete, verified cache of the
+    same data and model is returned as it is. A directory holding a cache of *other* data or
+    another model, or shards without a manifest, is refused unless `overwrite`, so nothing
+    computed is lost by a typo. ``split.ids`` must be unique (lookups go by id).
 
     Returns the opened, verified cache.
     """
@@ -135,6 +139,11 @@ def build_reference_cache(
         raise ValueError(f"shard_size must be an int >= 1, got {shard_size!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    ids = split.ids.numpy().astype(np.int64)
+    repeats = len(ids) - len(np.unique(ids))
+    if repeats:
+        # Lookups go by id: a repeated id would silently return one row's embedding for both.
+        raise ValueError(f"split.ids must be unique to cache by id; found {repeats} repeats")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval()
@@ -149,10 +158,10 @@ def build_reference_cache(
         "complete": False,
     }
     manifest_path = out / "manifest.json"
+    identity = {k: v for k, v in manifest.items() if k not in ("complete", "shards")}
     if manifest_path.exists():
         old = json.loads(manifest_path.read_text())
-        same = {k: v for k, v in manifest.items() if k not in ("complete", "shards")}
-        diffs = [f"{k}: cache has {old.get(k)!r}, now {v!r}" for k, v in same.items()
+        diffs = [f"{k}: cache has {old.get(k)!r}, now {v!r}" for k, v in identity.items()
                  if old.get(k) != v]
         if diffs and not overwrite:
             raise CacheError(f"{out} holds a cache of other data or another model; pass "
@@ -161,16 +170,35 @@ def build_reference_cache(
         if diffs:
             for p in out.glob("shard_*"):
                 p.unlink()
+        elif old.get("complete"):
+            try:  # already built: leave the complete cache (and its readers) alone
+                cache = ReferenceCache.open(out, split=split, model=model)
+                cache.verify()
+                return cache
+            except CacheError:
+                pass  # a shard is bad: rebuild what is missing or corrupt below
+    elif any(out.glob("shard_*")):
+        # A build writes its manifest before any shard, so these were not made by a build
+        # this function can vouch for (a deleted manifest, copied files).
+        if not overwrite:
+            raise CacheError(f"{out} holds cache shards but no manifest.json; pass "
+                             f"overwrite=True (--overwrite) to delete them and rebuild")
+        for p in out.glob("shard_*"):
+            p.unlink()
     atomic_write(manifest_path, json.dumps(manifest, indent=1).encode())
-    ids = split.ids.numpy().astype(np.int64)
     atomic_write(out / "ids.npy", _npy_bytes(ids))
 
+    # Each shard's sidecar holds its checksum *and* the build it belongs to (data, model,
+    # shard size, index): a shard is reused only by a build of the same data and model.
+    build = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     checksums = []
     for k in range(manifest["n_shards"]):
         path = out / _shard_name(k)
         sidecar = path.with_name(path.name + ".sha256")
-        if path.exists() and sidecar.exists() and _sha256_file(path) == sidecar.read_text():
-            checksums.append(sidecar.read_text())
+        stamp = sidecar.read_text().split() if sidecar.exists() else []
+        if (path.exists() and stamp[1:] == [build, str(k)]
+                and _sha256_file(path) == stamp[0]):
+            checksums.append(stamp[0])
         else:
             rows = slice(k * shard_size, min((k + 1) * shard_size, len(split)))
             parts = []
@@ -181,7 +209,7 @@ def build_reference_cache(
             data = _npy_bytes(torch.cat(parts).numpy())
             atomic_write(path, data)
             digest = hashlib.sha256(data).hexdigest()
-            atomic_write(sidecar, digest.encode())
+            atomic_write(sidecar, f"{digest} {build} {k}".encode())
             checksums.append(digest)
         if progress:
             progress(k + 1, manifest["n_shards"])
@@ -207,6 +235,8 @@ class ReferenceCache:
         # Sorted index for vectorised id -> row lookups.
         self._order = np.argsort(ids, kind="stable")
         self._sorted_ids = ids[self._order]
+        if (self._sorted_ids[1:] == self._sorted_ids[:-1]).any():
+            raise CacheError(f"{root / 'ids.npy'} repeats example ids; a cache needs unique ids")
         self._shards: dict[int, np.ndarray] = {}  # verified, memory-mapped
 
     @classmethod

@@ -93,10 +93,14 @@ class DemoConfig:
         if set(d) - known:
             raise ValueError(f"unknown demo config fields {sorted(set(d) - known)}; "
                              f"allowed: {sorted(known)}")
-        if "learner" in d:
-            d["learner"] = LearnerConfig(**d["learner"])
-        if "reference" in d:
-            d["reference"] = ReferenceConfig(**d["reference"])
+        for key, block_cls in (("learner", LearnerConfig), ("reference", ReferenceConfig)):
+            if key in d:
+                allowed = {f.name for f in dataclasses.fields(block_cls)}
+                if not isinstance(d[key], dict) or set(d[key]) - allowed:
+                    extra = sorted(set(d[key]) - allowed) if isinstance(d[key], dict) else d[key]
+                    raise ValueError(f"unknown {key} config fields {extra}; allowed: "
+                                     f"{sorted(allowed)}")
+                d[key] = block_cls(**d[key])
         for key in ("seeds", "methods"):
             if key in d:
                 d[key] = tuple(d[key])
@@ -110,13 +114,21 @@ class DemoConfig:
                              f"got {list(self.methods)}")
         if not self.seeds:
             raise ValueError("seeds must not be empty")
+        for key in ("seeds", "methods"):  # a repeat would count one run as two seeds
+            values = list(getattr(self, key))
+            if len(set(values)) != len(values):
+                raise ValueError(f"{key} must not repeat, got {values}")
+        if self.learner.checkpoint_every:
+            raise ValueError("learner.checkpoint_every must be 0 in the demo (its learner runs "
+                             "keep no checkpoints; each takes well under a minute)")
         # Checked here, not only at the first -flexi run, so a bad config fails before the
         # reference is trained.
         allowed = small_model(2, self.learner.width, self.learner.depth).allowed_patch_sizes
         if self.flexi_score_patch_size not in allowed:
             raise ValueError(f"flexi_score_patch_size must be one of {list(allowed)} (divisors "
                              f"of the image size), got {self.flexi_score_patch_size}")
-        dataclasses.replace(self.learner, score_patch_size=self.flexi_score_patch_size,
+        dataclasses.replace(self.learner, method="learnability", selection="joint",
+                            score_patch_size=self.flexi_score_patch_size,
                             multires_fraction=self.flexi_multires_fraction)
 
 
@@ -157,8 +169,11 @@ def _run_one(data_seed: int, reference_path: str, cache_dir: str | None,
 
 
 def prepare_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to touch an existing, non-empty run directory unless overwrite is set."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    """Refuse to touch an existing, non-empty run directory unless overwrite is set, and
+    anything that is not a directory at all."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite to "
                               f"replace it (its contents are kept until the new run succeeds)")
 
@@ -169,7 +184,18 @@ def run_demo(cfg: DemoConfig, out_dir: str | os.PathLike, *, overwrite: bool = F
     out = Path(out_dir)
     prepare_out_dir(out, overwrite)
     with replacing_directory(out) as staging:
-        report = _run_demo_into(cfg, staging, workers, show_progress)
+        try:
+            report = _run_demo_into(cfg, staging, workers, show_progress)
+        except Exception as err:
+            if not (staging / "runs" / "info.json").is_file():
+                raise  # nothing finished worth keeping
+            # Every learner run finished but the report failed: keep them rather than let the
+            # staging directory be removed, so `jestkit report` can rebuild it.
+            kept = out.with_name(f"{out.name}.unreported-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(staging, kept)
+            raise RuntimeError(f"writing the report failed ({err!r}); the finished runs are "
+                               f"kept in {kept}: `jestkit report {kept}` rebuilds the report "
+                               f"there") from err
     return report
 
 
@@ -244,8 +270,11 @@ def _run_demo_into(cfg: DemoConfig, out: Path, workers: int, show_progress: bool
         "workers": workers,
         "wall_time_s": None,
     }
+    config["wall_time_s"] = round(time.time() - started, 1)
+    # What `jestkit report` needs besides the curves, should the report itself fail below.
+    (out / "runs" / "info.json").write_text(json.dumps({"reference": ref_info,
+                                                        "config": config}))
     report = build_report(results, ref_info, config)
-    report["config"]["wall_time_s"] = round(time.time() - started, 1)
     write_report(report, out)
     return report
 

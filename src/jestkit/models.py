@@ -592,8 +592,13 @@ def save_model(model: DualEncoder, path: str | os.PathLike) -> None:
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> DualEncoder:
     """Rebuild a `DualEncoder` from a `save_model` checkpoint (config from its metadata)."""
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no model checkpoint at {path}")
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except safetensors.SafetensorError as err:
+        raise ValueError(f"{path} is not a safetensors file ({err})") from None
     if metadata.get("format") != CHECKPOINT_FORMAT or "config" not in metadata:
         raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint "
                          f"(metadata format={metadata.get('format')!r})")

@@ -345,15 +345,19 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
 def rebuild_report(run_dir: str | os.PathLike) -> dict:
     """Rebuild a demo run directory's report (report.json, report.md, plots) from the per-run
     curves it saved in runs/<method>.json, with this version's report code. The reference
-    info and the run config are taken from the existing report.json; the new files are
-    written only once the report is built."""
+    info and the run config are taken from the existing report.json, or from runs/info.json
+    where no report was written (a demo whose report failed); the new files are written only
+    once the report is built."""
     run_dir = Path(run_dir)
     old_path = run_dir / "report.json"
     if not old_path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no report.json: not a `jestkit demo` run "
-                                f"directory")
+        old_path = run_dir / "runs" / "info.json"
+    if not old_path.is_file():
+        raise FileNotFoundError(f"{run_dir} has neither report.json nor runs/info.json: not a "
+                                f"`jestkit demo` run directory")
     old = json.loads(old_path.read_text())
-    missing = [k for k in ("methods", "reference", "config") if k not in old]
+    old.setdefault("methods", old.get("config", {}).get("methods"))
+    missing = [k for k in ("methods", "reference", "config") if not old.get(k)]
     if missing:
         raise ValueError(f"{old_path} lacks {missing}: not written by `jestkit demo`")
     runs = {}

@@ -29,7 +29,14 @@ import torch
 from jestkit.atomic import atomic_write, replacing_directory
 from jestkit.data import Batch, DigitsWeb, Split, SuperBatchSampler, class_prompts
 from jestkit.flops import FlopLedger, count_flops
-from jestkit.models import DualEncoder, DualEncoderConfig, load_model, save_model, sigmoid_loss
+from jestkit.models import (
+    DualEncoder,
+    DualEncoderConfig,
+    load_model,
+    model_fingerprint,
+    save_model,
+    sigmoid_loss,
+)
 from jestkit.scoring import CRITERIA, USES_LEARNER, USES_REFERENCE
 from jestkit.selection import SELECTIONS, JointSelector, ModelEmbeddings
 
@@ -115,6 +122,12 @@ class LearnerConfig:
             # Would silently train at one resolution only.
             raise ValueError("multires_fraction > 0 needs score_patch_size > 0 (the coarse "
                              "patch size to train that share at)")
+        if (self.score_patch_size and not self.multires_fraction
+                and not USES_LEARNER[self.method]):
+            # Would be silently ignored: nothing is scored with the learner.
+            raise ValueError(f"score_patch_size applies to methods that score with the learner "
+                             f"({[m for m in METHODS if USES_LEARNER[m]]}) or with "
+                             f"multires_fraction > 0; method {self.method!r} has neither")
         for name in ("eval_every", "checkpoint_every", "score_patch_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -152,8 +165,10 @@ def _check_positive(cfg, names) -> None:
 def _check_lr(cfg) -> None:
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise ValueError(f"lr must be a finite float > 0, got {cfg.lr}")
-    if cfg.weight_decay < 0 or cfg.warmup_steps < 0:
-        raise ValueError("weight_decay and warmup_steps must be >= 0")
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a finite float >= 0, got {cfg.weight_decay}")
+    if cfg.warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
 
 
 def _lr_at(step: int, cfg) -> float:
@@ -274,14 +289,16 @@ def train_reference(data: DigitsWeb, cfg: ReferenceConfig = ReferenceConfig(),
                     progress: Callable[[int, int], None] | None = None) -> tuple[DualEncoder, dict]:
     """Train the reference on the curated split (uniform minibatches, sigmoid loss).
 
-    Returns (model, info) with info = {"accuracy": evaluate(...) on test, "flops": its
+    Returns (model, info) with info = {"metrics": evaluate(...) on test, "flops": its
     training FLOPs, "config": asdict(cfg)}.
     """
+    if cfg.batch_size > len(data.curated):
+        raise ValueError(f"reference batch_size must be in [1, {len(data.curated)}] (the "
+                         f"curated split's size), got {cfg.batch_size}")
     model = DualEncoder(small_model(data.tokenizer.vocab_size, cfg.width, cfg.depth,
                                     text_width=cfg.text_width), seed=cfg.seed)
     opt = _optimizer(model, cfg)
-    sampler = SuperBatchSampler(data.curated, min(cfg.batch_size, len(data.curated)),
-                                seed=cfg.seed)
+    sampler = SuperBatchSampler(data.curated, cfg.batch_size, seed=cfg.seed)
     ledger = FlopLedger()
     meter = _FlopMeter(ledger)
     model.train()
@@ -340,10 +357,14 @@ def train_learner(
             hard_learner, or a `reference_embedder` is given).
         reference_embedder: looks up the reference's embeddings of a super-batch (e.g. from a
             cache) instead of running the reference; its FLOPs then count as zero.
-        run_dir: where checkpoints go (every cfg.checkpoint_every steps, atomically).
+        run_dir: where checkpoints go, atomically: every cfg.checkpoint_every steps and at
+            the last step run (None: no checkpoints, whatever checkpoint_every says). A fresh
+            run (resume=False) refuses a run_dir that already holds checkpoints.
         resume: continue from the latest checkpoint in run_dir; the result equals an
-            uninterrupted run's. The checkpoint must come from the same config.
-        stop_after: stop (after checkpointing) once this many steps are done, to resume later.
+            uninterrupted run's. The checkpoint must come from the same config and the same
+            reference (the same model, live or from a cache of it, by fingerprint).
+        stop_after: stop once this many steps are done, after writing a checkpoint to
+            run_dir (required), to resume later.
 
     Returns:
         RunResult with the evaluation curves and the cumulative FLOPs per phase.
@@ -356,6 +377,16 @@ def train_learner(
     if cfg.super_batch_size > len(data.pool):
         raise ValueError(f"batch_size / (1 - filter_ratio) = {cfg.super_batch_size} exceeds the "
                          f"pool size {len(data.pool)}; lower batch_size or filter_ratio")
+    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int)
+                                   or stop_after < 1):
+        raise ValueError(f"stop_after must be an int >= 1, got {stop_after!r}")
+    if run_dir is None and (stop_after is not None or resume):
+        raise ValueError("stop_after and resume need a run_dir to keep checkpoints in")
+    ckpt_root = None if run_dir is None else Path(run_dir) / "checkpoints"
+    if not resume and ckpt_root is not None and ckpt_root.exists() and any(ckpt_root.iterdir()):
+        raise FileExistsError(f"{ckpt_root} already holds checkpoints: pass resume=True to "
+                              f"continue that run, or use another run_dir")
+    reference_id = _reference_identity(cfg, reference, reference_embedder)
 
     model_cfg = small_model(data.tokenizer.vocab_size, cfg.width, cfg.depth,
                             text_width=cfg.text_width)
@@ -377,7 +408,7 @@ def train_learner(
     clean_seen = [0, 0]  # clean selected, all selected, since the last evaluation
     if resume:
         start = _load_checkpoint(run_dir, cfg, model, opt, sampler, select_gen, ledger, result,
-                                 clean_seen)
+                                 clean_seen, reference_id)
     train_patches = (None,)
     if cfg.score_patch_size and cfg.multires_fraction > 0:
         train_patches = (model_cfg.patch_size, cfg.score_patch_size)
@@ -406,10 +437,10 @@ def train_learner(
             result.clean_fraction.append(clean_seen[0] / max(1, clean_seen[1]))
             result.train_loss.append(loss)
             clean_seen[:] = [0, 0]
-        if run_dir is not None and cfg.checkpoint_every and (
-                done % cfg.checkpoint_every == 0 or done == end):
+        if run_dir is not None and (done == end or (cfg.checkpoint_every
+                                                    and done % cfg.checkpoint_every == 0)):
             _save_checkpoint(run_dir, cfg, done, model, opt, sampler, select_gen, ledger,
-                             result, clean_seen)
+                             result, clean_seen, reference_id)
         if progress:
             progress(done, cfg.steps)
     return result
@@ -447,7 +478,23 @@ def _select(batch, model, cfg, selector, gen, meter, reference, reference_embedd
 # leaves the previous checkpoint intact and `latest` pointing at a complete one.
 
 
-def _save_checkpoint(run_dir, cfg, step, model, opt, sampler, gen, ledger, result, clean_seen):
+def _reference_identity(cfg, reference, reference_embedder) -> str | None:
+    """What a resumed run must score with again: "live:<fingerprint>" or
+    "cached:<fingerprint>" (a cached reference scores un-shifted images, so the two differ),
+    "embedder" for a lookup of unknown origin, None when the method uses no reference."""
+    if not cfg.needs_reference:
+        return None
+    if reference_embedder is None:
+        return f"live:{model_fingerprint(reference)}"
+    cache = getattr(reference_embedder, "__self__", None)  # e.g. ReferenceCache.embeddings
+    manifest = getattr(cache, "manifest", None)
+    if isinstance(manifest, dict) and "model" in manifest:
+        return f"cached:{manifest['model']['fingerprint']}"
+    return "embedder"
+
+
+def _save_checkpoint(run_dir, cfg, step, model, opt, sampler, gen, ledger, result, clean_seen,
+                     reference_id):
     run_dir = Path(run_dir)
     ckpt_root = run_dir / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -457,24 +504,26 @@ def _save_checkpoint(run_dir, cfg, step, model, opt, sampler, gen, ledger, resul
         state = {"config": asdict(cfg), "step": step, "optimizer": opt.state_dict(),
                  "sampler": sampler.state_dict(), "select_generator": gen.get_state(),
                  "ledger": ledger.as_dict(), "result": result.to_dict(),
-                 "clean_seen": list(clean_seen)}
+                 "clean_seen": list(clean_seen), "reference": reference_id}
         with open(tmp / "state.pt", "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
     atomic_write(ckpt_root / "latest", final.name)
-    for old in sorted(ckpt_root.glob("step_*"))[:-2]:  # keep the two newest
+    # Keep this one and the one before it; never touch a step at or after this one.
+    older = sorted(p for p in ckpt_root.glob("step_*")
+                   if p.is_dir() and p.name[5:].isdigit() and int(p.name[5:]) < step)
+    for old in older[:-1]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(run_dir, cfg, model, opt, sampler, gen, ledger, result, clean_seen) -> int:
-    if run_dir is None:
-        raise ValueError("resume=True needs run_dir")
+def _load_checkpoint(run_dir, cfg, model, opt, sampler, gen, ledger, result, clean_seen,
+                     reference_id) -> int:
     latest = Path(run_dir) / "checkpoints" / "latest"
     if not latest.exists():
         raise FileNotFoundError(f"no checkpoint to resume in {run_dir} (missing {latest})")
     ckpt = latest.parent / latest.read_text().strip()
-    state = torch.load(ckpt / "state.pt", weights_only=False)
+    state = torch.load(ckpt / "state.pt", weights_only=True)
     if state["config"] != asdict(cfg):
         diff = {k: (state["config"].get(k), v) for k, v in asdict(cfg).items()
                 if state["config"].get(k) != v}
@@ -484,6 +533,10 @@ def _load_checkpoint(run_dir, cfg, model, opt, sampler, gen, ledger, result, cle
         # e.g. written before the selector's FLOPs were a phase: resuming would undercount
         raise ValueError(f"checkpoint {ckpt} has FLOP phases {sorted(state['ledger'])}, this "
                          f"version counts {sorted(ledger.as_dict())}; start the run afresh")
+    if state.get("reference") != reference_id:
+        raise ValueError(f"checkpoint {ckpt} was scored with reference {state.get('reference')}"
+                         f", this run with {reference_id}: resuming would not continue the same "
+                         f"run")
     loaded = load_model(ckpt / "model.safetensors")
     if loaded.config != model.config:
         raise ValueError(f"checkpoint {ckpt} holds a model of another architecture")
