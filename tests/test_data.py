@@ -391,6 +391,8 @@ def test_sampler_resume(web: DigitsWeb) -> None:
         SuperBatchSampler(web.test, 96, seed=3).load_state_dict(sampler.state_dict())
     with pytest.raises(ValueError, match="super_batch_size"):
         SuperBatchSampler(split, 64, seed=3).load_state_dict(sampler.state_dict())
+    with pytest.raises(ValueError, match="augment=True, this sampler False"):
+        SuperBatchSampler(split, 96, seed=3, augment=False).load_state_dict(sampler.state_dict())
 
 
 @pytest.mark.parametrize("size", [0, -3, 501])

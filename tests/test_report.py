@@ -15,7 +15,7 @@ from jestkit.report import (
 
 
 def run(acc, seed=0, steps_total=40, train=10, learner=0, reference=0, clean=0.45,
-        selection=0):
+        selection=0, batch_size=8):
     """A saved run's dict; selection=None: saved before the selector's FLOPs were a phase."""
     steps = [4 * (i + 1) for i in range(len(acc))]
     assert steps[-1] == steps_total
@@ -25,7 +25,7 @@ def run(acc, seed=0, steps_total=40, train=10, learner=0, reference=0, clean=0.4
         for f, s in zip(flops, steps, strict=True):
             f["selection"] = selection * s
     return {
-        "config": {"steps": steps_total, "seed": seed},
+        "config": {"steps": steps_total, "seed": seed, "batch_size": batch_size},
         "steps": steps,
         "zero_shot_accuracy": list(acc),
         "i2t_recall": list(acc),
@@ -86,10 +86,68 @@ def test_seed_average_decides_and_never_reached_is_none():
 
 
 def test_plateau_check():
-    flat = plateau_check([run(UNIFORM)])
-    assert flat["plateaued"] and abs(flat["moved_points"]) < 1
+    flat = plateau_check([run([0.1, 0.3, 0.5, 0.6, 0.6, 0.6, 0.6, 0.6, 0.601, 0.6])])
+    assert flat["plateaued"] and flat["moved_points"] == pytest.approx(0.0333, abs=1e-3)
     rising = plateau_check([run([0.1 * i for i in range(1, 11)])])
     assert not rising["plateaued"] and rising["moved_points"] > 10
+
+
+def test_plateau_check_measures_a_whole_quarter():
+    # 40 evaluations (every T/40, as the demo), a straight line climbing 1.1 points per
+    # quarter of T: the windows must be a quarter apart (found in review: they were 0.225 T
+    # apart, reading 0.99 points, "plateaued").
+    line = [0.5 + 0.0011 * i for i in range(40)]
+    p = plateau_check([run(line, steps_total=160)])
+    assert p["moved_points"] == pytest.approx(1.1, abs=1e-9)
+    assert not p["plateaued"]
+    assert p["step_three_quarters"] == 156 - 40  # last 3 centred on 156; a quarter earlier
+
+
+def test_a_curve_exactly_on_the_target_or_a_level_reaches_it():
+    # Runs saved before evaluate returned exact ratios hold float32 means, e.g. 700 / 1000
+    # as 0.699999988: exactly on the level in counts, a few 1e-8 below it as a float.
+    import numpy as np
+
+    f32 = [float(np.float32(x)) for x in (0.69, 0.7, 0.71)]
+    baseline = [run([0.3] * 9 + [0.7], seed=s) for s in range(3)]  # target = mean(.3,.3,.7)
+    target = (0.3 + 0.3 + 0.7) / 3
+    on_target = [run([0.1, float(np.float32(target))] + [0.9] * 8, seed=s) for s in range(3)]
+    assert summarize_method(on_target, baseline)["step_reaching_target"] == 8
+    on_level = [run([0.1, f32[s]] + [0.9] * 8, seed=s) for s in range(3)]
+    methods = {"uniform": summarize_method(baseline, baseline),
+               "m": summarize_method(on_level, baseline)}
+    assert sum(f32) / 3 < 0.7  # below the level as floats, on it in counts
+    assert steps_to_reach(methods, levels=(0.7,))["methods"]["m"]["steps"] == [8]
+    # ... but a point a whole count below is still below.
+    below = [run([0.1, 0.699] + [0.9] * 8, seed=s) for s in range(3)]
+    methods["m"] = summarize_method(below, baseline)
+    assert steps_to_reach(methods, levels=(0.7,))["methods"]["m"]["steps"] == [12]
+
+
+def test_runs_of_another_t_or_b_are_refused():
+    ref = {"metrics": {"zero_shot_accuracy": 0.5}, "flops": 1000, "config": {}}
+    base = [run(UNIFORM, seed=s) for s in range(3)]
+    for other in (run([0.7] * 20, steps_total=80), run([0.7] * 10, batch_size=16)):
+        with pytest.raises(ValueError, match="same T and b"):
+            build_report({"uniform": base, "learnability-joint": [other]}, ref, {"steps": 40})
+
+
+def test_clean_fraction_weights_each_interval_by_its_steps():
+    r = run([0.5, 0.5, 0.5], steps_total=12)
+    r["steps"], r["clean_fraction"] = [4, 8, 10], [0.5, 0.5, 1.0]  # last interval: 2 steps
+    r["config"]["steps"] = 10
+    m = summarize_method([r], [r])
+    assert m["clean_fraction"] == pytest.approx((0.5 * 4 + 0.5 * 4 + 1.0 * 2) / 10)
+
+
+def test_one_seed_has_no_spread_and_is_flagged(tmp_path):
+    ref = {"metrics": {"zero_shot_accuracy": 0.5}, "flops": 1000, "config": {}}
+    report = build_report({"uniform": [run(UNIFORM)]}, ref, {"steps": 40})
+    assert report["methods"]["uniform"]["final_accuracy"]["std"] is None
+    assert "| uniform | 60.0 (1 seed) |" in summary_table(report)
+    assert "Fewer than 3 seeds" in write_report(report, tmp_path)["md"].read_text()
+    # The baseline's numbers at "its" target are its totals at T, not its own first crossing.
+    assert report["methods"]["uniform"]["flops_at_target"] == 400
 
 
 def test_report_files(tmp_path):

@@ -577,7 +577,10 @@ class SuperBatchSampler:
         if d["super_batch_size"] != self.super_batch_size:
             raise ValueError(f"sampler state has super_batch_size={d['super_batch_size']}, "
                              f"this sampler {self.super_batch_size}")  # fmt: skip
-        self.seed, self.augment = int(d["seed"]), bool(d["augment"])
+        if bool(d["augment"]) != self.augment:
+            raise ValueError(f"sampler state has augment={d['augment']}, this sampler "
+                             f"{self.augment}: the stream would differ from the saved run's")
+        self.seed = int(d["seed"])
         self.epoch, self._cursor = int(d["epoch"]), int(d["cursor"])
         self.batches_drawn = int(d["batches_drawn"])
         self._perm = d["perm"].clone()

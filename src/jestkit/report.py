@@ -26,6 +26,11 @@ __all__ = ["FINAL_EVALS", "LEVELS", "build_report", "plateau_check", "rebuild_re
 
 FINAL_EVALS = 3  # "final accuracy" = mean of the last 3 evaluations
 LEVELS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)  # accuracy levels of `steps_to_reach`
+# "Reaches" is acc >= level - REACH_TOLERANCE: accuracies are counts / n stored as floats
+# (float32 in runs saved before evaluate returned exact ratios), so a curve exactly on a level
+# may sit a few 1e-8 below it. Seed means of counts / 1000 are >= 1e-4 apart: 1e-6 cannot
+# make a point below a level reach it.
+REACH_TOLERANCE = 1e-6
 
 
 def _mean_curve(runs: list[dict], key: str) -> list[float]:
@@ -47,19 +52,23 @@ def final_accuracy(run: dict) -> float:
     return statistics.fmean(run["zero_shot_accuracy"][-FINAL_EVALS:])
 
 
-def _spread(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
+def _spread(values: list[float]) -> float | None:
+    """Sample standard deviation; None for a single value (no spread to report)."""
+    return statistics.stdev(values) if len(values) > 1 else None
 
 
 def plateau_check(runs: list[dict]) -> dict:
     """How much the seed-averaged accuracy moved over the last quarter of training.
 
-    Compares the mean of the last 3 evaluations with the mean of the 3 evaluations around
-    step 3T/4 (averaging 3 points damps evaluation noise). Plateaued when it moved < 1 point.
+    Compares the mean of the last 3 evaluations with the mean of the 3 evaluations one
+    quarter of T earlier (windows of the same width whose centres are T/4 apart; averaging 3
+    points damps evaluation noise). Plateaued when it moved < 1 point.
     """
     curve = _mean_curve(runs, "zero_shot_accuracy")
     steps = runs[0]["steps"]
-    q = min(range(len(steps)), key=lambda i: abs(steps[i] - 0.75 * steps[-1]))
+    last = steps[-FINAL_EVALS:]
+    centre = last[len(last) // 2]  # the middle of the last 3 evaluations
+    q = min(range(len(steps)), key=lambda i: abs(steps[i] - (centre - steps[-1] / 4)))
     lo, hi = max(0, q - 1), min(len(curve), q + 2)
     at_q = statistics.fmean(curve[lo:hi])
     at_end = statistics.fmean(curve[-FINAL_EVALS:])
@@ -79,7 +88,8 @@ def steps_to_reach(methods: dict[str, dict], levels=LEVELS) -> dict:
     """
     def first(curve):
         steps, acc = curve["steps"], curve["zero_shot_accuracy"]
-        return {lv: next((s for s, a in zip(steps, acc, strict=True) if a >= lv), None)
+        return {lv: next((s for s, a in zip(steps, acc, strict=True)
+                          if a >= lv - REACH_TOLERANCE), None)
                 for lv in levels}
 
     reached = {name: first(m["curves"]) for name, m in methods.items()}
@@ -93,6 +103,14 @@ def steps_to_reach(methods: dict[str, dict], levels=LEVELS) -> dict:
                                   for lv in kept],
         }
     return out
+
+
+def _run_clean_fraction(run: dict) -> float:
+    """A run's clean fraction over all its steps: each interval's fraction weighted by its
+    number of steps (the last interval is shorter when T is not a multiple of the eval
+    interval)."""
+    lengths = [b - a for a, b in zip([0, *run["steps"]], run["steps"], strict=False)]
+    return sum(f * n for f, n in zip(run["clean_fraction"], lengths, strict=True)) / sum(lengths)
 
 
 def summarize_method(runs: list[dict], baseline: list[dict]) -> dict:
@@ -109,7 +127,7 @@ def summarize_method(runs: list[dict], baseline: list[dict]) -> dict:
     baseline_flops = statistics.fmean(_total_flops(r["cumulative_flops"][-1]) for r in baseline)
     curve = _mean_curve(runs, "zero_shot_accuracy")
     steps = runs[0]["steps"]
-    reach = next((i for i, acc in enumerate(curve) if acc >= target), None)
+    reach = next((i for i, acc in enumerate(curve) if acc >= target - REACH_TOLERANCE), None)
     if reach is None:
         iteration_speedup = compute_speedup = step_reached = flops_at_target = None
     else:
@@ -137,7 +155,7 @@ def summarize_method(runs: list[dict], baseline: list[dict]) -> dict:
         # totals (and so the compute speed-ups) leave those FLOPs out.
         "selection_counted": all("selection" in r["cumulative_flops"][-1]
                                  for r in [*runs, *baseline]),
-        "clean_fraction": statistics.fmean(statistics.fmean(r["clean_fraction"]) for r in runs),
+        "clean_fraction": statistics.fmean(_run_clean_fraction(r) for r in runs),
         "n_seeds": len(runs),
         "curves": {
             "steps": steps,
@@ -175,8 +193,9 @@ def summary_table(report: dict) -> str:
     for name, m in report["methods"].items():
         fa = m["final_accuracy"]
         per = m["flops_per_step"]
+        spread = "(1 seed)" if fa["std"] is None else f"± {100 * fa['std']:.1f}"
         lines.append(
-            f"| {name} | {100 * fa['mean']:.1f} ± {100 * fa['std']:.1f} | "
+            f"| {name} | {100 * fa['mean']:.1f} {spread} | "
             f"{_fmt_speedup(m['iteration_speedup'])} | {_fmt_speedup(m['compute_speedup'])} | "
             f"{100 * m['clean_fraction']:.1f}% | {per['train'] / 1e9:.2f} G | "
             f"{per['learner_scoring'] / 1e9:.2f} G | {per['reference_scoring'] / 1e9:.2f} G | "
@@ -209,7 +228,7 @@ def _plots(report: dict, out: Path) -> list[str]:
         for name, m in report["methods"].items():
             c = m["curves"]
             ax.plot(c[xkey], c[ykey], label=name, lw=1.6)
-            if ykey == "zero_shot_accuracy":
+            if ykey == "zero_shot_accuracy" and None not in c["zero_shot_accuracy_std"]:
                 lo = [a - s for a, s in zip(c[ykey], c["zero_shot_accuracy_std"], strict=True)]
                 hi = [a + s for a, s in zip(c[ykey], c["zero_shot_accuracy_std"], strict=True)]
                 ax.fill_between(c[xkey], lo, hi, alpha=0.15)
@@ -239,12 +258,22 @@ def build_report(runs: dict[str, list[dict]], reference: dict, config: dict) -> 
     if "uniform" not in runs:
         raise ValueError("the report needs the uniform baseline's runs")
     baseline = runs["uniform"]
+    total_steps = baseline[0]["config"]["steps"]
+    # The protocol compares at the same T and b; a mix of run directories must not pass.
+    for name, method_runs in runs.items():
+        for r in method_runs:
+            for key in ("steps", "batch_size"):
+                if r["config"][key] != baseline[0]["config"][key]:
+                    raise ValueError(f"{name} (seed {r['config']['seed']}) has {key} = "
+                                     f"{r['config'][key]}, uniform {baseline[0]['config'][key]}"
+                                     f": the protocol compares runs of the same T and b")
     methods = {name: summarize_method(r, baseline) for name, r in runs.items()}
     # The baseline is 1x by definition; its own first crossing of the target only says how
     # early it plateaued, which `plateau` reports.
-    methods["uniform"].update(iteration_speedup=1.0, compute_speedup=1.0,
-                              step_reaching_target=baseline[0]["config"]["steps"])
-    total_steps = baseline[0]["config"]["steps"]
+    methods["uniform"].update(
+        iteration_speedup=1.0, compute_speedup=1.0, step_reaching_target=total_steps,
+        flops_at_target=statistics.fmean(_total_flops(r["cumulative_flops"][-1])
+                                          for r in baseline))
     return {
         "reference_accuracy": reference["metrics"]["zero_shot_accuracy"],
         "reference": reference,
@@ -303,6 +332,9 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
         "",
         summary_table(report),
         "",
+        *([] if min(m["n_seeds"] for m in report["methods"].values()) >= 3
+          else ["Fewer than 3 seeds: the protocol asks for at least 3; these numbers carry no "
+                "spread and mean little.", ""]),
         *([] if all(m.get("selection_counted", True) for m in report["methods"].values())
           else ["Selection n/a: these runs were saved before the selector's own matmuls were "
                 "counted, so their compute speed-ups leave those FLOPs out.", ""]),
@@ -318,9 +350,10 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
         "and reference, not per run.",
         "",
         "## Did uniform plateau?",
-        f"Seed-averaged accuracy around step {plateau['step_three_quarters']} (3T/4, mean of 3 "
-        f"evaluations): {100 * plateau['accuracy_at_three_quarters']:.1f}%; at the end (mean of "
-        f"the last 3): {100 * plateau['accuracy_at_end']:.1f}%; moved "
+        f"Seed-averaged accuracy around step {plateau['step_three_quarters']} (mean of 3 "
+        f"evaluations, one quarter of T before the last 3): "
+        f"{100 * plateau['accuracy_at_three_quarters']:.1f}%; at the end (mean of the last 3): "
+        f"{100 * plateau['accuracy_at_end']:.1f}%; moved "
         f"{plateau['moved_points']:+.2f} points -> "
         f"{'plateaued (< 1 point)' if plateau['plateaued'] else 'NOT plateaued (>= 1 point)'}.",
         "",
@@ -328,7 +361,9 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
         "First evaluated step at which each method's seed-averaged curve reaches the level, "
         "and uniform's own first step at that level / the method's. (The protocol's speed-up "
         "above divides T, not uniform's first crossing, by the method's step at uniform's final "
-        "accuracy.)",
+        "accuracy.) Steps are those of the evaluation grid (every "
+        f"{report['methods']['uniform']['curves']['steps'][0]} steps), so every speed-up is "
+        "a ratio of grid steps: e.g. 1000/425 = 2.35 and 1000/400 = 2.50 are neighbours.",
         "",
         *_levels_table(report.get("steps_to_reach")),
         "",

@@ -193,7 +193,8 @@ def evaluate(model: DualEncoder, split: Split, tokenizer, batch_size: int = 500)
       only the digit, so many pairs share a caption text; exact-pair recall would reward
       arbitrary tie-breaking among identical captions.
 
-    Returns a dict of floats in [0, 1].
+    Returns a dict of floats in [0, 1], each an exact count / len(split) (a Python float, not
+    a float32 mean, so a curve that lands on a level compares equal to it).
     """
     was_training = model.training
     model.eval()
@@ -208,10 +209,11 @@ def evaluate(model: DualEncoder, split: Split, tokenizer, batch_size: int = 500)
         class_emb = model.encode_text(flat).reshape(len(prompts), n_templates, -1).mean(1)
         class_emb = torch.nn.functional.normalize(class_emb, dim=-1)
         labels = split.labels
-        zero_shot = (images @ class_emb.T).argmax(1).eq(labels).float().mean().item()
+        n = len(labels)
+        zero_shot = int((images @ class_emb.T).argmax(1).eq(labels).sum()) / n
         sim = images @ texts.T
-        i2t = labels[sim.argmax(1)].eq(labels).float().mean().item()
-        t2i = labels[sim.argmax(0)].eq(labels).float().mean().item()
+        i2t = int(labels[sim.argmax(1)].eq(labels).sum()) / n
+        t2i = int(labels[sim.argmax(0)].eq(labels).sum()) / n
     finally:
         model.train(was_training)
     return {"zero_shot_accuracy": zero_shot, "i2t_recall@1": i2t, "t2i_recall@1": t2i}
