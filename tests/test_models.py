@@ -155,6 +155,27 @@ def test_coarse_patch_gradient_reaches_base_kernel_and_pos_embed() -> None:
     assert model.image.pos_embed.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+# patch 2 and (16, width 16): the resized-kernel path; (16, width 48): the downsample path
+@pytest.mark.parametrize("patch, width", [(2, 32), (16, 16), (16, 48)])
+def test_first_use_under_inference_mode_does_not_break_training(dtype, patch, width):
+    """Found in review: resize matrices first built under torch.inference_mode (evaluation,
+    scoring) were cached as inference tensors, and every later backward at that patch size
+    failed; in float64 the shared lru_cache was poisoned for models built afterwards too."""
+    for build in (bilinear_resize_matrix, pi_resize_matrix, pi_downsample_matrix):
+        build.cache_clear()
+    config = tiny_config(image_width=width)
+    model = DualEncoder(config, seed=0).to(dtype)
+    images, tokens = batch()
+    images = images.to(dtype)
+    with torch.inference_mode():
+        model(images, tokens, patch)
+    for m in (model, DualEncoder(config, seed=1).to(dtype)):
+        x = images.clone().requires_grad_()  # the downsample path's matmuls save the images
+        sigmoid_loss(*m(x, tokens, patch)).backward()
+        assert m.image.patch_embed.weight.grad.abs().sum() > 0 and x.grad is not None
+
+
 @pytest.mark.parametrize("bad", [3, 5, 0, -4, 64, 4.0, True, "4"])
 def test_invalid_patch_size_raises(bad) -> None:
     model = DualEncoder(tiny_config())
@@ -310,6 +331,13 @@ def test_save_load_round_trip(tmp_path) -> None:
             assert torch.equal(x, y)
     save_model(loaded, path)  # overwriting works, still no stray files
     assert os.listdir(tmp_path) == ["model.safetensors"]
+    # A half-precision model comes back in its own precision, with the same fingerprint
+    # (a cache made with it must still match).
+    half = DualEncoder(tiny_config(), seed=3).to(torch.bfloat16)
+    save_model(half, path)
+    back = load_model(path)
+    assert next(back.parameters()).dtype == torch.bfloat16
+    assert model_fingerprint(back) == model_fingerprint(half)
 
 
 def test_failed_save_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch) -> None:

@@ -11,9 +11,9 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_readme_loop_example_runs():
-    code = re.search(r"```python\n(from jestkit import JointSelector.*?)```", README.read_text(),
-                     re.S).group(1)
-    assert len(code.strip().splitlines()) <= 14
+    code = re.search(r"```python\n(import torch\nfrom jestkit import JointSelector.*?)```",
+                     README.read_text(), re.S).group(1)
+    assert len(code.strip().splitlines()) <= 15
     cfg = DualEncoderConfig(vocab_size=50, image_width=16, image_depth=1, text_width=16,
                             text_depth=1, embed_dim=16, patch_size=8)
     model, reference = DualEncoder(cfg, seed=0), DualEncoder(cfg, seed=1).eval()

@@ -187,8 +187,9 @@ def bilinear_resize_matrix(old: int, new: int) -> Tensor:
     Built by resizing each basis image, so it is exactly the linear map `_resize_2d` applies
     to a single old x old patch. Cached and shared: treat the result as read-only.
     """
-    basis = torch.eye(old * old, dtype=torch.float64).reshape(old * old, 1, old, old)
-    return _resize_2d(basis, new).reshape(old * old, new * new).T.contiguous()
+    with torch.inference_mode(False):  # cached: must stay usable by autograd (see _matrix)
+        basis = torch.eye(old * old, dtype=torch.float64).reshape(old * old, 1, old, old)
+        return _resize_2d(basis, new).reshape(old * old, new * new).T.contiguous()
 
 
 @functools.lru_cache(maxsize=64)
@@ -200,8 +201,9 @@ def pi_resize_matrix(old: int, new: int) -> Tensor:
     patch gives exactly the original token. When shrinking it is the least-squares solution.
     Cached per (old, new) since the patch size changes between calls; treat as read-only.
     """
-    b = bilinear_resize_matrix(old, new)
-    return torch.linalg.pinv(b.T).T.contiguous()
+    with torch.inference_mode(False):
+        b = bilinear_resize_matrix(old, new)
+        return torch.linalg.pinv(b.T).T.contiguous()
 
 
 @functools.lru_cache(maxsize=64)
@@ -216,9 +218,10 @@ def pi_downsample_matrix(old: int, new: int) -> Tensor:
     """
     if new <= old:
         raise ValueError(f"pi_downsample_matrix is for growing patches, got {old} -> {new}")
-    basis = torch.eye(old, dtype=torch.float64).reshape(old, 1, old)
-    b1 = F.interpolate(basis, size=new, mode="linear", align_corners=False)  # no antialias
-    return torch.linalg.pinv(b1.reshape(old, new).T).contiguous()  # pinv([new, old])
+    with torch.inference_mode(False):
+        basis = torch.eye(old, dtype=torch.float64).reshape(old, 1, old)
+        b1 = F.interpolate(basis, size=new, mode="linear", align_corners=False)  # no antialias
+        return torch.linalg.pinv(b1.reshape(old, new).T).contiguous()  # pinv([new, old])
 
 
 def resize_pos_embed(pos: Tensor, new_grid: int) -> Tensor:
@@ -295,8 +298,12 @@ class FlexiPatchEmbed(nn.Module):
         key = (patch_size, self.weight.device, self.weight.dtype)
         m = cache.get(key)
         if m is None:
-            m = build(self.base_patch, patch_size).to(device=self.weight.device,
-                                                      dtype=self.weight.dtype)
+            # Built outside inference mode even when first asked for there (evaluation,
+            # scoring): an inference tensor, once cached, could never be saved for backward,
+            # and every later training step at this patch size would fail.
+            with torch.inference_mode(False):
+                m = build(self.base_patch, patch_size).to(device=self.weight.device,
+                                                          dtype=self.weight.dtype)
             cache[key] = m
         return m
 
@@ -603,8 +610,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> D
         raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint "
                          f"(metadata format={metadata.get('format')!r})")
     config = DualEncoderConfig.from_dict(json.loads(metadata["config"]))
+    state = safetensors.torch.load_file(str(path))
     model = DualEncoder(config)
-    model.load_state_dict(safetensors.torch.load_file(str(path)), strict=True)
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    if len(dtypes) == 1:  # keep the saved precision (and so the fingerprint)
+        model = model.to(dtypes.pop())
+    model.load_state_dict(state, strict=True)
     return model.to(device)
 
 

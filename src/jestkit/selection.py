@@ -297,7 +297,10 @@ def independent_select(
         scores: either [N] per-example scores, or an [N, N] additive score matrix A, reduced
             to each example's own share of the super-batch's score,
             ``(A[i, :].sum() + A[:, i].sum()) / 2`` (these shares sum to ``A.sum()``, just as
-            per-example losses sum to the batch loss).
+            per-example losses sum to the batch loss). Only for sigmoid-loss matrices: a
+            softmax loss is not a sum of pair terms (for CLIP's per-example loss pass the
+            diagonal of `pairwise_softmax_loss`, or use ``JointSelector(loss="softmax",
+            selection="independent")``).
         batch_size: b in [1, N].
 
     Returns:
@@ -382,7 +385,7 @@ class _Model:
     def blocks(self, cols: Tensor):
         """Yield (rows, z_rc, z_cr): z_rc[a, b] = t u_{rows[a]} . v_{cols[b]} and
         z_cr[a, b] = t u_{cols[b]} . v_{rows[a]}, bias excluded, for row blocks of all N,
-        each block at most max_block_elements large (the chosen chunk's rows and columns)."""
+        each block at most max_block_elements large (at least one row: |cols| entries)."""
         image_c, text_c = self.scaled_image[cols], self.text[cols]
         block_rows = max(1, self.max_block_elements // max(1, image_c.shape[0]))
         for start in range(0, self.n, block_rows):
@@ -391,9 +394,10 @@ class _Model:
 
     def full_blocks(self):
         """Yield (rows, z): z[a, j] = t u_{rows[a]} . v_j for all N columns, bias excluded,
-        for row blocks of all N, each at most max_block_elements large. The [N, N] matrix
-        once, in one orientation: a reduction over j is per block, one over i accumulates
-        across blocks (z_ji needs no second matmul: it is z transposed)."""
+        for row blocks of all N, each at most max_block_elements large (at least one row: N
+        entries). The [N, N] matrix once, in one orientation: a reduction over j is per
+        block, one over i accumulates across blocks (z_ji needs no second matmul: it is z
+        transposed)."""
         block_rows = max(1, self.max_block_elements // max(1, self.n))
         for start in range(0, self.n, block_rows):
             rows = slice(start, min(start + block_rows, self.n))
@@ -582,8 +586,9 @@ class JointSelector:
         device: where to compute (embeddings are moved there, e.g. reference embeddings
             cached on CPU and a learner on GPU). Default: the embeddings' own device, which
             must then be the same for both models.
-        max_block_elements: the size of the largest [rows, columns] block held at once;
-            memory is O(N * d + max_block_elements), never O(N^2). With the sigmoid loss,
+        max_block_elements: the size of the largest [rows, columns] block held at once (a
+            block is at least one row, N entries); memory is O(N * d + max(max_block_elements,
+            N)), never more than that however large N is. With the sigmoid loss,
             a super-batch of N <= 512 with N * N <= max_block_elements has its [N, N] pair
             matrix built once (faster for small N); larger ones are scored block by block.
     """
