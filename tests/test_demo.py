@@ -101,6 +101,8 @@ def test_bad_demo_config():
         DemoConfig.from_dict({"learner": {"stepz": 3}})
     with pytest.raises(ValueError, match="unknown reference config fields"):
         DemoConfig.from_dict({"reference": {"widht": 3}})
+    with pytest.raises(ValueError, match="learner must be an object of fields"):
+        DemoConfig.from_dict({"learner": [1, 2]})
     with pytest.raises(ValueError, match="seeds must not repeat"):
         DemoConfig(seeds=(0, 0))
     with pytest.raises(ValueError, match="methods must not repeat"):

@@ -96,10 +96,12 @@ class DemoConfig:
         for key, block_cls in (("learner", LearnerConfig), ("reference", ReferenceConfig)):
             if key in d:
                 allowed = {f.name for f in dataclasses.fields(block_cls)}
-                if not isinstance(d[key], dict) or set(d[key]) - allowed:
-                    extra = sorted(set(d[key]) - allowed) if isinstance(d[key], dict) else d[key]
-                    raise ValueError(f"unknown {key} config fields {extra}; allowed: "
-                                     f"{sorted(allowed)}")
+                if not isinstance(d[key], dict):
+                    raise ValueError(f"{key} must be an object of fields {sorted(allowed)}, "
+                                     f"got {d[key]!r}")
+                if set(d[key]) - allowed:
+                    raise ValueError(f"unknown {key} config fields {sorted(set(d[key]) - allowed)}"
+                                     f"; allowed: {sorted(allowed)}")
                 d[key] = block_cls(**d[key])
         for key in ("seeds", "methods"):
             if key in d:
