@@ -362,8 +362,8 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
         "and uniform's own first step at that level / the method's. (The protocol's speed-up "
         "above divides T, not uniform's first crossing, by the method's step at uniform's final "
         "accuracy.) Steps are those of the evaluation grid (every "
-        f"{report['methods']['uniform']['curves']['steps'][0]} steps), so every speed-up is "
-        "a ratio of grid steps: e.g. 1000/425 = 2.35 and 1000/400 = 2.50 are neighbours.",
+        f"{report['methods']['uniform']['curves']['steps'][0]} steps), so a speed-up can only "
+        "take the values T / (a grid step): neighbouring values are several percent apart.",
         "",
         *_levels_table(report.get("steps_to_reach")),
         "",
