@@ -81,8 +81,9 @@ def main() -> None:
                 flops = {k: count_flops(lambda s=sel: run(s)) / 1e6
                          for k, sel in (("matrix", matrix), ("blocks", blocks))}
                 times = {"matrix": [], "blocks": []}
-                for _ in range(args.rounds):
-                    for name, sel in (("matrix", matrix), ("blocks", blocks)):
+                pair = [("matrix", matrix), ("blocks", blocks)]
+                for r in range(args.rounds):  # alternate which path goes first
+                    for name, sel in pair if r % 2 == 0 else pair[::-1]:
                         run(sel)  # warm
                         times[name].append(timed(lambda s=sel: run(s), args.calls))
             t_m, t_b = (statistics.median(times[k]) * 1e3 for k in ("matrix", "blocks"))

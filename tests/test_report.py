@@ -59,6 +59,28 @@ def test_speedups_by_the_protocol():
     assert summarize_method(with_selector, baseline)["compute_speedup"] == pytest.approx(400 / 440)
 
 
+def test_seeds_enter_the_target_and_both_flop_totals_as_means():
+    # Seeds differ in final accuracy and FLOPs, and the 4th-last evaluation differs from the
+    # last 3: the target is the mean over seeds of each seed's last-3 mean (0.6), and both
+    # FLOP totals are seed means. Taking any of these from one seed, or 4 evaluations, moves
+    # the numbers below.
+    baseline = [run([0.1] * 6 + [0.2] + [final] * 3, seed=s, train=9 + s)
+                for s, final in enumerate((0.5, 0.6, 0.7))]  # FLOPs at T: 360, 400, 440
+    fast = [run([0.55, second] + [0.8] * 8, seed=s, train=10, learner=20 + 10 * s)
+            for s, second in enumerate((0.5, 0.6, 0.7))]  # seed mean 0.6 at step 8
+    m = summarize_method(fast, baseline)
+    assert m["target_accuracy"] == pytest.approx(0.6)
+    assert m["step_reaching_target"] == 8 and m["iteration_speedup"] == pytest.approx(5.0)
+    # Baseline 400 on average; the method at step 8: (30 + 40 + 50) / 3 * 8 = 320.
+    assert m["flops_at_target"] == pytest.approx(320)
+    assert m["compute_speedup"] == pytest.approx(400 / 320)
+
+
+def test_a_falling_curve_has_not_plateaued():
+    p = plateau_check([run([0.6 - 0.002 * i for i in range(40)], steps_total=160)])
+    assert p["moved_points"] == pytest.approx(-2.0, abs=1e-9) and not p["plateaued"]
+
+
 def test_runs_saved_without_selection_flops_are_flagged(tmp_path):
     """Curves saved before the selector's FLOPs were a phase still report, with the column
     shown as n/a and a note that their compute speed-ups leave those FLOPs out."""

@@ -8,6 +8,7 @@ import inspect
 import itertools
 import math
 from collections import Counter
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -165,6 +166,26 @@ def test_conditional_logits_equal_true_gain_by_brute_force():
         chosen += idx[sum(sizes[:k]):sum(sizes[:k + 1])].tolist()
 
 
+def test_the_speed_benchmarks_dense_baseline_draws_the_same_law():
+    """benchmarks/dense_reference.py (the outside baseline of selection_speed.py, written
+    without jestkit) must be JEST too, or the benchmark's speed-up compares against something
+    else: its draws follow the exact blocked distribution."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "dense_reference.py"
+    spec = importlib.util.spec_from_file_location("dense_reference", path)
+    dense = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dense)
+    a = random_scores(7, seed=11)
+    sizes = dense.dense_chunk_sizes(4, 2)
+    assert sizes == chunk_sizes(4, 2)
+    exact = exact_blocked_distribution(a, sizes)
+    gen, draws = torch.Generator().manual_seed(5), 20000
+    counts = Counter(chunked(dense.dense_joint_select(a, sizes, gen).tolist(), sizes)
+                     for _ in range(draws))
+    assert chi_square_pvalue(counts, exact, draws) > 1e-3
+
+
 @pytest.mark.parametrize("n, b, k, draws", [(7, 4, 2, 20000), (8, 5, 2, 20000), (6, 3, 3, 12000)])
 def test_joint_select_matches_exact_blocked_distribution(n, b, k, draws):
     a = random_scores(n, seed=n + b)
@@ -181,16 +202,34 @@ def test_joint_select_matches_exact_blocked_distribution(n, b, k, draws):
     assert tv < 0.6 * math.sqrt(len(exact) / draws)
 
 
-def test_independent_select_matches_exact_distribution():
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_independent_select_matches_exact_distribution(temperature):
     a = random_scores(8, seed=5)
     scores = (a.sum(1) + a.sum(0)) / 2
-    exact = {frozenset(c): set_probability(scores, list(c))
-             for c in itertools.combinations(range(8), 3)}
+
+    def law(logits):
+        return {frozenset(c): set_probability(logits, list(c))
+                for c in itertools.combinations(range(8), 3)}
+
     gen = torch.Generator().manual_seed(99)
     draws = 20000
-    counts = Counter(frozenset(independent_select(a, 3, generator=gen).tolist())
+    counts = Counter(frozenset(independent_select(a, 3, generator=gen,
+                                                  temperature=temperature).tolist())
                      for _ in range(draws))
-    assert chi_square_pvalue(counts, exact, draws) > 1e-3
+    assert chi_square_pvalue(counts, law(scores / temperature), draws) > 1e-3
+    if temperature != 1.0:  # an ignored temperature is rejected
+        assert chi_square_pvalue(counts, law(scores), draws) < 1e-6
+
+
+def test_uniform_select_draws_every_sub_batch_equally():
+    # All C(12, 4) = 495 sub-batches equally likely: chi-square over 20,000 draws (expected
+    # ~40 per cell). A sampler that never picks some index misses 165 cells and fails.
+    gen = torch.Generator().manual_seed(7)
+    draws = 20000
+    counts = Counter(frozenset(uniform_select(12, 4, generator=gen).tolist())
+                     for _ in range(draws))
+    cells = [frozenset(c) for c in itertools.combinations(range(12), 4)]
+    assert chi_square_pvalue(counts, {c: 1 / len(cells) for c in cells}, draws) > 1e-3
 
 
 def test_joint_batches_score_far_above_uniform_and_near_the_best():
@@ -560,6 +599,12 @@ def test_global_rng_untouched_and_generator_reproducible():
     assert torch.equal(torch.random.get_rng_state(), state)
     assert torch.equal(a, b)
     assert sel.sub_batch_size(50) == 10 and a.numel() == 10
+    # ... and freshly seeded each call: with equal scores every 10-of-50 sub-batch has
+    # probability 1 / C(50, 10) ~ 1e-10, so three unseeded draws never repeat by chance.
+    flat = torch.zeros(50, 50)
+    for draw in (lambda: joint_select(flat, 10, n_chunks=5), lambda: independent_select(flat, 10),
+                 lambda: uniform_select(50, 10)):
+        assert len({tuple(sorted(draw().tolist())) for _ in range(3)}) == 3
 
 
 # --- bad input -------------------------------------------------------------------------------

@@ -10,11 +10,12 @@ from torch import nn
 
 from jestkit.data import caption_digits, load_digits_web
 from jestkit.flops import count_flops
-from jestkit.models import DualEncoder
+from jestkit.models import DualEncoder, sigmoid_loss
 from jestkit.selection import JointSelector
 from jestkit.training import (
     LearnerConfig,
     ReferenceConfig,
+    _split_sizes,
     evaluate,
     small_model,
     train_learner,
@@ -67,6 +68,24 @@ def test_evaluate_perfect_and_random_models(data):
     assert abs(chance["i2t_recall@1"] - 0.1) < 0.045
 
 
+class LopsidedOracle(OracleModel):
+    """Captions of digits 5-9 embed as 0.5 e_c + 0.6 e_0: each image still finds a caption of
+    its own digit (0.5 > 0 and 1 > 0.6), but a caption of 5-9 finds a 0 image (0.6 > 0.5)."""
+
+    def encode_text(self, tokens):
+        out = super().encode_text(tokens)
+        high = out[:, 5:].sum(1) > 0
+        out[high] = 0.5 * out[high]
+        out[high, 0] = 0.6
+        return out
+
+
+def test_evaluate_tells_the_two_retrieval_directions_apart(data):
+    metrics = evaluate(LopsidedOracle(data.test, data.tokenizer), data.test, data.tokenizer)
+    # The test split is 100 clean pairs per digit: half the captions name 5-9.
+    assert metrics == {"zero_shot_accuracy": 1.0, "i2t_recall@1": 1.0, "t2i_recall@1": 0.5}
+
+
 def test_learner_run_accounts_flops_per_phase(data, reference):
     uniform = train_learner(data, dataclasses.replace(TINY, method="uniform"))
     jest = train_learner(data, TINY, reference)
@@ -106,6 +125,13 @@ def test_selector_flops_are_a_phase_of_their_own(data, reference):
         one_call = _selector_call_flops(cfg, embed_dim)
         assert one_call > 0
         assert run.cumulative_flops[-1]["selection"] == cfg.steps * one_call, selection
+
+
+def test_multiresolution_split_of_a_sub_batch():
+    assert _split_sizes(64, (None,), 0.0) == [(None, 64)]
+    assert _split_sizes(64, (8, 16), 0.5) == [(8, 32), (16, 32)]
+    assert _split_sizes(64, (8, 16), 0.25) == [(8, 48), (16, 16)]
+    assert _split_sizes(5, (8, 16), 1.0) == [(8, 0), (16, 5)]
 
 
 def test_hard_learner_needs_no_reference(data):
@@ -191,6 +217,28 @@ def test_resume_with_another_reference_is_refused(data, reference, tmp_path):
     uni = dataclasses.replace(TINY, method="uniform")
     train_learner(data, uni, run_dir=tmp_path / "u", stop_after=2)
     assert train_learner(data, uni, run_dir=tmp_path / "u", resume=True).steps[-1] == 6
+
+
+def test_resume_with_a_cached_reference_checks_which_cache(data, reference, tmp_path):
+    from jestkit.cache import build_reference_cache
+
+    cache_a = build_reference_cache(reference, data.pool, tmp_path / "a")
+    full = train_learner(data, TINY, reference_embedder=cache_a.embeddings)
+    run = tmp_path / "run"
+    train_learner(data, TINY, reference_embedder=cache_a.embeddings, run_dir=run, stop_after=2)
+    other, _ = train_reference(data, ReferenceConfig(steps=3, batch_size=16, width=16, depth=1,
+                                                     seed=1))
+    cache_b = build_reference_cache(other, data.pool, tmp_path / "b")
+    with pytest.raises(ValueError, match="scored with reference cached:.*this run with cached:"):
+        train_learner(data, TINY, reference_embedder=cache_b.embeddings, run_dir=run,
+                      resume=True)
+    # The live reference scores the shifted view, its cache the stored image: not the same run.
+    with pytest.raises(ValueError, match="scored with reference cached:.*this run with live:"):
+        train_learner(data, TINY, reference, run_dir=run, resume=True)
+    resumed = train_learner(data, TINY, reference_embedder=cache_a.embeddings, run_dir=run,
+                            resume=True)
+    assert resumed.zero_shot_accuracy == pytest.approx(full.zero_shot_accuracy, abs=1e-6)
+    assert resumed.cumulative_flops == full.cumulative_flops
 
 
 def test_checkpoint_arguments_need_a_run_dir(data, reference):
@@ -283,8 +331,17 @@ def test_multiresolution_training_is_deterministic_and_cheaper(data, reference):
     assert a.zero_shot_accuracy == b.zero_shot_accuracy and a.train_loss == b.train_loss
     full = train_learner(data, base, reference)
     fa, ff = a.cumulative_flops[-1], full.cumulative_flops[-1]
-    # Half of every sub-batch at 4 image tokens instead of 16; the text tower (16 tokens
-    # here) is unchanged, so the saving is on the image half only. Measured: 0.867.
+    # Half of every sub-batch at 4 image tokens instead of 16: exactly a forward + backward
+    # of 8 pairs at patch 8 plus one of 8 pairs at patch 16, per step.
+    model = DualEncoder(small_model(data.tokenizer.vocab_size, base.width, base.depth,
+                                    text_width=base.text_width), seed=0)
+    images, tokens = data.pool.images[:16], data.pool.tokens[:16]
+
+    def fwd_bwd(n, patch):
+        return count_flops(lambda: sigmoid_loss(*model(images[:n], tokens[:n], patch)).backward())
+
+    assert fa["train"] == base.steps * (fwd_bwd(8, 8) + fwd_bwd(8, 16))
+    assert ff["train"] == base.steps * fwd_bwd(16, 8)
     assert fa["train"] < 0.9 * ff["train"]
     # Scoring at 4 image tokens: measured 0.66 of full (the 16-token text tower stays).
     assert fa["learner_scoring"] < 0.7 * ff["learner_scoring"]
