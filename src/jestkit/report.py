@@ -272,8 +272,7 @@ def build_report(runs: dict[str, list[dict]], reference: dict, config: dict) -> 
     # early it plateaued, which `plateau` reports.
     methods["uniform"].update(
         iteration_speedup=1.0, compute_speedup=1.0, step_reaching_target=total_steps,
-        flops_at_target=statistics.fmean(_total_flops(r["cumulative_flops"][-1])
-                                          for r in baseline))
+        flops_at_target=methods["uniform"]["curves"]["cumulative_flops"][-1])  # seed mean at T
     return {
         "reference_accuracy": reference["metrics"]["zero_shot_accuracy"],
         "reference": reference,

@@ -507,19 +507,23 @@ class _SoftmaxState:
         self.col_lse = [None if e is None else e.clone() for e in empty]
         self.n_added = 0
 
-    def _lse(self, m: _Model, cols: Tensor | None) -> tuple[Tensor, Tensor]:
-        """([N], [N]): logsumexp over j in cols (all N if None) of z_ij, and of z_ji."""
+    def _lse(self, m: _Model, cols: Tensor) -> tuple[Tensor, Tensor]:
+        """([N], [N]): logsumexp over j in cols of z_ij, and of z_ji."""
         row = torch.empty(m.n, dtype=m.dtype, device=m.device)
-        if cols is None:  # one [N, N] pass; the column log-sum-exps accumulate over blocks
-            col = torch.full_like(row, float("-inf"))
-            for rows, z in m.full_blocks():
-                row[rows] = torch.logsumexp(z, dim=1)
-                col = torch.logaddexp(col, torch.logsumexp(z, dim=0))
-            return row, col
         col = torch.empty_like(row)
         for rows, z_rc, z_cr in m.blocks(cols):
             row[rows] = torch.logsumexp(z_rc, dim=1)
             col[rows] = torch.logsumexp(z_cr, dim=1)
+        return row, col
+
+    def _all_lse(self, m: _Model) -> tuple[Tensor, Tensor]:
+        """([N], [N]): logsumexp over all j of z_ij, and of z_ji (row and column reductions
+        of one [N, N] pass; the column ones accumulate over the row blocks)."""
+        row = torch.empty(m.n, dtype=m.dtype, device=m.device)
+        col = torch.full_like(row, float("-inf"))
+        for rows, z in m.full_blocks():
+            row[rows] = torch.logsumexp(z, dim=1)
+            col = torch.logaddexp(col, torch.logsumexp(z, dim=0))
         return row, col
 
     def _conditional(self, i: int) -> Tensor | None:
@@ -549,7 +553,7 @@ class _SoftmaxState:
             if m is None:
                 losses.append(None)
                 continue
-            row, col = self._lse(m, None)
+            row, col = self._all_lse(m)
             losses.append((row + col) / 2 - m.diag_z)
         return self.criterion(*losses)
 
