@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from statistics import median
 
-from _markdown import replace_section
+from _markdown import check_section, replace_section
 
 HERE = Path(__file__).resolve().parent
 
@@ -603,6 +603,7 @@ def main(argv=None) -> int:
         print(RESULT_TAG + json.dumps(child(json.loads(args.one))), flush=True)
         return 0
 
+    check_section(args.out, "selection_speed")  # before minutes of timing, not after
     command = "python benchmarks/selection_speed.py " + " ".join(
         sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()

@@ -44,6 +44,10 @@ Run from the repository root::
     python benchmarks/step_overhead.py --quick            # smoke test (< 1 min)
     python benchmarks/step_overhead.py --out docs/step_overhead.md
 
+``--config configs/X.json`` benchmarks another demo config's models and Flexi setting (e.g.
+``configs/demo-64-tokens.json``: the learner at patch 4, 64 image tokens) instead of the
+default demo's.
+
 ``--out`` writes the results between ``<!-- step_overhead:start -->`` and
 ``<!-- step_overhead:end -->`` if the file has those markers (the text around them is kept),
 else a stand-alone file.
@@ -63,7 +67,7 @@ import time
 from pathlib import Path
 
 import torch
-from _markdown import replace_section
+from _markdown import check_section, replace_section
 
 from jestkit.cache import build_reference_cache
 from jestkit.data import Batch, SuperBatchSampler, load_digits_web
@@ -82,11 +86,23 @@ from jestkit.training import (
     train_learner,
 )
 
+# The models and the Flexi setting: the demo's (`DemoConfig()`), or those of a demo config
+# file given with --config (`use_demo_config`).
 _LEARNER, _REFERENCE, _DEMO = LearnerConfig(), ReferenceConfig(), DemoConfig()
 BATCH = _LEARNER.batch_size
 N_CHUNKS = _LEARNER.n_chunks
 FLEXI_PATCH = _DEMO.flexi_score_patch_size
 MULTIRES = {"cached+flexi": _DEMO.flexi_multires_fraction, "cached+flexi+multires": 0.5}
+
+
+def use_demo_config(demo: DemoConfig) -> None:
+    """Benchmark the learner, reference and Flexi setting of `demo` instead of the default
+    demo's (e.g. ``configs/demo-64-tokens.json``: a learner at patch 4)."""
+    global _LEARNER, _REFERENCE, _DEMO, BATCH, N_CHUNKS, FLEXI_PATCH, MULTIRES
+    _LEARNER, _REFERENCE, _DEMO = demo.learner, demo.reference, demo
+    BATCH, N_CHUNKS = _LEARNER.batch_size, _LEARNER.n_chunks
+    FLEXI_PATCH = demo.flexi_score_patch_size
+    MULTIRES = {"cached+flexi": demo.flexi_multires_fraction, "cached+flexi+multires": 0.5}
 FILTER_RATIOS = (0.5, 0.8, 0.9)
 JEST_KINDS = ("live", "cached", "cached+flexi", "cached+flexi+multires")
 FLOP_TARGET = 1.3  # cached+flexi at f = 0.8: FLOPs/step <= 1.3x uniform's
@@ -101,7 +117,8 @@ PHASES = ("sample", "learner_scoring", "reference_scoring", "cache_lookup", "sel
 
 def variant_config(kind: str, f: float | None, seed: int) -> LearnerConfig:
     common = dict(batch_size=BATCH, width=_LEARNER.width, text_width=_LEARNER.text_width,
-                  depth=_LEARNER.depth, seed=seed, n_chunks=N_CHUNKS, selection="joint")
+                  depth=_LEARNER.depth, patch_size=_LEARNER.patch_size, seed=seed,
+                  n_chunks=N_CHUNKS, selection="joint")
     if kind == "uniform":
         return LearnerConfig(method="uniform", **common)
     if kind in MULTIRES:
@@ -172,7 +189,7 @@ class Runner:
         self.name, self.cfg, self.data = name, cfg, data
         self.clock = _Clock()
         model_cfg = small_model(data.tokenizer.vocab_size, cfg.width, cfg.depth,
-                                text_width=cfg.text_width)
+                                patch_size=cfg.patch_size, text_width=cfg.text_width)
         self.model = DualEncoder(model_cfg, seed=cfg.seed)
         self.opt = _optimizer(self.model, cfg)
         self.sampler = SuperBatchSampler(data.pool, cfg.super_batch_size, seed=cfg.seed)
@@ -290,14 +307,15 @@ def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
 def per_call_overhead(data, seed: int, batches: list[int], repeats: int) -> dict:
     """Fixed per-call cost, measured two ways.
 
-    1. Single no-grad learner forwards (whole model, image tower, text tower) at patch 8 and
-       16 for several batch sizes; t = t0 + FLOPs / rate fitted over the whole-model points.
+    1. Single no-grad learner forwards (whole model, image tower, text tower) at the
+       training patch (8 in the demo) and the Flexi scoring patch (16) for several batch
+       sizes; t = t0 + FLOPs / rate fitted over the whole-model points.
     2. One `_train_step` (forward + backward + AdamW step) on the sub-batch of b = 64 as one
-       part at patch 8 (uniform, live, cached) against the Flexi split into two parts of 32
-       (patch 8 and patch 16), and each part alone.
+       part at the training patch (uniform, live, cached) against the Flexi split into two
+       parts of 32 (training and scoring patch), and each part alone.
     """
     model_cfg = small_model(data.tokenizer.vocab_size, _LEARNER.width, _LEARNER.depth,
-                            text_width=_LEARNER.text_width)
+                            patch_size=_LEARNER.patch_size, text_width=_LEARNER.text_width)
     model = DualEncoder(model_cfg, seed=seed).eval()
     images, tokens = data.pool.images, data.pool.tokens
     fine = model_cfg.patch_size
@@ -569,7 +587,9 @@ def markdown(res: dict, command: str) -> str:
               f"{o['fit_cpu_t0_s'] * 1e3:.2f} ms + FLOPs / "
               f"{o['fit_cpu_rate_flops_per_s'] / 1e9:.2f} GFLOP/s.", "",
               "| forward | batch | patch | MFLOP | wall ms median [IQR] | CPU ms median "
-              "| CPU ratio p16/p8 | FLOP ratio p16/p8 |", "|---|---|---|---|---|---|---|---|"]
+              f"| CPU ratio p{FLEXI_PATCH}/p{o['base_patch']} "
+              f"| FLOP ratio p{FLEXI_PATCH}/p{o['base_patch']} |",
+              "|---|---|---|---|---|---|---|---|"]
     by = {(r["what"], r["n"], r["patch"]): r for r in o["rows"]}
     for r in o["rows"]:
         ratio_t = ratio_f = ""
@@ -592,15 +612,21 @@ def markdown(res: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_out(path: Path, body: str) -> None:
-    replace_section(path, body, "step_overhead", "Step overhead of JEST")
+def write_out(path: Path, body: str, section: str = "step_overhead") -> None:
+    replace_section(path, body, section, "Step overhead of JEST")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke test (< 1 min)")
+    p.add_argument("--config", type=Path,
+                   help="a demo config (JSON): benchmark its learner, reference and Flexi "
+                        "setting instead of the default demo's")
     p.add_argument("--out", type=Path, help="write the markdown results here")
     p.add_argument("--json", type=Path, help="write the raw results as JSON here")
+    p.add_argument("--section", default="step_overhead",
+                   help="--out replaces the text between <!-- SECTION:start --> and "
+                        "<!-- SECTION:end --> (default: step_overhead)")
     p.add_argument("--filter-ratios", type=float, nargs="+", default=list(FILTER_RATIOS))
     p.add_argument("--kinds", nargs="+", default=list(JEST_KINDS), choices=JEST_KINDS)
     p.add_argument("--rounds", type=int, default=10)
@@ -614,6 +640,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=0)
     args = p.parse_args(argv)
+    check_section(args.out, args.section)  # before minutes of timing, not after
+    if args.config:
+        use_demo_config(DemoConfig.from_dict(json.loads(args.config.read_text())))
     if args.quick:
         args.rounds, args.steps_per_round, args.warmup = 2, 2, 2
         args.check_steps, args.overhead_batches, args.overhead_repeats = 2, [64, 320], 3
@@ -623,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     md = markdown(res, command.strip())
     print(md)
     if args.out:
-        write_out(args.out, md)
+        write_out(args.out, md, args.section)
     if args.json:
         args.json.write_text(json.dumps(res, indent=1, default=str))
     if not all(c["identical"] for c in res["checks"]):

@@ -9,13 +9,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from jestkit.data import caption_digits, load_digits_web
-from jestkit.flops import count_flops
+from jestkit.flops import FlopLedger, count_flops
 from jestkit.models import DualEncoder, sigmoid_loss
 from jestkit.selection import JointSelector
 from jestkit.training import (
     LearnerConfig,
     ReferenceConfig,
+    _FlopMeter,
     _split_sizes,
+    _train_step,
     evaluate,
     small_model,
     train_learner,
@@ -132,6 +134,41 @@ def test_multiresolution_split_of_a_sub_batch():
     assert _split_sizes(64, (8, 16), 0.5) == [(8, 32), (16, 32)]
     assert _split_sizes(64, (8, 16), 0.25) == [(8, 48), (16, 16)]
     assert _split_sizes(5, (8, 16), 1.0) == [(8, 0), (16, 5)]
+
+
+def test_multiresolution_step_keeps_the_whole_sub_batch_loss(data):
+    # Multi-resolution training changes how each image is encoded, not the contrastive
+    # batch: every image still meets every caption of the sub-batch. So splitting the
+    # sub-batch into two parts at the *same* patch size gives the single-part step (loss and
+    # gradients); separate per-part losses (half the negatives each) would not.
+    images, tokens = data.pool.images[:16], data.pool.tokens[:16]
+    cfg = dataclasses.replace(TINY, width=48, warmup_steps=0)
+
+    def model_where_negatives_count():
+        # At the initial bias c = -10 the negative pairs' gradients are ~e^-10 of the
+        # positives'; at c = 0 (as later in training) they weigh as much.
+        model = DualEncoder(small_model(data.tokenizer.vocab_size, 48, 1, text_width=16),
+                            seed=0)
+        with torch.no_grad():
+            model.logit_bias.zero_()
+        return model
+
+    grads, losses = [], []
+    for patches, fraction in (((None,), 0.0), ((8, 8), 0.5), ((8, 8), 0.25)):
+        model = model_where_negatives_count()
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)  # keep the weights: compare grads
+        losses.append(_train_step(model, opt, images, tokens, 0, cfg,
+                                  _FlopMeter(FlopLedger()), patches, fraction))
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    for loss, grad in zip(losses[1:], grads[1:], strict=True):
+        assert loss == pytest.approx(losses[0], rel=1e-6)
+        torch.testing.assert_close(grad, grads[0], rtol=1e-5, atol=1e-6)
+    # The control: per-part losses (each part a batch of its own) give other gradients.
+    model = model_where_negatives_count()
+    for sl in (slice(0, 8), slice(8, 16)):
+        (sigmoid_loss(*model(images[sl], tokens[sl])) / 2).backward()
+    halves = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert (halves - grads[0]).norm() > 0.1 * grads[0].norm()
 
 
 def test_hard_learner_needs_no_reference(data):
@@ -262,6 +299,7 @@ def test_checkpoint_arguments_need_a_run_dir(data, reference):
         (dict(weight_decay=math.nan), "weight_decay must be a finite float >= 0"),
         (dict(method="uniform", score_patch_size=16), "score_patch_size applies to"),
         (dict(method="easy_reference", score_patch_size=16), "score_patch_size applies to"),
+        (dict(patch_size=0), "patch_size must be a positive int"),
     ],
 )
 def test_bad_config(kwargs, match):
@@ -340,7 +378,12 @@ def test_multiresolution_training_is_deterministic_and_cheaper(data, reference):
     def fwd_bwd(n, patch):
         return count_flops(lambda: sigmoid_loss(*model(images[:n], tokens[:n], patch)).backward())
 
-    assert fa["train"] == base.steps * (fwd_bwd(8, 8) + fwd_bwd(8, 16))
+    def image_fwd_bwd(n, patch):
+        return count_flops(lambda: model.encode_image(images[:n], patch).sum().backward())
+
+    # The full-resolution step with 8 of its 16 images encoded at patch 16 instead of 8.
+    assert fa["train"] == base.steps * (fwd_bwd(16, 8) - image_fwd_bwd(8, 8)
+                                        + image_fwd_bwd(8, 16))
     assert ff["train"] == base.steps * fwd_bwd(16, 8)
     assert fa["train"] < 0.9 * ff["train"]
     # Scoring at 4 image tokens: measured 0.66 of full (the 16-token text tower stays).
@@ -348,3 +391,26 @@ def test_multiresolution_training_is_deterministic_and_cheaper(data, reference):
     assert fa["reference_scoring"] == ff["reference_scoring"]  # the reference is unchanged
     with pytest.raises(ValueError, match="score_patch_size must be one of"):
         train_learner(data, dataclasses.replace(TINY, score_patch_size=5), reference)
+
+
+def test_learner_patch_size_sets_the_training_resolution(data, reference):
+    # A finer training patch: 64 image tokens at patch 4 instead of 16 at patch 8. The model
+    # is built at that patch, so training, scoring and evaluation all run there; the FLOPs say
+    # which resolution ran (the hand count at 64 vs 16 tokens).
+    cfg = dataclasses.replace(TINY, width=48, steps=2, eval_every=2)
+    fine = dataclasses.replace(cfg, patch_size=4)
+    ledger = train_learner(data, fine, reference).cumulative_flops[-1]
+    model_cfg = small_model(data.tokenizer.vocab_size, 48, 1, patch_size=4, text_width=16)
+    n_super, text_len = fine.super_batch_size, data.pool.tokens.shape[1]
+    assert ledger["learner_scoring"] == pytest.approx(
+        2 * analytic_forward_flops(model_cfg, n_super, 64, text_len), rel=0.01)
+    coarse = train_learner(data, cfg, reference).cumulative_flops[-1]
+    assert ledger["learner_scoring"] > 3 * coarse["learner_scoring"]
+    # Flexi from patch 4: scoring at patch 8 is the 16-token forward.
+    flexi = dataclasses.replace(fine, score_patch_size=8)
+    scored = train_learner(data, flexi, reference).cumulative_flops[-1]["learner_scoring"]
+    assert scored == pytest.approx(
+        2 * analytic_forward_flops(model_cfg, n_super, 16, text_len), rel=0.01)
+    with pytest.raises(ValueError, match=r"patch_size must divide the image size 32: one of "
+                                         r"\[1, 2, 4, 8, 16, 32\], got 5"):
+        train_learner(data, dataclasses.replace(TINY, patch_size=5), reference)

@@ -74,9 +74,10 @@ class DemoConfig:
     methods: tuple[str, ...] = tuple(name for name, *_ in DEMO_METHODS)
     # Flexi-JEST (the "-flexi" method): score at patch 16 (2x the training patch 8: 4 tokens
     # instead of 16). Training part of each sub-batch at patch 16 too is the paper's recipe,
-    # but on 32x32 digits a 2x2 token grid is too coarse to learn from: measured, training half
-    # of each sub-batch there cost 13 points at T = 1000 (docs/results.md), while scoring there
-    # selects as well as full resolution; so by default the coarse size is for scoring only.
+    # but in these short runs it costs most of JEST's gain: measured, half of each sub-batch
+    # there cost 11 points at T = 1000, and 7 with a 64-token learner whose coarse half has
+    # 16 tokens (docs/results.md), while scoring there selects as well as full
+    # resolution; so by default the coarse size is for scoring only.
     flexi_score_patch_size: int = 16
     flexi_multires_fraction: float = 0.0
 
@@ -125,7 +126,8 @@ class DemoConfig:
                              "keep no checkpoints; each takes well under a minute)")
         # Checked here, not only at the first -flexi run, so a bad config fails before the
         # reference is trained.
-        allowed = small_model(2, self.learner.width, self.learner.depth).allowed_patch_sizes
+        allowed = small_model(2, self.learner.width, self.learner.depth,
+                              self.learner.patch_size).allowed_patch_sizes
         if self.flexi_score_patch_size not in allowed:
             raise ValueError(f"flexi_score_patch_size must be one of {list(allowed)} (divisors "
                              f"of the image size), got {self.flexi_score_patch_size}")

@@ -97,6 +97,7 @@ class LearnerConfig:
     width: int = 48
     text_width: int = 16
     depth: int = 1
+    patch_size: int = 8  # the training (fine) patch: 32x32 images at 8 are 16 tokens
     eval_every: int = 0  # 0: steps // 40
     checkpoint_every: int = 0  # 0: never
     score_patch_size: int = 0  # 0: the training patch size (live, full resolution)
@@ -109,7 +110,7 @@ class LearnerConfig:
             raise ValueError(f"selection must be one of {list(SELECTIONS)}, "
                              f"got {self.selection!r}")
         _check_positive(self, ("steps", "batch_size", "n_chunks", "width", "text_width",
-                                "depth"))
+                                "depth", "patch_size"))
         if not 0 < self.filter_ratio < 1:
             raise ValueError(f"filter_ratio must be in (0, 1), got {self.filter_ratio}")
         if self.method != "uniform" and self.selection == "joint" and (
@@ -251,25 +252,28 @@ def _optimizer(model: DualEncoder, cfg) -> torch.optim.Optimizer:
 
 def _train_step(model, opt, images, tokens, step, cfg, meter, patch_sizes=(None,),
                 coarse_fraction: float = 0.0) -> float:
-    """One optimizer step on the sigmoid loss. With several patch sizes the sub-batch is
-    split in contiguous parts, one per size (Flexi-JEST multi-resolution training)."""
+    """One optimizer step on the sigmoid loss. With several patch sizes the sub-batch's
+    images are split in contiguous parts, one per size (Flexi-JEST multi-resolution
+    training); the loss is still the one over the whole sub-batch."""
     for group in opt.param_groups:
         group["lr"] = _lr_at(step, cfg)
     opt.zero_grad(set_to_none=True)
     parts = _split_sizes(images.shape[0], patch_sizes, coarse_fraction)
 
     def forward_backward():
-        total, start = 0.0, 0
-        for patch, size in parts:
-            if size == 0:
-                continue
-            sl = slice(start, start + size)
-            loss = sigmoid_loss(*model(images[sl], tokens[sl], patch))
-            # Each part is a batch of its own (as in FlexiViT); weight by its share of b.
-            (loss * size / images.shape[0]).backward()
-            total += loss.item() * size / images.shape[0]
-            start += size
-        return total
+        if len(parts) == 1:
+            loss = sigmoid_loss(*model(images, tokens, parts[0][0]))
+        else:
+            # Only how each image is encoded differs between the parts: every image still
+            # meets every caption of the sub-batch, so the contrastive loss keeps all b - 1
+            # negatives per pair. (Separate losses per part would halve them: measured,
+            # that costs most of JEST's gain, docs/results.md.)
+            image_emb = torch.cat([model.encode_image(images[sl], patch)
+                                   for patch, sl in _part_slices(parts)])
+            loss = sigmoid_loss(image_emb, model.encode_text(tokens), model.logit_scale,
+                                model.logit_bias)
+        loss.backward()
+        return loss.item()
 
     loss = meter.run("train", (images.shape[0], tuple(parts)), forward_backward)
     opt.step()
@@ -282,6 +286,16 @@ def _split_sizes(b: int, patch_sizes, coarse_fraction: float) -> list[tuple[int 
     fine, coarse = patch_sizes
     n_coarse = round(b * coarse_fraction)
     return [(fine, b - n_coarse), (coarse, n_coarse)]
+
+
+def _part_slices(parts: list[tuple[int | None, int]]) -> list[tuple[int | None, slice]]:
+    """(patch size, slice of the sub-batch) of every non-empty part, in order."""
+    out, start = [], 0
+    for patch, size in parts:
+        if size:
+            out.append((patch, slice(start, start + size)))
+        start += size
+    return out
 
 
 # --- the reference ---------------------------------------------------------------------------
@@ -390,8 +404,13 @@ def train_learner(
                               f"continue that run, or use another run_dir")
     reference_id = _reference_identity(cfg, reference, reference_embedder)
 
+    image_size = data.pool.images.shape[-1]
+    if image_size % cfg.patch_size:
+        raise ValueError(f"patch_size must divide the image size {image_size}: one of "
+                         f"{[p for p in range(1, image_size + 1) if image_size % p == 0]}, "
+                         f"got {cfg.patch_size}")
     model_cfg = small_model(data.tokenizer.vocab_size, cfg.width, cfg.depth,
-                            text_width=cfg.text_width)
+                            patch_size=cfg.patch_size, text_width=cfg.text_width)
     model = DualEncoder(model_cfg, seed=cfg.seed)
     if cfg.score_patch_size and cfg.score_patch_size not in model_cfg.allowed_patch_sizes:
         raise ValueError(f"score_patch_size must be one of {model_cfg.allowed_patch_sizes}, "
