@@ -244,6 +244,35 @@ def test_fresh_run_never_touches_another_runs_checkpoints(data, reference, tmp_p
     assert (ckpts / "latest").read_text() == "step_0000006"
 
 
+def test_a_crashed_saves_leftovers_are_cleaned_not_the_only_copy(data, reference, tmp_path):
+    # A crash mid-save leaves hidden directories from `replacing_directory` (and a temp file
+    # from `atomic_write`); the next successful save removes what is redundant.
+    train_learner(data, TINY, reference, run_dir=tmp_path, stop_after=4)
+    ckpts = tmp_path / "checkpoints"
+    half_written = ckpts / ".step_0000005.new.x1"
+    half_written.mkdir()
+    (half_written / "model.safetensors").write_bytes(b"torn")
+    (ckpts / ".latest.x2.tmp").write_text("step_0000005")
+    replaced = ckpts / ".step_0000004.old.x3"  # its replacement step_0000004 is in place
+    replaced.mkdir()
+    only_copy = ckpts / ".step_0000003.old.x4"  # no step_0000003: the only copy, kept
+    only_copy.mkdir()
+    train_learner(data, TINY, reference, run_dir=tmp_path, resume=True)
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        ".step_0000003.old.x4", "latest", "step_0000004", "step_0000006"]
+    # A run_dir holding only a half-written checkpoint holds no run: a fresh run may use it.
+    fresh = tmp_path / "fresh"
+    (fresh / "checkpoints" / ".step_0000002.new.x5").mkdir(parents=True)
+    train_learner(data, TINY, reference, run_dir=fresh, stop_after=2)
+    assert sorted(p.name for p in (fresh / "checkpoints").iterdir()) == [
+        "latest", "step_0000002"]
+    # ...but not one holding the only copy of a checkpoint.
+    other = tmp_path / "other"
+    (other / "checkpoints" / ".step_0000002.old.x6").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="already holds checkpoints"):
+        train_learner(data, TINY, reference, run_dir=other, stop_after=2)
+
+
 def test_resume_with_another_reference_is_refused(data, reference, tmp_path):
     train_learner(data, TINY, reference, run_dir=tmp_path, stop_after=2)
     other, _ = train_reference(data, ReferenceConfig(steps=3, batch_size=16, width=16, depth=1,

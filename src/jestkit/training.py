@@ -375,7 +375,8 @@ def train_learner(
             cache) instead of running the reference; its FLOPs then count as zero.
         run_dir: where checkpoints go, atomically: every cfg.checkpoint_every steps and at
             the last step run (None: no checkpoints, whatever checkpoint_every says). A fresh
-            run (resume=False) refuses a run_dir that already holds checkpoints.
+            run (resume=False) refuses a run_dir that already holds checkpoints (a
+            half-written one left by a crash does not count; each save removes such debris).
         resume: continue from the latest checkpoint in run_dir; the result equals an
             uninterrupted run's. The checkpoint must come from the same config and the same
             reference (the same model, live or from a cache of it, by fingerprint).
@@ -399,7 +400,8 @@ def train_learner(
     if run_dir is None and (stop_after is not None or resume):
         raise ValueError("stop_after and resume need a run_dir to keep checkpoints in")
     ckpt_root = None if run_dir is None else Path(run_dir) / "checkpoints"
-    if not resume and ckpt_root is not None and ckpt_root.exists() and any(ckpt_root.iterdir()):
+    if not resume and ckpt_root is not None and ckpt_root.exists() and any(
+            not _is_unfinished_write(p) for p in ckpt_root.iterdir()):
         raise FileExistsError(f"{ckpt_root} already holds checkpoints: pass resume=True to "
                               f"continue that run, or use another run_dir")
     reference_id = _reference_identity(cfg, reference, reference_embedder)
@@ -536,6 +538,31 @@ def _save_checkpoint(run_dir, cfg, step, model, opt, sampler, gen, ledger, resul
                    if p.is_dir() and p.name[5:].isdigit() and int(p.name[5:]) < step)
     for old in older[:-1]:
         shutil.rmtree(old, ignore_errors=True)
+    # What a crash mid-save left behind (a run has one writer, so any is from an earlier,
+    # interrupted save): a half-written checkpoint, or the set-aside copy of a replaced one
+    # whose replacement is in place. A set-aside copy without its replacement is the only
+    # copy of that checkpoint and stays.
+    for debris in ckpt_root.iterdir():
+        if _is_unfinished_write(debris) or (
+                _is_set_aside(debris) and (ckpt_root / debris.name[1:].split(".")[0]).is_dir()):
+            if debris.is_dir():
+                shutil.rmtree(debris, ignore_errors=True)
+            else:
+                debris.unlink(missing_ok=True)
+
+
+def _is_unfinished_write(path: Path) -> bool:
+    """A checkpoint `replacing_directory` was still writing when the run died
+    (``.step_XXXXXXX.new.<random>``), or `atomic_write`'s temp file of `latest`."""
+    name = path.name
+    return (name.startswith(".step_") and ".new." in name) or (
+        name.startswith(".latest.") and name.endswith(".tmp"))
+
+
+def _is_set_aside(path: Path) -> bool:
+    """A complete checkpoint `replacing_directory` moved aside to put a new one in its place
+    (``.step_XXXXXXX.old.<random>``)."""
+    return path.name.startswith(".step_") and ".old." in path.name
 
 
 def _load_checkpoint(run_dir, cfg, model, opt, sampler, gen, ledger, result, clean_seen,
