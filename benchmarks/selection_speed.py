@@ -24,8 +24,9 @@ Run from the repository root::
     python benchmarks/selection_speed.py --out docs/benchmarks.md
 
 ``--out`` writes the results (machine, table, target checks) into the file between the
-markers ``<!-- selection_speed:start -->`` and ``<!-- selection_speed:end -->`` if it has
-them (the text around them is kept), else it writes a stand-alone file.
+markers ``<!-- selection_speed:start -->`` and ``<!-- selection_speed:end -->``, keeping the
+text around them; a new file is created with just the section, and an existing file without
+the markers is refused before anything is timed.
 """
 
 from __future__ import annotations

@@ -44,13 +44,17 @@ Run from the repository root::
     python benchmarks/step_overhead.py --quick            # smoke test (< 1 min)
     python benchmarks/step_overhead.py --out docs/step_overhead.md
 
-``--config configs/X.json`` benchmarks another demo config's models and Flexi setting (e.g.
-``configs/demo-64-tokens.json``: the learner at patch 4, 64 image tokens) instead of the
-default demo's.
+``--config configs/X.json`` benchmarks another demo config's models and Flexi setting
+instead of the default demo's (e.g. ``configs/demo-64-tokens.json``: the learner at patch 4,
+64 image tokens, scoring at patch 8). Everything above then reads with that config's numbers:
+the training patch is ``learner.patch_size``, the coarse one ``flexi_score_patch_size``, and
+cached+flexi trains ``flexi_multires_fraction`` of each sub-batch at it; when that fraction is
+0.5 cached+flexi *is* cached+flexi+multires, which is then not timed a second time.
 
 ``--out`` writes the results between ``<!-- step_overhead:start -->`` and
-``<!-- step_overhead:end -->`` if the file has those markers (the text around them is kept),
-else a stand-alone file.
+``<!-- step_overhead:end -->`` (``--section NAME``: ``<!-- NAME:start -->`` …), keeping the
+text around them; a new file is created with just the section, and an existing file without
+the markers is refused before anything is timed.
 """
 
 from __future__ import annotations
@@ -643,6 +647,11 @@ def main(argv: list[str] | None = None) -> int:
     check_section(args.out, args.section)  # before minutes of timing, not after
     if args.config:
         use_demo_config(DemoConfig.from_dict(json.loads(args.config.read_text())))
+        if (MULTIRES["cached+flexi"] == MULTIRES["cached+flexi+multires"]
+                and "cached+flexi+multires" in args.kinds and "cached+flexi" in args.kinds):
+            args.kinds.remove("cached+flexi+multires")  # the same variant under two names
+            print("cached+flexi trains half of each sub-batch at the coarse patch in this "
+                  "config: it is cached+flexi+multires, timed once", file=sys.stderr)
     if args.quick:
         args.rounds, args.steps_per_round, args.warmup = 2, 2, 2
         args.check_steps, args.overhead_batches, args.overhead_repeats = 2, [64, 320], 3

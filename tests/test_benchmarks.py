@@ -39,3 +39,25 @@ def test_a_doc_without_the_markers_is_refused_not_overwritten(tmp_path):
     assert doc.read_text() == before
     md.check_section(tmp_path / "absent.md", "bench")  # a new file is fine
     md.check_section(None, "bench")  # no --out
+
+
+@pytest.mark.parametrize("script", ["step_overhead", "selection_speed"])
+def test_a_benchmark_refuses_its_out_file_before_timing_anything(script, tmp_path,
+                                                                 monkeypatch):
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))
+    spec = importlib.util.spec_from_file_location(f"bench_{script}", benchmarks / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the benchmark started before checking --out")
+
+    for name in ("run", "spawn", "measure_peak", "wait_until_quiet"):
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, must_not_run)
+    doc = tmp_path / "results.md"
+    doc.write_text("hand-written results, no markers\n")
+    with pytest.raises(SystemExit, match="without the markers"):
+        module.main(["--quick", "--out", str(doc)])
+    assert doc.read_text() == "hand-written results, no markers\n"

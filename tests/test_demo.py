@@ -94,6 +94,11 @@ def test_bad_demo_config():
         DemoConfig(flexi_multires_fraction=1.5)
     with pytest.raises(ValueError, match="flexi_score_patch_size must be one of"):
         DemoConfig.from_dict({"flexi_score_patch_size": -16})
+    with pytest.raises(ValueError, match=r"learner.patch_size must be one of \[1, 2, 4, 8, 16, "
+                                         r"32\] \(divisors of the image size 32\), got 5"):
+        DemoConfig.from_dict({"learner": {"patch_size": 5}})
+    assert DemoConfig.from_dict({"learner": {"patch_size": 4},
+                                 "flexi_score_patch_size": 8}).learner.patch_size == 4
     with pytest.raises(ValueError, match="text_width must be a positive int"):
         DemoConfig.from_dict({"learner": {"text_width": 0}})
     # Found in review: these were a TypeError, or accepted and silently wrong.

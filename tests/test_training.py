@@ -216,6 +216,35 @@ def test_checkpoint_with_other_flop_phases_is_refused(data, reference, tmp_path)
     assert state_path.read_bytes() == before
 
 
+def _as_written_before_state_versions(state_path):
+    """Rewrite a checkpoint's state as code from before `LearnerConfig.patch_size` (and the
+    whole-sub-batch multi-resolution loss) wrote it: no version, no patch_size."""
+    state = torch.load(state_path, weights_only=False)
+    del state["version"]
+    del state["config"]["patch_size"]
+    torch.save(state, state_path)
+
+
+def test_checkpoints_from_before_patch_size_resume_unless_multires(data, reference, tmp_path):
+    # Full-resolution training is unchanged since then (patch 8 was the only one): resumes to
+    # the uninterrupted result.
+    full = train_learner(data, TINY, reference)
+    train_learner(data, TINY, reference, run_dir=tmp_path / "a", stop_after=4)
+    _as_written_before_state_versions(tmp_path / "a" / "checkpoints" / "step_0000004" / "state.pt")
+    resumed = train_learner(data, TINY, reference, run_dir=tmp_path / "a", resume=True)
+    assert resumed.zero_shot_accuracy == pytest.approx(full.zero_shot_accuracy, abs=1e-6)
+    assert resumed.cumulative_flops == full.cumulative_flops
+    # Multi-resolution training had another loss then: resuming would switch it mid-run.
+    flexi = dataclasses.replace(TINY, width=48, score_patch_size=16, multires_fraction=0.5)
+    train_learner(data, flexi, reference, run_dir=tmp_path / "b", stop_after=2)
+    state_path = tmp_path / "b" / "checkpoints" / "step_0000002" / "state.pt"
+    _as_written_before_state_versions(state_path)
+    before = state_path.read_bytes()
+    with pytest.raises(ValueError, match="one loss over the whole sub-batch.*afresh"):
+        train_learner(data, flexi, reference, run_dir=tmp_path / "b", resume=True)
+    assert state_path.read_bytes() == before
+
+
 def test_stop_after_always_leaves_a_checkpoint_to_resume(data, reference, tmp_path):
     # Found in review: with checkpoint_every = 0, stop_after stopped without saving anything.
     full = train_learner(data, TINY, reference)
@@ -443,3 +472,20 @@ def test_learner_patch_size_sets_the_training_resolution(data, reference):
     with pytest.raises(ValueError, match=r"patch_size must divide the image size 32: one of "
                                          r"\[1, 2, 4, 8, 16, 32\], got 5"):
         train_learner(data, dataclasses.replace(TINY, patch_size=5), reference)
+
+
+def test_multiresolution_training_from_a_finer_base_patch(data, reference):
+    # The fine part trains at the learner's own patch (4 here), not at the default 8: the
+    # step is the patch-4 step with half of its images encoded at patch 8 instead.
+    cfg = dataclasses.replace(TINY, width=48, steps=2, eval_every=2, patch_size=4,
+                              score_patch_size=8, multires_fraction=0.5)
+    train = train_learner(data, cfg, reference).cumulative_flops[-1]["train"]
+    model = DualEncoder(small_model(data.tokenizer.vocab_size, 48, 1, patch_size=4,
+                                    text_width=16), seed=0)
+    images, tokens = data.pool.images[:16], data.pool.tokens[:16]
+    full = count_flops(lambda: sigmoid_loss(*model(images, tokens)).backward())
+
+    def image_fwd_bwd(patch):
+        return count_flops(lambda: model.encode_image(images[:8], patch).sum().backward())
+
+    assert train == cfg.steps * (full - image_fwd_bwd(4) + image_fwd_bwd(8))

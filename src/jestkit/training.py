@@ -516,6 +516,11 @@ def _reference_identity(cfg, reference, reference_embedder) -> str | None:
     return "embedder"
 
 
+# 2: LearnerConfig has patch_size, and multi-resolution training is one loss over the whole
+# sub-batch. State without a version (1) was written before both.
+_STATE_VERSION = 2
+
+
 def _save_checkpoint(run_dir, cfg, step, model, opt, sampler, gen, ledger, result, clean_seen,
                      reference_id):
     run_dir = Path(run_dir)
@@ -524,8 +529,9 @@ def _save_checkpoint(run_dir, cfg, step, model, opt, sampler, gen, ledger, resul
     final = ckpt_root / f"step_{step:07d}"
     with replacing_directory(final) as tmp:
         save_model(model, tmp / "model.safetensors")
-        state = {"config": asdict(cfg), "step": step, "optimizer": opt.state_dict(),
-                 "sampler": sampler.state_dict(), "select_generator": gen.get_state(),
+        state = {"version": _STATE_VERSION, "config": asdict(cfg), "step": step,
+                 "optimizer": opt.state_dict(), "sampler": sampler.state_dict(),
+                 "select_generator": gen.get_state(),
                  "ledger": ledger.as_dict(), "result": result.to_dict(),
                  "clean_seen": list(clean_seen), "reference": reference_id}
         with open(tmp / "state.pt", "wb") as f:
@@ -572,9 +578,15 @@ def _load_checkpoint(run_dir, cfg, model, opt, sampler, gen, ledger, result, cle
         raise FileNotFoundError(f"no checkpoint to resume in {run_dir} (missing {latest})")
     ckpt = latest.parent / latest.read_text().strip()
     state = torch.load(ckpt / "state.pt", weights_only=True)
-    if state["config"] != asdict(cfg):
-        diff = {k: (state["config"].get(k), v) for k, v in asdict(cfg).items()
-                if state["config"].get(k) != v}
+    saved = dict(state["config"])
+    if state.get("version", 1) < 2:
+        if saved.get("multires_fraction"):
+            raise ValueError(f"checkpoint {ckpt} was written before multi-resolution training "
+                             f"computed one loss over the whole sub-batch (it had one per part);"
+                             f" resuming would change the loss mid-run: start the run afresh")
+        saved.setdefault("patch_size", 8)  # the training patch was always 8 then
+    if saved != asdict(cfg):
+        diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
         raise ValueError(f"checkpoint {ckpt} was written by a different config; differing "
                          f"fields (checkpoint, now): {diff}")
     if set(state["ledger"]) != set(ledger.as_dict()):
