@@ -395,6 +395,46 @@ def test_sampler_resume(web: DigitsWeb) -> None:
         SuperBatchSampler(split, 96, seed=3, augment=False).load_state_dict(sampler.state_dict())
 
 
+def test_sampler_resume_inside_a_later_epoch(web: DigitsWeb) -> None:
+    # Saved inside epoch 1, where a fresh sampler's permutation and its generator differ from
+    # the saved ones: both must come from the state (the constructor's seed must not rule).
+    split = web.curated
+    sampler = SuperBatchSampler(split, 96, seed=3)
+    for _ in range(8):  # 768 rows drawn: inside epoch 1
+        sampler.next()
+    state = sampler.state_dict()
+    expected = [sampler.next() for _ in range(6)]  # crosses into epoch 2
+    resumed = SuperBatchSampler(split, 96, seed=99)
+    resumed.load_state_dict(state)
+    for want in expected:
+        got = resumed.next()
+        assert torch.equal(got.indices, want.indices) and torch.equal(got.images, want.images)
+    assert resumed.epoch == sampler.epoch == 2
+
+
+def test_sampler_state_refused_for_another_split_of_the_same_size(web: DigitsWeb) -> None:
+    sampler = SuperBatchSampler(web.curated, 96, seed=3)
+    sampler.next()
+    reordered = web.curated.subset(torch.arange(len(web.curated) - 1, -1, -1))
+    with pytest.raises(ValueError, match="split"):
+        SuperBatchSampler(reordered, 96, seed=3).load_state_dict(sampler.state_dict())
+    with pytest.raises(ValueError, match="split"):
+        SuperBatchSampler(load_digits_web(seed=1).curated, 96, seed=3).load_state_dict(
+            sampler.state_dict())
+
+
+def test_sampler_shifts_span_exactly_max_shift() -> None:
+    n = 400
+    images = torch.zeros(n, 1, 32, 32)
+    images[:, 0, 16, 16] = 1.0
+    split = Split(images, torch.zeros(n, 4, dtype=torch.long), [""] * n,
+                  torch.zeros(n, dtype=torch.long), torch.arange(n))
+    pos = SuperBatchSampler(split, n, seed=0).next().images.reshape(n, -1).argmax(dim=1)
+    dy, dx = pos // 32 - 16, pos % 32 - 16
+    shifts = set(range(-MAX_SHIFT, MAX_SHIFT + 1))
+    assert MAX_SHIFT == 2 and set(dy.tolist()) == set(dx.tolist()) == shifts
+
+
 @pytest.mark.parametrize("size", [0, -3, 501])
 def test_sampler_rejects_bad_size(web: DigitsWeb, size: int) -> None:
     with pytest.raises(ValueError, match=r"super_batch_size.*\[1, 500\]"):
@@ -413,5 +453,73 @@ def test_split_subset_and_batch_to(web: DigitsWeb) -> None:
     assert len(pool.subset(torch.arange(10))) == 10
     with pytest.raises(ValueError, match="captions"):
         Split(pool.images[:2], pool.tokens[:2], ["x"], pool.labels[:2], pool.ids[:2])
+    with pytest.raises(ValueError, match="Split.tokens has 3 rows, images have 2"):
+        Split(pool.images[:2], pool.tokens[:3], ["x", "y"], pool.labels[:2], pool.ids[:2])
+    # A boolean mask selects its True rows (found in review: it was cast to indices 0 and 1).
+    clean = pool.subset(pool.is_clean)
+    assert len(clean) == int(pool.is_clean.sum()) and bool(clean.is_clean.all())
+    assert torch.equal(clean.ids, pool.ids[pool.is_clean])
+    with pytest.raises(ValueError, match=r"boolean mask must have shape \(3500,\)"):
+        pool.subset(pool.is_clean[:10])
+    with pytest.raises(ValueError, match=r"indices must be in \[-3500, 3500\)"):
+        pool.subset([0, 3500])
+    with pytest.raises(ValueError, match="integers or a boolean mask"):
+        pool.subset([0.5])
     batch = SuperBatchSampler(sub, 3, seed=0).next().to("cpu")
     assert isinstance(batch, Batch) and batch.images.device.type == "cpu" and len(batch) == 3
+
+
+def test_max_len_truncates_the_padding_only(web: DigitsWeb) -> None:
+    # The demo loads with max_len = 8 (the longest caption is 8 words): the same tokens, less
+    # padding, so the text tower's cost halves without changing what it reads.
+    short = load_digits_web(seed=0, max_len=8)
+    for name in ("test", "curated", "pool"):
+        a, b = getattr(short, name).tokens, getattr(web, name).tokens
+        assert a.shape == (len(b), 8)
+        assert torch.equal(a, b[:, :8]) and not bool((b[:, 8:] != 0).any())
+
+
+def test_off_topic_captions_are_3_to_6_distinct_words(web: DigitsWeb) -> None:
+    pool = web.pool
+    rows = torch.nonzero(pool.noise_kind == NOISE_KINDS.index("off_topic")).flatten().tolist()
+    lengths = []
+    for i in rows:
+        words = pool.captions[i].split()
+        assert len(set(words)) == len(words), pool.captions[i]
+        lengths.append(len(words))
+    assert set(lengths) == {3, 4, 5, 6}
+
+
+def _corrupted(web: DigitsWeb, originals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pool = web.pool
+    rows = (pool.noise_kind == NOISE_KINDS.index("corrupt_image")).numpy()
+    return pool.images[:, 0].numpy()[rows], originals[pool.ids.numpy()[rows]]
+
+
+def test_noise_corruption_is_strong(web: DigitsWeb, originals: np.ndarray) -> None:
+    corrupt, _ = _corrupted(web, originals)
+    noisy = (corrupt[:, :2] > 0).mean(axis=(1, 2)) > 0.2  # noise reaches the empty border
+    assert noisy.sum() > 20
+    # E[clip(N(0, 0.7), 0, 1)] = 0.26 on the (empty) border rows; sigma 0.3 would give 0.12.
+    assert 0.22 < corrupt[noisy][:, :2].mean() < 0.30
+
+
+def test_white_boxes_are_at_least_14_pixels(web: DigitsWeb, originals: np.ndarray) -> None:
+    corrupt, clean = _corrupted(web, originals)
+    blank = corrupt.reshape(len(corrupt), -1).max(axis=1) == 0
+    noisy = (corrupt[:, :2] > 0).mean(axis=(1, 2)) > 0.2
+    white = ~blank & ~noisy & (corrupt.sum(axis=(1, 2)) > clean.sum(axis=(1, 2)))
+    assert white.sum() > 20
+    for img in corrupt[white]:
+        ys, xs = np.nonzero(img == 1.0)
+        assert ys.max() - ys.min() + 1 >= 14 and xs.max() - xs.min() + 1 >= 14
+
+
+def test_class_prompts_refuse_a_tokenizer_without_their_words() -> None:
+    class Small(WordTokenizer):
+        def __init__(self) -> None:
+            super().__init__()
+            self._stoi = {w: i for w, i in self._stoi.items() if w != "pencil"}
+
+    with pytest.raises(ValueError, match="vocabulary"):
+        class_prompts(Small())

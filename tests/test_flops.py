@@ -144,5 +144,16 @@ def test_ledger() -> None:
     assert tuple(ledger.as_dict()) == PHASES
     with pytest.raises(ValueError, match=r"phase.*reference_training"):
         ledger.add("scoring", 1)
-    with pytest.raises(ValueError, match="flops"):
-        ledger.add("train", -1)
+    for bad in (-1, True, 2.5):  # a bool or a float would silently corrupt the int sums
+        with pytest.raises(ValueError, match="flops must be a non-negative int"):
+            ledger.add("train", bad)
+    assert ledger.train == 101
+
+
+def test_measuring_a_frozen_model_is_refused() -> None:
+    frozen = DualEncoder(DualEncoderConfig(vocab_size=VOCAB, image_width=16, image_depth=1,
+                                           text_width=16, text_depth=1), seed=0)
+    frozen.requires_grad_(False)
+    images, tokens = batch(2)
+    with pytest.raises(ValueError, match="no parameters with requires_grad=True"):
+        measure_train_step_flops(frozen, images, tokens)

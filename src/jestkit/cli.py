@@ -11,12 +11,19 @@ from pathlib import Path
 def _demo(args: argparse.Namespace) -> int:
     from jestkit.demo import DemoConfig, print_summary, run_demo
 
-    if args.config:
-        cfg = DemoConfig.from_dict(json.loads(Path(args.config).read_text()))
-    else:
-        cfg = DemoConfig.quick() if args.quick else DemoConfig()
     if args.quick and args.config:
         raise ValueError("give either --quick or --config, not both")
+    if args.config:
+        try:
+            raw = json.loads(Path(args.config).read_text())
+        except OSError as err:  # a directory, unreadable, ...
+            raise ValueError(f"--config {args.config}: cannot read it "
+                             f"({err.strerror or err})") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--config {args.config} is not valid JSON ({err})") from None
+        cfg = DemoConfig.from_dict(raw)
+    else:
+        cfg = DemoConfig.quick() if args.quick else DemoConfig()
     out = Path(args.out if args.out else ("runs/demo-quick" if args.quick else "runs/demo"))
     report = run_demo(cfg, out, overwrite=args.overwrite, workers=args.workers,
                       show_progress=not args.no_progress)
@@ -104,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as err:  # CacheError included
+    except (ValueError, OSError) as err:  # CacheError, FileExistsError... included
         print(f"jestkit {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -229,8 +229,21 @@ class Split:
         return [NOISE_KINDS[k] for k in self.noise_kind.tolist()]
 
     def subset(self, indices: Tensor | Sequence[int] | np.ndarray) -> Split:
-        """A new Split holding rows ``indices`` (any order, repeats allowed)."""
-        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long).reshape(-1)
+        """A new Split holding rows ``indices`` (any order, repeats allowed), or the rows where
+        a boolean mask of length len(self) is True."""
+        arr = np.asarray(indices.cpu() if isinstance(indices, Tensor) else indices)
+        if arr.dtype == np.bool_:
+            # A mask, not the indices 0 and 1 (what casting it to integers would select).
+            if arr.shape != (len(self),):
+                raise ValueError(f"a boolean mask must have shape ({len(self)},), got "
+                                 f"{arr.shape}")
+            arr = np.flatnonzero(arr)
+        elif arr.size and not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"indices must be integers or a boolean mask, got {arr.dtype}")
+        idx = torch.as_tensor(arr, dtype=torch.long).reshape(-1)
+        if idx.numel() and not (-len(self) <= int(idx.min()) and int(idx.max()) < len(self)):
+            raise ValueError(f"indices must be in [-{len(self)}, {len(self)}), got "
+                             f"[{int(idx.min())}, {int(idx.max())}]")
 
         def take(t: Tensor | None) -> Tensor | None:
             return None if t is None else t[idx]

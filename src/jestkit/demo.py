@@ -89,6 +89,10 @@ class DemoConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> DemoConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"a demo config must be a JSON object of fields "
+                             f"{sorted(f.name for f in dataclasses.fields(cls))}, got "
+                             f"{type(d).__name__}")
         d = dict(d)
         known = {f.name for f in dataclasses.fields(cls)}
         if set(d) - known:
@@ -104,8 +108,10 @@ class DemoConfig:
                     raise ValueError(f"unknown {key} config fields {sorted(set(d[key]) - allowed)}"
                                      f"; allowed: {sorted(allowed)}")
                 d[key] = block_cls(**d[key])
-        for key in ("seeds", "methods"):
+        for key, kind in (("seeds", "ints"), ("methods", "names")):
             if key in d:
+                if not isinstance(d[key], (list, tuple)):
+                    raise ValueError(f"{key} must be a list of {kind}, got {d[key]!r}")
                 d[key] = tuple(d[key])
         return cls(**d)
 
@@ -117,6 +123,9 @@ class DemoConfig:
                              f"got {list(self.methods)}")
         if not self.seeds:
             raise ValueError("seeds must not be empty")
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                   for s in self.seeds):
+            raise ValueError(f"seeds must be ints >= 0, got {list(self.seeds)}")
         for key in ("seeds", "methods"):  # a repeat would count one run as two seeds
             values = list(getattr(self, key))
             if len(set(values)) != len(values):

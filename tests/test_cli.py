@@ -1,0 +1,115 @@
+"""The `jestkit` command line: flags reach what they set, bad input is a clear error (rc 2).
+
+The commands' work (`run_demo`, `build_reference_cache`) is replaced by fakes that record
+their arguments and stop, so these tests check the wiring without training anything.
+"""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from jestkit.cli import main
+from jestkit.data import load_digits_web
+from jestkit.demo import DemoConfig
+
+
+@pytest.fixture
+def fake_demo(monkeypatch):
+    from jestkit import demo
+
+    seen = {}
+
+    def fake(cfg, out, **kwargs):
+        seen.update(cfg=cfg, out=Path(out), **kwargs)
+        raise ValueError("stop here")  # -> rc 2, nothing trained
+
+    monkeypatch.setattr(demo, "run_demo", fake)
+    return seen
+
+
+def test_demo_flags_reach_run_demo(fake_demo, tmp_path, monkeypatch):
+    assert main(["demo", "--quick", "--out", str(tmp_path / "o"), "--overwrite",
+                 "--workers", "3", "--no-progress"]) == 2
+    assert fake_demo["cfg"] == DemoConfig.quick() and fake_demo["out"] == tmp_path / "o"
+    assert fake_demo["overwrite"] is True and fake_demo["workers"] == 3
+    assert fake_demo["show_progress"] is False
+    main(["demo", "--out", str(tmp_path / "o")])
+    assert fake_demo["overwrite"] is False and fake_demo["cfg"] == DemoConfig()
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"seeds": [7]}))
+    main(["demo", "--config", str(cfg), "--out", str(tmp_path / "o")])
+    assert fake_demo["cfg"].seeds == (7,)
+    monkeypatch.chdir(tmp_path)  # the default run directories
+    main(["demo", "--quick"])
+    assert fake_demo["out"] == Path("runs/demo-quick")
+    main(["demo"])
+    assert fake_demo["out"] == Path("runs/demo")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "either --quick or --config"),  # with --quick
+        ("[1, 2]", "must be a JSON object of fields"),
+        ("{not json", "is not valid JSON"),
+        ('{"seeds": "x"}', "seeds must be a list of ints"),
+        ('{"seeds": [1, true]}', r"seeds must be ints >= 0, got \[1, True\]"),
+        ('{"seeds": [-1]}', "seeds must be ints >= 0"),
+        ('{"methods": "uniform"}', "methods must be a list of names"),
+        ("directory", "cannot read it"),
+    ],
+)
+def test_demo_bad_config_is_a_clear_error_before_any_work(fake_demo, tmp_path, capsys,
+                                                          content, message):
+    # Found in review: a list, a directory or non-int seeds gave a traceback (the seeds one
+    # only after ~20 s of training, from a worker).
+    path = tmp_path / "c.json"
+    if content == "directory":
+        path.mkdir()
+    else:
+        path.write_text(content or "{}")
+    argv = ["demo", "--config", str(path), "--out", str(tmp_path / "o")]
+    assert main(argv + (["--quick"] if content is None else [])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jestkit demo: error:") and re.search(message, err)
+    assert "cfg" not in fake_demo  # refused before run_demo
+
+
+def test_cache_reference_flags(monkeypatch, tmp_path, capsys):
+    import jestkit.cache
+    import jestkit.models
+
+    seen = {}
+    monkeypatch.setattr(jestkit.models, "load_model", lambda path: "MODEL")
+
+    def fake(model, split, out, **kwargs):
+        seen.update(split=split, out=out, **kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(jestkit.cache, "build_reference_cache", fake)
+    argv = ["cache-reference", "--reference", "r.safetensors", "--out", str(tmp_path / "c"),
+            "--no-progress"]
+    assert main([*argv, "--split", "test", "--data-seed", "1", "--overwrite",
+                 "--shard-size", "7"]) == 2
+    assert torch.equal(seen["split"].ids, load_digits_web(1).test.ids)
+    assert seen["overwrite"] is True and seen["shard_size"] == 7
+    assert main(argv) == 2
+    assert seen["overwrite"] is False and len(seen["split"]) == 3500
+    seen.clear()
+    assert main([*argv, "--data", "laion"]) == 2
+    assert "digits-web" in capsys.readouterr().err and not seen
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--shard-size", "0"])
+    assert info.value.code == 2
+
+
+def test_module_entry_point_exit_code(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "jestkit.cli", "cache-reference", "--reference",
+                        str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "c")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "no model checkpoint" in r.stderr
