@@ -98,6 +98,14 @@ N_CHUNKS = _LEARNER.n_chunks
 FLEXI_PATCH = _DEMO.flexi_score_patch_size
 MULTIRES = {"cached+flexi": _DEMO.flexi_multires_fraction, "cached+flexi+multires": 0.5}
 
+FILTER_RATIOS = (0.5, 0.8, 0.9)
+JEST_KINDS = ("live", "cached", "cached+flexi", "cached+flexi+multires")
+FLOP_TARGET = 1.3  # cached+flexi at f = 0.8: FLOPs/step <= 1.3x uniform's
+TIME_TOLERANCE = 0.15  # measured time ratio within 15% of the FLOP-implied ratio
+TARGET_F = 0.8
+PHASES = ("sample", "learner_scoring", "reference_scoring", "cache_lookup", "selection",
+          "train_fwd_bwd", "optimizer", "other")
+
 
 def use_demo_config(demo: DemoConfig) -> None:
     """Benchmark the learner, reference and Flexi setting of `demo` instead of the default
@@ -107,13 +115,6 @@ def use_demo_config(demo: DemoConfig) -> None:
     BATCH, N_CHUNKS = _LEARNER.batch_size, _LEARNER.n_chunks
     FLEXI_PATCH = demo.flexi_score_patch_size
     MULTIRES = {"cached+flexi": demo.flexi_multires_fraction, "cached+flexi+multires": 0.5}
-FILTER_RATIOS = (0.5, 0.8, 0.9)
-JEST_KINDS = ("live", "cached", "cached+flexi", "cached+flexi+multires")
-FLOP_TARGET = 1.3  # cached+flexi at f = 0.8: FLOPs/step <= 1.3x uniform's
-TIME_TOLERANCE = 0.15  # measured time ratio within 15% of the FLOP-implied ratio
-TARGET_F = 0.8
-PHASES = ("sample", "learner_scoring", "reference_scoring", "cache_lookup", "selection",
-          "train_fwd_bwd", "optimizer", "other")
 
 
 # --- variants --------------------------------------------------------------------------------

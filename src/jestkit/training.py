@@ -266,8 +266,8 @@ def _train_step(model, opt, images, tokens, step, cfg, meter, patch_sizes=(None,
         else:
             # Only how each image is encoded differs between the parts: every image still
             # meets every caption of the sub-batch, so the contrastive loss keeps all b - 1
-            # negatives per pair. (Separate losses per part would halve them: measured,
-            # that costs most of JEST's gain, docs/results.md.)
+            # negatives per pair. (Separate losses per part would halve them; measured, that
+            # learned slower: docs/results.md.)
             image_emb = torch.cat([model.encode_image(images[sl], patch)
                                    for patch, sl in _part_slices(parts)])
             loss = sigmoid_loss(image_emb, model.encode_text(tokens), model.logit_scale,
