@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from jestkit.atomic import atomic_write, replacing_directory
+from jestkit.atomic import atomic_write, replacing_directory, set_aside_copy_of, unfinished_write
 
 
 def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
@@ -69,3 +69,37 @@ def test_replacing_directory_restores_the_old_one_if_the_swap_fails(tmp_path, mo
     assert (tmp / "report.json").read_text() == "new"  # and the new results are not lost
     assert str(tmp) in str(info.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run", tmp.name])
+
+
+def test_what_a_crash_leaves_is_recognised_by_name(tmp_path, monkeypatch):
+    # The names the writers really use, caught at the moment a crash would leave them.
+    import jestkit.atomic as atomic
+
+    final = tmp_path / "step_0000004.v2"  # a dot in the name must not confuse the parse
+    final.mkdir()
+    left = {}
+    with replacing_directory(final) as tmp:
+        left["new"] = tmp
+    real_rmtree = atomic.shutil.rmtree
+
+    def keep_old(path, *args, **kwargs):  # the swap's last act: delete the set-aside copy
+        left["old"] = Path(path)
+
+    monkeypatch.setattr(atomic.shutil, "rmtree", keep_old)
+    with replacing_directory(final):
+        pass
+    monkeypatch.setattr(atomic.shutil, "rmtree", real_rmtree)
+
+    def fail(src, dst):
+        left["tmp"] = Path(src)
+        raise OSError("crash")
+
+    monkeypatch.setattr(atomic.os, "replace", fail)
+    with pytest.raises(OSError):
+        atomic_write(tmp_path / "latest", "x")
+    assert unfinished_write(left["new"]) and unfinished_write(left["tmp"])
+    assert left["tmp"].name.startswith(".latest.")
+    assert not unfinished_write(left["old"]) and not unfinished_write(final)
+    assert set_aside_copy_of(left["old"]) == "step_0000004.v2"
+    assert set_aside_copy_of(final) is None and set_aside_copy_of(left["new"]) is None
+    assert not unfinished_write(tmp_path / "latest") and set_aside_copy_of("latest") is None

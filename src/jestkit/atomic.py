@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write", "replacing_directory"]
+__all__ = ["atomic_write", "replacing_directory", "set_aside_copy_of", "unfinished_write"]
 
 
 @contextlib.contextmanager
@@ -87,3 +87,25 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+# What a crash leaves behind. Both writers above work under hidden sibling names, so the names
+# alone say what a leftover is (this module is the one place that makes them).
+
+
+def unfinished_write(path: str | os.PathLike) -> bool:
+    """Whether `path` is a write that never completed: a directory `replacing_directory` was
+    filling (``.NAME.new.<random>``) or a temp file of `atomic_write` (``.NAME.<random>.tmp``).
+    Nothing reads these; they are safe to delete."""
+    name = Path(path).name
+    return name.startswith(".") and (".new." in name or name.endswith(".tmp"))
+
+
+def set_aside_copy_of(path: str | os.PathLike) -> str | None:
+    """NAME if `path` is the old copy of NAME that `replacing_directory` moved aside
+    (``.NAME.old.<random>``), else None. Redundant once NAME exists again; until then it may be
+    the only copy."""
+    name = Path(path).name
+    if name.startswith(".") and ".old." in name:
+        return name[1:name.index(".old.")]
+    return None

@@ -31,7 +31,7 @@ from jestkit.atomic import replacing_directory
 from jestkit.cache import ReferenceCache, build_reference_cache
 from jestkit.data import IMAGE_SIZE, NOISE_FRACTIONS, load_digits_web
 from jestkit.flops import count_flops
-from jestkit.models import load_model, save_model
+from jestkit.models import load_model, patch_sizes, save_model
 from jestkit.report import build_report, summary_table, write_report
 from jestkit.training import (
     LearnerConfig,
@@ -135,7 +135,7 @@ class DemoConfig:
                              "keep no checkpoints; each takes well under a minute)")
         # Checked here, not only at the first learner run, so a bad config fails before the
         # reference is trained.
-        allowed = tuple(p for p in range(1, IMAGE_SIZE + 1) if IMAGE_SIZE % p == 0)
+        allowed = patch_sizes(IMAGE_SIZE)
         if self.learner.patch_size not in allowed:
             raise ValueError(f"learner.patch_size must be one of {list(allowed)} (divisors of "
                              f"the image size {IMAGE_SIZE}), got {self.learner.patch_size}")

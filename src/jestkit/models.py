@@ -68,6 +68,11 @@ PAD_ID = 0
 # --------------------------------------------------------------------------------------------
 
 
+def patch_sizes(image_size: int) -> tuple[int, ...]:
+    """The patch sizes a ViT on image_size x image_size images accepts: its divisors."""
+    return tuple(p for p in range(1, image_size + 1) if image_size % p == 0)
+
+
 @dataclass(frozen=True)
 class DualEncoderConfig:
     """Architecture of a `DualEncoder`. Plain data: `asdict` / `from_dict` round-trip via JSON.
@@ -121,7 +126,7 @@ class DualEncoderConfig:
     @property
     def allowed_patch_sizes(self) -> tuple[int, ...]:
         """Patch sizes the image tower accepts: the divisors of `image_size`."""
-        return tuple(p for p in range(1, self.image_size + 1) if self.image_size % p == 0)
+        return patch_sizes(self.image_size)
 
     def to_json(self) -> str:
         """Canonical JSON (sorted keys): what checkpoints and fingerprints store."""
@@ -259,7 +264,7 @@ class FlexiPatchEmbed(nn.Module):
     @property
     def allowed_patch_sizes(self) -> tuple[int, ...]:
         """Divisors of the image size."""
-        return tuple(p for p in range(1, self.image_size + 1) if self.image_size % p == 0)
+        return patch_sizes(self.image_size)
 
     def check_patch_size(self, patch_size: int) -> None:
         """ValueError unless `patch_size` is an int dividing the image size."""

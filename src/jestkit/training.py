@@ -26,7 +26,12 @@ from pathlib import Path
 
 import torch
 
-from jestkit.atomic import atomic_write, replacing_directory
+from jestkit.atomic import (
+    atomic_write,
+    replacing_directory,
+    set_aside_copy_of,
+    unfinished_write,
+)
 from jestkit.data import Batch, DigitsWeb, Split, SuperBatchSampler, class_prompts
 from jestkit.flops import FlopLedger, count_flops
 from jestkit.models import (
@@ -34,6 +39,7 @@ from jestkit.models import (
     DualEncoderConfig,
     load_model,
     model_fingerprint,
+    patch_sizes,
     save_model,
     sigmoid_loss,
 )
@@ -401,7 +407,7 @@ def train_learner(
         raise ValueError("stop_after and resume need a run_dir to keep checkpoints in")
     ckpt_root = None if run_dir is None else Path(run_dir) / "checkpoints"
     if not resume and ckpt_root is not None and ckpt_root.exists() and any(
-            not _is_unfinished_write(p) for p in ckpt_root.iterdir()):
+            not unfinished_write(p) for p in ckpt_root.iterdir()):
         raise FileExistsError(f"{ckpt_root} already holds checkpoints: pass resume=True to "
                               f"continue that run, or use another run_dir")
     reference_id = _reference_identity(cfg, reference, reference_embedder)
@@ -409,7 +415,7 @@ def train_learner(
     image_size = data.pool.images.shape[-1]
     if image_size % cfg.patch_size:
         raise ValueError(f"patch_size must divide the image size {image_size}: one of "
-                         f"{[p for p in range(1, image_size + 1) if image_size % p == 0]}, "
+                         f"{list(patch_sizes(image_size))}, "
                          f"got {cfg.patch_size}")
     model_cfg = small_model(data.tokenizer.vocab_size, cfg.width, cfg.depth,
                             patch_size=cfg.patch_size, text_width=cfg.text_width)
@@ -549,26 +555,12 @@ def _save_checkpoint(run_dir, cfg, step, model, opt, sampler, gen, ledger, resul
     # whose replacement is in place. A set-aside copy without its replacement is the only
     # copy of that checkpoint and stays.
     for debris in ckpt_root.iterdir():
-        if _is_unfinished_write(debris) or (
-                _is_set_aside(debris) and (ckpt_root / debris.name[1:].split(".")[0]).is_dir()):
+        original = set_aside_copy_of(debris)
+        if unfinished_write(debris) or (original and (ckpt_root / original).is_dir()):
             if debris.is_dir():
                 shutil.rmtree(debris, ignore_errors=True)
             else:
                 debris.unlink(missing_ok=True)
-
-
-def _is_unfinished_write(path: Path) -> bool:
-    """A checkpoint `replacing_directory` was still writing when the run died
-    (``.step_XXXXXXX.new.<random>``), or `atomic_write`'s temp file of `latest`."""
-    name = path.name
-    return (name.startswith(".step_") and ".new." in name) or (
-        name.startswith(".latest.") and name.endswith(".tmp"))
-
-
-def _is_set_aside(path: Path) -> bool:
-    """A complete checkpoint `replacing_directory` moved aside to put a new one in its place
-    (``.step_XXXXXXX.old.<random>``)."""
-    return path.name.startswith(".step_") and ".old." in path.name
 
 
 def _load_checkpoint(run_dir, cfg, model, opt, sampler, gen, ledger, result, clean_seen,
