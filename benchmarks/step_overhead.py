@@ -194,7 +194,8 @@ class Runner:
         self.name, self.cfg, self.data = name, cfg, data
         self.clock = _Clock()
         model_cfg = small_model(data.tokenizer.vocab_size, cfg.width, cfg.depth,
-                                patch_size=cfg.patch_size, text_width=cfg.text_width)
+                                patch_size=cfg.patch_size, text_width=cfg.text_width,
+                                text_heads=cfg.text_heads)
         self.model = DualEncoder(model_cfg, seed=cfg.seed)
         self.opt = _optimizer(self.model, cfg)
         self.sampler = SuperBatchSampler(data.pool, cfg.super_batch_size, seed=cfg.seed)
@@ -320,7 +321,8 @@ def per_call_overhead(data, seed: int, batches: list[int], repeats: int) -> dict
        parts of 32 (training and scoring patch), and each part alone.
     """
     model_cfg = small_model(data.tokenizer.vocab_size, _LEARNER.width, _LEARNER.depth,
-                            patch_size=_LEARNER.patch_size, text_width=_LEARNER.text_width)
+                            patch_size=_LEARNER.patch_size, text_width=_LEARNER.text_width,
+                            text_heads=_LEARNER.text_heads)
     model = DualEncoder(model_cfg, seed=seed).eval()
     images, tokens = data.pool.images, data.pool.tokens
     fine = model_cfg.patch_size
@@ -406,7 +408,8 @@ def run(args) -> dict:
     vocab = data.tokenizer.vocab_size
     # Untrained reference: its speed does not depend on its weights.
     reference = DualEncoder(small_model(vocab, _REFERENCE.width, _REFERENCE.depth,
-                                        text_width=_REFERENCE.text_width),
+                                        text_width=_REFERENCE.text_width,
+                                        text_heads=_REFERENCE.text_heads),
                             seed=args.seed + 1000).eval()
     tmp = tempfile.TemporaryDirectory(prefix="step_overhead_cache.")
     cache = build_reference_cache(reference, data.pool, tmp.name)

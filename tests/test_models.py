@@ -224,6 +224,51 @@ def test_text_padding_is_masked() -> None:
     assert torch.isfinite(model.encode_text(all_pad)).all()
 
 
+@pytest.mark.parametrize("keys", [1, 2, 4, 8, 15, 16, 20])
+def test_attention_softmax_equals_torch_softmax_values_and_gradients(keys: int) -> None:
+    # Both sides of SHORT_SOFTMAX_MAX, with masked keys (-inf) as the text tower makes them
+    # (at least one unmasked key per row), including one row with a single unmasked key.
+    g = torch.Generator().manual_seed(keys)
+    scores = torch.randn(5, 3, 7, keys, generator=g, dtype=torch.float64) * 4
+    if keys > 1:
+        masked = torch.rand(5, 1, 1, keys, generator=g) < 0.3
+        masked[..., 0] = False
+        masked[0, ..., 1:] = True
+        scores = scores.masked_fill(masked, float("-inf"))
+    grad_out = torch.randn(scores.shape, generator=g, dtype=torch.float64)
+    ours_in = scores.clone().requires_grad_()
+    torch_in = scores.clone().requires_grad_()
+    ours, expected = models.attention_softmax(ours_in), torch_in.softmax(dim=-1)
+    torch.testing.assert_close(ours, expected, atol=1e-12, rtol=0)
+    ours.backward(grad_out)
+    expected.backward(grad_out)
+    torch.testing.assert_close(ours_in.grad, torch_in.grad, atol=1e-12, rtol=0)
+    if keys > 1:
+        assert (ours_in.grad[masked.expand_as(scores)] == 0).all()
+    # float32, the dtype models run in: equal to rounding.
+    x32 = scores.float()
+    torch.testing.assert_close(models.attention_softmax(x32), x32.softmax(-1), atol=1e-6,
+                               rtol=0)
+
+
+def test_attention_softmax_gradcheck_and_no_silent_double_backward() -> None:
+    x = torch.randn(2, 2, 3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(models.attention_softmax, (x,))
+    y = models.attention_softmax(x)
+    (g,) = torch.autograd.grad(y[..., 0].sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):  # once_differentiable: an error, not a wrong answer
+        g.sum().backward()
+
+
+def test_text_heads_change_the_computation_not_the_parameters() -> None:
+    one, four = DualEncoder(tiny_config(text_heads=1)), DualEncoder(tiny_config(text_heads=4))
+    assert {k: v.shape for k, v in one.state_dict().items()} == {
+        k: v.shape for k, v in four.state_dict().items()}
+    four.load_state_dict(one.state_dict())
+    _, tokens = batch()
+    assert not torch.allclose(one.encode_text(tokens), four.encode_text(tokens), atol=1e-4)
+
+
 def test_bad_inputs_raise() -> None:
     model = DualEncoder(tiny_config())
     images, tokens = batch(2)

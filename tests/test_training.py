@@ -10,7 +10,7 @@ from torch import nn
 
 from jestkit.data import caption_digits, load_digits_web
 from jestkit.flops import FlopLedger, count_flops
-from jestkit.models import DualEncoder, sigmoid_loss
+from jestkit.models import DualEncoder, load_model, sigmoid_loss
 from jestkit.selection import JointSelector
 from jestkit.training import (
     LearnerConfig,
@@ -216,26 +216,44 @@ def test_checkpoint_with_other_flop_phases_is_refused(data, reference, tmp_path)
     assert state_path.read_bytes() == before
 
 
-def _as_written_before_state_versions(state_path):
-    """Rewrite a checkpoint's state as code from before `LearnerConfig.patch_size` (and the
-    whole-sub-batch multi-resolution loss) wrote it: no version, no patch_size."""
+def _as_written_before_state_versions(state_path, version: int | None = None):
+    """Rewrite a checkpoint's state as older code wrote it: version None (1) had no
+    `patch_size` and no `text_heads` (patch 8 and 4 text heads were fixed), version 2 no
+    `text_heads`."""
     state = torch.load(state_path, weights_only=False)
-    del state["version"]
-    del state["config"]["patch_size"]
+    if version is None:
+        del state["version"]
+        del state["config"]["patch_size"]
+    else:
+        state["version"] = version
+    del state["config"]["text_heads"]
     torch.save(state, state_path)
 
 
-def test_checkpoints_from_before_patch_size_resume_unless_multires(data, reference, tmp_path):
-    # Full-resolution training is unchanged since then (patch 8 was the only one): resumes to
-    # the uninterrupted result.
-    full = train_learner(data, TINY, reference)
-    train_learner(data, TINY, reference, run_dir=tmp_path / "a", stop_after=4)
-    _as_written_before_state_versions(tmp_path / "a" / "checkpoints" / "step_0000004" / "state.pt")
-    resumed = train_learner(data, TINY, reference, run_dir=tmp_path / "a", resume=True)
+@pytest.mark.parametrize("version", [None, 2])
+def test_checkpoints_from_older_versions_resume_faithfully(data, reference, tmp_path, version):
+    # Full-resolution training is unchanged since then (patch 8 was the only one; the text
+    # tower had 4 heads): with those settings a run resumes to the uninterrupted result.
+    then = dataclasses.replace(TINY, text_heads=4)
+    full = train_learner(data, then, reference)
+    train_learner(data, then, reference, run_dir=tmp_path / "a", stop_after=4)
+    state_path = tmp_path / "a" / "checkpoints" / "step_0000004" / "state.pt"
+    _as_written_before_state_versions(state_path, version)
+    before = state_path.read_bytes()
+    # Today's default (1 text head) would continue another model: refused, by name.
+    with pytest.raises(ValueError, match="different config.*text_heads"):
+        train_learner(data, TINY, reference, run_dir=tmp_path / "a", resume=True)
+    assert state_path.read_bytes() == before
+    resumed = train_learner(data, then, reference, run_dir=tmp_path / "a", resume=True)
     assert resumed.zero_shot_accuracy == pytest.approx(full.zero_shot_accuracy, abs=1e-6)
     assert resumed.cumulative_flops == full.cumulative_flops
+
+
+def test_multires_checkpoints_from_before_the_whole_sub_batch_loss_are_refused(
+        data, reference, tmp_path):
     # Multi-resolution training had another loss then: resuming would switch it mid-run.
-    flexi = dataclasses.replace(TINY, width=48, score_patch_size=16, multires_fraction=0.5)
+    flexi = dataclasses.replace(TINY, width=48, score_patch_size=16, multires_fraction=0.5,
+                                text_heads=4)
     train_learner(data, flexi, reference, run_dir=tmp_path / "b", stop_after=2)
     state_path = tmp_path / "b" / "checkpoints" / "step_0000002" / "state.pt"
     _as_written_before_state_versions(state_path)
@@ -358,11 +376,25 @@ def test_checkpoint_arguments_need_a_run_dir(data, reference):
         (dict(method="uniform", score_patch_size=16), "score_patch_size applies to"),
         (dict(method="easy_reference", score_patch_size=16), "score_patch_size applies to"),
         (dict(patch_size=0), "patch_size must be a positive int"),
+        (dict(text_heads=0), "text_heads must be a positive int"),
+        (dict(text_heads=3), r"text_heads must divide text_width=16: one of \[1, 2, 4, 8, 16\]"),
     ],
 )
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LearnerConfig(**kwargs)
+
+
+def test_text_heads_reach_the_models(data, tmp_path):
+    model, _ = train_reference(data, ReferenceConfig(steps=1, batch_size=16, width=16,
+                                                     text_heads=2))
+    assert model.config.text_heads == 2
+    with pytest.raises(ValueError, match="text_heads must divide text_width=16"):
+        ReferenceConfig(text_heads=5)
+    cfg = dataclasses.replace(TINY, method="uniform", text_heads=4)
+    train_learner(data, cfg, run_dir=tmp_path, stop_after=1)
+    saved = load_model(tmp_path / "checkpoints" / "step_0000001" / "model.safetensors")
+    assert saved.config.text_heads == 4 and LearnerConfig().text_heads == 1
 
 
 def test_bad_run_arguments(data, reference):

@@ -53,18 +53,20 @@ METHODS = tuple(CRITERIA)  # uniform, hard_learner, easy_reference, learnability
 
 
 def small_model(vocab_size: int, width: int, depth: int, patch_size: int = 8,
-                text_width: int | None = None) -> DualEncoderConfig:
+                text_width: int | None = None, text_heads: int = 1) -> DualEncoderConfig:
     """A dual encoder sized for a 2-core CPU: 32x32 images at patch 8 are 16 tokens; captions
     are a few words from a ~100-word vocabulary, so one narrow text block suffices.
 
     `text_width` defaults to `width`. A narrow text tower keeps the image tower the bulk of
     the compute, which is what makes Flexi's coarse scoring cheap (BRIEF 4): the text tower
-    costs the same at every patch size.
+    costs the same at every patch size. One text head by default: at width 16, four heads
+    of width 4 made the same FLOPs take 2.6x the time (1280 tiny matmuls per attention for
+    a 320-caption super-batch instead of 320) and learned no better (docs/results.md).
     """
     return DualEncoderConfig(vocab_size=vocab_size, embed_dim=32, patch_size=patch_size,
                              image_width=width, image_depth=depth, image_heads=4,
-                             text_width=text_width or width, text_depth=1, text_heads=4,
-                             mlp_ratio=2)
+                             text_width=text_width or width, text_depth=1,
+                             text_heads=text_heads, mlp_ratio=2)
 
 
 @dataclass(frozen=True)
@@ -78,11 +80,14 @@ class ReferenceConfig:
     warmup_steps: int = 30
     width: int = 32
     text_width: int = 16
+    text_heads: int = 1
     depth: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_positive(self, ("steps", "batch_size", "width", "text_width", "depth"))
+        _check_positive(self, ("steps", "batch_size", "width", "text_width", "text_heads",
+                                "depth"))
+        _check_heads(self)
         _check_lr(self)
 
 
@@ -102,6 +107,7 @@ class LearnerConfig:
     warmup_steps: int = 30
     width: int = 48
     text_width: int = 16
+    text_heads: int = 1
     depth: int = 1
     patch_size: int = 8  # the training (fine) patch: 32x32 images at 8 are 16 tokens
     eval_every: int = 0  # 0: steps // 40
@@ -116,7 +122,8 @@ class LearnerConfig:
             raise ValueError(f"selection must be one of {list(SELECTIONS)}, "
                              f"got {self.selection!r}")
         _check_positive(self, ("steps", "batch_size", "n_chunks", "width", "text_width",
-                                "depth", "patch_size"))
+                                "text_heads", "depth", "patch_size"))
+        _check_heads(self)
         if not 0 < self.filter_ratio < 1:
             raise ValueError(f"filter_ratio must be in (0, 1), got {self.filter_ratio}")
         if self.method != "uniform" and self.selection == "joint" and (
@@ -167,6 +174,13 @@ def _check_positive(cfg, names) -> None:
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_heads(cfg) -> None:
+    if cfg.text_width % cfg.text_heads:
+        divisors = [h for h in range(1, cfg.text_width + 1) if cfg.text_width % h == 0]
+        raise ValueError(f"text_heads must divide text_width={cfg.text_width}: one of "
+                         f"{divisors}, got {cfg.text_heads}")
 
 
 def _check_lr(cfg) -> None:
@@ -318,7 +332,8 @@ def train_reference(data: DigitsWeb, cfg: ReferenceConfig = ReferenceConfig(),
         raise ValueError(f"reference batch_size must be in [1, {len(data.curated)}] (the "
                          f"curated split's size), got {cfg.batch_size}")
     model = DualEncoder(small_model(data.tokenizer.vocab_size, cfg.width, cfg.depth,
-                                    text_width=cfg.text_width), seed=cfg.seed)
+                                    text_width=cfg.text_width, text_heads=cfg.text_heads),
+                        seed=cfg.seed)
     opt = _optimizer(model, cfg)
     sampler = SuperBatchSampler(data.curated, cfg.batch_size, seed=cfg.seed)
     ledger = FlopLedger()
@@ -418,7 +433,8 @@ def train_learner(
                          f"{list(patch_sizes(image_size))}, "
                          f"got {cfg.patch_size}")
     model_cfg = small_model(data.tokenizer.vocab_size, cfg.width, cfg.depth,
-                            patch_size=cfg.patch_size, text_width=cfg.text_width)
+                            patch_size=cfg.patch_size, text_width=cfg.text_width,
+                            text_heads=cfg.text_heads)
     model = DualEncoder(model_cfg, seed=cfg.seed)
     if cfg.score_patch_size and cfg.score_patch_size not in model_cfg.allowed_patch_sizes:
         raise ValueError(f"score_patch_size must be one of {model_cfg.allowed_patch_sizes}, "
@@ -524,7 +540,8 @@ def _reference_identity(cfg, reference, reference_embedder) -> str | None:
 
 # 2: LearnerConfig has patch_size, and multi-resolution training is one loss over the whole
 # sub-batch. State without a version (1) was written before both.
-_STATE_VERSION = 2
+# 3: LearnerConfig has text_heads (the text tower had 4 heads before).
+_STATE_VERSION = 3
 
 
 def _save_checkpoint(run_dir, cfg, step, model, opt, sampler, gen, ledger, result, clean_seen,
@@ -577,6 +594,8 @@ def _load_checkpoint(run_dir, cfg, model, opt, sampler, gen, ledger, result, cle
                              f"computed one loss over the whole sub-batch (it had one per part);"
                              f" resuming would change the loss mid-run: start the run afresh")
         saved.setdefault("patch_size", 8)  # the training patch was always 8 then
+    if state.get("version", 1) < 3:
+        saved.setdefault("text_heads", 4)  # always 4 then: resumable with text_heads=4
     if saved != asdict(cfg):
         diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
         raise ValueError(f"checkpoint {ckpt} was written by a different config; differing "
