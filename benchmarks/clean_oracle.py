@@ -62,17 +62,27 @@ def run(demo: DemoConfig, workers: int) -> dict:
     data = load_digits_web(demo.data_seed, max_len=DEMO_MAX_TEXT_LEN)
     with tempfile.TemporaryDirectory(prefix="clean_oracle.") as tmp:
         reference_path = str(Path(tmp) / "reference.safetensors")
-        reference, ref_info = train_reference(data, demo.reference)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as the demo trains it: the same reference, bit for bit
+        try:
+            reference, ref_info = train_reference(data, demo.reference)
+        finally:
+            torch.set_num_threads(threads)
         save_model(reference, reference_path)
         jobs = [(kind, dataclasses.replace(demo.learner, seed=seed))
                 for kind in KINDS for seed in demo.seeds]
         ctx = multiprocessing.get_context("spawn")  # as the demo: fork + torch threads is unsafe
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+        runs: dict[str, list[dict]] = {kind: [] for kind in KINDS}
+        try:
             futures = [(kind, pool.submit(_run, kind, cfg, demo.data_seed, reference_path))
                        for kind, cfg in jobs]
-            runs: dict[str, list[dict]] = {kind: [] for kind in KINDS}
-            for kind, fut in futures:
+            for kind, fut in futures:  # in submission order: seeds in order
                 runs[kind].append(fut.result())
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # fail now, not after every run
+            raise
+        pool.shutdown()
     methods = {kind: summarize_method(runs[kind], runs["uniform"]) for kind in KINDS}
     return {
         "config": dataclasses.asdict(demo),
@@ -130,8 +140,9 @@ def markdown(res: dict, command: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", type=Path, default=REPO / "configs" / "demo.json",
-                   help="a demo config (JSON): its learner, reference, seeds and data seed")
+    p.add_argument("--config", type=Path,
+                   help="a demo config (JSON): its learner, reference, seeds and data seed "
+                        "(default: configs/demo.json)")
     p.add_argument("--quick", action="store_true", help="smoke test: 40 steps, one seed")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", type=Path, help="write the markdown results into this doc")
@@ -142,18 +153,24 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error(f"--workers must be >= 1, got {args.workers}")
-    check_section(args.out, args.section)  # before minutes of training, not after
+    if args.quick and args.config:
+        p.error("--quick runs its own tiny config; drop --config (or --quick)")
+    # Before minutes of training, not after: where the results go must be writable.
+    check_section(args.out, args.section)
+    for path in (args.out, args.json):
+        if path is not None and not path.parent.is_dir():
+            p.error(f"{path}: directory {path.parent} does not exist")
     demo = DemoConfig.quick() if args.quick else DemoConfig.from_dict(
-        json.loads(args.config.read_text()))
+        json.loads((args.config or REPO / "configs" / "demo.json").read_text()))
     res = run(demo, args.workers)
     command = "python benchmarks/clean_oracle.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
+    if args.json:  # the raw numbers first: they are what a failed --out would lose
+        args.json.write_text(json.dumps(res, indent=1))
     md = markdown(res, command.strip())
     print(md)
     if args.out:
         replace_section(args.out, md, args.section, "Clean-pool ceiling")
-    if args.json:
-        args.json.write_text(json.dumps(res, indent=1))
     return 0
 
 

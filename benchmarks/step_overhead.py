@@ -121,15 +121,16 @@ def use_demo_config(demo: DemoConfig) -> None:
 
 
 def variant_config(kind: str, f: float | None, seed: int) -> LearnerConfig:
-    common = dict(batch_size=BATCH, width=_LEARNER.width, text_width=_LEARNER.text_width,
-                  depth=_LEARNER.depth, patch_size=_LEARNER.patch_size, seed=seed,
-                  n_chunks=N_CHUNKS, selection="joint")
+    """The demo's learner config (every field: sizes, heads, optimizer) as `kind` at f."""
+    base = dataclasses.replace(_LEARNER, seed=seed, selection="joint", score_patch_size=0,
+                               multires_fraction=0.0)
     if kind == "uniform":
-        return LearnerConfig(method="uniform", **common)
+        return dataclasses.replace(base, method="uniform")
     if kind in MULTIRES:
-        return LearnerConfig(method="learnability", filter_ratio=f, score_patch_size=FLEXI_PATCH,
-                             multires_fraction=MULTIRES[kind], **common)
-    return LearnerConfig(method="learnability", filter_ratio=f, **common)
+        return dataclasses.replace(base, method="learnability", filter_ratio=f,
+                                   score_patch_size=FLEXI_PATCH,
+                                   multires_fraction=MULTIRES[kind])
+    return dataclasses.replace(base, method="learnability", filter_ratio=f)
 
 
 class _Clock:

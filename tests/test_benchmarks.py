@@ -71,9 +71,10 @@ def test_clean_oracle_trains_only_on_clean_pairs_and_reports_by_the_protocol(tmp
     out, raw = tmp_path / "doc.md", tmp_path / "raw.json"
     out.write_text("prose\n<!-- clean_oracle:start -->\n<!-- clean_oracle:end -->\n")
     # A subprocess, as it is run: its spawned workers import the script by its own name.
-    subprocess.run([sys.executable, str(root / "benchmarks" / "clean_oracle.py"), "--quick",
-                    "--workers", "1", "--out", str(out), "--json", str(raw)],
-                   check=True, capture_output=True, timeout=300)
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "clean_oracle.py"),
+                           "--quick", "--workers", "1", "--out", str(out), "--json", str(raw)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
     res = json.loads(raw.read_text())
     methods = res["methods"]
     assert set(methods) == {"uniform", "clean-oracle", "learnability-joint"}
@@ -85,3 +86,34 @@ def test_clean_oracle_trains_only_on_clean_pairs_and_reports_by_the_protocol(tmp
     text = out.read_text()
     assert text.startswith("prose\n<!-- clean_oracle:start -->\nCommand: ")
     assert "| clean-oracle | " in text and text.endswith("<!-- clean_oracle:end -->\n")
+
+
+def test_step_overhead_times_the_demo_configs_learner(monkeypatch):
+    # Every field of the config's learner (here: 4 text heads, another lr) reaches the timed
+    # variants, not only the sizes that used to be copied one by one.
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))
+    spec = importlib.util.spec_from_file_location("bench_step_overhead_cfg",
+                                                  benchmarks / "step_overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # a fresh module: use_demo_config's globals stay in it
+    from jestkit.demo import DemoConfig
+    from jestkit.training import LearnerConfig
+
+    learner = LearnerConfig(text_heads=4, lr=3e-3, width=32)
+    module.use_demo_config(DemoConfig(learner=learner))
+    for kind in ("uniform", "live", "cached", "cached+flexi", "cached+flexi+multires"):
+        cfg = module.variant_config(kind, None if kind == "uniform" else 0.8, seed=5)
+        assert (cfg.text_heads, cfg.lr, cfg.width, cfg.seed) == (4, 3e-3, 32, 5), kind
+        assert cfg.method == ("uniform" if kind == "uniform" else "learnability")
+        assert bool(cfg.score_patch_size) == kind.startswith("cached+flexi")
+
+
+def test_clean_oracle_refuses_bad_arguments_before_training(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "clean_oracle.py"
+    for args, message in ((["--quick", "--config", "configs/demo.json"], "drop --config"),
+                          (["--json", str(tmp_path / "missing" / "x.json")], "does not exist"),
+                          (["--workers", "0"], "--workers must be >= 1")):
+        done = subprocess.run([sys.executable, str(script), *args], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 2 and message in done.stderr, (args, done.stderr)

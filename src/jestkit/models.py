@@ -358,7 +358,9 @@ SHORT_SOFTMAX_MAX = 15
 
 class _ShortSoftmax(torch.autograd.Function):
     """softmax(x, dim=-1) from a few whole-tensor ops: subtract the row max, exp, divide by
-    the row sum (the same algorithm as torch's kernel). Backward: y * (g - sum(g * y))."""
+    the row sum (the same algorithm as torch's kernel). Backward: y * (g - sum(g * y)), from
+    differentiable ops on the saved output, so double backward (gradient penalties) is right
+    too."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
@@ -368,7 +370,6 @@ class _ShortSoftmax(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> Tensor:
         (y,) = ctx.saved_tensors
         return y * (grad - (grad * y).sum(dim=-1, keepdim=True))
@@ -377,8 +378,10 @@ class _ShortSoftmax(torch.autograd.Function):
 def attention_softmax(scores: Tensor) -> Tensor:
     """softmax over the last axis (attention scores [..., L_query, L_key]; masked keys at -inf,
     at least one unmasked key per row). Equal to ``scores.softmax(-1)`` up to float rounding,
-    faster on CPU when L_key <= SHORT_SOFTMAX_MAX."""
-    if scores.shape[-1] <= SHORT_SOFTMAX_MAX and scores.device.type == "cpu":
+    faster on CPU when 0 < L_key <= SHORT_SOFTMAX_MAX. Half-precision scores keep torch's
+    kernel, which accumulates in float32."""
+    if (0 < scores.shape[-1] <= SHORT_SOFTMAX_MAX and scores.device.type == "cpu"
+            and scores.dtype in (torch.float32, torch.float64)):
         return _ShortSoftmax.apply(scores)
     return scores.softmax(dim=-1)
 
