@@ -83,6 +83,8 @@ def test_clean_oracle_trains_only_on_clean_pairs_and_reports_by_the_protocol(tmp
     assert abs(methods["uniform"]["clean_fraction"] - 0.45) < 0.1  # 40 x 64 uniform draws
     for m in methods.values():  # every method is measured against uniform's final accuracy
         assert m["target_accuracy"] == methods["uniform"]["final_accuracy"]["mean"]
+    assert methods["uniform"]["iteration_speedup"] == 1.0  # by definition, as in the demo
+    assert methods["uniform"]["step_reaching_target"] == 40
     text = out.read_text()
     assert text.startswith("prose\n<!-- clean_oracle:start -->\nCommand: ")
     assert "| clean-oracle | " in text and text.endswith("<!-- clean_oracle:end -->\n")
