@@ -69,10 +69,11 @@ def test_a_benchmark_refuses_its_out_file_before_timing_anything(script, tmp_pat
 def test_clean_oracle_trains_only_on_clean_pairs_and_reports_by_the_protocol(tmp_path):
     root = Path(__file__).resolve().parents[1]
     out, raw = tmp_path / "doc.md", tmp_path / "raw.json"
-    out.write_text("prose\n<!-- clean_oracle:start -->\n<!-- clean_oracle:end -->\n")
+    out.write_text("prose\n<!-- co:start -->\n<!-- co:end -->\n")
     # A subprocess, as it is run: its spawned workers import the script by its own name.
     done = subprocess.run([sys.executable, str(root / "benchmarks" / "clean_oracle.py"),
-                           "--quick", "--workers", "1", "--out", str(out), "--json", str(raw)],
+                           "--quick", "--workers", "1", "--out", str(out), "--section", "co",
+                           "--json", str(raw)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     res = json.loads(raw.read_text())
@@ -85,9 +86,10 @@ def test_clean_oracle_trains_only_on_clean_pairs_and_reports_by_the_protocol(tmp
         assert m["target_accuracy"] == methods["uniform"]["final_accuracy"]["mean"]
     assert methods["uniform"]["iteration_speedup"] == 1.0  # by definition, as in the demo
     assert methods["uniform"]["step_reaching_target"] == 40
+    assert 0 < res["reference_accuracy"] <= 1
     text = out.read_text()
-    assert text.startswith("prose\n<!-- clean_oracle:start -->\nCommand: ")
-    assert "| clean-oracle | " in text and text.endswith("<!-- clean_oracle:end -->\n")
+    assert text.startswith("prose\n<!-- co:start -->\nCommand: ")
+    assert "| clean-oracle | " in text and text.endswith("<!-- co:end -->\n")
 
 
 def test_step_overhead_times_the_demo_configs_learner(monkeypatch):
@@ -109,13 +111,121 @@ def test_step_overhead_times_the_demo_configs_learner(monkeypatch):
         assert (cfg.text_heads, cfg.lr, cfg.width, cfg.seed) == (4, 3e-3, 32, 5), kind
         assert cfg.method == ("uniform" if kind == "uniform" else "learnability")
         assert bool(cfg.score_patch_size) == kind.startswith("cached+flexi")
+    assert module.variant_config("live", 0.5, seed=0).filter_ratio == 0.5
+    from jestkit.data import load_digits_web
+    runner = module.Runner("uniform", module.variant_config("uniform", None, seed=0),
+                           load_digits_web(0, max_len=8), None, None)
+    assert runner.model.config.text_heads == 4  # the timed model is the config's
+    # Whatever the config's learner says about selection and Flexi, the variants are joint,
+    # and only the flexi ones take the config's Flexi setting.
+    learner = LearnerConfig(patch_size=4, selection="independent", score_patch_size=16,
+                            multires_fraction=0.5)
+    module.use_demo_config(DemoConfig(learner=learner, flexi_score_patch_size=8,
+                                      flexi_multires_fraction=0.25))
+    want = {"uniform": (0, 0.0), "live": (0, 0.0), "cached": (0, 0.0),
+            "cached+flexi": (8, 0.25), "cached+flexi+multires": (8, 0.5)}
+    for kind, flexi in want.items():
+        cfg = module.variant_config(kind, None if kind == "uniform" else 0.8, seed=0)
+        assert (cfg.score_patch_size, cfg.multires_fraction) == flexi, kind
+        assert cfg.selection == "joint" and cfg.patch_size == 4, kind
 
 
 def test_clean_oracle_refuses_bad_arguments_before_training(tmp_path):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "clean_oracle.py"
     for args, message in ((["--quick", "--config", "configs/demo.json"], "drop --config"),
                           (["--json", str(tmp_path / "missing" / "x.json")], "does not exist"),
+                          (["--out", str(tmp_path / "missing" / "x.md")], "does not exist"),
                           (["--workers", "0"], "--workers must be >= 1")):
         done = subprocess.run([sys.executable, str(script), *args], capture_output=True,
                               text=True, timeout=60)
         assert done.returncode == 2 and message in done.stderr, (args, done.stderr)
+
+
+def _clean_oracle_module(monkeypatch):
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))
+    spec = importlib.util.spec_from_file_location("bench_clean_oracle", benchmarks /
+                                                  "clean_oracle.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _InlinePool:
+    """ProcessPoolExecutor stand-in that runs each job at submit, in this process."""
+
+    def __init__(self, **kwargs):
+        pass
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+        fut = Future()
+        fut.set_result(fn(*args))
+        return fut
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        pass
+
+
+def test_clean_oracle_trains_each_method_as_named_for_every_seed(monkeypatch):
+    import torch
+
+    from jestkit.demo import DemoConfig
+    from jestkit.training import LearnerConfig, ReferenceConfig
+    module = _clean_oracle_module(monkeypatch)
+    calls = []
+    real = module.train_learner
+
+    def recording(data, cfg, reference=None):
+        calls.append((cfg.method, cfg.selection, cfg.seed, reference is not None,
+                      bool(data.pool.is_clean.all()), len(data.pool)))
+        return real(data, cfg, reference)
+
+    monkeypatch.setattr(module, "train_learner", recording)
+    monkeypatch.setattr(module, "ProcessPoolExecutor", _InlinePool)
+    demo = DemoConfig(seeds=(0, 1), learner=LearnerConfig(steps=4, warmup_steps=1, width=16),
+                      reference=ReferenceConfig(steps=2, warmup_steps=1, width=16))
+    threads = torch.get_num_threads()
+    try:
+        res = module.run(demo, workers=1)
+    finally:
+        torch.set_num_threads(threads)  # the workers set one thread
+    pool, clean = res["pool_size"], res["clean_pool_size"]
+    assert calls == [("uniform", "joint", 0, False, False, pool),
+                     ("uniform", "joint", 1, False, False, pool),
+                     ("uniform", "joint", 0, False, True, clean),
+                     ("uniform", "joint", 1, False, True, clean),
+                     ("learnability", "joint", 0, True, False, pool),
+                     ("learnability", "joint", 1, True, False, pool)]
+    assert [r for r in res["methods"]] == ["uniform", "clean-oracle", "learnability-joint"]
+
+
+def test_clean_oracle_markdown_says_what_was_measured(monkeypatch):
+    module = _clean_oracle_module(monkeypatch)
+
+    def method(final, std, step, speedup, clean):
+        return {"final_accuracy": {"mean": final, "std": std}, "step_reaching_target": step,
+                "iteration_speedup": speedup, "clean_fraction": clean, "target_accuracy": 0.5}
+
+    res = {"config": {"learner": {"steps": 100, "batch_size": 8}, "seeds": [0, 1]},
+           "wall_s": 3.0, "pool_size": 20, "clean_pool_size": 9, "reference_accuracy": 0.7,
+           "methods": {"uniform": method(0.5, 0.01, 100, 1.0, 0.45),
+                       "clean-oracle": method(0.8, None, 50, 2.0, 1.0),
+                       "learnability-joint": method(0.4, 0.02, None, None, 0.6)},
+           "levels": {"levels": [0.5, 0.6],
+                      "methods": {"uniform": {"steps": [100, None],
+                                              "iteration_speedup": [1.0, None]},
+                                  "clean-oracle": {"steps": [50, 80],
+                                                   "iteration_speedup": [2.0, None]},
+                                  "learnability-joint": {"steps": [None, None],
+                                                         "iteration_speedup": [None, None]}}}}
+    text = module.markdown(res, "cmd")
+    assert "Target (uniform's final accuracy): 50.0%." in text
+    assert "clean pool 9 of 20 pairs; reference 70.0%" in text
+    assert "| uniform | 50.0 ± 1.0 | 100 | 1.00x | 45.0% |" in text
+    assert "| clean-oracle | 80.0 | 50 | 2.00x | 100.0% |" in text
+    assert "| learnability-joint | 40.0 ± 2.0 | not reached | not reached | 60.0% |" in text
+    assert "| uniform | 100 | not reached |" in text  # the baseline's cells carry no ratio
+    assert "| clean-oracle | 50 (2.0x) | 80 |" in text
+    res["levels"] = {"levels": [], "methods": {}}
+    assert "No method reached any of the levels" in module.markdown(res, "cmd")

@@ -309,6 +309,20 @@ def test_random_shift_int64_positions_give_the_same_images(monkeypatch) -> None:
     assert torch.equal(narrow, wide)
 
 
+def test_random_shift_uses_int32_positions_exactly_while_they_fit(monkeypatch) -> None:
+    assert data_module._INT32_INDEX_LIMIT == torch.iinfo(torch.int32).max
+    seen = []
+    real = torch.Tensor.index_select
+    monkeypatch.setattr(torch.Tensor, "index_select",
+                        lambda self, dim, index: seen.append(index.dtype) or real(self, dim, index))
+    x = torch.rand(30, 2, 12, 12)
+    padded_numel = 30 * 2 * 16 * 16  # max_shift 2 pads each side by 2
+    for limit in (data_module._INT32_INDEX_LIMIT, padded_numel, padded_numel - 1):
+        monkeypatch.setattr(data_module, "_INT32_INDEX_LIMIT", limit)
+        random_shift(x, 2, torch.Generator().manual_seed(6))
+    assert seen == [torch.int32, torch.int32, torch.int64]
+
+
 def test_random_shift_seeded_and_no_global_rng() -> None:
     x = torch.rand(64, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     state = torch.random.get_rng_state()

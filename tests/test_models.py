@@ -279,6 +279,22 @@ def test_attention_softmax_takes_its_own_path_only_where_meant(keys, dtype, ours
     torch.testing.assert_close(y, x.softmax(-1))
 
 
+def test_attention_softmax_subtracts_the_row_max() -> None:
+    # Scores far beyond exp's float32 range (~88) must not overflow to inf / NaN.
+    x = torch.tensor([[1000.0, 0.0, -1000.0], [88.0, 89.0, 90.0], [-200.0, -201.0, -1e4]])
+    torch.testing.assert_close(models.attention_softmax(x), x.softmax(-1))
+
+
+def test_attention_softmax_off_cpu_keeps_torch_kernel_and_blocks_use_it(monkeypatch) -> None:
+    x = torch.randn(2, 3, 8, device="meta", requires_grad=True)
+    assert "ShortSoftmax" not in type(models.attention_softmax(x).grad_fn).__name__
+    seen = []
+    real = models.attention_softmax
+    monkeypatch.setattr(models, "attention_softmax", lambda s: seen.append(s.shape) or real(s))
+    DualEncoder(tiny_config()).encode_text(torch.ones(2, 5, dtype=torch.long))
+    assert seen == [(2, 2, 5, 5)]  # the text block's attention: [B, heads, L, L]
+
+
 def test_text_heads_change_the_computation_not_the_parameters() -> None:
     one, four = DualEncoder(tiny_config(text_heads=1)), DualEncoder(tiny_config(text_heads=4))
     assert {k: v.shape for k, v in one.state_dict().items()} == {

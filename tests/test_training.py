@@ -385,6 +385,34 @@ def test_bad_config(kwargs, match):
         LearnerConfig(**kwargs)
 
 
+def test_text_heads_default_to_one_and_are_validated():
+    assert small_model(50, 16, 1).text_heads == 1
+    assert ReferenceConfig().text_heads == 1 and LearnerConfig().text_heads == 1
+    for bad in (0, -1):  # -1 divides 16: only the positivity check stops it
+        with pytest.raises(ValueError, match="text_heads must be a positive int"):
+            ReferenceConfig(text_heads=bad)
+        with pytest.raises(ValueError, match="text_heads must be a positive int"):
+            LearnerConfig(text_heads=bad)
+
+
+@pytest.mark.parametrize("version", [None, 2])
+def test_multires_checkpoints_resume_from_this_and_the_last_version(data, reference, tmp_path,
+                                                                    version):
+    # Version 2 already had the whole-sub-batch multi-resolution loss: it resumes (with its
+    # 4 text heads), as does a checkpoint written now (version 3).
+    flexi = dataclasses.replace(TINY, width=48, score_patch_size=16, multires_fraction=0.5,
+                                text_heads=4)
+    full = train_learner(data, flexi, reference)
+    train_learner(data, flexi, reference, run_dir=tmp_path, stop_after=2)
+    state_path = tmp_path / "checkpoints" / "step_0000002" / "state.pt"
+    assert torch.load(state_path, weights_only=True)["version"] == 3
+    if version == 2:
+        _as_written_before_state_versions(state_path, 2)
+    resumed = train_learner(data, flexi, reference, run_dir=tmp_path, resume=True)
+    assert resumed.zero_shot_accuracy == pytest.approx(full.zero_shot_accuracy, abs=1e-6)
+    assert resumed.cumulative_flops == full.cumulative_flops
+
+
 def test_text_heads_reach_the_models(data, tmp_path):
     model, _ = train_reference(data, ReferenceConfig(steps=1, batch_size=16, width=16,
                                                      text_heads=2))
