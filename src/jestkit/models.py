@@ -350,9 +350,9 @@ class FlexiPatchEmbed(nn.Module):
 
 # The longest key axis that `attention_softmax` handles itself. torch's CPU softmax over a last
 # dimension shorter than one vector register (16 float32 lanes with AVX-512) takes a slow path:
-# measured 3-6x slower than exp/sum on [320, 4, 8, 8] and [320, 4, 4, 4], the text tower's and
-# the coarse image tower's attention when a 320-pair super-batch is scored, and 4x slower in
-# backward (docs/step_overhead.md). From 16 keys on torch's own kernel is the faster one.
+# measured 4-5x slower than exp/sum in forward and 1.4-2.6x in backward on [320, H, 8, 8] and
+# [320, 4, 4, 4], the text tower's and the coarse image tower's attention when a 320-pair
+# super-batch is scored (benchmarks/softmax_paths.py). From 16 keys on torch's kernel is faster.
 SHORT_SOFTMAX_MAX = 15
 
 

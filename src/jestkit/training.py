@@ -60,8 +60,9 @@ def small_model(vocab_size: int, width: int, depth: int, patch_size: int = 8,
     `text_width` defaults to `width`. A narrow text tower keeps the image tower the bulk of
     the compute, which is what makes Flexi's coarse scoring cheap (BRIEF 4): the text tower
     costs the same at every patch size. One text head by default: at width 16, four heads
-    of width 4 made the same FLOPs take 2.6x the time (1280 tiny matmuls per attention for
-    a 320-caption super-batch instead of 320) and learned no better (docs/results.md).
+    of width 4 made the same FLOPs take ~2x the time (1280 tiny matmuls per attention for
+    a 320-caption super-batch instead of 320) and learned no better (docs/step_overhead.md,
+    docs/results.md).
     """
     return DualEncoderConfig(vocab_size=vocab_size, embed_dim=32, patch_size=patch_size,
                              image_width=width, image_depth=depth, image_heads=4,
