@@ -37,7 +37,7 @@ from _markdown import check_section, replace_section
 from jestkit.data import load_digits_web
 from jestkit.demo import DEMO_MAX_TEXT_LEN, DemoConfig
 from jestkit.models import load_model, save_model
-from jestkit.report import LEVELS, steps_to_reach, summarize_method
+from jestkit.report import LEVELS, fmt_speedup, steps_to_reach, summarize_methods
 from jestkit.training import train_learner, train_reference
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,8 +84,7 @@ def run(demo: DemoConfig, workers: int, kinds: tuple[str, ...] = KINDS) -> dict:
             pool.shutdown(wait=False, cancel_futures=True)  # fail now, not after every run
             raise
         pool.shutdown()
-    methods = {kind: summarize_method(runs[kind], runs["uniform"]) for kind in kinds}
-    _baseline_is_one(methods["uniform"], demo.learner.steps)
+    methods = summarize_methods(runs)  # as the demo's report: uniform is 1x by definition
     return {
         "config": dataclasses.asdict(demo),
         "pool_size": len(data.pool),
@@ -95,16 +94,6 @@ def run(demo: DemoConfig, workers: int, kinds: tuple[str, ...] = KINDS) -> dict:
         "levels": steps_to_reach(methods),
         "wall_s": round(time.time() - started, 1),
     }
-
-
-def _baseline_is_one(uniform: dict, steps: int) -> None:
-    """As in the demo's report: the baseline is 1x by definition. (Its own first crossing of
-    its final accuracy only says how early it plateaued: at T = 20000 it is step 13000.)"""
-    uniform.update(iteration_speedup=1.0, step_reaching_target=steps)
-
-
-def _speedup(x: float | None) -> str:
-    return "not reached" if x is None else f"{x:.2f}x"
 
 
 def markdown(res: dict, command: str) -> str:
@@ -129,7 +118,7 @@ def markdown(res: dict, command: str) -> str:
             "" if std is None else f" ± {100 * std:.1f}")
         clean = s["clean_fraction"]
         lines.append(f"| {kind} | {acc} | {s['step_reaching_target'] or 'not reached'} | "
-                     f"{_speedup(s['iteration_speedup'])} | {100 * clean:.1f}% |")
+                     f"{fmt_speedup(s['iteration_speedup'])} | {100 * clean:.1f}% |")
     if not lv["levels"]:
         return "\n".join([*lines, "", "No method reached any of the levels "
                            f"{[f'{100 * x:.0f}%' for x in LEVELS]}."]) + "\n"

@@ -22,7 +22,8 @@ from jestkit.atomic import atomic_write
 
 __all__ = ["FINAL_EVALS", "LEVELS", "build_report", "plateau_check", "rebuild_report",
            "steps_to_reach",
-           "summarize_method", "summary_table", "write_report"]
+           "fmt_speedup", "summarize_method", "summarize_methods", "summary_table",
+           "write_report"]
 
 FINAL_EVALS = 3  # "final accuracy" = mean of the last 3 evaluations
 LEVELS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)  # accuracy levels of `steps_to_reach`
@@ -170,7 +171,22 @@ def summarize_method(runs: list[dict], baseline: list[dict]) -> dict:
     }
 
 
-def _fmt_speedup(x: float | None) -> str:
+def summarize_methods(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """`summarize_method` for every method against runs["uniform"], the baseline, which is 1x
+    by definition: its own first crossing of its final accuracy only says how early it
+    plateaued, which `plateau_check` reports."""
+    if "uniform" not in runs:
+        raise ValueError("the report needs the uniform baseline's runs")
+    baseline = runs["uniform"]
+    methods = {name: summarize_method(r, baseline) for name, r in runs.items()}
+    methods["uniform"].update(
+        iteration_speedup=1.0, compute_speedup=1.0,
+        step_reaching_target=baseline[0]["config"]["steps"],
+        flops_at_target=methods["uniform"]["curves"]["cumulative_flops"][-1])  # seed mean at T
+    return methods
+
+
+def fmt_speedup(x: float | None) -> str:
     return "not reached" if x is None else f"{x:.2f}x"
 
 
@@ -196,7 +212,7 @@ def summary_table(report: dict) -> str:
         spread = "(1 seed)" if fa["std"] is None else f"± {100 * fa['std']:.1f}"
         lines.append(
             f"| {name} | {100 * fa['mean']:.1f} {spread} | "
-            f"{_fmt_speedup(m['iteration_speedup'])} | {_fmt_speedup(m['compute_speedup'])} | "
+            f"{fmt_speedup(m['iteration_speedup'])} | {fmt_speedup(m['compute_speedup'])} | "
             f"{100 * m['clean_fraction']:.1f}% | {per['train'] / 1e9:.2f} G | "
             f"{per['learner_scoring'] / 1e9:.2f} G | {per['reference_scoring'] / 1e9:.2f} G | "
             f"{_fmt_selection(per)} |")
@@ -267,12 +283,7 @@ def build_report(runs: dict[str, list[dict]], reference: dict, config: dict) -> 
                     raise ValueError(f"{name} (seed {r['config']['seed']}) has {key} = "
                                      f"{r['config'][key]}, uniform {baseline[0]['config'][key]}"
                                      f": the protocol compares runs of the same T and b")
-    methods = {name: summarize_method(r, baseline) for name, r in runs.items()}
-    # The baseline is 1x by definition; its own first crossing of the target only says how
-    # early it plateaued, which `plateau` reports.
-    methods["uniform"].update(
-        iteration_speedup=1.0, compute_speedup=1.0, step_reaching_target=total_steps,
-        flops_at_target=methods["uniform"]["curves"]["cumulative_flops"][-1])  # seed mean at T
+    methods = summarize_methods(runs)
     return {
         "reference_accuracy": reference["metrics"]["zero_shot_accuracy"],
         "reference": reference,
