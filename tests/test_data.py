@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from jestkit import data as data_module
 from jestkit.data import (
     CAPTION_TEMPLATES,
     CORRUPTIONS,
@@ -284,6 +283,15 @@ def test_random_shift_range_and_zero_fill() -> None:
         random_shift(x[0], 2)
 
 
+def _slow_shift(img: torch.Tensor, sy: int, sx: int) -> torch.Tensor:
+    """img shifted by (sy, sx) with zero fill, by slicing: want[y, x] = img[y - sy, x - sx]."""
+    want = torch.zeros_like(img)
+    h, w = img.shape[1:]
+    want[:, max(sy, 0):h + min(sy, 0), max(sx, 0):w + min(sx, 0)] = \
+        img[:, max(-sy, 0):h + min(-sy, 0), max(-sx, 0):w + min(-sx, 0)]
+    return want
+
+
 def test_random_shift_equals_slow_per_image_shift() -> None:
     # Non-square, several channels: the one-gather version against a loop of slices.
     x = torch.rand(40, 3, 12, 17, generator=torch.Generator().manual_seed(3))
@@ -291,36 +299,25 @@ def test_random_shift_equals_slow_per_image_shift() -> None:
     out = random_shift(x, m, torch.Generator().manual_seed(4))
     dy, dx = torch.randint(-m, m + 1, (2, 40), generator=torch.Generator().manual_seed(4))
     for img, got, sy, sx in zip(x, out, dy.tolist(), dx.tolist(), strict=True):
-        want = torch.zeros_like(img)
-        h, w = img.shape[1:]
-        # want[y, x] = img[y - sy, x - sx] wherever that is inside the image
-        want[:, max(sy, 0):h + min(sy, 0), max(sx, 0):w + min(sx, 0)] = \
-            img[:, max(-sy, 0):h + min(-sy, 0), max(-sx, 0):w + min(-sx, 0)]
-        assert torch.equal(got, want)
+        assert torch.equal(got, _slow_shift(img, sy, sx))
 
 
-def test_random_shift_int64_positions_give_the_same_images(monkeypatch) -> None:
-    # Positions are int32 unless the padded images have more than 2**31 - 1 elements; the
-    # int64 branch (arrays of > 8 GB) is taken here by lowering the limit.
-    x = torch.rand(30, 2, 12, 12, generator=torch.Generator().manual_seed(5))
-    narrow = random_shift(x, 2, torch.Generator().manual_seed(6))
-    monkeypatch.setattr(data_module, "_INT32_INDEX_LIMIT", 10)
-    wide = random_shift(x, 2, torch.Generator().manual_seed(6))
-    assert torch.equal(narrow, wide)
-
-
-def test_random_shift_uses_int32_positions_exactly_while_they_fit(monkeypatch) -> None:
-    assert data_module._INT32_INDEX_LIMIT == torch.iinfo(torch.int32).max
-    seen = []
-    real = torch.Tensor.index_select
-    monkeypatch.setattr(torch.Tensor, "index_select",
-                        lambda self, dim, index: seen.append(index.dtype) or real(self, dim, index))
-    x = torch.rand(30, 2, 12, 12)
-    padded_numel = 30 * 2 * 16 * 16  # max_shift 2 pads each side by 2
-    for limit in (data_module._INT32_INDEX_LIMIT, padded_numel, padded_numel - 1):
-        monkeypatch.setattr(data_module, "_INT32_INDEX_LIMIT", limit)
-        random_shift(x, 2, torch.Generator().manual_seed(6))
-    assert seen == [torch.int32, torch.int32, torch.int64]
+def test_random_shift_reaches_every_extreme_at_the_array_edges() -> None:
+    # The gather reads windows of the flattened padded array: the first image shifted down
+    # and right starts at its very first element, the last one shifted up and left ends at
+    # the array's last element. Many draws of a 2-image array hit all 49 shifts of both.
+    x = torch.rand(2, 2, 5, 7, generator=torch.Generator().manual_seed(5))
+    m = 3
+    gen = torch.Generator().manual_seed(6)
+    seen = set()
+    for _ in range(400):
+        state = gen.get_state()
+        out = random_shift(x, m, gen)
+        dy, dx = torch.randint(-m, m + 1, (2, 2), generator=torch.Generator().set_state(state))
+        for i in range(2):
+            assert torch.equal(out[i], _slow_shift(x[i], int(dy[i]), int(dx[i])))
+            seen.add((i, int(dy[i]), int(dx[i])))
+    assert len(seen) == 2 * (2 * m + 1) ** 2
 
 
 def test_random_shift_seeded_and_no_global_rng() -> None:
