@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import multiprocessing
+import signal
 import sys
 import tempfile
 import time
@@ -35,7 +36,7 @@ import torch
 from _markdown import check_section, replace_section
 
 from jestkit.data import load_digits_web
-from jestkit.demo import DEMO_MAX_TEXT_LEN, DemoConfig
+from jestkit.demo import DEMO_MAX_TEXT_LEN, DemoConfig, stop_workers
 from jestkit.models import load_model, save_model
 from jestkit.report import LEVELS, fmt_speedup, steps_to_reach, summarize_methods
 from jestkit.training import train_learner, train_reference
@@ -81,7 +82,7 @@ def run(demo: DemoConfig, workers: int, kinds: tuple[str, ...] = KINDS) -> dict:
             for kind, fut in futures:  # in submission order: seeds in order
                 runs[kind].append(fut.result())
         except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)  # fail now, not after every run
+            stop_workers(pool)  # fail now, not after every running run
             raise
         pool.shutdown()
     methods = summarize_methods(runs)  # as the demo's report: uniform is 1x by definition
@@ -175,4 +176,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # SIGTERM ends the run as Ctrl-C does: workers stopped, temporary files removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     sys.exit(main())

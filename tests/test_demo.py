@@ -159,3 +159,98 @@ def test_runs_without_a_reference_do_not_wait_for_it(tmp_path):
         assert result["steps"] == [2]
     with pytest.raises(FileNotFoundError):
         _run_one(0, missing, None, dataclasses.replace(cfg, method="learnability"))
+
+
+def _children(pid: int) -> list[int]:
+    """Live (not zombie) processes whose parent is `pid`, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == pid and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = (Path("/proc") / str(pid) / "stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_sigterm_stops_the_workers_and_leaves_no_run_directory(tmp_path):
+    # A demo whose learner runs would take hours: SIGTERM (kill, a scheduler's time limit)
+    # must end it now, with its worker processes, and leave neither --out nor the unfinished
+    # staging directory behind.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = dataclasses.asdict(DemoConfig.quick())
+    cfg["learner"]["steps"] = 10**6
+    cfg["methods"] = ["uniform", "hard_learner-joint"]  # start while the reference trains
+    config = tmp_path / "long.json"
+    config.write_text(json.dumps(cfg))
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "jestkit.cli", "demo", "--config",
+                             str(config), "--out", str(out), "--no-progress", "--workers", "2"],
+                            start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        workers = []
+        while len(workers) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            workers = [pid for pid in _children(proc.pid)
+                       if b"spawn_main" in (Path("/proc") / str(pid) / "cmdline").read_bytes()]
+        assert len(workers) == 2, proc.stderr.read().decode() if proc.poll() is not None else ""
+        time.sleep(2)  # let them start training
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.time() + 20
+        while any(_alive(pid) for pid in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in workers)
+        assert not out.exists()
+        assert [p.name for p in tmp_path.iterdir()] == ["long.json"]
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def test_stop_workers_ends_running_tasks_now():
+    import multiprocessing
+    import time
+    from concurrent.futures import ProcessPoolExecutor, wait
+
+    from jestkit.demo import stop_workers
+
+    pool = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"))
+    running = [pool.submit(time.sleep, 600) for _ in range(2)]
+    queued = pool.submit(time.sleep, 600)
+    deadline = time.time() + 60
+    while not all(f.running() for f in running) and time.time() < deadline:
+        time.sleep(0.1)
+    processes = list(pool._processes.values())
+    assert len(processes) == 2 and all(p.is_alive() for p in processes)
+    started = time.time()
+    stop_workers(pool)
+    assert time.time() - started < 15  # not the 600 s the running tasks would take
+    assert not any(p.is_alive() for p in processes)
+    # Queued: cancelled, or (if already handed to the pool's call queue) failed once the
+    # pool's manager thread sees its workers gone; never run.
+    wait([queued], timeout=30)
+    assert queued.done() and (queued.cancelled() or queued.exception() is not None)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 
@@ -106,14 +108,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # SIGTERM (`kill`, a scheduler's time limit) ends a command as Ctrl-C does, by an
+    # exception: the demo stops its worker processes and removes its unfinished run
+    # directory instead of leaving both behind. (Python's default for SIGTERM is to die on
+    # the spot, with no cleanup.)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main_thread else None
     try:
         return args.func(args)
     except (ValueError, OSError) as err:  # CacheError, FileExistsError... included
         print(f"jestkit {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -183,6 +183,23 @@ def _run_one(data_seed: int, reference_path: str, cache_dir: str | None,
     return train_learner(data, cfg, reference_embedder=cache.embeddings).to_dict()
 
 
+def stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Drop a pool's queued runs and end its running ones now.
+
+    ``shutdown(cancel_futures=True)`` alone lets every running run finish first: up to a whole
+    long run after the caller has already failed, and the interpreter waits for them at exit.
+    So the worker processes are terminated. A learner run here returns its results and
+    writes no files, so nothing the caller keeps is lost.
+    """
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # before shutdown
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(timeout=10)
+
+
 def prepare_out_dir(out: Path, overwrite: bool) -> None:
     """Refuse to touch an existing, non-empty run directory unless overwrite is set, and
     anything that is not a directory at all."""
@@ -263,8 +280,7 @@ def _run_demo_into(cfg: DemoConfig, out: Path, workers: int, show_progress: bool
                 bar.set_postfix_str(f"{name} seed {lc.seed}")
                 bar.update(1)
     except BaseException:
-        # Fail now: drop the queued runs (the running ones end with their run).
-        pool.shutdown(wait=False, cancel_futures=True)
+        stop_workers(pool)  # fail now: not after the running runs have finished
         raise
     pool.shutdown()
     for name in results:  # seed order, whatever order they finished in
