@@ -229,3 +229,44 @@ def test_clean_oracle_markdown_says_what_was_measured(monkeypatch):
     assert "| clean-oracle | 50 (2.0x) | 80 |" in text
     res["levels"] = {"levels": [], "methods": {}}
     assert "No method reached any of the levels" in module.markdown(res, "cmd")
+
+
+def test_sampling_paths_baseline_is_the_same_draw_as_the_sampler():
+    # The benchmark times the sampler's window gather against a per-pixel gather; the
+    # comparison means something only if both draw the same images from the same generator.
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sampling_paths.py"
+    spec = importlib.util.spec_from_file_location("bench_sampling_paths", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    import torch
+
+    from jestkit.data import _shifted_rows, _zero_pad
+
+    images = torch.rand(50, 3, 9, 11, generator=torch.Generator().manual_seed(0))
+    padded = _zero_pad(images, 3)
+    for seed in range(5):
+        rows = torch.randperm(50, generator=torch.Generator().manual_seed(seed))[:20]
+        want = _shifted_rows(padded, rows, 3, torch.Generator().manual_seed(seed))
+        got = module.per_pixel_gather(padded, rows, 3, torch.Generator().manual_seed(seed))
+        assert torch.equal(got, want)
+
+
+def test_reference_sizes_trains_each_spec_and_refuses_bad_ones(capsys):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "reference_sizes.py"
+    spec = importlib.util.spec_from_file_location("bench_reference_sizes", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--spec", '{"steps": 3, "batch_size": 8, "width": 16}',
+                        "--spec", '{"steps": 2, "batch_size": 8, "seed": 4}']) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| steps=3, batch_size=8, width=16",
+                                                      "| steps=2, batch_size=8, seed=4"]
+    for row in rows[1:]:
+        assert 0 <= float(row.split(" | ")[1].rstrip("%")) <= 100
+    for bad, says in (('{"widht": 3}', "ReferenceConfig fields"),
+                      ('{"width": 30}', "width must be a multiple of 4"),
+                      ("{", "must be a JSON object")):
+        with pytest.raises(SystemExit) as err:
+            module.main(["--spec", bad])
+        assert err.value.code == 2
+        assert says in capsys.readouterr().err

@@ -378,6 +378,8 @@ def test_checkpoint_arguments_need_a_run_dir(data, reference):
         (dict(patch_size=0), "patch_size must be a positive int"),
         (dict(text_heads=0), "text_heads must be a positive int"),
         (dict(text_heads=3), r"text_heads must divide text_width=16: one of \[1, 2, 4, 8, 16\]"),
+        (dict(width=30), r"width must be a multiple of 4 \(the image tower's attention heads\), "
+                         r"got 30"),
     ],
 )
 def test_bad_config(kwargs, match):
@@ -393,6 +395,10 @@ def test_text_heads_default_to_one_and_are_validated():
             ReferenceConfig(text_heads=bad)
         with pytest.raises(ValueError, match="text_heads must be a positive int"):
             LearnerConfig(text_heads=bad)
+    # The image tower's width is checked when the config is made, not when the model is
+    # built (after the reference has trained, for a learner).
+    with pytest.raises(ValueError, match="width must be a multiple of 4"):
+        ReferenceConfig(width=18)
 
 
 @pytest.mark.parametrize("version", [None, 2])

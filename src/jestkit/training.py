@@ -52,6 +52,9 @@ METHODS = tuple(CRITERIA)  # uniform, hard_learner, easy_reference, learnability
 # --- configuration ---------------------------------------------------------------------------
 
 
+IMAGE_HEADS = 4  # attention heads of small_model's image tower: `width` must be a multiple
+
+
 def small_model(vocab_size: int, width: int, depth: int, patch_size: int = 8,
                 text_width: int | None = None, text_heads: int = 1) -> DualEncoderConfig:
     """A dual encoder sized for a 2-core CPU: 32x32 images at patch 8 are 16 tokens; captions
@@ -65,7 +68,7 @@ def small_model(vocab_size: int, width: int, depth: int, patch_size: int = 8,
     docs/results.md).
     """
     return DualEncoderConfig(vocab_size=vocab_size, embed_dim=32, patch_size=patch_size,
-                             image_width=width, image_depth=depth, image_heads=4,
+                             image_width=width, image_depth=depth, image_heads=IMAGE_HEADS,
                              text_width=text_width or width, text_depth=1,
                              text_heads=text_heads, mlp_ratio=2)
 
@@ -178,6 +181,9 @@ def _check_positive(cfg, names) -> None:
 
 
 def _check_heads(cfg) -> None:
+    if cfg.width % IMAGE_HEADS:
+        raise ValueError(f"width must be a multiple of {IMAGE_HEADS} (the image tower's "
+                         f"attention heads), got {cfg.width}")
     if cfg.text_width % cfg.text_heads:
         divisors = [h for h in range(1, cfg.text_width + 1) if cfg.text_width % h == 0]
         raise ValueError(f"text_heads must divide text_width={cfg.text_width}: one of "
