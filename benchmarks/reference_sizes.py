@@ -1,7 +1,7 @@
 """How good a reference the 500 curated pairs can give: train references of several sizes and
 lengths, report each one's zero-shot accuracy on `test`, its training FLOPs and wall time.
 
-    python benchmarks/reference_sizes.py               # the grid below, ~5 min on 2 cores
+    python benchmarks/reference_sizes.py               # the grid below, ~6 min (one thread)
     python benchmarks/reference_sizes.py --quick       # smoke test, seconds
     python benchmarks/reference_sizes.py --spec '{"width": 96, "steps": 3200}'
 
@@ -12,8 +12,9 @@ differences of a point or so are within what another seed would move.
 
 Why: learnability is learner loss minus reference loss, so once the learner passes its
 reference, wrong captions start to score as learnable (docs/results.md). A bigger, longer
-trained reference is the paper's "JEST++" lever; this table is how the long-run configs'
-references were chosen (the largest one, without looking at any learner).
+trained reference is the paper's "JEST++" lever; this table is how the reference of
+configs/demo-long-reference-w96.json and demo-T20000-reference-w96.json was chosen (the
+largest here, without looking at any learner run).
 """
 
 from __future__ import annotations
@@ -75,10 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     specs = args.spec or (QUICK if args.quick else GRID)
     torch.set_num_threads(1)
     data = load_digits_web(0, max_len=DEMO_MAX_TEXT_LEN)
+    for spec in specs:  # before any training, not after the first references
+        if ReferenceConfig(**spec).batch_size > len(data.curated):
+            parser.error(f"--spec {json.dumps(spec)}: batch_size must be in [1, "
+                         f"{len(data.curated)}] (the curated split's size)")
     default = asdict(ReferenceConfig())
     print(f"torch {torch.__version__}, 1 thread; curated split: {len(data.curated)} pairs; "
           f"defaults {default}\n")
-    print("| reference (fields changed from the default) | zero-shot acc. on test | "
+    print("| reference (fields given; the rest default) | zero-shot acc. on test | "
           "training TFLOP | wall s |")
     print("|---|---|---|---|")
     for spec in specs:

@@ -16,6 +16,7 @@ Batch sizes: b = 64 (uniform's step) and the demo's super-batches at f = 0.5, 0.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -30,19 +31,27 @@ BATCHES = (64, 128, 320, 640)
 def per_pixel_gather(padded: torch.Tensor, rows: torch.Tensor, m: int,
                      generator: torch.Generator) -> torch.Tensor:
     """The same draw as `_shifted_rows` (same shifts from the same generator), as a gather of
-    one position per output pixel."""
+    one position per output pixel: the sampler's code before (positions in int32 while the
+    padded array has fewer than 2**31 elements, as it did)."""
     n, (chans, hp, wp) = len(rows), padded.shape[1:]
     h, w = hp - 2 * m, wp - 2 * m
-    dy, dx = torch.randint(-m, m + 1, (2, n), generator=generator)
-    arange = torch.arange(max(h, w, chans))
+    shifts = torch.randint(-m, m + 1, (2, n), generator=generator)
+    dtype = torch.int32 if padded.numel() <= 2**31 - 1 else torch.int64
+    dy, dx = shifts.to(dtype)
+    arange = torch.arange(max(h, w, chans), dtype=dtype)
     grid = (arange[:h, None] + m) * wp + arange[None, :w] + m  # [h, w] positions in a plane
     offsets = arange[:chans, None] * (hp * wp) + grid.reshape(1, h * w)  # [C, h*w]
-    base = rows * (chans * hp * wp) - (dy * wp + dx)  # [n]
+    base = rows.to(dtype) * (chans * hp * wp) - (dy * wp + dx)  # [n]
     index = (base[:, None, None] + offsets).reshape(-1)
     return padded.reshape(-1).index_select(0, index).reshape(n, chans, h, w)
 
 
-def main(repeats: int = 300) -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=300, help="draws per path and size")
+    repeats = parser.parse_args(argv).repeats
+    if repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {repeats}")
     torch.set_num_threads(1)
     pool = load_digits_web(0).pool
     padded = _zero_pad(pool.images, MAX_SHIFT)

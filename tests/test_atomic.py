@@ -71,6 +71,32 @@ def test_replacing_directory_restores_the_old_one_if_the_swap_fails(tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run", tmp.name])
 
 
+@pytest.mark.parametrize("swapped", [False, True])
+def test_an_interrupt_during_the_swap_stays_an_interrupt(tmp_path, monkeypatch, swapped):
+    # SIGTERM (SystemExit from the command's handler) or Ctrl-C right at the swap: the old
+    # directory is put back if the new one is not in place, and the interrupt is re-raised
+    # as itself, not turned into an OSError.
+    final = tmp_path / "run"
+    final.mkdir()
+    (final / "report.json").write_text("old")
+    real_replace = os.replace
+
+    def interrupted(src, dst):
+        if Path(src).name.startswith(".run.new."):
+            if swapped:
+                real_replace(src, dst)
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with replacing_directory(final) as tmp:
+            (tmp / "report.json").write_text("new")
+    monkeypatch.undo()
+    assert (final / "report.json").read_text() == ("new" if swapped else "old")
+    assert [p.name for p in tmp_path.iterdir() if p.name != tmp.name] == ["run"]
+
+
 def test_what_a_crash_leaves_is_recognised_by_name(tmp_path, monkeypatch):
     # The names the writers really use, caught at the moment a crash would leave them.
     import jestkit.atomic as atomic

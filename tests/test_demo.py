@@ -124,17 +124,29 @@ def test_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
     assert out.read_text() == "keep me"
 
 
-def test_finished_runs_are_kept_when_the_report_fails(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failure", [KeyError("a report bug"), SystemExit(143)])
+def test_finished_runs_are_kept_when_the_report_fails(tmp_path, monkeypatch, capsys, failure):
+    # A bug in the report, or SIGTERM / Ctrl-C while it is written (SystemExit from the
+    # command's handler): the finished runs are kept for `jestkit report`, and an interrupt
+    # stays an interrupt.
     from jestkit import demo
 
     def broken(*args, **kwargs):
-        raise KeyError("a report bug")
+        raise failure
 
     monkeypatch.setattr(demo, "write_report", broken)
     cfg = dataclasses.replace(DemoConfig.quick(), methods=("uniform",))
-    with pytest.raises(RuntimeError, match="finished runs are kept in") as info:
-        demo.run_demo(cfg, tmp_path / "run", show_progress=False, workers=1)
-    kept = Path(str(info.value).split("kept in ")[1].split(":")[0])
+    if isinstance(failure, Exception):
+        with pytest.raises(RuntimeError, match="finished runs are kept in") as info:
+            demo.run_demo(cfg, tmp_path / "run", show_progress=False, workers=1)
+        message = str(info.value)
+    else:
+        with pytest.raises(SystemExit) as info:
+            demo.run_demo(cfg, tmp_path / "run", show_progress=False, workers=1)
+        assert info.value is failure
+        message = capsys.readouterr().err
+        assert "interrupted while writing the report" in message
+    kept = Path(message.split("kept in ")[1].split(":")[0])
     assert kept.parent == tmp_path and kept.name.startswith("run.unreported-")
     assert not (tmp_path / "run").exists()
     monkeypatch.undo()
@@ -231,26 +243,39 @@ def test_sigterm_stops_the_workers_and_leaves_no_run_directory(tmp_path):
         proc.wait()
 
 
-def test_stop_workers_ends_running_tasks_now():
+def test_stop_workers_ends_running_tasks_now(tmp_path):
     import multiprocessing
     import time
-    from concurrent.futures import ProcessPoolExecutor, wait
+    from concurrent.futures import CancelledError, ProcessPoolExecutor
 
     from jestkit.demo import stop_workers
 
     pool = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"))
-    running = [pool.submit(time.sleep, 600) for _ in range(2)]
-    queued = pool.submit(time.sleep, 600)
-    deadline = time.time() + 60
-    while not all(f.running() for f in running) and time.time() < deadline:
-        time.sleep(0.1)
-    processes = list(pool._processes.values())
-    assert len(processes) == 2 and all(p.is_alive() for p in processes)
-    started = time.time()
-    stop_workers(pool)
-    assert time.time() - started < 15  # not the 600 s the running tasks would take
-    assert not any(p.is_alive() for p in processes)
-    # Queued: cancelled, or (if already handed to the pool's call queue) failed once the
-    # pool's manager thread sees its workers gone; never run.
-    wait([queued], timeout=30)
-    assert queued.done() and (queued.cancelled() or queued.exception() is not None)
+    try:
+        # Each task marks that a worker really runs it (a builtin, so it pickles under
+        # spawn), then sleeps far longer than the test may take. The first ignores SIGTERM,
+        # as a worker stuck in code that blocks it would: it must be killed.
+        markers = [tmp_path / f"started-{i}" for i in range(2)]
+        for i, marker in enumerate(markers):
+            ignore = "signal.signal(signal.SIGTERM, signal.SIG_IGN); " if i == 0 else ""
+            pool.submit(exec, f"import pathlib, signal, time; {ignore}"
+                              f"pathlib.Path({str(marker)!r}).touch(); time.sleep(600)")
+        queued = pool.submit(time.sleep, 600)
+        deadline = time.time() + 120
+        while not all(m.exists() for m in markers) and time.time() < deadline:
+            time.sleep(0.1)
+        assert all(m.exists() for m in markers)
+        processes = list(pool._processes.values())
+        assert len(processes) == 2 and all(p.is_alive() for p in processes)
+        started = time.time()
+        stop_workers(pool)
+        assert time.time() - started < 15  # not the 600 s the running tasks would take
+        assert not any(p.is_alive() for p in processes)
+        # Queued: cancelled, or (if already handed to the pool's call queue) failed once the
+        # pool's manager thread sees its workers gone; never run.
+        try:
+            assert queued.exception(timeout=30) is not None
+        except CancelledError:
+            pass
+    finally:
+        stop_workers(pool)  # a no-op once stopped; ends the sleeps if an assert failed

@@ -44,11 +44,14 @@ def replacing_directory(final: str | os.PathLike) -> Iterator[Path]:
             os.replace(final, old)  # onto the empty directory just made
         os.replace(tmp, final)
     except BaseException as err:
-        # The swap failed (e.g. `final` is a file): put the old one back, keep the new one.
+        # The swap failed (e.g. `final` is a file) or was interrupted: put the old one back
+        # if the new one is not in place, keep the new one.
         if old is not None and not final.exists():
             os.replace(old, final)
         elif old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        if not isinstance(err, Exception):  # Ctrl-C, SIGTERM: stay what they are
+            raise
         raise OSError(f"could not put {tmp} in place of {final} ({err}); the new contents "
                       f"are kept in {tmp}") from err
     if old is not None:

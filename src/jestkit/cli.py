@@ -119,16 +119,20 @@ def main(argv: list[str] | None = None) -> int:
     # exception: the demo stops its worker processes and removes its unfinished run
     # directory instead of leaving both behind. (Python's default for SIGTERM is to die on
     # the spot, with no cleanup.)
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main_thread else None
+    # An inherited "ignore" is left alone (as Python does for SIGINT), and so is a handler
+    # from outside Python, and signals can only be handled in the main thread.
+    install = (threading.current_thread() is threading.main_thread()
+               and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+    if install:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return args.func(args)
     except (ValueError, OSError) as err:  # CacheError, FileExistsError... included
         print(f"jestkit {args.command}: error: {err}", file=sys.stderr)
         return 2
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        if install:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -478,7 +478,7 @@ def _shifted_rows(padded: Tensor, rows: Tensor, m: int, generator: torch.Generat
     shifts = torch.randint(-m, m + 1, (2, n), generator=generator, device=generator.device)
     dy, dx = shifts.to(padded.device)
     # Where each image's shifted crop starts (its top-left, channel 0), then every line.
-    start = rows.to(padded.device) * (chans * hp * wp) + (m - dy) * wp + (m - dx)  # [n]
+    start = rows.to(padded.device, torch.int64) * (chans * hp * wp) + (m - dy) * wp + (m - dx)
     lines = (torch.arange(chans, device=padded.device)[:, None] * (hp * wp)
              + torch.arange(h, device=padded.device)[None, :] * wp).reshape(-1)  # [C*h]
     windows = padded.reshape(-1).unfold(0, w, 1)  # [numel - w + 1, w], a view

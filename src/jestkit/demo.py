@@ -18,6 +18,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -191,13 +192,19 @@ def stop_workers(pool: ProcessPoolExecutor) -> None:
     So the worker processes are terminated. A learner run here returns its results and
     writes no files, so nothing the caller keeps is lost.
     """
-    processes = list((getattr(pool, "_processes", None) or {}).values())  # before shutdown
+    # Private, but there since Python 3.2 (3.14 adds a public terminate_workers()); read
+    # before shutdown, which drops it.
+    processes = list((getattr(pool, "_processes", None) or {}).values())
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         if process.is_alive():
             process.terminate()
+    deadline = time.monotonic() + 10
     for process in processes:
-        process.join(timeout=10)
+        process.join(timeout=max(0.0, deadline - time.monotonic()))
+        if process.is_alive():  # it ignored SIGTERM
+            process.kill()
+            process.join()
 
 
 def prepare_out_dir(out: Path, overwrite: bool) -> None:
@@ -218,13 +225,18 @@ def run_demo(cfg: DemoConfig, out_dir: str | os.PathLike, *, overwrite: bool = F
     with replacing_directory(out) as staging:
         try:
             report = _run_demo_into(cfg, staging, workers, show_progress)
-        except Exception as err:
+        except BaseException as err:
             if not (staging / "runs" / "info.json").is_file():
                 raise  # nothing finished worth keeping
-            # Every learner run finished but the report failed: keep them rather than let the
-            # staging directory be removed, so `jestkit report` can rebuild it.
+            # Every learner run finished but the report failed or was interrupted (Ctrl-C,
+            # SIGTERM): keep the runs rather than let the staging directory be removed, so
+            # `jestkit report` can rebuild the report.
             kept = out.with_name(f"{out.name}.unreported-{time.strftime('%Y%m%d-%H%M%S')}")
             os.replace(staging, kept)
+            if not isinstance(err, Exception):
+                print(f"interrupted while writing the report; the finished runs are kept in "
+                      f"{kept}: `jestkit report {kept}` rebuilds it", file=sys.stderr)
+                raise
             raise RuntimeError(f"writing the report failed ({err!r}); the finished runs are "
                                f"kept in {kept}: `jestkit report {kept}` rebuilds the report "
                                f"there") from err
