@@ -71,8 +71,10 @@ def test_replacing_directory_restores_the_old_one_if_the_swap_fails(tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run", tmp.name])
 
 
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
 @pytest.mark.parametrize("swapped", [False, True])
-def test_an_interrupt_during_the_swap_stays_an_interrupt(tmp_path, monkeypatch, swapped):
+def test_an_interrupt_during_the_swap_stays_an_interrupt(tmp_path, monkeypatch, swapped,
+                                                        interrupt):
     # SIGTERM (SystemExit from the command's handler) or Ctrl-C right at the swap: the old
     # directory is put back if the new one is not in place, and the interrupt is re-raised
     # as itself, not turned into an OSError.
@@ -85,11 +87,11 @@ def test_an_interrupt_during_the_swap_stays_an_interrupt(tmp_path, monkeypatch, 
         if Path(src).name.startswith(".run.new."):
             if swapped:
                 real_replace(src, dst)
-            raise KeyboardInterrupt
+            raise interrupt
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(interrupt):
         with replacing_directory(final) as tmp:
             (tmp / "report.json").write_text("new")
     monkeypatch.undo()

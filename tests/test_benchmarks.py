@@ -270,3 +270,29 @@ def test_reference_sizes_trains_each_spec_and_refuses_bad_ones(capsys):
             module.main(["--spec", bad])
         assert err.value.code == 2
         assert says in capsys.readouterr().err
+
+
+def test_reference_sizes_checks_every_spec_before_training_and_prints_what_it_measured(
+        monkeypatch, capsys):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "reference_sizes.py"
+    spec = importlib.util.spec_from_file_location("bench_reference_sizes_fake", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    trained = []
+
+    def fake(data, cfg):
+        trained.append(cfg)
+        return None, {"metrics": {"zero_shot_accuracy": 0.5}, "flops": 2e12}
+
+    monkeypatch.setattr(module, "train_reference", fake)
+    with pytest.raises(SystemExit) as err:  # the bad second spec stops it before the first
+        module.main(["--spec", '{"steps": 2}', "--spec", '{"batch_size": 501}'])
+    assert err.value.code == 2 and trained == []
+    assert "batch_size must be in [1, 500]" in capsys.readouterr().err
+    assert module.main(["--spec", '{"batch_size": 500}']) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| batch")]
+    assert row == ["| batch_size=500 | 50.0% | 2.000 | " + row[0].rsplit(" | ", 1)[1]]
+    trained.clear()
+    assert module.main(["--quick"]) == 0
+    assert [dict(steps=c.steps, batch_size=c.batch_size) for c in trained] == [
+        dict(steps=q["steps"], batch_size=q["batch_size"]) for q in module.QUICK]

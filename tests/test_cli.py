@@ -113,3 +113,65 @@ def test_module_entry_point_exit_code(tmp_path):
                         str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "c")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "no model checkpoint" in r.stderr
+
+
+@pytest.fixture
+def demo_sees_sigterm(monkeypatch):
+    """run_demo replaced by a fake that records the SIGTERM handler it runs under."""
+    import signal
+
+    from jestkit import demo
+
+    seen = []
+
+    def fake(cfg, out, **kwargs):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(demo, "run_demo", fake)
+    return seen
+
+
+def test_sigterm_handler_is_installed_for_the_command_and_then_restored(demo_sees_sigterm,
+                                                                       tmp_path):
+    import signal
+
+    from jestkit import cli
+
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert main(["demo", "--quick", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert demo_sees_sigterm == [cli._exit_on_sigterm]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    with pytest.raises(SystemExit) as err:
+        cli._exit_on_sigterm(signal.SIGTERM, None)
+    assert err.value.code == 128 + signal.SIGTERM
+
+
+def test_an_inherited_ignore_or_handler_for_sigterm_is_left_alone(demo_sees_sigterm, tmp_path):
+    import signal
+
+    def theirs(signum, frame):
+        pass
+
+    for inherited in (signal.SIG_IGN, theirs):
+        previous = signal.signal(signal.SIGTERM, inherited)
+        try:
+            assert main(["demo", "--quick", "--out", str(tmp_path / "o"),
+                         "--no-progress"]) == 2
+            assert demo_sees_sigterm[-1] is inherited
+            assert signal.getsignal(signal.SIGTERM) is inherited
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def test_commands_run_outside_the_main_thread(demo_sees_sigterm, tmp_path):
+    # Signal handlers can only be set in the main thread: elsewhere none is installed.
+    import signal
+    import threading
+
+    codes = []
+    thread = threading.Thread(target=lambda: codes.append(
+        main(["demo", "--quick", "--out", str(tmp_path / "o"), "--no-progress"])))
+    thread.start()
+    thread.join()
+    assert codes == [2] and demo_sees_sigterm == [signal.SIG_DFL]

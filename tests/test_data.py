@@ -545,3 +545,16 @@ def test_class_prompts_refuse_a_tokenizer_without_their_words() -> None:
 
     with pytest.raises(ValueError, match="vocabulary"):
         class_prompts(Small())
+
+
+def test_random_shift_rows_of_any_integer_dtype():
+    # Positions are computed in int64 whatever the rows' dtype: row 19 of 3x36x36 padded
+    # images starts at 19 * 3888, beyond int16.
+    from jestkit.data import _shifted_rows, _zero_pad
+
+    padded = _zero_pad(torch.rand(20, 3, 32, 32, generator=torch.Generator().manual_seed(0)), 2)
+    rows = torch.tensor([19, 0, 7, 19])
+    want = _shifted_rows(padded, rows, 2, torch.Generator().manual_seed(1))
+    for dtype in (torch.int16, torch.int32, torch.uint8):
+        got = _shifted_rows(padded, rows.to(dtype), 2, torch.Generator().manual_seed(1))
+        assert torch.equal(got, want), dtype

@@ -397,8 +397,12 @@ def test_text_heads_default_to_one_and_are_validated():
             LearnerConfig(text_heads=bad)
     # The image tower's width is checked when the config is made, not when the model is
     # built (after the reference has trained, for a learner).
-    with pytest.raises(ValueError, match="width must be a multiple of 4"):
-        ReferenceConfig(width=18)
+    for width in (2, 6, 18, 29, 31, 33):
+        for config in (ReferenceConfig, LearnerConfig):
+            with pytest.raises(ValueError, match=f"width must be a multiple of 4.*got {width}"):
+                config(width=width)
+    for width in (4, 20, 52):
+        assert ReferenceConfig(width=width).width == LearnerConfig(width=width).width == width
 
 
 @pytest.mark.parametrize("version", [None, 2])

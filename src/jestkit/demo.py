@@ -23,6 +23,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
+from multiprocessing.connection import wait as wait_for_exit
 from pathlib import Path
 
 import torch
@@ -197,14 +198,18 @@ def stop_workers(pool: ProcessPoolExecutor) -> None:
     processes = list((getattr(pool, "_processes", None) or {}).values())
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
-        if process.is_alive():
-            process.terminate()
+        process.terminate()  # a no-op for one that has exited
+    # Whether a worker has exited is read from its sentinel, not is_alive(): the pool's own
+    # thread may reap it first, after which is_alive() can keep saying True.
+    running = list(processes)
     deadline = time.monotonic() + 10
-    for process in processes:
-        process.join(timeout=max(0.0, deadline - time.monotonic()))
-        if process.is_alive():  # it ignored SIGTERM
+    while running and (left := deadline - time.monotonic()) > 0:
+        ready = wait_for_exit([p.sentinel for p in running], timeout=left)
+        running = [p for p in running if p.sentinel not in ready]
+    if running:  # still there after 10 s: they ignored SIGTERM
+        for process in running:
             process.kill()
-            process.join()
+        wait_for_exit([p.sentinel for p in running], timeout=10)  # ([] would sleep it all)
 
 
 def prepare_out_dir(out: Path, overwrite: bool) -> None:
