@@ -69,6 +69,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from _markdown import check_section, replace_section
@@ -90,14 +91,6 @@ from jestkit.training import (
     train_learner,
 )
 
-# The models and the Flexi setting: the demo's (`DemoConfig()`), or those of a demo config
-# file given with --config (`use_demo_config`).
-_LEARNER, _REFERENCE, _DEMO = LearnerConfig(), ReferenceConfig(), DemoConfig()
-BATCH = _LEARNER.batch_size
-N_CHUNKS = _LEARNER.n_chunks
-FLEXI_PATCH = _DEMO.flexi_score_patch_size
-MULTIRES = {"cached+flexi": _DEMO.flexi_multires_fraction, "cached+flexi+multires": 0.5}
-
 FILTER_RATIOS = (0.5, 0.8, 0.9)
 JEST_KINDS = ("live", "cached", "cached+flexi", "cached+flexi+multires")
 FLOP_TARGET = 1.3  # cached+flexi at f = 0.8: FLOPs/step <= 1.3x uniform's
@@ -107,29 +100,39 @@ PHASES = ("sample", "learner_scoring", "reference_scoring", "cache_lookup", "sel
           "train_fwd_bwd", "optimizer", "other")
 
 
-def use_demo_config(demo: DemoConfig) -> None:
-    """Benchmark the learner, reference and Flexi setting of `demo` instead of the default
-    demo's (e.g. ``configs/demo-64-tokens.json``: a learner at patch 4)."""
-    global _LEARNER, _REFERENCE, _DEMO, BATCH, N_CHUNKS, FLEXI_PATCH, MULTIRES
-    _LEARNER, _REFERENCE, _DEMO = demo.learner, demo.reference, demo
-    BATCH, N_CHUNKS = _LEARNER.batch_size, _LEARNER.n_chunks
-    FLEXI_PATCH = demo.flexi_score_patch_size
-    MULTIRES = {"cached+flexi": demo.flexi_multires_fraction, "cached+flexi+multires": 0.5}
+class Setup(NamedTuple):
+    """What is benchmarked: the learner and reference configs and the Flexi setting of a demo
+    config (`DemoConfig()` by default; ``--config FILE`` for another, e.g.
+    ``configs/demo-64-tokens.json``: a learner at patch 4)."""
+
+    learner: LearnerConfig
+    reference: ReferenceConfig
+    flexi_patch: int  # the coarse scoring patch of the flexi variants
+    multires: dict[str, float]  # flexi variant -> fraction of each sub-batch trained coarse
+
+    @classmethod
+    def from_demo(cls, demo: DemoConfig) -> Setup:
+        return cls(demo.learner, demo.reference, demo.flexi_score_patch_size,
+                   {"cached+flexi": demo.flexi_multires_fraction, "cached+flexi+multires": 0.5})
+
+
+DEMO_SETUP = Setup.from_demo(DemoConfig())
 
 
 # --- variants --------------------------------------------------------------------------------
 
 
-def variant_config(kind: str, f: float | None, seed: int) -> LearnerConfig:
-    """The demo's learner config (every field: sizes, heads, optimizer) as `kind` at f."""
-    base = dataclasses.replace(_LEARNER, seed=seed, selection="joint", score_patch_size=0,
+def variant_config(kind: str, f: float | None, seed: int,
+                   setup: Setup = DEMO_SETUP) -> LearnerConfig:
+    """The setup's learner config (every field: sizes, heads, optimizer) as `kind` at f."""
+    base = dataclasses.replace(setup.learner, seed=seed, selection="joint", score_patch_size=0,
                                multires_fraction=0.0)
     if kind == "uniform":
         return dataclasses.replace(base, method="uniform")
-    if kind in MULTIRES:
+    if kind in setup.multires:
         return dataclasses.replace(base, method="learnability", filter_ratio=f,
-                                   score_patch_size=FLEXI_PATCH,
-                                   multires_fraction=MULTIRES[kind])
+                                   score_patch_size=setup.flexi_patch,
+                                   multires_fraction=setup.multires[kind])
     return dataclasses.replace(base, method="learnability", filter_ratio=f)
 
 
@@ -311,7 +314,8 @@ def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
     return my - slope * mx, 1.0 / slope
 
 
-def per_call_overhead(data, seed: int, batches: list[int], repeats: int) -> dict:
+def per_call_overhead(data, seed: int, batches: list[int], repeats: int,
+                      setup: Setup = DEMO_SETUP) -> dict:
     """Fixed per-call cost, measured two ways.
 
     1. Single no-grad learner forwards (whole model, image tower, text tower) at the
@@ -321,13 +325,14 @@ def per_call_overhead(data, seed: int, batches: list[int], repeats: int) -> dict
        part at the training patch (uniform, live, cached) against the Flexi split into two
        parts of 32 (training and scoring patch), and each part alone.
     """
-    model_cfg = small_model(data.tokenizer.vocab_size, _LEARNER.width, _LEARNER.depth,
-                            patch_size=_LEARNER.patch_size, text_width=_LEARNER.text_width,
-                            text_heads=_LEARNER.text_heads)
+    learner, coarse = setup.learner, setup.flexi_patch
+    model_cfg = small_model(data.tokenizer.vocab_size, learner.width, learner.depth,
+                            patch_size=learner.patch_size, text_width=learner.text_width,
+                            text_heads=learner.text_heads)
     model = DualEncoder(model_cfg, seed=seed).eval()
     images, tokens = data.pool.images, data.pool.tokens
     fine = model_cfg.patch_size
-    configs = [(what, n, p) for n in batches for p in (fine, FLEXI_PATCH)
+    configs = [(what, n, p) for n in batches for p in (fine, coarse)
                for what in ("model", "image", "text") if what != "text" or p == fine]
 
     def call(what, n, p):
@@ -350,14 +355,15 @@ def per_call_overhead(data, seed: int, batches: list[int], repeats: int) -> dict
 
     # Training steps: the library's _train_step, on a learner in train mode.
     train_model = DualEncoder(model_cfg, seed=seed).train()
-    half = BATCH // 2
+    b = learner.batch_size
+    half = b // 2
+    uniform = variant_config("uniform", None, seed, setup)
     train_cfgs = {  # name: (batch, patch_sizes, config)
-        f"{BATCH}@p{fine} (one part)": (BATCH, (None,), variant_config("uniform", None, seed)),
-        f"{half}@p{fine} + {half}@p{FLEXI_PATCH} (Flexi)": (
-            BATCH, (fine, FLEXI_PATCH), variant_config("cached+flexi+multires", TARGET_F, seed)),
-        f"{half}@p{fine} (one part)": (half, (None,), variant_config("uniform", None, seed)),
-        f"{half}@p{FLEXI_PATCH} (one part)": (half, (FLEXI_PATCH,),
-                                               variant_config("uniform", None, seed)),
+        f"{b}@p{fine} (one part)": (b, (None,), uniform),
+        f"{half}@p{fine} + {half}@p{coarse} (Flexi)": (
+            b, (fine, coarse), variant_config("cached+flexi+multires", TARGET_F, seed, setup)),
+        f"{half}@p{fine} (one part)": (half, (None,), uniform),
+        f"{half}@p{coarse} (one part)": (half, (coarse,), uniform),
     }
     meter = _FlopMeter(FlopLedger())
     opts = {k: _optimizer(train_model, cfg) for k, (_, _, cfg) in train_cfgs.items()}
@@ -380,7 +386,7 @@ def per_call_overhead(data, seed: int, batches: list[int], repeats: int) -> dict
                            "q1_s": q1, "q3_s": q3, "cpu_median_s": cpu})
     return {"rows": rows, "fit_t0_s": fit_wall[0], "fit_rate_flops_per_s": fit_wall[1],
             "fit_cpu_t0_s": fit_cpu[0], "fit_cpu_rate_flops_per_s": fit_cpu[1],
-            "base_patch": fine, "train_rows": train_rows}
+            "base_patch": fine, "coarse_patch": coarse, "train_rows": train_rows}
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -401,16 +407,16 @@ def machine_info() -> dict:
             "torch_threads": torch.get_num_threads(), "loadavg_start": list(load)}
 
 
-def run(args) -> dict:
+def run(args, setup: Setup = DEMO_SETUP) -> dict:
     torch.set_num_threads(args.threads)
     info = machine_info()
     t_start = time.time()
     data = load_digits_web(args.data_seed, max_len=DEMO_MAX_TEXT_LEN)  # as the demo
     vocab = data.tokenizer.vocab_size
     # Untrained reference: its speed does not depend on its weights.
-    reference = DualEncoder(small_model(vocab, _REFERENCE.width, _REFERENCE.depth,
-                                        text_width=_REFERENCE.text_width,
-                                        text_heads=_REFERENCE.text_heads),
+    ref = setup.reference
+    reference = DualEncoder(small_model(vocab, ref.width, ref.depth, text_width=ref.text_width,
+                                        text_heads=ref.text_heads),
                             seed=args.seed + 1000).eval()
     tmp = tempfile.TemporaryDirectory(prefix="step_overhead_cache.")
     cache = build_reference_cache(reference, data.pool, tmp.name)
@@ -421,7 +427,7 @@ def run(args) -> dict:
             specs.append((f"{kind} f={f}", kind, f))
 
     def factory(name, kind, f):
-        cfg = variant_config(kind, f, args.seed)
+        cfg = variant_config(kind, f, args.seed, setup)
         use_cache = kind.startswith("cached")
         return (lambda: Runner(name, cfg, data, None if use_cache else reference,
                                cache if use_cache else None)), cfg, use_cache
@@ -457,7 +463,7 @@ def run(args) -> dict:
 
     # 3. Fixed per-call overhead of forwards.
     overhead = per_call_overhead(data, args.seed, args.overhead_batches,
-                                 args.overhead_repeats)
+                                 args.overhead_repeats, setup)
     info["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else []
     info["wall_s"] = round(time.time() - t_start, 1)
     tmp.cleanup()
@@ -596,13 +602,13 @@ def markdown(res: dict, command: str) -> str:
               f"{o['fit_cpu_t0_s'] * 1e3:.2f} ms + FLOPs / "
               f"{o['fit_cpu_rate_flops_per_s'] / 1e9:.2f} GFLOP/s.", "",
               "| forward | batch | patch | MFLOP | wall ms median [IQR] | CPU ms median "
-              f"| CPU ratio p{FLEXI_PATCH}/p{o['base_patch']} "
-              f"| FLOP ratio p{FLEXI_PATCH}/p{o['base_patch']} |",
+              f"| CPU ratio p{o['coarse_patch']}/p{o['base_patch']} "
+              f"| FLOP ratio p{o['coarse_patch']}/p{o['base_patch']} |",
               "|---|---|---|---|---|---|---|---|"]
     by = {(r["what"], r["n"], r["patch"]): r for r in o["rows"]}
     for r in o["rows"]:
         ratio_t = ratio_f = ""
-        if r["patch"] == FLEXI_PATCH:
+        if r["patch"] == o["coarse_patch"]:
             fine = by[(r["what"], r["n"], o["base_patch"])]
             ratio_t = f"{r['cpu_median_s'] / fine['cpu_median_s']:.2f}"
             ratio_f = f"{r['flops'] / fine['flops']:.2f}"
@@ -650,9 +656,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-seed", type=int, default=0)
     args = p.parse_args(argv)
     check_section(args.out, args.section)  # before minutes of timing, not after
+    setup = DEMO_SETUP
     if args.config:
-        use_demo_config(DemoConfig.from_dict(json.loads(args.config.read_text())))
-        if (MULTIRES["cached+flexi"] == MULTIRES["cached+flexi+multires"]
+        setup = Setup.from_demo(DemoConfig.from_dict(json.loads(args.config.read_text())))
+        if (setup.multires["cached+flexi"] == setup.multires["cached+flexi+multires"]
                 and "cached+flexi+multires" in args.kinds and "cached+flexi" in args.kinds):
             args.kinds.remove("cached+flexi+multires")  # the same variant under two names
             print("cached+flexi trains half of each sub-batch at the coarse patch in this "
@@ -660,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.rounds, args.steps_per_round, args.warmup = 2, 2, 2
         args.check_steps, args.overhead_batches, args.overhead_repeats = 2, [64, 320], 3
-    res = run(args)
+    res = run(args, setup)
     command = "python benchmarks/step_overhead.py " + " ".join(
         a for a in (argv if argv is not None else sys.argv[1:]))
     md = markdown(res, command.strip())

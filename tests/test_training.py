@@ -16,6 +16,7 @@ from jestkit.training import (
     LearnerConfig,
     ReferenceConfig,
     _FlopMeter,
+    _optimizer,
     _split_sizes,
     _train_step,
     evaluate,
@@ -169,6 +170,33 @@ def test_multiresolution_step_keeps_the_whole_sub_batch_loss(data):
         (sigmoid_loss(*model(images[sl], tokens[sl])) / 2).backward()
     halves = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert (halves - grads[0]).norm() > 0.1 * grads[0].norm()
+
+
+def test_optimizer_is_multi_tensor_adamw_and_updates_bit_for_bit_like_the_loop(data):
+    # The training optimizer runs AdamW's multi-tensor (foreach) kernels for speed; it must
+    # change nothing it computes: after several steps on real batches, at a warm-up and a
+    # constant learning rate, with and without weight decay, every parameter equals the one
+    # the per-parameter loop gives, bit for bit.
+    cfg = dataclasses.replace(TINY, width=48, warmup_steps=2)
+    images, tokens = data.pool.images[:32], data.pool.tokens[:32]
+    params = []
+    for foreach in (True, False):
+        model = DualEncoder(small_model(data.tokenizer.vocab_size, 48, 1, text_width=16),
+                            seed=0)
+        opt = _optimizer(model, cfg)
+        assert [g["foreach"] for g in opt.param_groups] == [True, True]
+        assert [g["weight_decay"] for g in opt.param_groups] == [cfg.weight_decay, 0.0]
+        if not foreach:
+            for group in opt.param_groups:
+                group["foreach"] = False
+        for step in range(5):
+            sl = slice(16 * (step % 2), 16 * (step % 2) + 16)
+            _train_step(model, opt, images[sl], tokens[sl], step, cfg, _FlopMeter(FlopLedger()))
+        params.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*params, strict=True))
+    # The control: the steps did move the weights.
+    fresh = DualEncoder(small_model(data.tokenizer.vocab_size, 48, 1, text_width=16), seed=0)
+    assert not all(torch.equal(a, b) for a, b in zip(params[0], fresh.parameters(), strict=True))
 
 
 def test_hard_learner_needs_no_reference(data):

@@ -273,8 +273,13 @@ def _optimizer(model: DualEncoder, cfg) -> torch.optim.Optimizer:
     # decaying log t and c toward 0 would fight their initialisation (t = 10, c = -10).
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
+    # foreach: one multi-tensor kernel per AdamW operation instead of a Python loop over the
+    # 37 parameters (torch picks it by default only on CUDA). The same arithmetic in the same
+    # order: on CPU it updates every parameter bit for bit as the loop does (tested), 0.3 ms
+    # sooner per step here.
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
+                             foreach=True)
 
 
 def _train_step(model, opt, images, tokens, step, cfg, meter, patch_sizes=(None,),
