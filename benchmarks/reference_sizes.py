@@ -1,9 +1,12 @@
 """How good a reference the 500 curated pairs can give: train references of several sizes and
-lengths, report each one's zero-shot accuracy on `test`, its training FLOPs and wall time.
+lengths, report each one's zero-shot accuracy on `test`, its training FLOPs and wall time; or,
+with ``--folds K``, choose among them without looking at `test` at all: K-fold
+cross-validation on the curated pairs.
 
     python benchmarks/reference_sizes.py               # the grid below, ~6 min (one thread)
     python benchmarks/reference_sizes.py --quick       # smoke test, seconds
     python benchmarks/reference_sizes.py --spec '{"width": 96, "steps": 3200}'
+    python benchmarks/reference_sizes.py --folds 5 --jobs 2   # the grid, cross-validated
 
 Every reference is `jestkit.training.train_reference` on digits-web's curated split (data seed
 0, captions padded as in the demo), one thread, fields not given taken from
@@ -15,19 +18,32 @@ reference, wrong captions start to score as learnable (docs/results.md). A bigge
 trained reference is the paper's "JEST++" lever; this table is how the reference of
 configs/demo-long-reference-w96.json and demo-T20000-reference-w96.json was chosen (the
 largest here, without looking at any learner run).
+
+Choosing by `test` accuracy would leak the split every learner is scored on into the choice of
+reference, so ``--folds K`` picks by cross-validation instead: the curated pairs are dealt into
+K folds, stratified by digit (seeded, `curated_folds`); each reference config is trained K
+times, each time on the other K - 1 folds (same steps, batch size and seed), and scored by
+zero-shot accuracy on the held-out fold's images (class prompts, as on `test`). The table
+gives the mean and spread over folds, and the config with the highest mean is named; `test`
+is never read. ``--jobs J`` trains J references at a time, one thread each (the numbers are
+the same for any J: every training run is deterministic).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
-from dataclasses import asdict, fields
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, fields, replace
 
+import numpy as np
 import torch
 
-from jestkit.data import load_digits_web
+from jestkit.data import DigitsWeb, load_digits_web
 from jestkit.demo import DEMO_MAX_TEXT_LEN
 from jestkit.training import ReferenceConfig, train_reference
 
@@ -67,20 +83,101 @@ def _spec(text: str) -> dict:
     return spec
 
 
+def curated_folds(labels: torch.Tensor, k: int, seed: int = 0) -> list[np.ndarray]:
+    """K disjoint folds of the rows of a split with these `labels` [n], stratified: each
+    class's rows, in a seeded random order, are dealt round-robin, so fold sizes differ by at
+    most one per class. Returns K sorted int64 arrays of row indices that cover every row."""
+    labels = np.asarray(labels.cpu())
+    counts = np.bincount(labels)
+    smallest = int(counts[counts > 0].min()) if labels.size else 0
+    if not 2 <= k <= smallest:
+        raise ValueError(f"folds must be in [2, {smallest}] (the rarest class's count), got {k}")
+    rng = np.random.default_rng([seed, zlib.crc32(b"reference-folds")])
+    folds: list[list[int]] = [[] for _ in range(k)]
+    dealt = 0  # continue the deal across classes, so no fold is always the largest
+    for cls in np.flatnonzero(counts):
+        for row in rng.permutation(np.flatnonzero(labels == cls)):
+            folds[dealt % k].append(int(row))
+            dealt += 1
+    return [np.sort(np.asarray(f, dtype=np.int64)) for f in folds]
+
+
+def fold_data(data: DigitsWeb, folds: list[np.ndarray], i: int) -> DigitsWeb:
+    """`data` with `curated` = every fold but fold i, and `test` = fold i of the curated
+    pairs (what `train_reference` trains on and evaluates): the real `test` split is gone."""
+    train = np.sort(np.concatenate([f for j, f in enumerate(folds) if j != i]))
+    return replace(data, curated=data.curated.subset(train),
+                   test=data.curated.subset(folds[i]))
+
+
+_WORKER_DATA: DigitsWeb | None = None
+
+
+def _init_worker() -> None:
+    global _WORKER_DATA
+    torch.set_num_threads(1)
+    _WORKER_DATA = load_digits_web(0, max_len=DEMO_MAX_TEXT_LEN)
+
+
+def _train_fold(spec: dict, k: int, i: int) -> tuple[float, float, float]:
+    """(held-out accuracy, training FLOPs, wall s) of config `spec` trained without fold i."""
+    t0 = time.perf_counter()
+    data = fold_data(_WORKER_DATA, curated_folds(_WORKER_DATA.curated.labels, k), i)
+    _, info = train_reference(data, ReferenceConfig(**spec))
+    return info["metrics"]["zero_shot_accuracy"], info["flops"], time.perf_counter() - t0
+
+
+def cross_validate(specs: list[dict], k: int, jobs: int) -> list[dict]:
+    """Each spec's K held-out accuracies, its training FLOPs (one fold's) and summed wall s."""
+    tasks = [(spec, k, i) for spec in specs for i in range(k)]
+    if jobs == 1:
+        _init_worker()
+        out = [_train_fold(*t) for t in tasks]
+    else:
+        with ProcessPoolExecutor(jobs, initializer=_init_worker) as pool:
+            out = list(pool.map(_train_fold, *zip(*tasks, strict=True)))
+    return [{"accuracies": [a for a, _, _ in out[s * k:(s + 1) * k]],
+             "flops": out[s * k][1], "wall_s": sum(w for _, _, w in out[s * k:(s + 1) * k])}
+            for s in range(len(specs))]
+
+
+def _name(spec: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in spec.items()) or "default"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", type=_spec, action="append",
                         help="a ReferenceConfig as JSON (repeatable); default: the grid")
     parser.add_argument("--quick", action="store_true", help="two tiny references (smoke test)")
+    parser.add_argument("--folds", type=int, default=None,
+                        help="K-fold cross-validation on the curated pairs instead of test "
+                             "accuracy (K >= 2)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="references trained at a time with --folds (one thread each)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.jobs > 1 and args.folds is None:
+        parser.error("--jobs needs --folds (the test-accuracy table trains one at a time)")
     specs = args.spec or (QUICK if args.quick else GRID)
     torch.set_num_threads(1)
     data = load_digits_web(0, max_len=DEMO_MAX_TEXT_LEN)
+    train_size, what = len(data.curated), "the curated split's size"
+    if args.folds is not None:
+        try:
+            folds = curated_folds(data.curated.labels, args.folds)
+        except ValueError as err:
+            parser.error(f"--{err}")
+        train_size = min(len(data.curated) - len(f) for f in folds)
+        what = f"the pairs one fold trains on, of {len(data.curated)} in {args.folds} folds"
     for spec in specs:  # before any training, not after the first references
-        if ReferenceConfig(**spec).batch_size > len(data.curated):
+        if ReferenceConfig(**spec).batch_size > train_size:
             parser.error(f"--spec {json.dumps(spec)}: batch_size must be in [1, "
-                         f"{len(data.curated)}] (the curated split's size)")
+                         f"{train_size}] ({what})")
     default = asdict(ReferenceConfig())
+    if args.folds is not None:
+        return _print_cross_validation(specs, args.folds, args.jobs, default)
     print(f"torch {torch.__version__}, 1 thread; curated split: {len(data.curated)} pairs; "
           f"defaults {default}\n")
     print("| reference (fields given; the rest default) | zero-shot acc. on test | "
@@ -89,9 +186,29 @@ def main(argv: list[str] | None = None) -> int:
     for spec in specs:
         t0 = time.perf_counter()
         _, info = train_reference(data, ReferenceConfig(**spec))
-        changed = ", ".join(f"{k}={v}" for k, v in spec.items()) or "default"
-        print(f"| {changed} | {100 * info['metrics']['zero_shot_accuracy']:.1f}% | "
+        print(f"| {_name(spec)} | {100 * info['metrics']['zero_shot_accuracy']:.1f}% | "
               f"{info['flops'] / 1e12:.3f} | {time.perf_counter() - t0:.1f} |", flush=True)
+    return 0
+
+
+def _print_cross_validation(specs: list[dict], k: int, jobs: int, default: dict) -> int:
+    t0 = time.perf_counter()
+    results = cross_validate(specs, k, jobs)
+    print(f"torch {torch.__version__}, 1 thread per run, {jobs} at a time; {k}-fold "
+          f"cross-validation on the curated pairs (stratified by digit), test never read; "
+          f"defaults {default}\n")
+    print("| reference (fields given; the rest default) | held-out zero-shot acc. (mean ± std "
+          "over folds) | per fold | training TFLOP (one fold) | wall s (all folds) |")
+    print("|---|---|---|---|---|")
+    for spec, r in zip(specs, results, strict=True):
+        accs = [100 * a for a in r["accuracies"]]
+        print(f"| {_name(spec)} | {statistics.mean(accs):.1f} ± {statistics.stdev(accs):.1f}% "
+              f"| {', '.join(f'{a:.0f}' for a in accs)} | {r['flops'] / 1e12:.3f} "
+              f"| {r['wall_s']:.1f} |")
+    means = [statistics.mean(r["accuracies"]) for r in results]
+    best = max(range(len(specs)), key=lambda s: means[s])  # first of any tie: grid order
+    print(f"\nHighest mean held-out accuracy: {_name(specs[best])} "
+          f"({100 * means[best]:.1f}%). Took {time.perf_counter() - t0:.0f} s.")
     return 0
 
 

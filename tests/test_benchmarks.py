@@ -1,11 +1,13 @@
 """The benchmarks' shared helper that writes results into a doc (benchmarks/_markdown.py)."""
 
+import dataclasses
 import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 
@@ -100,32 +102,35 @@ def test_step_overhead_times_the_demo_configs_learner(monkeypatch):
     spec = importlib.util.spec_from_file_location("bench_step_overhead_cfg",
                                                   benchmarks / "step_overhead.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # a fresh module: use_demo_config's globals stay in it
+    spec.loader.exec_module(module)
     from jestkit.demo import DemoConfig
     from jestkit.training import LearnerConfig
 
     learner = LearnerConfig(text_heads=4, lr=3e-3, width=32)
-    module.use_demo_config(DemoConfig(learner=learner))
+    setup = module.Setup.from_demo(DemoConfig(learner=learner))
     for kind in ("uniform", "live", "cached", "cached+flexi", "cached+flexi+multires"):
-        cfg = module.variant_config(kind, None if kind == "uniform" else 0.8, seed=5)
+        cfg = module.variant_config(kind, None if kind == "uniform" else 0.8, 5, setup)
         assert (cfg.text_heads, cfg.lr, cfg.width, cfg.seed) == (4, 3e-3, 32, 5), kind
         assert cfg.method == ("uniform" if kind == "uniform" else "learnability")
         assert bool(cfg.score_patch_size) == kind.startswith("cached+flexi")
-    assert module.variant_config("live", 0.5, seed=0).filter_ratio == 0.5
+    assert module.variant_config("live", 0.5, 0, setup).filter_ratio == 0.5
+    # The default is the demo's learner; a setup changes nothing module-wide.
+    assert module.variant_config("uniform", None, 0) == dataclasses.replace(
+        DemoConfig().learner, method="uniform", seed=0, selection="joint")
     from jestkit.data import load_digits_web
-    runner = module.Runner("uniform", module.variant_config("uniform", None, seed=0),
+    runner = module.Runner("uniform", module.variant_config("uniform", None, 0, setup),
                            load_digits_web(0, max_len=8), None, None)
     assert runner.model.config.text_heads == 4  # the timed model is the config's
     # Whatever the config's learner says about selection and Flexi, the variants are joint,
     # and only the flexi ones take the config's Flexi setting.
     learner = LearnerConfig(patch_size=4, selection="independent", score_patch_size=16,
                             multires_fraction=0.5)
-    module.use_demo_config(DemoConfig(learner=learner, flexi_score_patch_size=8,
-                                      flexi_multires_fraction=0.25))
+    setup = module.Setup.from_demo(DemoConfig(learner=learner, flexi_score_patch_size=8,
+                                              flexi_multires_fraction=0.25))
     want = {"uniform": (0, 0.0), "live": (0, 0.0), "cached": (0, 0.0),
             "cached+flexi": (8, 0.25), "cached+flexi+multires": (8, 0.5)}
     for kind, flexi in want.items():
-        cfg = module.variant_config(kind, None if kind == "uniform" else 0.8, seed=0)
+        cfg = module.variant_config(kind, None if kind == "uniform" else 0.8, 0, setup)
         assert (cfg.score_patch_size, cfg.multires_fraction) == flexi, kind
         assert cfg.selection == "joint" and cfg.patch_size == 4, kind
 
@@ -296,3 +301,91 @@ def test_reference_sizes_checks_every_spec_before_training_and_prints_what_it_me
     assert module.main(["--quick"]) == 0
     assert [dict(steps=c.steps, batch_size=c.batch_size) for c in trained] == [
         dict(steps=q["steps"], batch_size=q["batch_size"]) for q in module.QUICK]
+
+
+def _reference_sizes(name):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "reference_sizes.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # worker processes unpickle its functions by module name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_curated_folds_are_a_stratified_seeded_partition():
+    module = _reference_sizes("bench_reference_sizes_folds")
+    import torch
+
+    labels = torch.arange(10).repeat_interleave(50)[torch.randperm(500,
+                                                   generator=torch.Generator().manual_seed(3))]
+    folds = module.curated_folds(labels, 5)
+    rows = np.concatenate(folds)
+    assert len(folds) == 5 and sorted(rows.tolist()) == list(range(500))  # disjoint, covering
+    for fold in folds:
+        assert np.bincount(labels.numpy()[fold], minlength=10).tolist() == [10] * 10
+    again = module.curated_folds(labels, 5)
+    assert all(np.array_equal(a, b) for a, b in zip(folds, again, strict=True))
+    other = module.curated_folds(labels, 5, seed=1)
+    assert not all(np.array_equal(a, b) for a, b in zip(folds, other, strict=True))
+    # Uneven classes: each class's count differs by at most one between folds.
+    uneven = torch.tensor([0] * 7 + [1] * 3 + [2] * 5)
+    counts = np.array([np.bincount(uneven.numpy()[fold], minlength=3)
+                       for fold in module.curated_folds(uneven, 3)])
+    assert counts.sum(axis=0).tolist() == [7, 3, 5]
+    assert (counts.max(axis=0) - counts.min(axis=0)).tolist() == [1, 0, 1]
+    for bad in (1, 4):
+        with pytest.raises(ValueError, match=r"folds must be in \[2, 3\]"):
+            module.curated_folds(uneven, bad)
+
+
+def test_reference_cross_validation_never_reads_test_and_holds_out_each_fold_once(
+        monkeypatch, capsys):
+    module = _reference_sizes("bench_reference_sizes_cv")
+    from jestkit.data import load_digits_web
+
+    test_ids = set(load_digits_web(0).test.ids.tolist())
+    seen = []
+
+    def fake(data, cfg):
+        train, held = set(data.curated.ids.tolist()), set(data.test.ids.tolist())
+        seen.append((cfg.steps, frozenset(held)))
+        assert not (train | held) & test_ids  # the real test split is nowhere
+        assert not train & held and len(train) == 400 and len(held) == 100
+        # Config steps=3 scores best on every fold; steps=2 only on the first.
+        return None, {"metrics": {"zero_shot_accuracy": 0.5 + 0.01 * cfg.steps
+                                  - (0.02 if len(seen) % 5 == 1 else 0.0)}, "flops": 1e9}
+
+    monkeypatch.setattr(module, "train_reference", fake)
+    assert module.main(["--folds", "5", "--spec", '{"steps": 2}',
+                        "--spec", '{"steps": 3}']) == 0
+    out = capsys.readouterr().out
+    assert [s for s, _ in seen] == [2] * 5 + [3] * 5
+    for steps in (2, 3):  # each curated pair held out exactly once per config
+        held = [h for s, h in seen if s == steps]
+        assert len(set().union(*held)) == 500 and sum(map(len, held)) == 500
+    rows = [line for line in out.splitlines() if line.startswith("| steps=")]
+    assert rows[0].startswith("| steps=2 | 51.6 ± 0.9% | 50, 52, 52, 52, 52 | 0.001 |")
+    assert rows[1].startswith("| steps=3 | 52.6 ± 0.9% | 51, 53, 53, 53, 53 | 0.001 |")
+    assert "Highest mean held-out accuracy: steps=3 (52.6%)" in out
+    for argv, says in ((["--folds", "1"], "--folds must be in [2, 50]"),
+                       (["--folds", "51"], "--folds must be in [2, 50]"),
+                       (["--jobs", "2"], "--jobs needs --folds"),
+                       (["--folds", "2", "--jobs", "0"], "--jobs must be >= 1"),
+                       (["--folds", "5", "--spec", '{"batch_size": 401}'],
+                        "batch_size must be in [1, 400] (the pairs one fold trains on")):
+        with pytest.raises(SystemExit) as err:
+            module.main(argv)
+        assert err.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_reference_cross_validation_gives_the_same_table_in_parallel(capsys):
+    module = _reference_sizes("bench_reference_sizes_jobs")
+    argv = ["--folds", "2", "--spec", '{"steps": 3, "batch_size": 8, "width": 16}',
+            "--spec", '{"steps": 2, "batch_size": 8}']
+    tables = []
+    for jobs in ("1", "2"):
+        assert module.main([*argv, "--jobs", jobs]) == 0
+        rows = [line for line in capsys.readouterr().out.splitlines()
+                if line.startswith("| steps=")]
+        tables.append([row.rsplit(" | ", 1)[0] for row in rows])  # all but the wall time
+    assert len(tables[0]) == 2 and tables[0] == tables[1]
