@@ -17,26 +17,32 @@ Why: learnability is learner loss minus reference loss, so once the learner pass
 reference, wrong captions start to score as learnable (docs/results.md). A bigger, longer
 trained reference is the paper's "JEST++" lever; this table is how the reference of
 configs/demo-long-reference-w96.json and demo-T20000-reference-w96.json was chosen (the
-largest here, without looking at any learner run).
+largest here, without looking at any learner run), and ``--folds 5`` how that of
+configs/demo-*-reference-w64.json was (the highest cross-validated mean).
 
 Choosing by `test` accuracy would leak the split every learner is scored on into the choice of
 reference, so ``--folds K`` picks by cross-validation instead: the curated pairs are dealt into
 K folds, stratified by digit (seeded, `curated_folds`); each reference config is trained K
 times, each time on the other K - 1 folds (same steps, batch size and seed), and scored by
 zero-shot accuracy on the held-out fold's images (class prompts, as on `test`). The table
-gives the mean and spread over folds, and the config with the highest mean is named; `test`
-is never read. ``--jobs J`` trains J references at a time, one thread each (the numbers are
-the same for any J: every training run is deterministic).
+gives each config's accuracy over all held-out pairs (every curated pair is held out once;
+the mean of the folds' accuracies when they are equal in size) and the spread over folds,
+and names the config with the highest; `test` is never read. ``--jobs J`` trains J
+references at a time in worker processes, one thread each (the numbers are the same for any
+J: every training run is deterministic); Ctrl-C or SIGTERM stops them at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import signal
 import statistics
 import sys
 import time
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, fields, replace
 
@@ -44,7 +50,7 @@ import numpy as np
 import torch
 
 from jestkit.data import DigitsWeb, load_digits_web
-from jestkit.demo import DEMO_MAX_TEXT_LEN
+from jestkit.demo import DEMO_MAX_TEXT_LEN, stop_workers
 from jestkit.training import ReferenceConfig, train_reference
 
 GRID = [
@@ -110,7 +116,7 @@ def fold_data(data: DigitsWeb, folds: list[np.ndarray], i: int) -> DigitsWeb:
                    test=data.curated.subset(folds[i]))
 
 
-_WORKER_DATA: DigitsWeb | None = None
+_WORKER_DATA: DigitsWeb | None = None  # each worker process's own copy of the data
 
 
 def _init_worker() -> None:
@@ -119,26 +125,45 @@ def _init_worker() -> None:
     _WORKER_DATA = load_digits_web(0, max_len=DEMO_MAX_TEXT_LEN)
 
 
-def _train_fold(spec: dict, k: int, i: int) -> tuple[float, float, float]:
-    """(held-out accuracy, training FLOPs, wall s) of config `spec` trained without fold i."""
+def _train_fold(spec: dict, k: int, i: int,
+                data: DigitsWeb | None = None) -> tuple[float, int, float, float]:
+    """(held-out accuracy, held-out pairs, training FLOPs, wall s) of config `spec` trained
+    on every fold of the curated pairs but fold i (of k)."""
     t0 = time.perf_counter()
-    data = fold_data(_WORKER_DATA, curated_folds(_WORKER_DATA.curated.labels, k), i)
-    _, info = train_reference(data, ReferenceConfig(**spec))
-    return info["metrics"]["zero_shot_accuracy"], info["flops"], time.perf_counter() - t0
+    data = data if data is not None else _WORKER_DATA
+    folds = curated_folds(data.curated.labels, k)
+    _, info = train_reference(fold_data(data, folds, i), ReferenceConfig(**spec))
+    return (info["metrics"]["zero_shot_accuracy"], len(folds[i]), info["flops"],
+            time.perf_counter() - t0)
 
 
-def cross_validate(specs: list[dict], k: int, jobs: int) -> list[dict]:
-    """Each spec's K held-out accuracies, its training FLOPs (one fold's) and summed wall s."""
+def cross_validate(data: DigitsWeb, specs: list[dict], k: int,
+                   jobs: int) -> Iterator[dict]:
+    """Yield, spec by spec in order as soon as its K runs are done: its K held-out
+    accuracies, the pooled accuracy over all held-out pairs, its training FLOPs (one fold's)
+    and its runs' summed wall s. With jobs > 1, runs go to `jobs` worker processes."""
     tasks = [(spec, k, i) for spec in specs for i in range(k)]
+    pool = None
     if jobs == 1:
-        _init_worker()
-        out = [_train_fold(*t) for t in tasks]
+        runs = (_train_fold(*t, data=data) for t in tasks)
     else:
-        with ProcessPoolExecutor(jobs, initializer=_init_worker) as pool:
-            out = list(pool.map(_train_fold, *zip(*tasks, strict=True)))
-    return [{"accuracies": [a for a, _, _ in out[s * k:(s + 1) * k]],
-             "flops": out[s * k][1], "wall_s": sum(w for _, _, w in out[s * k:(s + 1) * k])}
-            for s in range(len(specs))]
+        # spawn, as the demo: fork + torch threads is unsafe
+        pool = ProcessPoolExecutor(min(jobs, len(tasks)), initializer=_init_worker,
+                                   mp_context=multiprocessing.get_context("spawn"))
+        runs = pool.map(_train_fold, *zip(*tasks, strict=True))  # results in task order
+    try:
+        for _ in specs:
+            out = [next(runs) for _ in range(k)]
+            held = sum(n for _, n, _, _ in out)
+            yield {"accuracies": [a for a, _, _, _ in out],
+                   "pooled": sum(a * n for a, n, _, _ in out) / held,
+                   "flops": out[0][2], "wall_s": sum(w for _, _, _, w in out)}
+    except BaseException:
+        if pool is not None:
+            stop_workers(pool)  # now, not after every queued training has run
+        raise
+    if pool is not None:
+        pool.shutdown()
 
 
 def _name(spec: dict) -> str:
@@ -177,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{train_size}] ({what})")
     default = asdict(ReferenceConfig())
     if args.folds is not None:
-        return _print_cross_validation(specs, args.folds, args.jobs, default)
+        return _print_cross_validation(data, specs, args.folds, args.jobs, default)
     print(f"torch {torch.__version__}, 1 thread; curated split: {len(data.curated)} pairs; "
           f"defaults {default}\n")
     print("| reference (fields given; the rest default) | zero-shot acc. on test | "
@@ -191,26 +216,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _print_cross_validation(specs: list[dict], k: int, jobs: int, default: dict) -> int:
+def _print_cross_validation(data: DigitsWeb, specs: list[dict], k: int, jobs: int,
+                            default: dict) -> int:
     t0 = time.perf_counter()
-    results = cross_validate(specs, k, jobs)
-    print(f"torch {torch.__version__}, 1 thread per run, {jobs} at a time; {k}-fold "
-          f"cross-validation on the curated pairs (stratified by digit), test never read; "
-          f"defaults {default}\n")
-    print("| reference (fields given; the rest default) | held-out zero-shot acc. (mean ± std "
-          "over folds) | per fold | training TFLOP (one fold) | wall s (all folds) |")
-    print("|---|---|---|---|---|")
-    for spec, r in zip(specs, results, strict=True):
+    print(f"torch {torch.__version__}, 1 thread per run, {min(jobs, k * len(specs))} at a "
+          f"time; {k}-fold cross-validation on the curated pairs (stratified by digit), test "
+          f"never read; defaults {default}\n")
+    print("| reference (fields given; the rest default) | held-out zero-shot acc. (all held-out "
+          "pairs; ± std over folds) | per fold | training TFLOP (one fold) | wall s (all folds) |")
+    print("|---|---|---|---|---|", flush=True)
+    pooled = []
+    for spec, r in zip(specs, cross_validate(data, specs, k, jobs), strict=True):
         accs = [100 * a for a in r["accuracies"]]
-        print(f"| {_name(spec)} | {statistics.mean(accs):.1f} ± {statistics.stdev(accs):.1f}% "
-              f"| {', '.join(f'{a:.0f}' for a in accs)} | {r['flops'] / 1e12:.3f} "
-              f"| {r['wall_s']:.1f} |")
-    means = [statistics.mean(r["accuracies"]) for r in results]
-    best = max(range(len(specs)), key=lambda s: means[s])  # first of any tie: grid order
-    print(f"\nHighest mean held-out accuracy: {_name(specs[best])} "
-          f"({100 * means[best]:.1f}%). Took {time.perf_counter() - t0:.0f} s.")
+        pooled.append(r["pooled"])
+        print(f"| {_name(spec)} | {100 * r['pooled']:.1f} ± {statistics.stdev(accs):.1f}% "
+              f"| {', '.join(f'{a:.1f}' for a in accs)} | {r['flops'] / 1e12:.3f} "
+              f"| {r['wall_s']:.1f} |", flush=True)
+    best = max(range(len(specs)), key=lambda s: pooled[s])  # first of any tie: grid order
+    print(f"\nHighest held-out accuracy: {_name(specs[best])} "
+          f"({100 * pooled[best]:.1f}%). Took {time.perf_counter() - t0:.0f} s.")
     return 0
 
 
 if __name__ == "__main__":
+    # SIGTERM ends the run as Ctrl-C does: worker processes stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     sys.exit(main())

@@ -122,8 +122,7 @@ DEMO_SETUP = Setup.from_demo(DemoConfig())
 # --- variants --------------------------------------------------------------------------------
 
 
-def variant_config(kind: str, f: float | None, seed: int,
-                   setup: Setup = DEMO_SETUP) -> LearnerConfig:
+def variant_config(kind: str, f: float | None, seed: int, setup: Setup) -> LearnerConfig:
     """The setup's learner config (every field: sizes, heads, optimizer) as `kind` at f."""
     base = dataclasses.replace(setup.learner, seed=seed, selection="joint", score_patch_size=0,
                                multires_fraction=0.0)
@@ -315,7 +314,7 @@ def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 def per_call_overhead(data, seed: int, batches: list[int], repeats: int,
-                      setup: Setup = DEMO_SETUP) -> dict:
+                      setup: Setup) -> dict:
     """Fixed per-call cost, measured two ways.
 
     1. Single no-grad learner forwards (whole model, image tower, text tower) at the
@@ -407,7 +406,7 @@ def machine_info() -> dict:
             "torch_threads": torch.get_num_threads(), "loadavg_start": list(load)}
 
 
-def run(args, setup: Setup = DEMO_SETUP) -> dict:
+def run(args, setup: Setup) -> dict:
     torch.set_num_threads(args.threads)
     info = machine_info()
     t_start = time.time()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from procs import _alive
 
 
 def _markdown():
@@ -114,8 +115,8 @@ def test_step_overhead_times_the_demo_configs_learner(monkeypatch):
         assert cfg.method == ("uniform" if kind == "uniform" else "learnability")
         assert bool(cfg.score_patch_size) == kind.startswith("cached+flexi")
     assert module.variant_config("live", 0.5, 0, setup).filter_ratio == 0.5
-    # The default is the demo's learner; a setup changes nothing module-wide.
-    assert module.variant_config("uniform", None, 0) == dataclasses.replace(
+    # The demo's setup is the demo's learner; another setup changed nothing module-wide.
+    assert module.variant_config("uniform", None, 0, module.DEMO_SETUP) == dataclasses.replace(
         DemoConfig().learner, method="uniform", seed=0, selection="joint")
     from jestkit.data import load_digits_web
     runner = module.Runner("uniform", module.variant_config("uniform", None, 0, setup),
@@ -303,17 +304,16 @@ def test_reference_sizes_checks_every_spec_before_training_and_prints_what_it_me
         dict(steps=q["steps"], batch_size=q["batch_size"]) for q in module.QUICK]
 
 
-def _reference_sizes(name):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "reference_sizes.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # worker processes unpickle its functions by module name
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def reference_sizes(monkeypatch):
+    # Imported by name from benchmarks/ on sys.path: spawned worker processes inherit the
+    # path and import it the same way to run its functions.
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    return importlib.import_module("reference_sizes")
 
 
-def test_curated_folds_are_a_stratified_seeded_partition():
-    module = _reference_sizes("bench_reference_sizes_folds")
+def test_curated_folds_are_a_stratified_seeded_partition(reference_sizes):
+    module = reference_sizes
     import torch
 
     labels = torch.arange(10).repeat_interleave(50)[torch.randperm(500,
@@ -333,14 +333,15 @@ def test_curated_folds_are_a_stratified_seeded_partition():
                        for fold in module.curated_folds(uneven, 3)])
     assert counts.sum(axis=0).tolist() == [7, 3, 5]
     assert (counts.max(axis=0) - counts.min(axis=0)).tolist() == [1, 0, 1]
+    assert counts.sum(axis=1).tolist() == [5, 5, 5]  # the deal runs on across classes
     for bad in (1, 4):
         with pytest.raises(ValueError, match=r"folds must be in \[2, 3\]"):
             module.curated_folds(uneven, bad)
 
 
 def test_reference_cross_validation_never_reads_test_and_holds_out_each_fold_once(
-        monkeypatch, capsys):
-    module = _reference_sizes("bench_reference_sizes_cv")
+        reference_sizes, monkeypatch, capsys):
+    module = reference_sizes
     from jestkit.data import load_digits_web
 
     test_ids = set(load_digits_web(0).test.ids.tolist())
@@ -364,9 +365,9 @@ def test_reference_cross_validation_never_reads_test_and_holds_out_each_fold_onc
         held = [h for s, h in seen if s == steps]
         assert len(set().union(*held)) == 500 and sum(map(len, held)) == 500
     rows = [line for line in out.splitlines() if line.startswith("| steps=")]
-    assert rows[0].startswith("| steps=2 | 51.6 ± 0.9% | 50, 52, 52, 52, 52 | 0.001 |")
-    assert rows[1].startswith("| steps=3 | 52.6 ± 0.9% | 51, 53, 53, 53, 53 | 0.001 |")
-    assert "Highest mean held-out accuracy: steps=3 (52.6%)" in out
+    assert rows[0].startswith("| steps=2 | 51.6 ± 0.9% | 50.0, 52.0, 52.0, 52.0, 52.0 | 0.001 |")
+    assert rows[1].startswith("| steps=3 | 52.6 ± 0.9% | 51.0, 53.0, 53.0, 53.0, 53.0 | 0.001 |")
+    assert "Highest held-out accuracy: steps=3 (52.6%)" in out
     for argv, says in ((["--folds", "1"], "--folds must be in [2, 50]"),
                        (["--folds", "51"], "--folds must be in [2, 50]"),
                        (["--jobs", "2"], "--jobs needs --folds"),
@@ -378,14 +379,32 @@ def test_reference_cross_validation_never_reads_test_and_holds_out_each_fold_onc
         assert err.value.code == 2 and says in capsys.readouterr().err
 
 
-def test_reference_cross_validation_gives_the_same_table_in_parallel(capsys):
-    module = _reference_sizes("bench_reference_sizes_jobs")
+def test_reference_cross_validation_gives_the_same_table_in_parallel(reference_sizes, capsys):
     argv = ["--folds", "2", "--spec", '{"steps": 3, "batch_size": 8, "width": 16}',
             "--spec", '{"steps": 2, "batch_size": 8}']
     tables = []
     for jobs in ("1", "2"):
-        assert module.main([*argv, "--jobs", jobs]) == 0
+        assert reference_sizes.main([*argv, "--jobs", jobs]) == 0
         rows = [line for line in capsys.readouterr().out.splitlines()
                 if line.startswith("| steps=")]
         tables.append([row.rsplit(" | ", 1)[0] for row in rows])  # all but the wall time
     assert len(tables[0]) == 2 and tables[0] == tables[1]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_reference_cross_validation_stops_its_workers_when_interrupted(reference_sizes):
+    import multiprocessing
+    import time
+
+    from jestkit.data import load_digits_web
+
+    tiny, huge = {"steps": 2, "batch_size": 8, "width": 16}, {"steps": 10**6, "batch_size": 8}
+    runs = reference_sizes.cross_validate(load_digits_web(0, max_len=8), [tiny, huge], 2, 2)
+    first = next(runs)  # the tiny config's two folds; the workers start on the huge one's
+    assert len(first["accuracies"]) == 2
+    workers = [p.pid for p in multiprocessing.active_children()]
+    assert len(workers) == 2 and all(_alive(pid) for pid in workers)
+    t0 = time.monotonic()
+    runs.close()  # what Ctrl-C or SIGTERM (SystemExit) does to the loop consuming it
+    assert time.monotonic() - t0 < 15  # not the hours a million steps would take
+    assert not any(_alive(pid) for pid in workers)

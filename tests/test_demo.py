@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from procs import _alive, _children
 
 from jestkit.cli import main
 from jestkit.demo import _STEP_COST, DEMO_METHODS, DemoConfig, _run_one
@@ -171,30 +172,6 @@ def test_runs_without_a_reference_do_not_wait_for_it(tmp_path):
         assert result["steps"] == [2]
     with pytest.raises(FileNotFoundError):
         _run_one(0, missing, None, dataclasses.replace(cfg, method="learnability"))
-
-
-def _children(pid: int) -> list[int]:
-    """Live (not zombie) processes whose parent is `pid`, from /proc."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-        if int(ppid) == pid and state != "Z":
-            found.append(int(entry.name))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = (Path("/proc") / str(pid) / "stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")

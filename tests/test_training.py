@@ -16,6 +16,7 @@ from jestkit.training import (
     LearnerConfig,
     ReferenceConfig,
     _FlopMeter,
+    _load_optimizer_state,
     _optimizer,
     _split_sizes,
     _train_step,
@@ -197,6 +198,26 @@ def test_optimizer_is_multi_tensor_adamw_and_updates_bit_for_bit_like_the_loop(d
     # The control: the steps did move the weights.
     fresh = DualEncoder(small_model(data.tokenizer.vocab_size, 48, 1, text_width=16), seed=0)
     assert not all(torch.equal(a, b) for a, b in zip(params[0], fresh.parameters(), strict=True))
+
+
+def test_resuming_an_older_checkpoint_keeps_the_multi_tensor_optimizer(data):
+    # Checkpoints written before the optimizer chose foreach saved foreach=None; loading one
+    # restores its state (moments, step counts, lr) but not the old implementation choice.
+    cfg = dataclasses.replace(TINY, width=16)
+    model = DualEncoder(small_model(data.tokenizer.vocab_size, 16, 1, text_width=16), seed=0)
+    old = _optimizer(model, cfg)
+    for group in old.param_groups:
+        group["foreach"] = None  # as saved before
+    images, tokens = data.pool.images[:16], data.pool.tokens[:16]
+    _train_step(model, old, images, tokens, 3, cfg, _FlopMeter(FlopLedger()))
+    saved = old.state_dict()
+    fresh = _optimizer(model, cfg)
+    _load_optimizer_state(fresh, saved)
+    assert [g["foreach"] for g in fresh.param_groups] == [True, True]
+    assert [g["lr"] for g in fresh.param_groups] == [g["lr"] for g in old.param_groups]
+    for p in model.parameters():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(fresh.state[p][key], old.state[p][key])
 
 
 def test_hard_learner_needs_no_reference(data):
