@@ -18,7 +18,7 @@ reference, wrong captions start to score as learnable (docs/results.md). A bigge
 trained reference is the paper's "JEST++" lever; this table is how the reference of
 configs/demo-long-reference-w96.json and demo-T20000-reference-w96.json was chosen (the
 largest here, without looking at any learner run), and ``--folds 5`` how that of
-configs/demo-*-reference-w64.json was (the highest cross-validated mean).
+configs/demo-*-reference-w64.json was (the highest pooled held-out accuracy).
 
 Choosing by `test` accuracy would leak the split every learner is scored on into the choice of
 reference, so ``--folds K`` picks by cross-validation instead: the curated pairs are dealt into
