@@ -399,12 +399,120 @@ def test_reference_cross_validation_stops_its_workers_when_interrupted(reference
     from jestkit.data import load_digits_web
 
     tiny, huge = {"steps": 2, "batch_size": 8, "width": 16}, {"steps": 10**6, "batch_size": 8}
+    before = {p.pid for p in multiprocessing.active_children()}
     runs = reference_sizes.cross_validate(load_digits_web(0, max_len=8), [tiny, huge], 2, 2)
-    first = next(runs)  # the tiny config's two folds; the workers start on the huge one's
-    assert len(first["accuracies"]) == 2
-    workers = [p.pid for p in multiprocessing.active_children()]
-    assert len(workers) == 2 and all(_alive(pid) for pid in workers)
-    t0 = time.monotonic()
-    runs.close()  # what Ctrl-C or SIGTERM (SystemExit) does to the loop consuming it
-    assert time.monotonic() - t0 < 15  # not the hours a million steps would take
-    assert not any(_alive(pid) for pid in workers)
+    try:
+        first = next(runs)  # the tiny config's two folds; the workers go on to the huge one's
+        assert len(first["accuracies"]) == 2
+        workers = [p.pid for p in multiprocessing.active_children() if p.pid not in before]
+        assert len(workers) == 2 and all(_alive(pid) for pid in workers)
+        t0 = time.monotonic()
+        runs.close()  # what Ctrl-C or SIGTERM (SystemExit) does to the loop consuming it
+        # Not the hours a million steps would take: SIGTERM, else a kill after 10 s.
+        assert time.monotonic() - t0 < 30
+        assert not any(_alive(pid) for pid in workers)
+    finally:
+        runs.close()  # a failed assertion must not leave the pool training for hours
+
+
+def test_reference_cross_validation_weighs_unequal_folds_by_their_pairs(
+        reference_sizes, monkeypatch, capsys):
+    from jestkit.data import load_digits_web
+
+    data = load_digits_web(0, max_len=8)
+    # 3 folds of the 500 curated pairs hold 167, 167 and 166: right only on the smallest.
+    monkeypatch.setattr(reference_sizes, "train_reference", lambda d, cfg: (None, {
+        "metrics": {"zero_shot_accuracy": float(len(d.test) == 166)}, "flops": 1.0}))
+    (result,) = reference_sizes.cross_validate(data, [{"steps": 2}], 3, 1)
+    assert result["accuracies"] == [0.0, 0.0, 1.0]
+    assert result["pooled"] == pytest.approx(166 / 500)  # not the folds' mean, 1/3
+    # The batch-size check allows what the smallest training part holds (333), not more.
+    with pytest.raises(SystemExit):
+        reference_sizes.main(["--folds", "3", "--spec", '{"batch_size": 334}'])
+    assert "batch_size must be in [1, 333]" in capsys.readouterr().err
+    # A tie goes to the first config given (grid order), as documented.
+    monkeypatch.setattr(reference_sizes, "train_reference", lambda d, cfg: (None, {
+        "metrics": {"zero_shot_accuracy": 0.5}, "flops": 1.0}))
+    assert reference_sizes.main(["--folds", "2", "--spec", '{"steps": 3}',
+                                 "--spec", '{"steps": 2}']) == 0
+    assert "Highest held-out accuracy: steps=3 (50.0%)" in capsys.readouterr().out
+
+
+def test_reference_cross_validation_workers_compute_what_one_process_does(reference_sizes):
+    import torch
+
+    from jestkit.data import load_digits_web
+    from jestkit.demo import DEMO_MAX_TEXT_LEN
+
+    data = load_digits_web(0, max_len=DEMO_MAX_TEXT_LEN)
+    specs = [{"steps": 2, "batch_size": 8, "width": 16}]
+    serial, parallel = ([{k: v for k, v in r.items() if k != "wall_s"}
+                         for r in reference_sizes.cross_validate(data, specs, 2, jobs)]
+                        for jobs in (1, 2))
+    assert serial == parallel  # the same data (caption length too), FLOPs and accuracies
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        reference_sizes._init_worker()
+        assert torch.get_num_threads() == 1  # one thread per worker, as documented
+    finally:
+        torch.set_num_threads(threads)
+        reference_sizes._WORKER_DATA = None
+
+
+def test_step_overhead_times_the_setup_it_is_given(monkeypatch, tmp_path):
+    import argparse
+
+    from jestkit.data import load_digits_web
+    from jestkit.demo import DemoConfig
+    from jestkit.training import LearnerConfig, ReferenceConfig
+
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))
+    spec = importlib.util.spec_from_file_location("bench_step_overhead_setup",
+                                                  benchmarks / "step_overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    demo = DemoConfig(learner=LearnerConfig(width=16, patch_size=4, batch_size=8, n_chunks=2),
+                      reference=ReferenceConfig(width=24), flexi_score_patch_size=8)
+    setup = module.Setup.from_demo(demo)
+    # per_call_overhead: the setup's learner, patches and batch.
+    optimized = []
+    real = module._optimizer
+    monkeypatch.setattr(module, "_optimizer", lambda m, cfg: optimized.append(cfg) or real(m, cfg))
+    overhead = module.per_call_overhead(load_digits_web(0, max_len=8), 0, [8], 1, setup)
+    assert (overhead["base_patch"], overhead["coarse_patch"]) == (4, 8)
+    assert optimized and all((c.width, c.batch_size) == (16, 8) for c in optimized)
+
+    # run: the setup's reference and learner.
+    class Stop(Exception):
+        pass
+
+    got = {}
+    monkeypatch.setattr(module, "build_reference_cache",
+                        lambda ref, pool, d: got.setdefault("reference", ref.config))
+
+    def runner(name, cfg, *rest):
+        got["learner"] = cfg
+        raise Stop
+
+    monkeypatch.setattr(module, "Runner", runner)
+    args = argparse.Namespace(threads=1, data_seed=0, seed=0, filter_ratios=[0.8],
+                              kinds=["live"], check_steps=0, quick=True)
+    with pytest.raises(Stop):
+        module.run(args, setup)
+    assert (got["learner"].width, got["learner"].patch_size) == (16, 4)
+    assert got["reference"].image_width == 24
+
+    # main: --config reaches run.
+    path = tmp_path / "demo.json"
+    path.write_text(json.dumps(dataclasses.asdict(demo)))
+
+    def fake_run(args, setup):
+        got["setup"] = setup
+        raise Stop
+
+    monkeypatch.setattr(module, "run", fake_run)
+    with pytest.raises(Stop):
+        module.main(["--quick", "--config", str(path)])
+    assert got["setup"] == setup

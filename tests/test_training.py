@@ -237,6 +237,31 @@ def test_resume_equals_uninterrupted(data, reference, tmp_path):
     assert resumed.cumulative_flops == full.cumulative_flops
 
 
+def test_resuming_a_checkpoint_saved_without_foreach_runs_the_multi_tensor_optimizer(
+        data, reference, tmp_path, monkeypatch):
+    # The resume path must go through _load_optimizer_state: a plain load_state_dict would
+    # take the old checkpoint's foreach=None (the same numbers on CPU, only slower).
+    import jestkit.training as training
+
+    cfg = dataclasses.replace(TINY, checkpoint_every=3)
+    train_learner(data, cfg, reference, run_dir=tmp_path, stop_after=3)
+    state_path = tmp_path / "checkpoints" / "step_0000003" / "state.pt"
+    state = torch.load(state_path, weights_only=False)
+    for group in state["optimizer"]["param_groups"]:
+        group["foreach"] = None  # as written before the optimizer chose foreach
+    torch.save(state, state_path)
+    loaded = []
+    real = training._load_optimizer_state
+
+    def spy(opt, saved):
+        real(opt, saved)
+        loaded.append([group["foreach"] for group in opt.param_groups])
+
+    monkeypatch.setattr(training, "_load_optimizer_state", spy)
+    resumed = train_learner(data, cfg, reference, run_dir=tmp_path, resume=True)
+    assert loaded == [[True, True]] and resumed.steps[-1] == cfg.steps
+
+
 def test_checkpoint_from_other_config_is_refused(data, reference, tmp_path):
     cfg = dataclasses.replace(TINY, checkpoint_every=2)
     train_learner(data, cfg, reference, run_dir=tmp_path, stop_after=2)
