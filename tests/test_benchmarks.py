@@ -95,15 +95,22 @@ def test_clean_oracle_trains_only_on_clean_pairs_and_reports_by_the_protocol(tmp
     assert "| clean-oracle | " in text and text.endswith("<!-- co:end -->\n")
 
 
-def test_step_overhead_times_the_demo_configs_learner(monkeypatch):
-    # Every field of the config's learner (here: 4 text heads, another lr) reaches the timed
-    # variants, not only the sizes that used to be copied one by one.
+@pytest.fixture
+def step_overhead(monkeypatch):
+    """A fresh benchmarks/step_overhead.py module (its imports from benchmarks/ resolvable)."""
     benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
     monkeypatch.syspath_prepend(str(benchmarks))
-    spec = importlib.util.spec_from_file_location("bench_step_overhead_cfg",
+    spec = importlib.util.spec_from_file_location("bench_step_overhead_fresh",
                                                   benchmarks / "step_overhead.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_step_overhead_times_the_demo_configs_learner(step_overhead):
+    # Every field of the config's learner (here: 4 text heads, another lr) reaches the timed
+    # variants, not only the sizes that used to be copied one by one.
+    module = step_overhead
     from jestkit.demo import DemoConfig
     from jestkit.training import LearnerConfig
 
@@ -460,19 +467,14 @@ def test_reference_cross_validation_workers_compute_what_one_process_does(refere
         reference_sizes._WORKER_DATA = None
 
 
-def test_step_overhead_times_the_setup_it_is_given(monkeypatch, tmp_path):
+def test_step_overhead_times_the_setup_it_is_given(step_overhead, monkeypatch, tmp_path):
     import argparse
 
     from jestkit.data import load_digits_web
     from jestkit.demo import DemoConfig
     from jestkit.training import LearnerConfig, ReferenceConfig
 
-    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
-    monkeypatch.syspath_prepend(str(benchmarks))
-    spec = importlib.util.spec_from_file_location("bench_step_overhead_setup",
-                                                  benchmarks / "step_overhead.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = step_overhead
     demo = DemoConfig(learner=LearnerConfig(width=16, patch_size=4, batch_size=8, n_chunks=2),
                       reference=ReferenceConfig(width=24), flexi_score_patch_size=8)
     setup = module.Setup.from_demo(demo)
