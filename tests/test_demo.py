@@ -220,20 +220,29 @@ def test_sigterm_stops_the_workers_and_leaves_no_run_directory(tmp_path):
         proc.wait()
 
 
-def _pool_running(tmp_path, ignore_sigterm: tuple[bool, bool]):
+# What a worker does on SIGTERM, as code run before its task: the default (exit); ignore it,
+# as a worker stuck in code that blocks it would; or close its files (the pool's sentinel among
+# them) and live on, so that it looks exited to anything that reads the sentinel.
+ON_SIGTERM = {
+    "exit": "",
+    "ignore": "signal.signal(signal.SIGTERM, signal.SIG_IGN); ",
+    "close_files": "signal.signal(signal.SIGTERM, lambda *_: os.closerange(3, 65536)); ",
+}
+
+
+def _pool_running(tmp_path, on_sigterm: tuple[str, str]):
     """A spawn pool of 2 workers, each running a task that marks it has started (a builtin,
-    so it pickles under spawn) and then sleeps far longer than a test may take; with
-    ignore_sigterm[i] the i-th ignores SIGTERM, as a worker stuck in code that blocks it
-    would. Returns (pool, its worker processes, a queued task), once both tasks run."""
+    so it pickles under spawn) and then sleeps far longer than a test may take; the i-th
+    handles SIGTERM as ON_SIGTERM[on_sigterm[i]] says. Returns (pool, its worker processes,
+    a queued task), once both tasks run."""
     import multiprocessing
     import time
     from concurrent.futures import ProcessPoolExecutor
 
     pool = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"))
     markers = [tmp_path / f"started-{i}" for i in range(2)]
-    for marker, ignore in zip(markers, ignore_sigterm, strict=True):
-        prefix = "signal.signal(signal.SIGTERM, signal.SIG_IGN); " if ignore else ""
-        pool.submit(exec, f"import pathlib, signal, time; {prefix}"
+    for marker, behaviour in zip(markers, on_sigterm, strict=True):
+        pool.submit(exec, f"import os, pathlib, signal, time; {ON_SIGTERM[behaviour]}"
                           f"pathlib.Path({str(marker)!r}).touch(); time.sleep(600)")
     queued = pool.submit(time.sleep, 600)
     deadline = time.time() + 120
@@ -245,16 +254,6 @@ def _pool_running(tmp_path, ignore_sigterm: tuple[bool, bool]):
     return pool, processes, queued
 
 
-def _gone(processes, seconds: float = 10) -> bool:
-    # /proc, not is_alive(): the pool's own thread may reap a worker first.
-    import time
-
-    deadline = time.time() + seconds
-    while any(_alive(p.pid) for p in processes) and time.time() < deadline:
-        time.sleep(0.05)
-    return not any(_alive(p.pid) for p in processes)
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
 def test_stop_workers_ends_running_tasks_now(tmp_path):
     import time
@@ -262,14 +261,14 @@ def test_stop_workers_ends_running_tasks_now(tmp_path):
 
     from jestkit.demo import stop_workers
 
-    pool, processes, queued = _pool_running(tmp_path, (False, False))
+    pool, processes, queued = _pool_running(tmp_path, ("exit", "exit"))
     try:
         started = time.time()
         stop_workers(pool)
-        # SIGTERM ended them: not the 600 s sleeps, nor SIGKILL after the 10 s deadline.
-        # (Their exit codes are not read: the pool's own thread may reap them first.)
+        # SIGTERM ended them: not the 600 s sleeps, nor SIGKILL after the 10 s deadline. And
+        # ended means gone from the process table when it returns, not just closing down.
         assert time.time() - started < 5
-        assert _gone(processes)
+        assert not any(_alive(p.pid) for p in processes)
         # Queued: cancelled, or (if already handed to the pool's call queue) failed once the
         # pool's manager thread sees its workers gone; never run.
         try:
@@ -281,17 +280,19 @@ def test_stop_workers_ends_running_tasks_now(tmp_path):
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
-def test_stop_workers_kills_workers_that_ignore_sigterm_within_one_deadline(tmp_path):
+def test_stop_workers_kills_workers_that_outlive_sigterm_within_one_deadline(tmp_path):
     import time
 
     from jestkit.demo import stop_workers
 
-    pool, processes, _ = _pool_running(tmp_path, (True, True))
+    # One ignores SIGTERM; the other closes its files on it (its sentinel with them) and lives
+    # on: still running, though a wait on sentinels would call it exited and spare it.
+    pool, processes, _ = _pool_running(tmp_path, ("ignore", "close_files"))
     try:
         started = time.time()
         stop_workers(pool)
         # One shared 10 s deadline for SIGTERM, then SIGKILL: not 10 s per worker.
         assert time.time() - started < 15
-        assert _gone(processes, seconds=2)
+        assert not any(_alive(p.pid) for p in processes)
     finally:
         stop_workers(pool)

@@ -23,7 +23,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from multiprocessing.connection import wait as wait_for_exit
 from pathlib import Path
 
 import torch
@@ -199,17 +198,27 @@ def stop_workers(pool: ProcessPoolExecutor) -> None:
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         process.terminate()  # a no-op for one that has exited
-    # Whether a worker has exited is read from its sentinel, not is_alive(): the pool's own
-    # thread may reap it first, after which is_alive() can keep saying True.
-    running = list(processes)
-    deadline = time.monotonic() + 10
-    while running and (left := deadline - time.monotonic()) > 0:
-        ready = wait_for_exit([p.sentinel for p in running], timeout=left)
-        running = [p for p in running if p.sentinel not in ready]
+    running = _still_running(processes, seconds=10)
     if running:  # still there after 10 s: they ignored SIGTERM
         for process in running:
             process.kill()
-        wait_for_exit([p.sentinel for p in running], timeout=10)  # ([] would sleep it all)
+        _still_running(running, seconds=10)
+
+
+def _still_running(processes: list, seconds: float) -> list:
+    """Those of `processes` that have not exited within `seconds` (one deadline for all).
+
+    Exit is read from ``exitcode``, which reaps a finished worker, not from its sentinel: the
+    sentinel closes with the worker's files, a moment before the kernel has the process exited
+    (a moment long enough to see on a busy machine), and a worker that closes its files and
+    lives on would look exited for good.
+    """
+    deadline = time.monotonic() + seconds
+    running = [p for p in processes if p.exitcode is None]
+    while running and time.monotonic() < deadline:
+        time.sleep(0.01)
+        running = [p for p in running if p.exitcode is None]
+    return running
 
 
 def prepare_out_dir(out: Path, overwrite: bool) -> None:
