@@ -7,6 +7,7 @@ cross-validation on the curated pairs.
     python benchmarks/reference_sizes.py --quick       # smoke test, seconds
     python benchmarks/reference_sizes.py --spec '{"width": 96, "steps": 3200}'
     python benchmarks/reference_sizes.py --folds 5 --jobs 2   # the grid, cross-validated
+    python benchmarks/reference_sizes.py --folds 5 --repeats 3 --jobs 2   # three deals
 
 Every reference is `jestkit.training.train_reference` on digits-web's curated split (data seed
 0, captions padded as in the demo), one thread, fields not given taken from
@@ -27,9 +28,14 @@ times, each time on the other K - 1 folds (same steps, batch size and seed), and
 zero-shot accuracy on the held-out fold's images (class prompts, as on `test`). The table
 gives each config's accuracy over all held-out pairs (every curated pair is held out once;
 the mean of the folds' accuracies when they are equal in size) and the spread over folds,
-and names the config with the highest; `test` is never read. ``--jobs J`` trains J
-references at a time in worker processes, one thread each (the numbers are the same for any
-J: every training run is deterministic); Ctrl-C or SIGTERM stops them at once.
+and names the config with the highest; `test` is never read. ``--repeats R`` deals the
+folds R times (seeds 0 .. R-1, the same deals for every config; deal 0 is the one of
+``--folds`` alone) and averages over all K x R held-out folds. A second table then sets each
+config against the highest fold by fold: every config is scored on the same held-out folds,
+so the paired differences cancel how hard each fold is, and their standard error says
+whether the ranking is more than noise. ``--jobs J`` trains J references at a time in worker
+processes, one thread each (the numbers are the same for any J: every training run is
+deterministic); Ctrl-C or SIGTERM stops them at once.
 """
 
 from __future__ import annotations
@@ -125,24 +131,26 @@ def _init_worker() -> None:
     _WORKER_DATA = load_digits_web(0, max_len=DEMO_MAX_TEXT_LEN)
 
 
-def _train_fold(spec: dict, k: int, i: int,
+def _train_fold(spec: dict, k: int, i: int, repeat: int = 0,
                 data: DigitsWeb | None = None) -> tuple[float, int, float, float]:
     """(held-out accuracy, held-out pairs, training FLOPs, wall s) of config `spec` trained
-    on every fold of the curated pairs but fold i (of k)."""
+    on every fold of the curated pairs but fold i, of the k folds dealt with seed `repeat`."""
     t0 = time.perf_counter()
     data = data if data is not None else _WORKER_DATA
-    folds = curated_folds(data.curated.labels, k)
+    folds = curated_folds(data.curated.labels, k, seed=repeat)
     _, info = train_reference(fold_data(data, folds, i), ReferenceConfig(**spec))
     return (info["metrics"]["zero_shot_accuracy"], len(folds[i]), info["flops"],
             time.perf_counter() - t0)
 
 
-def cross_validate(data: DigitsWeb, specs: list[dict], k: int,
-                   jobs: int) -> Iterator[dict]:
-    """Yield, spec by spec in order as soon as its K runs are done: its K held-out
-    accuracies, the pooled accuracy over all held-out pairs, its training FLOPs (one fold's)
-    and its runs' summed wall s. With jobs > 1, runs go to `jobs` worker processes."""
-    tasks = [(spec, k, i) for spec in specs for i in range(k)]
+def cross_validate(data: DigitsWeb, specs: list[dict], k: int, jobs: int,
+                   repeats: int = 1) -> Iterator[dict]:
+    """Yield, spec by spec in order as soon as its K x R runs are done (R = `repeats`
+    deals of the K folds, seeds 0 .. R-1, the same for every spec): its K x R held-out
+    accuracies (repeat by repeat), each repeat's pooled accuracy over all held-out pairs
+    and their mean, its training FLOPs (one fold's) and its runs' summed wall s. With
+    jobs > 1, runs go to `jobs` worker processes."""
+    tasks = [(spec, k, i, r) for spec in specs for r in range(repeats) for i in range(k)]
     pool = None
     if jobs == 1:
         runs = (_train_fold(*t, data=data) for t in tasks)
@@ -153,10 +161,15 @@ def cross_validate(data: DigitsWeb, specs: list[dict], k: int,
         runs = pool.map(_train_fold, *zip(*tasks, strict=True))  # results in task order
     try:
         for _ in specs:
-            out = [next(runs) for _ in range(k)]
-            held = sum(n for _, n, _, _ in out)
+            out = [next(runs) for _ in range(k * repeats)]
+            # Each repeat holds every curated pair out once: its pooled accuracy is over them
+            # all, and the mean over repeats is the accuracy over all R x n predictions.
+            by_repeat = [out[r * k:(r + 1) * k] for r in range(repeats)]
+            repeat_pooled = [sum(a * n for a, n, _, _ in o) / sum(n for _, n, _, _ in o)
+                             for o in by_repeat]
             yield {"accuracies": [a for a, _, _, _ in out],
-                   "pooled": sum(a * n for a, n, _, _ in out) / held,
+                   "repeat_pooled": repeat_pooled,
+                   "pooled": sum(repeat_pooled) / repeats,
                    "flops": out[0][2], "wall_s": sum(w for _, _, _, w in out)}
     except BaseException:
         if pool is not None:
@@ -178,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", type=int, default=None,
                         help="K-fold cross-validation on the curated pairs instead of test "
                              "accuracy (K >= 2)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="with --folds: R deals of the K folds (seeds 0 .. R-1), K x R "
+                             "runs per config")
     parser.add_argument("--jobs", type=int, default=1,
                         help="references trained at a time with --folds (one thread each)")
     args = parser.parse_args(argv)
@@ -185,16 +201,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.jobs > 1 and args.folds is None:
         parser.error("--jobs needs --folds (the test-accuracy table trains one at a time)")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.repeats > 1 and args.folds is None:
+        parser.error("--repeats needs --folds")
     specs = args.spec or (QUICK if args.quick else GRID)
     torch.set_num_threads(1)
     data = load_digits_web(0, max_len=DEMO_MAX_TEXT_LEN)
     train_size, what = len(data.curated), "the curated split's size"
     if args.folds is not None:
         try:
-            folds = curated_folds(data.curated.labels, args.folds)
+            deals = [curated_folds(data.curated.labels, args.folds, seed=r)
+                     for r in range(args.repeats)]
         except ValueError as err:
             parser.error(f"--{err}")
-        train_size = min(len(data.curated) - len(f) for f in folds)
+        train_size = min(len(data.curated) - len(f) for folds in deals for f in folds)
         what = f"the pairs one fold trains on, of {len(data.curated)} in {args.folds} folds"
     for spec in specs:  # before any training, not after the first references
         if ReferenceConfig(**spec).batch_size > train_size:
@@ -202,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"{train_size}] ({what})")
     default = asdict(ReferenceConfig())
     if args.folds is not None:
-        return _print_cross_validation(data, specs, args.folds, args.jobs, default)
+        return _print_cross_validation(data, specs, args.folds, args.jobs, default,
+                                       args.repeats)
     print(f"torch {torch.__version__}, 1 thread; curated split: {len(data.curated)} pairs; "
           f"defaults {default}\n")
     print("| reference (fields given; the rest default) | zero-shot acc. on test | "
@@ -217,25 +239,51 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_cross_validation(data: DigitsWeb, specs: list[dict], k: int, jobs: int,
-                            default: dict) -> int:
+                            default: dict, repeats: int = 1) -> int:
     t0 = time.perf_counter()
-    print(f"torch {torch.__version__}, 1 thread per run, {min(jobs, k * len(specs))} at a "
-          f"time; {k}-fold cross-validation on the curated pairs (stratified by digit), test "
+    runs = k * repeats * len(specs)
+    deals = f"{repeats} deals (seeds 0-{repeats - 1}) of " if repeats > 1 else ""
+    print(f"torch {torch.__version__}, 1 thread per run, {min(jobs, runs)} at a time; "
+          f"{deals}{k}-fold cross-validation on the curated pairs (stratified by digit), test "
           f"never read; defaults {default}\n")
+    # One deal: each fold's accuracy. Several: each deal's accuracy over all held-out pairs.
+    each = "per fold" if repeats == 1 else "per deal (all held-out pairs)"
     print("| reference (fields given; the rest default) | held-out zero-shot acc. (all held-out "
-          "pairs; ± std over folds) | per fold | training TFLOP (one fold) | wall s (all folds) |")
+          f"pairs; ± std over folds) | {each} | training TFLOP (one fold) | wall s (all folds) |")
     print("|---|---|---|---|---|", flush=True)
-    pooled = []
-    for spec, r in zip(specs, cross_validate(data, specs, k, jobs), strict=True):
+    results = []
+    for spec, r in zip(specs, cross_validate(data, specs, k, jobs, repeats), strict=True):
         accs = [100 * a for a in r["accuracies"]]
-        pooled.append(r["pooled"])
+        shown = accs if repeats == 1 else [100 * a for a in r["repeat_pooled"]]
+        results.append(r)
         print(f"| {_name(spec)} | {100 * r['pooled']:.1f} ± {statistics.stdev(accs):.1f}% "
-              f"| {', '.join(f'{a:.1f}' for a in accs)} | {r['flops'] / 1e12:.3f} "
+              f"| {', '.join(f'{a:.1f}' for a in shown)} | {r['flops'] / 1e12:.3f} "
               f"| {r['wall_s']:.1f} |", flush=True)
-    best = max(range(len(specs)), key=lambda s: pooled[s])  # first of any tie: grid order
+    best = max(range(len(specs)), key=lambda s: results[s]["pooled"])  # ties: grid order
     print(f"\nHighest held-out accuracy: {_name(specs[best])} "
-          f"({100 * pooled[best]:.1f}%). Took {time.perf_counter() - t0:.0f} s.")
+          f"({100 * results[best]['pooled']:.1f}%). Took {time.perf_counter() - t0:.0f} s.")
+    if len(specs) > 1:
+        _print_paired(specs, results, best)
     return 0
+
+
+def _print_paired(specs: list[dict], results: list[dict], best: int) -> None:
+    """Each config against the highest, fold by fold: every config is held out on the same
+    folds, so the per-fold differences cancel how hard each fold is, and their standard
+    error says whether the ranking is more than fold-to-fold noise."""
+    n = len(results[best]["accuracies"])
+    print(f"\nAgainst the highest, paired over the same {n} held-out folds (difference in "
+          "points: mean ± standard error; folds where it is at least as high):\n")
+    print("| reference | difference | folds ≥ the highest |")
+    print("|---|---|---|")
+    for s, r in enumerate(results):
+        if s == best:
+            continue
+        diffs = [100 * (a - b) for a, b in zip(r["accuracies"], results[best]["accuracies"],
+                                               strict=True)]
+        se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+        print(f"| {_name(specs[s])} | {statistics.mean(diffs):+.1f} ± {se:.1f} "
+              f"| {sum(d >= 0 for d in diffs)} of {n} |")
 
 
 if __name__ == "__main__":

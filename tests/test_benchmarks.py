@@ -3,6 +3,7 @@
 import dataclasses
 import importlib.util
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -392,10 +393,62 @@ def test_reference_cross_validation_gives_the_same_table_in_parallel(reference_s
     tables = []
     for jobs in ("1", "2"):
         assert reference_sizes.main([*argv, "--jobs", jobs]) == 0
-        rows = [line for line in capsys.readouterr().out.splitlines()
-                if line.startswith("| steps=")]
+        out = capsys.readouterr().out
+        main, paired = out.split("Highest held-out accuracy")
+        rows = [line for line in main.splitlines() if line.startswith("| steps=")]
         tables.append([row.rsplit(" | ", 1)[0] for row in rows])  # all but the wall time
-    assert len(tables[0]) == 2 and tables[0] == tables[1]
+        tables[-1] += [line for line in paired.splitlines() if line.startswith("| steps=")]
+    assert len(tables[0]) == 3 and tables[0] == tables[1]
+
+
+def test_reference_cross_validation_repeats_deal_new_folds_and_pairs_them(
+        reference_sizes, monkeypatch, capsys):
+    module = reference_sizes
+    seen = []
+
+    def fake(data, cfg):
+        held = frozenset(data.test.ids.tolist())
+        seen.append((cfg.steps, held))
+        # steps=3 is one point above steps=2 on every fold, but for the first fold of the
+        # second deal, where steps=2 is one point above; the fold's own difficulty (from its
+        # ids) is the same for both, and pairing cancels it.
+        difficulty = 0.001 * (min(held) % 7)
+        bonus = 0.02 if (cfg.steps == 2 and len(seen) == 6) else 0.0
+        return None, {"metrics": {"zero_shot_accuracy": 0.5 + 0.01 * cfg.steps + difficulty
+                                  + bonus}, "flops": 1e9}
+
+    monkeypatch.setattr(module, "train_reference", fake)
+    assert module.main(["--folds", "5", "--repeats", "2", "--spec", '{"steps": 2}',
+                        "--spec", '{"steps": 3}']) == 0
+    out = capsys.readouterr().out
+    assert [s for s, _ in seen] == [2] * 10 + [3] * 10
+    deals = [[h for _, h in seen[i:i + 5]] for i in (0, 5, 10, 15)]
+    for deal in deals:  # each deal holds every curated pair out once
+        assert len(set().union(*deal)) == 500 and sum(map(len, deal)) == 500
+    assert set(deals[0]) != set(deals[1])  # a new deal, not the same folds again
+    assert deals[0] == deals[2] and deals[1] == deals[3]  # the same deals for every config
+    assert "2 deals (seeds 0-1) of 5-fold" in out
+    assert "| per deal (all held-out pairs) |" in out
+    main, paired = out.split("Highest held-out accuracy: steps=3")
+    rows = {line.split(" | ")[0]: line.split(" | ") for line in main.splitlines()
+            if line.startswith("| steps=")}
+    # The per-deal pooled accuracies, and the mean over deals.
+    accs = {steps: [100 * (0.5 + 0.01 * steps + 0.001 * (min(h) % 7)) for h in deal]
+            for steps, deal in ((2, deals[0] + deals[1]), (3, deals[2] + deals[3]))}
+    accs[2][5] += 2.0
+    for steps in (2, 3):
+        per_deal = [statistics.mean(accs[steps][:5]), statistics.mean(accs[steps][5:])]
+        assert rows[f"| steps={steps}"][2] == ", ".join(f"{a:.1f}" for a in per_deal)
+        assert rows[f"| steps={steps}"][1] == (f"{statistics.mean(per_deal):.1f} ± "
+                                              f"{statistics.stdev(accs[steps]):.1f}%")
+    # Paired: nine folds at -1 point and one at +1: mean -0.8, SE = std / sqrt(10) = 0.2.
+    (row,) = [line for line in paired.splitlines() if line.startswith("| steps=")]
+    assert row == "| steps=2 | -0.8 ± 0.2 | 1 of 10 |"
+    for argv, says in ((["--folds", "5", "--repeats", "0"], "--repeats must be >= 1"),
+                       (["--repeats", "2"], "--repeats needs --folds")):
+        with pytest.raises(SystemExit) as err:
+            module.main(argv)
+        assert err.value.code == 2 and says in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
