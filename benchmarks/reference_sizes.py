@@ -30,12 +30,13 @@ gives each config's accuracy over all held-out pairs (every curated pair is held
 the mean of the folds' accuracies when they are equal in size) and the spread over folds,
 and names the config with the highest; `test` is never read. ``--repeats R`` deals the
 folds R times (seeds 0 .. R-1, the same deals for every config; deal 0 is the one of
-``--folds`` alone) and averages over all K x R held-out folds. A second table then sets each
-config against the highest fold by fold: every config is scored on the same held-out folds,
-so the paired differences cancel how hard each fold is, and their standard error says
-whether the ranking is more than noise. ``--jobs J`` trains J references at a time in worker
-processes, one thread each (the numbers are the same for any J: every training run is
-deterministic); Ctrl-C or SIGTERM stops them at once.
+``--folds`` alone) and averages the deals' accuracies over all held-out pairs. A second table
+then sets each config against the highest fold by fold: every config is scored on the same
+held-out folds, so the paired differences cancel how hard each fold is; their standard error
+is Nadeau and Bengio's corrected one (the folds share training pairs, so they are not
+independent draws), a rough guide to whether the ranking is more than noise. ``--jobs J``
+trains J references at a time in worker processes, one thread each (the numbers are the same
+for any J: every training run is deterministic); Ctrl-C or SIGTERM stops them at once.
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ def cross_validate(data: DigitsWeb, specs: list[dict], k: int, jobs: int,
             by_repeat = [out[r * k:(r + 1) * k] for r in range(repeats)]
             repeat_pooled = [sum(a * n for a, n, _, _ in o) / sum(n for _, n, _, _ in o)
                              for o in by_repeat]
-            yield {"accuracies": [a for a, _, _, _ in out],
+            yield {"accuracies": [a for a, _, _, _ in out], "sizes": [n for _, n, _, _ in out],
                    "repeat_pooled": repeat_pooled,
                    "pooled": sum(repeat_pooled) / repeats,
                    "flops": out[0][2], "wall_s": sum(w for _, _, _, w in out)}
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                              "accuracy (K >= 2)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="with --folds: R deals of the K folds (seeds 0 .. R-1), K x R "
-                             "runs per config")
+                             "runs per config (R >= 1)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="references trained at a time with --folds (one thread each)")
     args = parser.parse_args(argv)
@@ -263,17 +264,22 @@ def _print_cross_validation(data: DigitsWeb, specs: list[dict], k: int, jobs: in
     print(f"\nHighest held-out accuracy: {_name(specs[best])} "
           f"({100 * results[best]['pooled']:.1f}%). Took {time.perf_counter() - t0:.0f} s.")
     if len(specs) > 1:
-        _print_paired(specs, results, best)
+        _print_paired(specs, results, best, k)
     return 0
 
 
-def _print_paired(specs: list[dict], results: list[dict], best: int) -> None:
+def _print_paired(specs: list[dict], results: list[dict], best: int, k: int) -> None:
     """Each config against the highest, fold by fold: every config is held out on the same
-    folds, so the per-fold differences cancel how hard each fold is, and their standard
-    error says whether the ranking is more than fold-to-fold noise."""
+    folds, so the per-fold differences cancel how hard each fold is. The K x R differences
+    are not independent (a deal's folds train on overlapping pairs, and every deal reuses
+    the same pairs), so stdev / sqrt(K R) would understate the error and shrink with R
+    without new data; the standard error is Nadeau and Bengio's corrected one,
+    stdev * sqrt(1 / (K R) + 1 / (K - 1)) (held-out over training pairs), still a heuristic."""
     n = len(results[best]["accuracies"])
+    sizes = results[best]["sizes"]
     print(f"\nAgainst the highest, paired over the same {n} held-out folds (difference in "
-          "points: mean ± standard error; folds where it is at least as high):\n")
+          "points, weighted by fold size: mean ± corrected standard error; folds where it is "
+          "at least as high):\n")
     print("| reference | difference | folds ≥ the highest |")
     print("|---|---|---|")
     for s, r in enumerate(results):
@@ -281,8 +287,9 @@ def _print_paired(specs: list[dict], results: list[dict], best: int) -> None:
             continue
         diffs = [100 * (a - b) for a, b in zip(r["accuracies"], results[best]["accuracies"],
                                                strict=True)]
-        se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
-        print(f"| {_name(specs[s])} | {statistics.mean(diffs):+.1f} ± {se:.1f} "
+        mean = sum(w * d for w, d in zip(sizes, diffs, strict=True)) / sum(sizes)
+        se = statistics.stdev(diffs) * (1 / n + 1 / (k - 1)) ** 0.5
+        print(f"| {_name(specs[s])} | {mean:+.1f} ± {se:.1f} "
               f"| {sum(d >= 0 for d in diffs)} of {n} |")
 
 

@@ -409,11 +409,11 @@ def test_reference_cross_validation_repeats_deal_new_folds_and_pairs_them(
     def fake(data, cfg):
         held = frozenset(data.test.ids.tolist())
         seen.append((cfg.steps, held))
-        # steps=3 is one point above steps=2 on every fold, but for the first fold of the
-        # second deal, where steps=2 is one point above; the fold's own difficulty (from its
-        # ids) is the same for both, and pairing cancels it.
+        # steps=2 is four points below steps=3 on every fold of the first deal and two
+        # above on every fold of the second; the fold's own difficulty (from its ids) is the
+        # same for both, and pairing cancels it.
         difficulty = 0.001 * (min(held) % 7)
-        bonus = 0.02 if (cfg.steps == 2 and len(seen) == 6) else 0.0
+        bonus = (-0.03 if len(seen) <= 5 else 0.03) if cfg.steps == 2 else 0.0
         return None, {"metrics": {"zero_shot_accuracy": 0.5 + 0.01 * cfg.steps + difficulty
                                   + bonus}, "flops": 1e9}
 
@@ -435,15 +435,16 @@ def test_reference_cross_validation_repeats_deal_new_folds_and_pairs_them(
     # The per-deal pooled accuracies, and the mean over deals.
     accs = {steps: [100 * (0.5 + 0.01 * steps + 0.001 * (min(h) % 7)) for h in deal]
             for steps, deal in ((2, deals[0] + deals[1]), (3, deals[2] + deals[3]))}
-    accs[2][5] += 2.0
+    accs[2] = [a - 3.0 for a in accs[2][:5]] + [a + 3.0 for a in accs[2][5:]]
     for steps in (2, 3):
         per_deal = [statistics.mean(accs[steps][:5]), statistics.mean(accs[steps][5:])]
         assert rows[f"| steps={steps}"][2] == ", ".join(f"{a:.1f}" for a in per_deal)
         assert rows[f"| steps={steps}"][1] == (f"{statistics.mean(per_deal):.1f} ± "
                                               f"{statistics.stdev(accs[steps]):.1f}%")
-    # Paired: nine folds at -1 point and one at +1: mean -0.8, SE = std / sqrt(10) = 0.2.
+    # Paired: five folds at -4 points and five at +2: mean -1.0, std sqrt(10), corrected
+    # SE = sqrt(10) * sqrt(1/10 + 1/4) = 1.87 (pstdev would give 1.77, sqrt(n - 1) 1.97).
     (row,) = [line for line in paired.splitlines() if line.startswith("| steps=")]
-    assert row == "| steps=2 | -0.8 ± 0.2 | 1 of 10 |"
+    assert row == "| steps=2 | -1.0 ± 1.9 | 5 of 10 |"
     for argv, says in ((["--folds", "5", "--repeats", "0"], "--repeats must be >= 1"),
                        (["--repeats", "2"], "--repeats needs --folds")):
         with pytest.raises(SystemExit) as err:

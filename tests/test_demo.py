@@ -242,19 +242,22 @@ def _pool_running(tmp_path, on_sigterm: tuple[str, str]):
     markers = [tmp_path / f"started-{i}" for i in range(2)]
     for marker, behaviour in zip(markers, on_sigterm, strict=True):
         pool.submit(exec, f"import os, pathlib, signal, time; {ON_SIGTERM[behaviour]}"
-                          f"pathlib.Path({str(marker)!r}).touch(); time.sleep(600)")
+                          f"pathlib.Path({str(marker)!r}).write_text(str(os.getpid())); "
+                          "time.sleep(600)")
     queued = pool.submit(time.sleep, 600)
     deadline = time.time() + 120
-    while not all(m.exists() for m in markers) and time.time() < deadline:
+    while not all(m.exists() and m.read_text() for m in markers) and time.time() < deadline:
         time.sleep(0.1)
-    assert all(m.exists() for m in markers)
-    processes = list(pool._processes.values())
+    assert all(m.exists() and m.read_text() for m in markers)
+    # In task order: which worker takes which task is the pool's choice.
+    processes = [pool._processes[int(m.read_text())] for m in markers]
     assert len(processes) == 2 and all(_alive(p.pid) for p in processes)
     return pool, processes, queued
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
 def test_stop_workers_ends_running_tasks_now(tmp_path):
+    import signal
     import time
     from concurrent.futures import CancelledError
 
@@ -268,6 +271,7 @@ def test_stop_workers_ends_running_tasks_now(tmp_path):
         # ended means gone from the process table when it returns, not just closing down.
         assert time.monotonic() - started < 5
         assert not any(_alive(p.pid) for p in processes)
+        assert [p.exitcode for p in processes] == [-signal.SIGTERM] * 2  # not SIGKILL
         # Queued: cancelled, or (if already handed to the pool's call queue) failed once the
         # pool's manager thread sees its workers gone; never run.
         try:
@@ -280,7 +284,10 @@ def test_stop_workers_ends_running_tasks_now(tmp_path):
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
 def test_stop_workers_kills_workers_that_outlive_sigterm_within_one_deadline(tmp_path):
+    import os
+    import signal
     import time
+    from multiprocessing.connection import wait
 
     from jestkit.demo import stop_workers
 
@@ -288,10 +295,14 @@ def test_stop_workers_kills_workers_that_outlive_sigterm_within_one_deadline(tmp
     # on: still running, though a wait on sentinels would call it exited and spare it.
     pool, processes, _ = _pool_running(tmp_path, ("ignore", "close_files"))
     try:
+        # The case this test is for: its sentinel says exited, yet it runs.
+        os.kill(processes[1].pid, signal.SIGTERM)
+        assert wait([processes[1].sentinel], timeout=10) and _alive(processes[1].pid)
         started = time.monotonic()
         stop_workers(pool)
         # One shared 10 s deadline for SIGTERM, then SIGKILL: not 10 s per worker.
         assert time.monotonic() - started < 15
         assert not any(_alive(p.pid) for p in processes)
+        assert [p.exitcode for p in processes] == [-signal.SIGKILL] * 2  # outlived SIGTERM
     finally:
         stop_workers(pool)

@@ -199,10 +199,13 @@ def stop_workers(pool: ProcessPoolExecutor) -> None:
     for process in processes:
         process.terminate()  # a no-op for one that has exited
     running = _still_running(processes, seconds=10)
-    if running:  # still there after 10 s: they ignored SIGTERM
+    if running:  # still there after 10 s: they ignored or outlived SIGTERM
         for process in running:
             process.kill()
-        _still_running(running, seconds=10)
+        running = _still_running(running, seconds=10)
+    if running:  # stuck in the kernel, or reaped by someone else (exitcode never set)
+        print(f"warning: worker processes {[p.pid for p in running]} still running after "
+              "SIGKILL", file=sys.stderr)
 
 
 def _still_running(processes: list, seconds: float) -> list:
