@@ -18,8 +18,9 @@ Why: learnability is learner loss minus reference loss, so once the learner pass
 reference, wrong captions start to score as learnable (docs/results.md). A bigger, longer
 trained reference is the paper's "JEST++" lever; this table is how the reference of
 configs/demo-long-reference-w96.json and demo-T20000-reference-w96.json was chosen (the
-largest here, without looking at any learner run), and ``--folds 5`` how that of
-configs/demo-*-reference-w64.json was (the highest pooled held-out accuracy).
+largest here, without looking at any learner run), ``--folds 5`` how that of
+configs/demo-*-reference-w64.json was (the highest pooled held-out accuracy), and
+``--folds 5 --repeats 3`` how that of configs/demo-T20000-reference-w64-3200.json was.
 
 Choosing by `test` accuracy would leak the split every learner is scored on into the choice of
 reference, so ``--folds K`` picks by cross-validation instead: the curated pairs are dealt into
