@@ -169,7 +169,7 @@ def cross_validate(data: DigitsWeb, specs: list[dict], k: int, jobs: int,
             by_repeat = [out[r * k:(r + 1) * k] for r in range(repeats)]
             repeat_pooled = [sum(a * n for a, n, _, _ in o) / sum(n for _, n, _, _ in o)
                              for o in by_repeat]
-            yield {"accuracies": [a for a, _, _, _ in out], "sizes": [n for _, n, _, _ in out],
+            yield {"accuracies": [a for a, _, _, _ in out],
                    "repeat_pooled": repeat_pooled,
                    "pooled": sum(repeat_pooled) / repeats,
                    "flops": out[0][2], "wall_s": sum(w for _, _, _, w in out)}
@@ -277,7 +277,6 @@ def _print_paired(specs: list[dict], results: list[dict], best: int, k: int) -> 
     without new data; the standard error is Nadeau and Bengio's corrected one,
     stdev * sqrt(1 / (K R) + 1 / (K - 1)) (held-out over training pairs), still a heuristic."""
     n = len(results[best]["accuracies"])
-    sizes = results[best]["sizes"]
     print(f"\nAgainst the highest, paired over the same {n} held-out folds (difference in "
           "points, weighted by fold size: mean ± corrected standard error; folds where it is "
           "at least as high):\n")
@@ -288,7 +287,8 @@ def _print_paired(specs: list[dict], results: list[dict], best: int, k: int) -> 
             continue
         diffs = [100 * (a - b) for a, b in zip(r["accuracies"], results[best]["accuracies"],
                                                strict=True)]
-        mean = sum(w * d for w, d in zip(sizes, diffs, strict=True)) / sum(sizes)
+        # The difference of pooled accuracies: the fold-size-weighted mean of `diffs`.
+        mean = 100 * (r["pooled"] - results[best]["pooled"])
         se = statistics.stdev(diffs) * (1 / n + 1 / (k - 1)) ** 0.5
         print(f"| {_name(specs[s])} | {mean:+.1f} ± {se:.1f} "
               f"| {sum(d >= 0 for d in diffs)} of {n} |")
