@@ -8,6 +8,7 @@ cross-validation on the curated pairs.
     python benchmarks/reference_sizes.py --spec '{"width": 96, "steps": 3200}'
     python benchmarks/reference_sizes.py --folds 5 --jobs 2   # the grid, cross-validated
     python benchmarks/reference_sizes.py --folds 5 --repeats 3 --jobs 2   # three deals
+    python benchmarks/reference_sizes.py --folds 5 --json runs/cv.json   # also every fold's
 
 Every reference is `jestkit.training.train_reference` on digits-web's curated split (data seed
 0, captions padded as in the demo), one thread, fields not given taken from
@@ -38,6 +39,11 @@ is Nadeau and Bengio's corrected one (the folds share training pairs, so they ar
 independent draws), a rough guide to whether the ranking is more than noise. ``--jobs J``
 trains J references at a time in worker processes, one thread each (the numbers are the same
 for any J: every training run is deterministic); Ctrl-C or SIGTERM stops them at once.
+
+``--json PATH`` also writes every number measured, per run (with ``--folds``: each deal's
+and fold's held-out accuracy and size), so a table can be re-analysed without retraining. The
+file is rewritten atomically after each config, so an interrupted run keeps the configs it
+finished (``"complete": false`` until the last); an existing file is never overwritten.
 """
 
 from __future__ import annotations
@@ -53,10 +59,12 @@ import zlib
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, fields, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from jestkit.atomic import atomic_write
 from jestkit.data import DigitsWeb, load_digits_web
 from jestkit.demo import DEMO_MAX_TEXT_LEN, stop_workers
 from jestkit.training import ReferenceConfig, train_reference
@@ -151,7 +159,8 @@ def cross_validate(data: DigitsWeb, specs: list[dict], k: int, jobs: int,
     deals of the K folds, seeds 0 .. R-1, the same for every spec): its K x R held-out
     accuracies (repeat by repeat), each repeat's pooled accuracy over all held-out pairs
     and their mean, its training FLOPs (one fold's) and its runs' summed wall s. With
-    jobs > 1, runs go to `jobs` worker processes."""
+    jobs > 1, runs go to `jobs` worker processes. `accuracies` and `held_out` (each run's
+    held-out pairs) run deal by deal, fold by fold: run r * K + i is fold i of deal r."""
     tasks = [(spec, k, i, r) for spec in specs for r in range(repeats) for i in range(k)]
     pool = None
     if jobs == 1:
@@ -170,6 +179,7 @@ def cross_validate(data: DigitsWeb, specs: list[dict], k: int, jobs: int,
             repeat_pooled = [sum(a * n for a, n, _, _ in o) / sum(n for _, n, _, _ in o)
                              for o in by_repeat]
             yield {"accuracies": [a for a, _, _, _ in out],
+                   "held_out": [n for _, n, _, _ in out],
                    "repeat_pooled": repeat_pooled,
                    "pooled": sum(repeat_pooled) / repeats,
                    "flops": out[0][2], "wall_s": sum(w for _, _, _, w in out)}
@@ -198,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
                              "runs per config (R >= 1)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="references trained at a time with --folds (one thread each)")
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
+                        help="also write every run's numbers here (a new file; rewritten "
+                             "after each config)")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
@@ -207,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.repeats > 1 and args.folds is None:
         parser.error("--repeats needs --folds")
+    if args.json is not None and args.json.exists():
+        parser.error(f"--json {args.json}: it exists; give a new path (nothing is overwritten)")
     specs = args.spec or (QUICK if args.quick else GRID)
     torch.set_num_threads(1)
     data = load_digits_web(0, max_len=DEMO_MAX_TEXT_LEN)
@@ -224,9 +239,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--spec {json.dumps(spec)}: batch_size must be in [1, "
                          f"{train_size}] ({what})")
     default = asdict(ReferenceConfig())
+    record = _Record(args.json, {"torch": torch.__version__, "defaults": default,
+                                 "folds": args.folds, "repeats": args.repeats,
+                                 "specs": specs})
     if args.folds is not None:
         return _print_cross_validation(data, specs, args.folds, args.jobs, default,
-                                       args.repeats)
+                                       args.repeats, record)
     print(f"torch {torch.__version__}, 1 thread; curated split: {len(data.curated)} pairs; "
           f"defaults {default}\n")
     print("| reference (fields given; the rest default) | zero-shot acc. on test | "
@@ -235,13 +253,34 @@ def main(argv: list[str] | None = None) -> int:
     for spec in specs:
         t0 = time.perf_counter()
         _, info = train_reference(data, ReferenceConfig(**spec))
+        wall_s = time.perf_counter() - t0
         print(f"| {_name(spec)} | {100 * info['metrics']['zero_shot_accuracy']:.1f}% | "
-              f"{info['flops'] / 1e12:.3f} | {time.perf_counter() - t0:.1f} |", flush=True)
+              f"{info['flops'] / 1e12:.3f} | {wall_s:.1f} |", flush=True)
+        record.add({"spec": spec, "test_accuracy": info["metrics"]["zero_shot_accuracy"],
+                    "flops": info["flops"], "wall_s": wall_s})
     return 0
 
 
+class _Record:
+    """The ``--json`` file: the setup, then one entry per config as it finishes, rewritten
+    atomically each time (a reader never sees half a file; an interrupted run keeps what it
+    finished). A no-op without a path."""
+
+    def __init__(self, path: Path | None, setup: dict) -> None:
+        self.path, self.data = path, {**setup, "complete": False, "results": []}
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def add(self, result: dict) -> None:
+        self.data["results"].append(result)
+        self.data["complete"] = len(self.data["results"]) == len(self.data["specs"])
+        if self.path is not None:
+            atomic_write(self.path, json.dumps(self.data, indent=1) + "\n")
+
+
 def _print_cross_validation(data: DigitsWeb, specs: list[dict], k: int, jobs: int,
-                            default: dict, repeats: int = 1) -> int:
+                            default: dict, repeats: int = 1,
+                            record: _Record | None = None) -> int:
     t0 = time.perf_counter()
     runs = k * repeats * len(specs)
     deals = f"{repeats} deals (seeds 0-{repeats - 1}) of " if repeats > 1 else ""
@@ -258,6 +297,14 @@ def _print_cross_validation(data: DigitsWeb, specs: list[dict], k: int, jobs: in
         accs = [100 * a for a in r["accuracies"]]
         shown = accs if repeats == 1 else [100 * a for a in r["repeat_pooled"]]
         results.append(r)
+        if record is not None:
+            record.add({"spec": spec, "pooled": r["pooled"],
+                        "repeat_pooled": r["repeat_pooled"],
+                        "runs": [{"deal": j // k, "fold": j % k, "held_out_accuracy": a,
+                                  "held_out_pairs": n}
+                                 for j, (a, n) in enumerate(zip(r["accuracies"], r["held_out"],
+                                                                strict=True))],
+                        "flops": r["flops"], "wall_s": r["wall_s"]})
         print(f"| {_name(spec)} | {100 * r['pooled']:.1f} ± {statistics.stdev(accs):.1f}% "
               f"| {', '.join(f'{a:.1f}' for a in shown)} | {r['flops'] / 1e12:.3f} "
               f"| {r['wall_s']:.1f} |", flush=True)

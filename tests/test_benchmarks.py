@@ -452,6 +452,60 @@ def test_reference_cross_validation_repeats_deal_new_folds_and_pairs_them(
         assert err.value.code == 2 and says in capsys.readouterr().err
 
 
+def test_reference_sizes_json_keeps_every_run_and_what_finished_before_an_interrupt(
+        reference_sizes, monkeypatch, capsys, tmp_path):
+    module = reference_sizes
+    calls = []
+
+    def fake(data, cfg):
+        calls.append(cfg.steps)
+        if cfg.steps == 4:
+            raise KeyboardInterrupt  # the third config never finishes
+        held = sorted(data.test.ids.tolist())
+        return None, {"metrics": {"zero_shot_accuracy": 0.5 + 0.01 * cfg.steps
+                                  + 0.001 * (held[0] % 5)}, "flops": 1e9 * cfg.steps}
+
+    monkeypatch.setattr(module, "train_reference", fake)
+    path = tmp_path / "cv.json"
+    specs = ["--spec", '{"steps": 2}', "--spec", '{"steps": 3}', "--spec", '{"steps": 4}']
+    with pytest.raises(KeyboardInterrupt):
+        module.main(["--folds", "5", "--repeats", "2", "--json", str(path), *specs])
+    out = capsys.readouterr().out
+    saved = json.loads(path.read_text())
+    assert saved["complete"] is False and saved["folds"] == 5 and saved["repeats"] == 2
+    assert [r["spec"] for r in saved["results"]] == [{"steps": 2}, {"steps": 3}]
+    rows = {line.split(" | ")[0]: line.split(" | ") for line in out.splitlines()
+            if line.startswith("| steps=")}
+    for result in saved["results"]:
+        runs = result["runs"]
+        assert [(r["deal"], r["fold"]) for r in runs] == [(d, i) for d in (0, 1)
+                                                          for i in range(5)]
+        assert all(r["held_out_pairs"] == 100 for r in runs)
+        # The printed row is recomputed from the saved runs: each deal's pooled accuracy.
+        per_deal = [statistics.mean(r["held_out_accuracy"] for r in runs if r["deal"] == d)
+                    for d in (0, 1)]
+        assert result["repeat_pooled"] == pytest.approx(per_deal)
+        row = rows[f"| steps={result['spec']['steps']}"]
+        assert row[2] == ", ".join(f"{100 * a:.1f}" for a in per_deal)
+        assert result["flops"] == 1e9 * result["spec"]["steps"]
+    # An existing file is never overwritten, and that is said before any training.
+    calls.clear()
+    before = path.read_bytes()
+    with pytest.raises(SystemExit) as err:
+        module.main(["--folds", "5", "--json", str(path), *specs[:2]])
+    assert err.value.code == 2 and "it exists" in capsys.readouterr().err
+    assert calls == [] and path.read_bytes() == before
+    # Without --folds: each config's test accuracy; complete once all have finished. A
+    # missing directory is made.
+    done = tmp_path / "new" / "test.json"
+    assert module.main(["--json", str(done), *specs[:4]]) == 0
+    saved = json.loads(done.read_text())
+    assert saved["complete"] is True and saved["folds"] is None
+    assert [(r["spec"], r["flops"]) for r in saved["results"]] == [({"steps": 2}, 2e9),
+                                                                  ({"steps": 3}, 3e9)]
+    assert all(0 <= r["test_accuracy"] <= 1 for r in saved["results"])
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
 def test_reference_cross_validation_stops_its_workers_when_interrupted(reference_sizes):
     import multiprocessing
