@@ -279,8 +279,7 @@ class _Record:
 
 
 def _print_cross_validation(data: DigitsWeb, specs: list[dict], k: int, jobs: int,
-                            default: dict, repeats: int = 1,
-                            record: _Record | None = None) -> int:
+                            default: dict, repeats: int, record: _Record) -> int:
     t0 = time.perf_counter()
     runs = k * repeats * len(specs)
     deals = f"{repeats} deals (seeds 0-{repeats - 1}) of " if repeats > 1 else ""
@@ -297,14 +296,12 @@ def _print_cross_validation(data: DigitsWeb, specs: list[dict], k: int, jobs: in
         accs = [100 * a for a in r["accuracies"]]
         shown = accs if repeats == 1 else [100 * a for a in r["repeat_pooled"]]
         results.append(r)
-        if record is not None:
-            record.add({"spec": spec, "pooled": r["pooled"],
-                        "repeat_pooled": r["repeat_pooled"],
-                        "runs": [{"deal": j // k, "fold": j % k, "held_out_accuracy": a,
-                                  "held_out_pairs": n}
-                                 for j, (a, n) in enumerate(zip(r["accuracies"], r["held_out"],
-                                                                strict=True))],
-                        "flops": r["flops"], "wall_s": r["wall_s"]})
+        record.add({"spec": spec, "pooled": r["pooled"], "repeat_pooled": r["repeat_pooled"],
+                    "runs": [{"deal": j // k, "fold": j % k, "held_out_accuracy": a,
+                              "held_out_pairs": n}
+                             for j, (a, n) in enumerate(zip(r["accuracies"], r["held_out"],
+                                                            strict=True))],
+                    "flops": r["flops"], "wall_s": r["wall_s"]})
         print(f"| {_name(spec)} | {100 * r['pooled']:.1f} ± {statistics.stdev(accs):.1f}% "
               f"| {', '.join(f'{a:.1f}' for a in shown)} | {r['flops'] / 1e12:.3f} "
               f"| {r['wall_s']:.1f} |", flush=True)
