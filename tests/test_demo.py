@@ -306,3 +306,116 @@ def test_stop_workers_kills_workers_that_outlive_sigterm_within_one_deadline(tmp
         assert [p.exitcode for p in processes] == [-signal.SIGKILL] * 2  # outlived SIGTERM
     finally:
         stop_workers(pool)
+
+
+# --- resuming an interrupted demo ---------------------------------------------------------------
+
+# Three methods, one seed, 40 steps: a run that needs no reference, a live one and a cached one.
+RESUME_CFG = dataclasses.replace(
+    DemoConfig.quick(), methods=("uniform", "learnability-joint", "learnability-joint-cached"))
+
+
+def _interrupt_after_first_finished_run(monkeypatch):
+    """Make the demo's next save of a finished learner run its last act: Ctrl-C right after."""
+    from jestkit import demo
+
+    real = demo.atomic_write
+
+    def write_then_interrupt(path, data):
+        real(path, data)
+        if Path(path).parent.name == "finished":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "atomic_write", write_then_interrupt)
+
+
+def _same_results(a: dict, b: dict) -> None:
+    assert a["methods"] == b["methods"]
+    assert a["reference"] == b["reference"]
+    assert a["reference_accuracy"] == b["reference_accuracy"]
+
+
+def test_an_interrupted_demo_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, capsys):
+    from jestkit import demo
+
+    straight = demo.run_demo(RESUME_CFG, tmp_path / "straight", show_progress=False, workers=2)
+    assert straight["config"]["resumed_runs"] == 0
+    out = tmp_path / "run"
+    work = demo.partial_dir(out)
+    _interrupt_after_first_finished_run(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(RESUME_CFG, out, show_progress=False, workers=2)
+    monkeypatch.undo()
+    assert "rerun the same command with --resume" in capsys.readouterr().err
+    assert not out.exists()
+    finished = sorted((work / "runs" / "finished").glob("*.json"))
+    assert len(finished) == 1 and (work / "reference.json").is_file()
+    first = finished[0].read_bytes()
+
+    # A plain rerun refuses to throw the finished run away; another config is refused too.
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        demo.run_demo(RESUME_CFG, out, show_progress=False)
+    other = dataclasses.replace(RESUME_CFG, learner=dataclasses.replace(RESUME_CFG.learner,
+                                                                        steps=50))
+    with pytest.raises(ValueError, match=r"learner.steps: 40 then, 50 now"):
+        demo.run_demo(other, out, resume=True, show_progress=False)
+    assert finished[0].read_bytes() == first
+
+    # Another demo working in the same directory at the same time is refused.
+    import fcntl
+    import os
+
+    fd = os.open(work, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(FileExistsError, match="another `jestkit demo` is working"):
+            demo.run_demo(RESUME_CFG, out, resume=True, show_progress=False)
+    finally:
+        os.close(fd)
+
+    resumed = demo.run_demo(RESUME_CFG, out, resume=True, show_progress=False, workers=2)
+    assert resumed["config"]["resumed_runs"] == 1
+    _same_results(resumed, straight)  # deterministic runs: reusing one changes nothing
+    assert not work.exists() and not (out / "runs" / "finished").exists()
+    assert json.loads((out / "report.json").read_text())["methods"] == straight["methods"]
+
+
+def test_resume_reuses_the_finished_runs_instead_of_training_them_again(tmp_path, monkeypatch):
+    from jestkit import demo
+
+    out = tmp_path / "run"
+    _interrupt_after_first_finished_run(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(RESUME_CFG, out, show_progress=False, workers=1)
+    monkeypatch.undo()
+    [path] = (demo.partial_dir(out) / "runs" / "finished").glob("*.json")
+    # Mark the saved run: a retrained one could not carry this value into the report.
+    saved = json.loads(path.read_text())
+    saved["zero_shot_accuracy"][-1] = 0.123456
+    path.write_text(json.dumps(saved))
+    report = demo.run_demo(RESUME_CFG, out, resume=True, show_progress=False, workers=1)
+    name = path.stem.rsplit(".seed", 1)[0]
+    assert report["methods"][name]["curves"]["zero_shot_accuracy"][-1] == 0.123456
+    # A saved run whose config is not this demo's is refused, never mixed in.
+    out2 = tmp_path / "run2"
+    _interrupt_after_first_finished_run(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(RESUME_CFG, out2, show_progress=False, workers=1)
+    monkeypatch.undo()
+    [path] = (demo.partial_dir(out2) / "runs" / "finished").glob("*.json")
+    saved = json.loads(path.read_text())
+    saved["config"]["lr"] *= 2
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="is not a run of this demo's config"):
+        demo.run_demo(RESUME_CFG, out2, resume=True, show_progress=False, workers=1)
+
+
+def test_resume_with_nothing_to_resume_starts_afresh(tmp_path, capsys):
+    from jestkit import demo
+
+    cfg = dataclasses.replace(DemoConfig.quick(), methods=("uniform",))
+    report = demo.run_demo(cfg, tmp_path / "run", resume=True, show_progress=False, workers=1)
+    assert report["config"]["resumed_runs"] == 0
+    assert "no interrupted demo" in capsys.readouterr().err
+    assert (tmp_path / "run" / "report.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

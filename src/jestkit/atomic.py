@@ -14,19 +14,17 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write", "replacing_directory", "set_aside_copy_of", "unfinished_write"]
+__all__ = ["atomic_write", "move_into_place", "replacing_directory", "set_aside_copy_of",
+           "unfinished_write"]
 
 
 @contextlib.contextmanager
 def replacing_directory(final: str | os.PathLike) -> Iterator[Path]:
     """Build a directory in a temporary sibling, then put it in place of `final`.
 
-    Yields the temporary directory (mode 0755) to fill. On a clean exit an existing `final` is
-    first renamed aside, the new one renamed into place, and only then the old one deleted: a
-    crash at any moment leaves the old directory (under its own or a hidden ``.old`` name) or
-    the new one, never a half-written `final`. On an error in the body the temporary directory
-    is removed and `final` is left untouched; if the swap itself fails, `final` is restored
-    and the new directory is kept (its path is in the error).
+    Yields the temporary directory (mode 0755) to fill. On a clean exit it is put in place of
+    `final` by `move_into_place` (never a half-written `final`, whenever a crash comes). On an
+    error in the body the temporary directory is removed and `final` is left untouched.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -37,12 +35,24 @@ def replacing_directory(final: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    move_into_place(tmp, final)
+
+
+def move_into_place(new: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Put the finished directory `new` in place of `final` (a sibling of it).
+
+    An existing `final` is first renamed aside, `new` renamed into place, and only then the
+    old one deleted: a crash at any moment leaves the old directory (under its own or a
+    hidden ``.old`` name) or the new one, never a half-written `final`. If the swap fails,
+    `final` is restored and `new` is kept (its path is in the error).
+    """
+    new, final = Path(new), Path(final)
     old = None
     try:
         if final.exists():
             old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old."))
             os.replace(final, old)  # onto the empty directory just made
-        os.replace(tmp, final)
+        os.replace(new, final)
     except BaseException as err:
         # The swap failed (e.g. `final` is a file) or was interrupted: put the old one back
         # if the new one is not in place, keep the new one.
@@ -52,8 +62,8 @@ def replacing_directory(final: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         if not isinstance(err, Exception):  # Ctrl-C, SIGTERM: stay what they are
             raise
-        raise OSError(f"could not put {tmp} in place of {final} ({err}); the new contents "
-                      f"are kept in {tmp}") from err
+        raise OSError(f"could not put {new} in place of {final} ({err}); the new contents "
+                      f"are kept in {new}") from err
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

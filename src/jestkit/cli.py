@@ -27,8 +27,8 @@ def _demo(args: argparse.Namespace) -> int:
     else:
         cfg = DemoConfig.quick() if args.quick else DemoConfig()
     out = Path(args.out if args.out else ("runs/demo-quick" if args.quick else "runs/demo"))
-    report = run_demo(cfg, out, overwrite=args.overwrite, workers=args.workers,
-                      show_progress=not args.no_progress)
+    report = run_demo(cfg, out, overwrite=args.overwrite, resume=args.resume,
+                      workers=args.workers, show_progress=not args.no_progress)
     print_summary(report)
     print(f"\nreport: {out / 'report.md'}  (machine-readable: {out / 'report.json'})")
     return 0
@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", help="run directory (default runs/demo, or runs/demo-quick)")
     demo.add_argument("--overwrite", action="store_true",
                       help="replace an existing run directory (only once the new run is done)")
+    demo.add_argument("--resume", action="store_true",
+                      help="continue an interrupted demo into --out (kept in OUT.partial): "
+                           "same config, only the unfinished learner runs are trained")
     demo.add_argument("--config", help="a JSON demo config (see configs/demo.json)")
     demo.add_argument("--workers", type=_positive_int, default=2,
                       help="parallel learner runs (default 2, one per core)")

@@ -8,16 +8,20 @@ Learner runs are independent, so they run in parallel worker processes (one thre
 these models are small enough that two single-threaded runs beat one two-threaded run),
 longest first. The longest runs that need no reference (hard_learner) start at once, while
 the reference trains in the main process.
-Results are written to a temporary directory and moved into place at the end, so an
-existing run directory is never half-overwritten.
+Results are written to a work directory beside the run directory (`partial_dir`) and moved
+into place at the end, so an existing run directory is never half-overwritten. Every learner
+run is saved there the moment it finishes: an interrupted demo (Ctrl-C, SIGTERM, a crash)
+keeps them, and ``--resume`` continues it, training only what is missing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -28,11 +32,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from jestkit.atomic import replacing_directory
+from jestkit.atomic import atomic_write, move_into_place
 from jestkit.cache import ReferenceCache, build_reference_cache
 from jestkit.data import IMAGE_SIZE, NOISE_FRACTIONS, load_digits_web
 from jestkit.flops import count_flops
-from jestkit.models import load_model, patch_sizes, save_model
+from jestkit.models import load_model, model_fingerprint, patch_sizes, save_model
 from jestkit.report import build_report, summary_table, write_report
 from jestkit.training import (
     LearnerConfig,
@@ -234,22 +238,114 @@ def prepare_out_dir(out: Path, overwrite: bool) -> None:
                               f"replace it (its contents are kept until the new run succeeds)")
 
 
+def partial_dir(out: str | os.PathLike) -> Path:
+    """Where a demo into `out` works until it has finished: ``OUT.partial`` beside it.
+
+    It holds the reference, its cache and every learner run finished so far; an interrupted
+    demo leaves it for ``--resume``, a finished one is moved into place as `out`."""
+    out = Path(out)
+    return out.with_name(f"{out.name}.partial")
+
+
+def _run_key(name: str, seed: int) -> str:
+    return f"{name}.seed{seed}"
+
+
+def _finished_runs(work: Path) -> dict[str, dict]:
+    """The learner runs an earlier, interrupted demo finished, by `_run_key`."""
+    folder = work / "runs" / "finished"
+    if not folder.is_dir():
+        return {}
+    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+
+
+def _check_finished(done: dict[str, dict], runs: list, folder: Path) -> dict[str, dict]:
+    """`done`, once every finished run is one of `runs`, trained with exactly its config."""
+    expected = {_run_key(name, lc.seed): json.loads(json.dumps(asdict(lc)))
+                for name, _, lc in runs}
+    for key, result in done.items():
+        if expected.get(key) != result.get("config"):
+            raise ValueError(f"{folder / (key + '.json')} is not a run of this demo's config; "
+                             f"delete it to train that run again")
+    return done
+
+
+def _config_differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    diffs = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} then, {b!r} now")
+    return diffs
+
+
+def _check_resumable(work: Path, cfg: DemoConfig) -> None:
+    """Refuse to continue an interrupted demo with another config."""
+    path = work / "demo_config.json"
+    if not path.is_file():
+        # Killed before it wrote its config (its first act): nothing in it to reuse.
+        if _finished_runs(work) or (work / "reference.json").exists():
+            raise FileExistsError(f"{work} holds runs but no demo_config.json, so what "
+                                  f"config made them is unknown; move it away")
+        return
+    saved = json.loads(path.read_text())
+    # Through JSON both ways, so tuples and lists compare alike.
+    diffs = _config_differences(saved, json.loads(json.dumps(asdict(cfg))))
+    if diffs:
+        raise ValueError(f"--resume: the interrupted demo in {work} ran another config; give "
+                         f"the same config to continue it, or delete {work} to start afresh. "
+                         f"Differences: " + "; ".join(diffs))
+
+
 def run_demo(cfg: DemoConfig, out_dir: str | os.PathLike, *, overwrite: bool = False,
-             workers: int = 2, show_progress: bool = True) -> dict:
-    """Run the whole demo and write report.md, report.json and plots into out_dir."""
+             resume: bool = False, workers: int = 2, show_progress: bool = True) -> dict:
+    """Run the whole demo and write report.md, report.json and plots into out_dir.
+
+    Works in `partial_dir(out_dir)`. An interrupted or failed demo keeps it there if at least
+    one learner run had finished; `resume` continues it (the same config, checked): the
+    reference and the finished runs are reused, the rest trained. Without `resume` such a
+    directory is refused, so nothing finished is thrown away by a plain rerun.
+    """
     out = Path(out_dir)
     prepare_out_dir(out, overwrite)
-    with replacing_directory(out) as staging:
+    work = partial_dir(out)
+    if work.exists() and not work.is_dir():
+        raise FileExistsError(f"{work} exists and is not a directory; move it away")
+    if work.exists() and not resume:
+        n = len(_finished_runs(work))
+        raise FileExistsError(f"{work} holds an interrupted demo ({n} learner runs finished): "
+                              f"pass --resume to continue it with the same config, or delete "
+                              f"it to start afresh")
+    if resume and work.exists():
+        _check_resumable(work, cfg)
+    elif resume:
+        print(f"--resume: no interrupted demo at {work}; starting afresh", file=sys.stderr)
+    work.mkdir(parents=True, exist_ok=True)
+    lock = os.open(work, os.O_RDONLY)  # held for the whole run, released when closed
+    try:
         try:
-            report = _run_demo_into(cfg, staging, workers, show_progress)
-        except BaseException as err:
-            if not (staging / "runs" / "info.json").is_file():
-                raise  # nothing finished worth keeping
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(f"another `jestkit demo` is working in {work}") from None
+        return _run_demo_in(cfg, out, work, workers, show_progress)
+    finally:
+        os.close(lock)
+
+
+def _run_demo_in(cfg: DemoConfig, out: Path, work: Path, workers: int,
+                 show_progress: bool) -> dict:
+    """run_demo once `work` is ours; on failure keep what finished, then put it in place."""
+    resumed = len(_finished_runs(work))
+    try:
+        report = _run_demo_into(cfg, work, workers, show_progress)
+    except BaseException as err:
+        if (work / "runs" / "info.json").is_file():
             # Every learner run finished but the report failed or was interrupted (Ctrl-C,
-            # SIGTERM): keep the runs rather than let the staging directory be removed, so
-            # `jestkit report` can rebuild the report.
+            # SIGTERM): keep the runs where `jestkit report` can rebuild the report.
             kept = out.with_name(f"{out.name}.unreported-{time.strftime('%Y%m%d-%H%M%S')}")
-            os.replace(staging, kept)
+            os.replace(work, kept)
             if not isinstance(err, Exception):
                 print(f"interrupted while writing the report; the finished runs are kept in "
                       f"{kept}: `jestkit report {kept}` rebuilds it", file=sys.stderr)
@@ -257,7 +353,59 @@ def run_demo(cfg: DemoConfig, out_dir: str | os.PathLike, *, overwrite: bool = F
             raise RuntimeError(f"writing the report failed ({err!r}); the finished runs are "
                                f"kept in {kept}: `jestkit report {kept}` rebuilds the report "
                                f"there") from err
+        finished = len(_finished_runs(work))
+        if not finished:  # nothing worth keeping: leave no debris
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        total = len(learner_configs(cfg))
+        print(f"\n{'interrupted' if not isinstance(err, Exception) else 'failed'}: "
+              f"{finished} of {total} learner runs finished ({resumed} from before); they "
+              f"are kept in {work}: rerun the same command with --resume to continue",
+              file=sys.stderr)
+        raise
+    move_into_place(work, out)
     return report
+
+
+def _prepare_reference(cfg: DemoConfig, data, work: Path, needs_cache: bool,
+                       show_progress: bool) -> dict:
+    """Train the frozen reference into `work` (and cache it), or reuse the one an
+    interrupted demo saved there (its cache checked, and rebuilt where a shard is missing or
+    corrupt). Returns its info for the report."""
+    reference_path = work / "reference.safetensors"
+    cache_dir = work / "reference_cache"
+    info_path = work / "reference.json"
+    if info_path.is_file():
+        ref_info = json.loads(info_path.read_text())
+        reference = load_model(reference_path).eval()
+        if model_fingerprint(reference) != ref_info["fingerprint"]:
+            raise ValueError(f"{reference_path} is not the reference this demo trained "
+                             f"(fingerprint differs from {info_path}); delete {work} to "
+                             f"start afresh")
+        if needs_cache:  # verified; only missing or corrupt shards recomputed
+            build_reference_cache(reference, data.pool, cache_dir)
+        return ref_info
+    bar = tqdm(total=cfg.reference.steps, desc="reference", disable=not show_progress,
+               leave=False)
+    threads = torch.get_num_threads()
+    # One thread: the reference shares the cores with the early runs for its few seconds.
+    torch.set_num_threads(1)
+    try:
+        reference, ref_info = train_reference(data, cfg.reference,
+                                              progress=lambda done, total: bar.update(1))
+        save_model(reference, reference_path)
+        caching_flops = 0
+        if needs_cache:
+            caching_flops = count_flops(lambda: build_reference_cache(reference, data.pool,
+                                                                      cache_dir))
+    finally:
+        torch.set_num_threads(threads)
+        bar.close()
+    ref_info["caching_flops"] = caching_flops
+    # Written last: its presence says the reference and its cache are complete.
+    atomic_write(info_path, json.dumps({**ref_info,
+                                        "fingerprint": model_fingerprint(reference)}))
+    return ref_info
 
 
 def _run_demo_into(cfg: DemoConfig, out: Path, workers: int, show_progress: bool) -> dict:
@@ -265,13 +413,21 @@ def _run_demo_into(cfg: DemoConfig, out: Path, workers: int, show_progress: bool
     data = _data(cfg.data_seed)
     reference_path = out / "reference.safetensors"
     cache_dir = out / "reference_cache"
+    if not (out / "demo_config.json").is_file():
+        atomic_write(out / "demo_config.json", json.dumps(asdict(cfg), indent=2))
+    finished_dir = out / "runs" / "finished"
+    finished_dir.mkdir(parents=True, exist_ok=True)
     # Longest runs first, so the last ones to finish are short and no core idles long.
-    runs = sorted(learner_configs(cfg), key=lambda r: -r[2].steps * _STEP_COST[r[0]])
+    all_runs = sorted(learner_configs(cfg), key=lambda r: -r[2].steps * _STEP_COST[r[0]])
+    done = _check_finished(_finished_runs(out), all_runs, finished_dir)
+    runs = [r for r in all_runs if _run_key(r[0], r[2].seed) not in done]
     # While the reference trains here, the workers start the longest runs that need no
     # reference (hard_learner); the rest are queued once the reference is saved.
     early = [r for r in runs if not r[2].needs_reference][:workers]
     late = [r for r in runs if r not in early]
     results: dict[str, list[dict]] = {name: [] for name in cfg.methods}
+    for key, result in done.items():
+        results[key.rsplit(".seed", 1)[0]].append(result)
     ctx = multiprocessing.get_context("spawn")  # fork + torch threads is unsafe
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
     futures = {}
@@ -283,29 +439,19 @@ def _run_demo_into(cfg: DemoConfig, out: Path, workers: int, show_progress: bool
     try:
         for run in early:
             submit(*run)
-        bar = tqdm(total=cfg.reference.steps, desc="reference", disable=not show_progress,
-                   leave=False)
-        threads = torch.get_num_threads()
-        # One thread: the reference shares the cores with the early runs for its few seconds.
-        torch.set_num_threads(1)
-        try:
-            reference, ref_info = train_reference(data, cfg.reference,
-                                                  progress=lambda done, total: bar.update(1))
-            save_model(reference, reference_path)
-            caching_flops = 0
-            if any(cached for _, cached, _ in runs):
-                caching_flops = count_flops(lambda: build_reference_cache(reference, data.pool,
-                                                                          cache_dir))
-        finally:
-            torch.set_num_threads(threads)
-            bar.close()
-        ref_info["caching_flops"] = caching_flops
+        ref_info = _prepare_reference(cfg, data, out, any(cached for _, cached, _ in runs),
+                                      show_progress)
         for run in late:
             submit(*run)
-        with tqdm(total=len(futures), desc="learner runs", disable=not show_progress) as bar:
+        with tqdm(total=len(all_runs), initial=len(done), desc="learner runs",
+                  disable=not show_progress) as bar:
             for fut in as_completed(futures):
                 name, lc = futures[fut]
-                results[name].append(fut.result())
+                result = fut.result()
+                # Saved now, so an interrupt later loses none of it (--resume reuses it).
+                atomic_write(finished_dir / f"{_run_key(name, lc.seed)}.json",
+                             json.dumps(result))
+                results[name].append(result)
                 bar.set_postfix_str(f"{name} seed {lc.seed}")
                 bar.update(1)
     except BaseException:
@@ -314,8 +460,8 @@ def _run_demo_into(cfg: DemoConfig, out: Path, workers: int, show_progress: bool
     pool.shutdown()
     for name in results:  # seed order, whatever order they finished in
         results[name].sort(key=lambda r: r["config"]["seed"])
-        (out / "runs").mkdir(exist_ok=True)
         (out / "runs" / f"{name}.json").write_text(json.dumps(results[name]))
+    ref_info.pop("fingerprint", None)
 
     pool_split = data.pool
     config = {
@@ -328,12 +474,16 @@ def _run_demo_into(cfg: DemoConfig, out: Path, workers: int, show_progress: bool
         "curated_size": len(data.curated),
         "pool_clean_fraction": NOISE_FRACTIONS[0],
         "workers": workers,
+        # Learner runs taken from an interrupted earlier demo (--resume): the wall time below
+        # is this command's alone, so it leaves theirs out.
+        "resumed_runs": len(done),
         "wall_time_s": None,
     }
     config["wall_time_s"] = round(time.time() - started, 1)
     # What `jestkit report` needs besides the curves, should the report itself fail below.
     (out / "runs" / "info.json").write_text(json.dumps({"reference": ref_info,
                                                         "config": config}))
+    shutil.rmtree(finished_dir)  # all in runs/NAME.json now (info.json marks them complete)
     report = build_report(results, ref_info, config)
     write_report(report, out)
     return report
