@@ -177,8 +177,8 @@ def test_runs_without_a_reference_do_not_wait_for_it(tmp_path):
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
 def test_sigterm_stops_the_workers_and_leaves_no_run_directory(tmp_path):
     # A demo whose learner runs would take hours: SIGTERM (kill, a scheduler's time limit)
-    # must end it now, with its worker processes, and leave neither --out nor the unfinished
-    # staging directory behind.
+    # must end it now, with its worker processes, and leave no --out behind; of its work
+    # directory at most the trained reference, for --resume (no learner run finished).
     import os
     import signal
     import subprocess
@@ -210,7 +210,12 @@ def test_sigterm_stops_the_workers_and_leaves_no_run_directory(tmp_path):
             time.sleep(0.2)
         assert not any(_alive(pid) for pid in workers)
         assert not out.exists()
-        assert [p.name for p in tmp_path.iterdir()] == ["long.json"]
+        left = sorted(p.name for p in tmp_path.iterdir())
+        assert left in (["long.json"], ["long.json", "run.partial"])
+        if left[-1] == "run.partial":
+            work = tmp_path / "run.partial"
+            assert (work / "reference.json").is_file()
+            assert not list((work / "runs" / "finished").iterdir())
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -315,8 +320,26 @@ RESUME_CFG = dataclasses.replace(
     DemoConfig.quick(), methods=("uniform", "learnability-joint", "learnability-joint-cached"))
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """RESUME_CFG run without interruption: what every resumed run must reproduce."""
+    from jestkit.demo import run_demo
+
+    report = run_demo(RESUME_CFG, tmp_path_factory.mktemp("straight") / "run",
+                      show_progress=False)
+    assert report["config"]["resumed_runs"] == 0
+    return report
+
+
+def _same_results(a: dict, b: dict) -> None:
+    """The same runs and reference; only wall time and `resumed_runs` may differ."""
+    assert a["methods"] == b["methods"]
+    assert a["reference"] == b["reference"]  # caching FLOPs included
+    assert a["reference_accuracy"] == b["reference_accuracy"]
+
+
 def _interrupt_after_first_finished_run(monkeypatch):
-    """Make the demo's next save of a finished learner run its last act: Ctrl-C right after."""
+    """Make the demo's first save of a finished learner run its last act: Ctrl-C right after."""
     from jestkit import demo
 
     real = demo.atomic_write
@@ -329,54 +352,55 @@ def _interrupt_after_first_finished_run(monkeypatch):
     monkeypatch.setattr(demo, "atomic_write", write_then_interrupt)
 
 
-def _same_results(a: dict, b: dict) -> None:
-    assert a["methods"] == b["methods"]
-    assert a["reference"] == b["reference"]
-    assert a["reference_accuracy"] == b["reference_accuracy"]
+def test_an_interrupted_demo_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, capsys,
+                                                                 straight):
+    import fcntl
+    import os
 
-
-def test_an_interrupted_demo_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, capsys):
     from jestkit import demo
 
-    straight = demo.run_demo(RESUME_CFG, tmp_path / "straight", show_progress=False, workers=2)
-    assert straight["config"]["resumed_runs"] == 0
     out = tmp_path / "run"
     work = demo.partial_dir(out)
     _interrupt_after_first_finished_run(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
-        demo.run_demo(RESUME_CFG, out, show_progress=False, workers=2)
+        demo.run_demo(RESUME_CFG, out, show_progress=False)
     monkeypatch.undo()
     assert "rerun the same command with --resume" in capsys.readouterr().err
     assert not out.exists()
     finished = sorted((work / "runs" / "finished").glob("*.json"))
-    assert len(finished) == 1 and (work / "reference.json").is_file()
-    first = finished[0].read_bytes()
+    assert finished and (work / "reference.json").is_file()
+    saved = {p: p.read_bytes() for p in finished}
 
-    # A plain rerun refuses to throw the finished run away; another config is refused too.
+    # A plain rerun refuses to throw the finished run away; another config is refused, and
+    # so is a saved run of another config.
     with pytest.raises(FileExistsError, match="pass --resume"):
         demo.run_demo(RESUME_CFG, out, show_progress=False)
     other = dataclasses.replace(RESUME_CFG, learner=dataclasses.replace(RESUME_CFG.learner,
                                                                         steps=50))
     with pytest.raises(ValueError, match=r"learner.steps: 40 then, 50 now"):
         demo.run_demo(other, out, resume=True, show_progress=False)
-    assert finished[0].read_bytes() == first
+    changed = json.loads(saved[finished[0]])
+    changed["config"]["lr"] *= 2
+    finished[0].write_text(json.dumps(changed))
+    with pytest.raises(ValueError, match="is not a run of this demo's config; delete that"):
+        demo.run_demo(RESUME_CFG, out, resume=True, show_progress=False)
+    finished[0].write_bytes(saved[finished[0]])
 
     # Another demo working in the same directory at the same time is refused.
-    import fcntl
-    import os
-
-    fd = os.open(work, os.O_RDONLY)
+    fd = os.open(work / ".lock", os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         with pytest.raises(FileExistsError, match="another `jestkit demo` is working"):
             demo.run_demo(RESUME_CFG, out, resume=True, show_progress=False)
     finally:
         os.close(fd)
+    assert {p: p.read_bytes() for p in finished} == saved  # none of that touched them
 
-    resumed = demo.run_demo(RESUME_CFG, out, resume=True, show_progress=False, workers=2)
-    assert resumed["config"]["resumed_runs"] == 1
-    _same_results(resumed, straight)  # deterministic runs: reusing one changes nothing
-    assert not work.exists() and not (out / "runs" / "finished").exists()
+    resumed = demo.run_demo(RESUME_CFG, out, resume=True, show_progress=False)
+    assert resumed["config"]["resumed_runs"] == len(finished)
+    _same_results(resumed, straight)  # deterministic runs: reusing some changes nothing
+    assert not work.exists()
+    assert not (out / "runs" / "finished").exists() and not (out / ".lock").exists()
     assert json.loads((out / "report.json").read_text())["methods"] == straight["methods"]
 
 
@@ -388,7 +412,7 @@ def test_resume_reuses_the_finished_runs_instead_of_training_them_again(tmp_path
     with pytest.raises(KeyboardInterrupt):
         demo.run_demo(RESUME_CFG, out, show_progress=False, workers=1)
     monkeypatch.undo()
-    [path] = (demo.partial_dir(out) / "runs" / "finished").glob("*.json")
+    path = sorted((demo.partial_dir(out) / "runs" / "finished").glob("*.json"))[0]
     # Mark the saved run: a retrained one could not carry this value into the report.
     saved = json.loads(path.read_text())
     saved["zero_shot_accuracy"][-1] = 0.123456
@@ -396,18 +420,110 @@ def test_resume_reuses_the_finished_runs_instead_of_training_them_again(tmp_path
     report = demo.run_demo(RESUME_CFG, out, resume=True, show_progress=False, workers=1)
     name = path.stem.rsplit(".seed", 1)[0]
     assert report["methods"][name]["curves"]["zero_shot_accuracy"][-1] == 0.123456
-    # A saved run whose config is not this demo's is refused, never mixed in.
-    out2 = tmp_path / "run2"
-    _interrupt_after_first_finished_run(monkeypatch)
+
+
+class _RecordingPool:
+    """Stands in for ProcessPoolExecutor in the demo and records every submitted run."""
+
+    futures: list = []
+
+    def __init__(self, *args, **kwargs):
+        from concurrent.futures import ProcessPoolExecutor
+
+        self._pool = ProcessPoolExecutor(*args, **kwargs)
+        self._processes = self._pool._processes  # what stop_workers reads
+        _RecordingPool.futures = []
+
+    def submit(self, *args, **kwargs):
+        fut = self._pool.submit(*args, **kwargs)
+        _RecordingPool.futures.append(fut)
+        self._processes = self._pool._processes
+        return fut
+
+    def shutdown(self, *args, **kwargs):
+        return self._pool.shutdown(*args, **kwargs)
+
+
+def test_runs_finished_while_the_reference_trains_are_kept_on_an_interrupt(
+        tmp_path, monkeypatch, straight):
+    # uniform starts while the reference trains; it may finish before the demo collects
+    # results. Ctrl-C then must keep it too, not only the runs collected so far.
+    from concurrent.futures import wait
+
+    from jestkit import demo
+
+    real = demo._prepare_reference
+
+    def reference_then_interrupt(*args, **kwargs):
+        real(*args, **kwargs)
+        wait(_RecordingPool.futures)  # the early runs, done but not collected
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "ProcessPoolExecutor", _RecordingPool)
+    monkeypatch.setattr(demo, "_prepare_reference", reference_then_interrupt)
+    out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        demo.run_demo(RESUME_CFG, out2, show_progress=False, workers=1)
+        demo.run_demo(RESUME_CFG, out, show_progress=False)
     monkeypatch.undo()
-    [path] = (demo.partial_dir(out2) / "runs" / "finished").glob("*.json")
-    saved = json.loads(path.read_text())
-    saved["config"]["lr"] *= 2
-    path.write_text(json.dumps(saved))
-    with pytest.raises(ValueError, match="is not a run of this demo's config"):
-        demo.run_demo(RESUME_CFG, out2, resume=True, show_progress=False, workers=1)
+    finished = demo.partial_dir(out) / "runs" / "finished"
+    assert [p.name for p in finished.iterdir()] == ["uniform.seed0.json"]
+    resumed = demo.run_demo(RESUME_CFG, out, resume=True, show_progress=False)
+    assert resumed["config"]["resumed_runs"] == 1
+    _same_results(resumed, straight)
+
+
+def test_a_crash_after_every_run_finished_loses_none_of_them(tmp_path, monkeypatch, straight):
+    # The last step, putting the run directory in place, fails: every run stays in
+    # OUT.partial, and --resume only writes the report.
+    from jestkit import demo
+
+    def broken(new, final):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(demo, "move_into_place", broken)
+    out = tmp_path / "run"
+    with pytest.raises(OSError, match="disk full"):
+        demo.run_demo(RESUME_CFG, out, show_progress=False)
+    monkeypatch.undo()
+    assert len(list((demo.partial_dir(out) / "runs" / "finished").iterdir())) == 3
+    resumed = demo.run_demo(RESUME_CFG, out, resume=True, show_progress=False)
+    assert resumed["config"]["resumed_runs"] == 3
+    _same_results(resumed, straight)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_a_demo_killed_with_sigkill_resumes_from_the_command_line(tmp_path, straight):
+    # No cleanup at all: the kernel ends the demo and its workers mid-run.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = tmp_path / "resume.json"
+    config.write_text(json.dumps(dataclasses.asdict(RESUME_CFG)))
+    out = tmp_path / "run"
+    finished = tmp_path / "run.partial" / "runs" / "finished"
+    proc = subprocess.Popen([sys.executable, "-m", "jestkit.cli", "demo", "--config",
+                             str(config), "--out", str(out), "--no-progress"],
+                            start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 300
+        while (not (finished.is_dir() and any(finished.glob("*.json")))
+               and time.time() < deadline and proc.poll() is None):
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not out.exists()
+    assert main(["demo", "--config", str(config), "--out", str(out), "--no-progress"]) == 2
+    assert main(["demo", "--config", str(config), "--out", str(out), "--no-progress",
+                 "--resume"]) == 0
+    resumed = json.loads((out / "report.json").read_text())
+    assert resumed["config"]["resumed_runs"] >= 1
+    _same_results(resumed, straight)
 
 
 def test_resume_with_nothing_to_resume_starts_afresh(tmp_path, capsys):

@@ -1,8 +1,8 @@
 """Atomic writes: a reader (or a crash) sees the old file or the complete new one.
 
 Checkpoints, caches and reports all go through `atomic_write` (files) or
-`replacing_directory` (a whole directory: a checkpoint, a demo run), so nothing already
-computed is ever replaced by a torn, half-written one.
+`replacing_directory` / `move_into_place` (a whole directory: a checkpoint, a demo run), so
+nothing already computed is ever replaced by a torn, half-written one.
 """
 
 from __future__ import annotations

@@ -119,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # SIGTERM (`kill`, a scheduler's time limit) ends a command as Ctrl-C does, by an
-    # exception: the demo stops its worker processes and removes its unfinished run
-    # directory instead of leaving both behind. (Python's default for SIGTERM is to die on
-    # the spot, with no cleanup.)
+    # exception: the demo stops its worker processes and keeps what finished for --resume
+    # (removing its work directory if nothing did). (Python's default for SIGTERM is to die
+    # on the spot, with no cleanup.)
     # An inherited "ignore" is left alone (as Python does for SIGINT), and so is a handler
     # from outside Python, and signals can only be handled in the main thread.
     install = (threading.current_thread() is threading.main_thread()

@@ -194,7 +194,8 @@ def stop_workers(pool: ProcessPoolExecutor) -> None:
     ``shutdown(cancel_futures=True)`` alone lets every running run finish first: up to a whole
     long run after the caller has already failed, and the interpreter waits for them at exit.
     So the worker processes are terminated. A learner run here returns its results and
-    writes no files, so nothing the caller keeps is lost.
+    writes no files: what a run that ends this way had computed is lost, and the caller
+    saves every run that had finished before calling this.
     """
     # Private, but there since Python 3.2 (3.14 adds a public terminate_workers()); read
     # before shutdown, which drops it.
@@ -241,8 +242,8 @@ def prepare_out_dir(out: Path, overwrite: bool) -> None:
 def partial_dir(out: str | os.PathLike) -> Path:
     """Where a demo into `out` works until it has finished: ``OUT.partial`` beside it.
 
-    It holds the reference, its cache and every learner run finished so far; an interrupted
-    demo leaves it for ``--resume``, a finished one is moved into place as `out`."""
+    It holds the config, the reference, its cache and every learner run finished so far; an
+    interrupted demo leaves it for ``--resume``, a finished one is moved into place as `out`."""
     out = Path(out)
     return out.with_name(f"{out.name}.partial")
 
@@ -252,94 +253,132 @@ def _run_key(name: str, seed: int) -> str:
 
 
 def _finished_runs(work: Path) -> dict[str, dict]:
-    """The learner runs an earlier, interrupted demo finished, by `_run_key`."""
+    """The learner runs saved in `work` so far, by `_run_key` (atomic writes: each complete)."""
     folder = work / "runs" / "finished"
     if not folder.is_dir():
         return {}
     return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
 
 
-def _check_finished(done: dict[str, dict], runs: list, folder: Path) -> dict[str, dict]:
-    """`done`, once every finished run is one of `runs`, trained with exactly its config."""
-    expected = {_run_key(name, lc.seed): json.loads(json.dumps(asdict(lc)))
-                for name, _, lc in runs}
-    for key, result in done.items():
-        if expected.get(key) != result.get("config"):
-            raise ValueError(f"{folder / (key + '.json')} is not a run of this demo's config; "
-                             f"delete it to train that run again")
-    return done
+_ABSENT = object()
 
 
 def _config_differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
     diffs = []
     for key in sorted(set(saved) | set(now)):
-        a, b = saved.get(key), now.get(key)
+        a, b = saved.get(key, _ABSENT), now.get(key, _ABSENT)
         if isinstance(a, dict) and isinstance(b, dict):
             diffs += _config_differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            diffs.append(f"{prefix}{key}: {a!r} then, {b!r} now")
+        elif a != b or (a is _ABSENT) != (b is _ABSENT):
+            diffs.append(f"{prefix}{key}: {'absent' if a is _ABSENT else repr(a)} then, "
+                         f"{'absent' if b is _ABSENT else repr(b)} now")
     return diffs
 
 
-def _check_resumable(work: Path, cfg: DemoConfig) -> None:
-    """Refuse to continue an interrupted demo with another config."""
-    path = work / "demo_config.json"
-    if not path.is_file():
+def _as_json(value):
+    """`value` as it reads back from JSON (tuples become lists), for comparisons."""
+    return json.loads(json.dumps(value))
+
+
+def _check_resumable(work: Path, cfg: DemoConfig) -> dict[str, dict]:
+    """The finished runs to reuse from the interrupted demo in `work`, once its config, every
+    saved run and its reference are shown to be this demo's. Checked before any work, so a
+    mismatch is an error that says what to delete, never a mixed report."""
+    config_path = work / "demo_config.json"
+    info_path = work / "reference.json"
+    done = _finished_runs(work)
+    if not config_path.is_file():
         # Killed before it wrote its config (its first act): nothing in it to reuse.
-        if _finished_runs(work) or (work / "reference.json").exists():
+        if done or info_path.exists():
             raise FileExistsError(f"{work} holds runs but no demo_config.json, so what "
                                   f"config made them is unknown; move it away")
-        return
-    saved = json.loads(path.read_text())
-    # Through JSON both ways, so tuples and lists compare alike.
-    diffs = _config_differences(saved, json.loads(json.dumps(asdict(cfg))))
+        return {}
+    diffs = _config_differences(json.loads(config_path.read_text()), _as_json(asdict(cfg)))
     if diffs:
         raise ValueError(f"--resume: the interrupted demo in {work} ran another config; give "
                          f"the same config to continue it, or delete {work} to start afresh. "
                          f"Differences: " + "; ".join(diffs))
+    expected = {_run_key(name, lc.seed): _as_json(asdict(lc))
+                for name, _, lc in learner_configs(cfg)}
+    for key, result in done.items():
+        if expected.get(key) != result.get("config"):
+            raise ValueError(f"{work / 'runs' / 'finished' / (key + '.json')} is not a run of "
+                             f"this demo's config; delete that file to train the run again")
+    if info_path.is_file():
+        retrain = f"delete {info_path} to train the reference again"
+        try:
+            reference = load_model(work / "reference.safetensors")
+        except Exception as err:
+            raise ValueError(f"cannot read the interrupted demo's reference ({err}); "
+                             f"{retrain}") from None
+        if model_fingerprint(reference) != json.loads(info_path.read_text())["fingerprint"]:
+            raise ValueError(f"{work / 'reference.safetensors'} is not the reference this demo "
+                             f"trained (its fingerprint differs); {retrain}")
+    return done
+
+
+def _lock(work: Path) -> int | None:
+    """Hold an exclusive lock on ``work/.lock`` until the returned descriptor is closed: one
+    demo at a time in a work directory. None (with a warning) where the file system cannot
+    lock, so the demo still runs there."""
+    fd = os.open(work / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FileExistsError(f"another `jestkit demo` is working in {work}") from None
+    except OSError as err:  # e.g. a network file system without flock
+        os.close(fd)
+        print(f"warning: cannot lock {work / '.lock'} ({err.strerror or err}); running "
+              f"without a lock: start no second demo into the same --out", file=sys.stderr)
+        return None
+    return fd
 
 
 def run_demo(cfg: DemoConfig, out_dir: str | os.PathLike, *, overwrite: bool = False,
              resume: bool = False, workers: int = 2, show_progress: bool = True) -> dict:
     """Run the whole demo and write report.md, report.json and plots into out_dir.
 
-    Works in `partial_dir(out_dir)`. An interrupted or failed demo keeps it there if at least
-    one learner run had finished; `resume` continues it (the same config, checked): the
-    reference and the finished runs are reused, the rest trained. Without `resume` such a
-    directory is refused, so nothing finished is thrown away by a plain rerun.
+    Works in `partial_dir(out_dir)` and saves every learner run there as it finishes. An
+    interrupted or failed demo keeps that directory if it holds a finished run or the trained
+    reference; `resume` continues it (the same config, checked): the reference, its cache and
+    the finished runs are reused, the rest trained. Without `resume` such a directory is
+    refused, so nothing finished is thrown away by a plain rerun.
     """
     out = Path(out_dir)
     prepare_out_dir(out, overwrite)
     work = partial_dir(out)
     if work.exists() and not work.is_dir():
         raise FileExistsError(f"{work} exists and is not a directory; move it away")
-    if work.exists() and not resume:
-        n = len(_finished_runs(work))
-        raise FileExistsError(f"{work} holds an interrupted demo ({n} learner runs finished): "
-                              f"pass --resume to continue it with the same config, or delete "
-                              f"it to start afresh")
-    if resume and work.exists():
-        _check_resumable(work, cfg)
-    elif resume:
-        print(f"--resume: no interrupted demo at {work}; starting afresh", file=sys.stderr)
-    work.mkdir(parents=True, exist_ok=True)
-    lock = os.open(work, os.O_RDONLY)  # held for the whole run, released when closed
+    out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FileExistsError(f"another `jestkit demo` is working in {work}") from None
-        return _run_demo_in(cfg, out, work, workers, show_progress)
+        work.mkdir()  # atomic: of two demos started at once, one creates it
+        created = True
+    except FileExistsError:
+        created = False
+    lock = _lock(work)  # before reading anything there: a running demo may be writing it
+    try:
+        if not created and not resume:
+            n = len(_finished_runs(work))
+            reference = ", reference trained" if (work / "reference.json").exists() else ""
+            raise FileExistsError(f"{work} holds an interrupted demo ({n} learner runs "
+                                  f"finished{reference}): pass --resume to continue it with "
+                                  f"the same config, or delete it to start afresh")
+        if resume and created:
+            print(f"--resume: no interrupted demo at {work}; starting afresh", file=sys.stderr)
+        done = {} if created else _check_resumable(work, cfg)
+        return _run_demo_in(cfg, out, work, done, workers, show_progress)
     finally:
-        os.close(lock)
+        if lock is not None:
+            os.close(lock)
 
 
-def _run_demo_in(cfg: DemoConfig, out: Path, work: Path, workers: int,
+def _run_demo_in(cfg: DemoConfig, out: Path, work: Path, done: dict[str, dict], workers: int,
                  show_progress: bool) -> dict:
-    """run_demo once `work` is ours; on failure keep what finished, then put it in place."""
-    resumed = len(_finished_runs(work))
+    """run_demo once `work` is ours: on failure keep what finished, on success put it in
+    place of `out`."""
     try:
-        report = _run_demo_into(cfg, work, workers, show_progress)
+        report = _run_demo_into(cfg, work, done, workers, show_progress)
     except BaseException as err:
         if (work / "runs" / "info.json").is_file():
             # Every learner run finished but the report failed or was interrupted (Ctrl-C,
@@ -354,37 +393,40 @@ def _run_demo_in(cfg: DemoConfig, out: Path, work: Path, workers: int,
                                f"kept in {kept}: `jestkit report {kept}` rebuilds the report "
                                f"there") from err
         finished = len(_finished_runs(work))
-        if not finished:  # nothing worth keeping: leave no debris
+        has_reference = (work / "reference.json").is_file()
+        if not finished and not has_reference:  # nothing worth keeping: leave no debris
             shutil.rmtree(work, ignore_errors=True)
             raise
-        total = len(learner_configs(cfg))
-        print(f"\n{'interrupted' if not isinstance(err, Exception) else 'failed'}: "
-              f"{finished} of {total} learner runs finished ({resumed} from before); they "
-              f"are kept in {work}: rerun the same command with --resume to continue",
-              file=sys.stderr)
+        what = "interrupted" if not isinstance(err, Exception) else "failed"
+        then = "" if what == "interrupted" else " once its cause is fixed"
+        print(f"\n{what}: {finished} of {len(learner_configs(cfg))} learner runs finished "
+              f"({len(done)} of them before this command)"
+              f"{', the reference trained' if has_reference else ''}; kept in {work}: rerun "
+              f"the same command with --resume{then} to continue", file=sys.stderr)
         raise
     move_into_place(work, out)
+    # Kept until now: a crash before the move leaves every run in `work` for --resume.
+    shutil.rmtree(out / "runs" / "finished", ignore_errors=True)
+    (out / ".lock").unlink(missing_ok=True)
     return report
 
 
 def _prepare_reference(cfg: DemoConfig, data, work: Path, needs_cache: bool,
                        show_progress: bool) -> dict:
-    """Train the frozen reference into `work` (and cache it), or reuse the one an
-    interrupted demo saved there (its cache checked, and rebuilt where a shard is missing or
+    """Train the frozen reference into `work` and cache it, or reuse the pair an interrupted
+    demo completed there (the cache verified, and rebuilt where a shard is missing or
     corrupt). Returns its info for the report."""
     reference_path = work / "reference.safetensors"
     cache_dir = work / "reference_cache"
     info_path = work / "reference.json"
-    if info_path.is_file():
+    if info_path.is_file():  # checked against this config by _check_resumable
         ref_info = json.loads(info_path.read_text())
-        reference = load_model(reference_path).eval()
-        if model_fingerprint(reference) != ref_info["fingerprint"]:
-            raise ValueError(f"{reference_path} is not the reference this demo trained "
-                             f"(fingerprint differs from {info_path}); delete {work} to "
-                             f"start afresh")
-        if needs_cache:  # verified; only missing or corrupt shards recomputed
-            build_reference_cache(reference, data.pool, cache_dir)
+        if needs_cache:
+            build_reference_cache(load_model(reference_path).eval(), data.pool, cache_dir)
         return ref_info
+    # No reference.json: anything an interrupted demo left here is unfinished. Both are
+    # rebuilt whole (training is deterministic), so the caching FLOPs count one full build.
+    shutil.rmtree(cache_dir, ignore_errors=True)
     bar = tqdm(total=cfg.reference.steps, desc="reference", disable=not show_progress,
                leave=False)
     threads = torch.get_num_threads()
@@ -408,18 +450,20 @@ def _prepare_reference(cfg: DemoConfig, data, work: Path, needs_cache: bool,
     return ref_info
 
 
-def _run_demo_into(cfg: DemoConfig, out: Path, workers: int, show_progress: bool) -> dict:
+def _run_demo_into(cfg: DemoConfig, out: Path, done: dict[str, dict], workers: int,
+                   show_progress: bool) -> dict:
     started = time.time()
     data = _data(cfg.data_seed)
     reference_path = out / "reference.safetensors"
     cache_dir = out / "reference_cache"
+    # Left by a demo stopped while it wrote its report: this command writes it afresh.
+    (out / "runs" / "info.json").unlink(missing_ok=True)
     if not (out / "demo_config.json").is_file():
         atomic_write(out / "demo_config.json", json.dumps(asdict(cfg), indent=2))
     finished_dir = out / "runs" / "finished"
     finished_dir.mkdir(parents=True, exist_ok=True)
     # Longest runs first, so the last ones to finish are short and no core idles long.
     all_runs = sorted(learner_configs(cfg), key=lambda r: -r[2].steps * _STEP_COST[r[0]])
-    done = _check_finished(_finished_runs(out), all_runs, finished_dir)
     runs = [r for r in all_runs if _run_key(r[0], r[2].seed) not in done]
     # While the reference trains here, the workers start the longest runs that need no
     # reference (hard_learner); the rest are queued once the reference is saved.
@@ -436,6 +480,13 @@ def _run_demo_into(cfg: DemoConfig, out: Path, workers: int, show_progress: bool
         futures[pool.submit(_run_one, cfg.data_seed, str(reference_path),
                             str(cache_dir) if cached else None, lc)] = (name, lc)
 
+    def save(fut) -> None:
+        """Keep a finished run: in `results`, and on disk at once (--resume reuses it)."""
+        name, lc = futures.pop(fut)
+        result = fut.result()
+        atomic_write(finished_dir / f"{_run_key(name, lc.seed)}.json", json.dumps(result))
+        results[name].append(result)
+
     try:
         for run in early:
             submit(*run)
@@ -445,17 +496,18 @@ def _run_demo_into(cfg: DemoConfig, out: Path, workers: int, show_progress: bool
             submit(*run)
         with tqdm(total=len(all_runs), initial=len(done), desc="learner runs",
                   disable=not show_progress) as bar:
-            for fut in as_completed(futures):
+            for fut in as_completed(list(futures)):
                 name, lc = futures[fut]
-                result = fut.result()
-                # Saved now, so an interrupt later loses none of it (--resume reuses it).
-                atomic_write(finished_dir / f"{_run_key(name, lc.seed)}.json",
-                             json.dumps(result))
-                results[name].append(result)
+                save(fut)
                 bar.set_postfix_str(f"{name} seed {lc.seed}")
                 bar.update(1)
     except BaseException:
-        stop_workers(pool)  # fail now: not after the running runs have finished
+        try:  # runs that finished but were not collected yet (e.g. while the reference trained)
+            for fut in [f for f in futures if f.done() and not f.cancelled()]:
+                if fut.exception() is None:
+                    save(fut)
+        finally:
+            stop_workers(pool)  # fail now: not after the running runs have finished
         raise
     pool.shutdown()
     for name in results:  # seed order, whatever order they finished in
@@ -483,7 +535,6 @@ def _run_demo_into(cfg: DemoConfig, out: Path, workers: int, show_progress: bool
     # What `jestkit report` needs besides the curves, should the report itself fail below.
     (out / "runs" / "info.json").write_text(json.dumps({"reference": ref_info,
                                                         "config": config}))
-    shutil.rmtree(finished_dir)  # all in runs/NAME.json now (info.json marks them complete)
     report = build_report(results, ref_info, config)
     write_report(report, out)
     return report
