@@ -421,6 +421,7 @@ def _prepare_reference(cfg: DemoConfig, data, work: Path, needs_cache: bool,
     info_path = work / "reference.json"
     if info_path.is_file():  # checked against this config by _check_resumable
         ref_info = json.loads(info_path.read_text())
+        del ref_info["fingerprint"]  # for the resume check, not the report
         if needs_cache:
             build_reference_cache(load_model(reference_path).eval(), data.pool, cache_dir)
         return ref_info
@@ -513,7 +514,6 @@ def _run_demo_into(cfg: DemoConfig, out: Path, done: dict[str, dict], workers: i
     for name in results:  # seed order, whatever order they finished in
         results[name].sort(key=lambda r: r["config"]["seed"])
         (out / "runs" / f"{name}.json").write_text(json.dumps(results[name]))
-    ref_info.pop("fingerprint", None)
 
     pool_split = data.pool
     config = {
