@@ -128,8 +128,8 @@ def test_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
 @pytest.mark.parametrize("failure", [KeyError("a report bug"), SystemExit(143)])
 def test_finished_runs_are_kept_when_the_report_fails(tmp_path, monkeypatch, capsys, failure):
     # A bug in the report, or SIGTERM / Ctrl-C while it is written (SystemExit from the
-    # command's handler): the finished runs are kept for `jestkit report`, and an interrupt
-    # stays an interrupt.
+    # command's handler): the error stays what it was, every run is kept, and both
+    # `jestkit report` and --resume (which trains nothing) write the report from them.
     from jestkit import demo
 
     def broken(*args, **kwargs):
@@ -137,23 +137,20 @@ def test_finished_runs_are_kept_when_the_report_fails(tmp_path, monkeypatch, cap
 
     monkeypatch.setattr(demo, "write_report", broken)
     cfg = dataclasses.replace(DemoConfig.quick(), methods=("uniform",))
-    if isinstance(failure, Exception):
-        with pytest.raises(RuntimeError, match="finished runs are kept in") as info:
-            demo.run_demo(cfg, tmp_path / "run", show_progress=False, workers=1)
-        message = str(info.value)
-    else:
-        with pytest.raises(SystemExit) as info:
-            demo.run_demo(cfg, tmp_path / "run", show_progress=False, workers=1)
-        assert info.value is failure
-        message = capsys.readouterr().err
-        assert "interrupted while writing the report" in message
-    kept = Path(message.split("kept in ")[1].split(":")[0])
-    assert kept.parent == tmp_path and kept.name.startswith("run.unreported-")
-    assert not (tmp_path / "run").exists()
+    out = tmp_path / "run"
+    with pytest.raises(type(failure)) as info:
+        demo.run_demo(cfg, out, show_progress=False, workers=1)
+    assert info.value is failure
+    kept = demo.partial_dir(out)
+    assert "while writing the report; all 1 learner runs are kept in " + str(kept) in (
+        capsys.readouterr().err)
+    assert not out.exists()
     monkeypatch.undo()
-    assert main(["report", str(kept)]) == 0  # rebuilt from the kept runs
-    report = json.loads((kept / "report.json").read_text())
-    assert list(report["methods"]) == ["uniform"]
+    assert main(["report", str(kept)]) == 0  # rebuilt from the kept runs, in place
+    assert list(json.loads((kept / "report.json").read_text())["methods"]) == ["uniform"]
+    report = demo.run_demo(cfg, out, resume=True, show_progress=False, workers=1)
+    assert report["config"]["resumed_runs"] == 1 and list(report["methods"]) == ["uniform"]
+    assert (out / "report.md").is_file() and not kept.exists()
 
 
 def test_every_demo_method_has_a_step_cost():

@@ -380,24 +380,17 @@ def _run_demo_in(cfg: DemoConfig, out: Path, work: Path, done: dict[str, dict], 
     try:
         report = _run_demo_into(cfg, work, done, workers, show_progress)
     except BaseException as err:
-        if (work / "runs" / "info.json").is_file():
-            # Every learner run finished but the report failed or was interrupted (Ctrl-C,
-            # SIGTERM): keep the runs where `jestkit report` can rebuild the report.
-            kept = out.with_name(f"{out.name}.unreported-{time.strftime('%Y%m%d-%H%M%S')}")
-            os.replace(work, kept)
-            if not isinstance(err, Exception):
-                print(f"interrupted while writing the report; the finished runs are kept in "
-                      f"{kept}: `jestkit report {kept}` rebuilds it", file=sys.stderr)
-                raise
-            raise RuntimeError(f"writing the report failed ({err!r}); the finished runs are "
-                               f"kept in {kept}: `jestkit report {kept}` rebuilds the report "
-                               f"there") from err
         finished = len(_finished_runs(work))
         has_reference = (work / "reference.json").is_file()
         if not finished and not has_reference:  # nothing worth keeping: leave no debris
             shutil.rmtree(work, ignore_errors=True)
             raise
         what = "interrupted" if not isinstance(err, Exception) else "failed"
+        if (work / "runs" / "info.json").is_file():  # every run finished: the report did not
+            print(f"\n{what} while writing the report; all {finished} learner runs are kept in "
+                  f"{work}: rerun the same command with --resume to write the report (no "
+                  f"training), or `jestkit report {work}` to write it there", file=sys.stderr)
+            raise
         then = "" if what == "interrupted" else " once its cause is fixed"
         print(f"\n{what}: {finished} of {len(learner_configs(cfg))} learner runs finished "
               f"({len(done)} of them before this command)"
