@@ -414,9 +414,16 @@ def test_resume_reuses_the_finished_runs_instead_of_training_them_again(tmp_path
     saved = json.loads(path.read_text())
     saved["zero_shot_accuracy"][-1] = 0.123456
     path.write_text(json.dumps(saved))
+    # And the reference's info: a retrained reference would report its measured FLOPs.
+    info_path = demo.partial_dir(out) / "reference.json"
+    info = json.loads(info_path.read_text())
+    info["flops"] = 123456
+    info_path.write_text(json.dumps(info))
     report = demo.run_demo(RESUME_CFG, out, resume=True, show_progress=False, workers=1)
     name = path.stem.rsplit(".seed", 1)[0]
     assert report["methods"][name]["curves"]["zero_shot_accuracy"][-1] == 0.123456
+    assert report["reference"]["flops"] == 123456
+    assert "fingerprint" not in report["reference"]
 
 
 class _RecordingPool:
