@@ -367,18 +367,18 @@ def run_demo(cfg: DemoConfig, out_dir: str | os.PathLike, *, overwrite: bool = F
         if resume and created:
             print(f"--resume: no interrupted demo at {work}; starting afresh", file=sys.stderr)
         done = {} if created else _check_resumable(work, cfg)
-        return _run_demo_in(cfg, out, work, done, workers, show_progress)
+        return _run_in_work_dir(cfg, out, work, done, workers, show_progress)
     finally:
         if lock is not None:
             os.close(lock)
 
 
-def _run_demo_in(cfg: DemoConfig, out: Path, work: Path, done: dict[str, dict], workers: int,
+def _run_in_work_dir(cfg: DemoConfig, out: Path, work: Path, done: dict[str, dict], workers: int,
                  show_progress: bool) -> dict:
     """run_demo once `work` is ours: on failure keep what finished, on success put it in
     place of `out`."""
     try:
-        report = _run_demo_into(cfg, work, done, workers, show_progress)
+        report = _train_and_report(cfg, work, done, workers, show_progress)
     except BaseException as err:
         finished = len(_finished_runs(work))
         has_reference = (work / "reference.json").is_file()
@@ -444,17 +444,19 @@ def _prepare_reference(cfg: DemoConfig, data, work: Path, needs_cache: bool,
     return ref_info
 
 
-def _run_demo_into(cfg: DemoConfig, out: Path, done: dict[str, dict], workers: int,
-                   show_progress: bool) -> dict:
+def _train_and_report(cfg: DemoConfig, work: Path, done: dict[str, dict], workers: int,
+                      show_progress: bool) -> dict:
+    """Train the reference and every learner run not in `done` into the work directory
+    `work`, saving each as it finishes, then write the report there."""
     started = time.time()
     data = _data(cfg.data_seed)
-    reference_path = out / "reference.safetensors"
-    cache_dir = out / "reference_cache"
+    reference_path = work / "reference.safetensors"
+    cache_dir = work / "reference_cache"
     # Left by a demo stopped while it wrote its report: this command writes it afresh.
-    (out / "runs" / "info.json").unlink(missing_ok=True)
-    if not (out / "demo_config.json").is_file():
-        atomic_write(out / "demo_config.json", json.dumps(asdict(cfg), indent=2))
-    finished_dir = out / "runs" / "finished"
+    (work / "runs" / "info.json").unlink(missing_ok=True)
+    if not (work / "demo_config.json").is_file():
+        atomic_write(work / "demo_config.json", json.dumps(asdict(cfg), indent=2))
+    finished_dir = work / "runs" / "finished"
     finished_dir.mkdir(parents=True, exist_ok=True)
     # Longest runs first, so the last ones to finish are short and no core idles long.
     all_runs = sorted(learner_configs(cfg), key=lambda r: -r[2].steps * _STEP_COST[r[0]])
@@ -484,7 +486,7 @@ def _run_demo_into(cfg: DemoConfig, out: Path, done: dict[str, dict], workers: i
     try:
         for run in early:
             submit(*run)
-        ref_info = _prepare_reference(cfg, data, out, any(cached for _, cached, _ in runs),
+        ref_info = _prepare_reference(cfg, data, work, any(cached for _, cached, _ in runs),
                                       show_progress)
         for run in late:
             submit(*run)
@@ -506,7 +508,7 @@ def _run_demo_into(cfg: DemoConfig, out: Path, done: dict[str, dict], workers: i
     pool.shutdown()
     for name in results:  # seed order, whatever order they finished in
         results[name].sort(key=lambda r: r["config"]["seed"])
-        (out / "runs" / f"{name}.json").write_text(json.dumps(results[name]))
+        (work / "runs" / f"{name}.json").write_text(json.dumps(results[name]))
 
     pool_split = data.pool
     config = {
@@ -526,10 +528,10 @@ def _run_demo_into(cfg: DemoConfig, out: Path, done: dict[str, dict], workers: i
     }
     config["wall_time_s"] = round(time.time() - started, 1)
     # What `jestkit report` needs besides the curves, should the report itself fail below.
-    (out / "runs" / "info.json").write_text(json.dumps({"reference": ref_info,
+    (work / "runs" / "info.json").write_text(json.dumps({"reference": ref_info,
                                                         "config": config}))
     report = build_report(results, ref_info, config)
-    write_report(report, out)
+    write_report(report, work)
     return report
 
 
