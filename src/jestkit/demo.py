@@ -269,7 +269,7 @@ def _config_differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
         a, b = saved.get(key, _ABSENT), now.get(key, _ABSENT)
         if isinstance(a, dict) and isinstance(b, dict):
             diffs += _config_differences(a, b, f"{prefix}{key}.")
-        elif a != b or (a is _ABSENT) != (b is _ABSENT):
+        elif a != b:  # the sentinel equals nothing else: a missing key differs from None
             diffs.append(f"{prefix}{key}: {'absent' if a is _ABSENT else repr(a)} then, "
                          f"{'absent' if b is _ABSENT else repr(b)} now")
     return diffs
@@ -373,8 +373,8 @@ def run_demo(cfg: DemoConfig, out_dir: str | os.PathLike, *, overwrite: bool = F
             os.close(lock)
 
 
-def _run_in_work_dir(cfg: DemoConfig, out: Path, work: Path, done: dict[str, dict], workers: int,
-                 show_progress: bool) -> dict:
+def _run_in_work_dir(cfg: DemoConfig, out: Path, work: Path, done: dict[str, dict],
+                     workers: int, show_progress: bool) -> dict:
     """run_demo once `work` is ours: on failure keep what finished, on success put it in
     place of `out`."""
     try:
