@@ -42,7 +42,11 @@ def test_quick_demo_writes_a_complete_report(quick_run):
     for f in ("report.md", "accuracy_vs_steps.png", "accuracy_vs_flops.png",
               "clean_fraction.png", "reference.safetensors", "reference_cache/manifest.json"):
         assert (quick_run / f).exists(), f
-    assert "Did uniform plateau?" in (quick_run / "report.md").read_text()
+    md = (quick_run / "report.md").read_text()
+    assert "Did uniform plateau?" in md and "How much the speed-up varies between seeds" in md
+    from jestkit.demo import code_version
+
+    assert report["config"]["code_version"] == code_version()  # which code made these numbers
 
 
 def test_report_is_rebuilt_from_the_saved_runs(quick_run, tmp_path, capsys):
@@ -382,6 +386,23 @@ def test_an_interrupted_demo_resumes_to_the_uninterrupted_result(tmp_path, monke
     with pytest.raises(ValueError, match="is not a run of this demo's config; delete that"):
         demo.run_demo(RESUME_CFG, out, resume=True, show_progress=False)
     finished[0].write_bytes(saved[finished[0]])
+    # Runs of other code, or of code that did not record its version, are refused too.
+    this = demo.code_version()
+    monkeypatch.setattr(demo, "code_version",
+                        lambda: {"jestkit": "9.9", "source_sha256": "f" * 64})
+    with pytest.raises(ValueError, match=rf"run by jestkit {this['jestkit']} \(source "
+                                         rf"{this['source_sha256'][:12]}\), this is jestkit 9.9 "
+                                         r"\(source ffffffffffff\)"):
+        demo.run_demo(RESUME_CFG, out, resume=True, show_progress=False)
+    monkeypatch.undo()
+    version = (work / "code_version.json").read_bytes()
+    (work / "code_version.json").unlink()
+    with pytest.raises(ValueError, match="a jestkit that did not record its version"):
+        demo.run_demo(RESUME_CFG, out, resume=True, show_progress=False)
+    (work / "code_version.json").write_text("{")  # torn: an error that says so, not a traceback
+    with pytest.raises(ValueError, match="a jestkit that did not record its version"):
+        demo.run_demo(RESUME_CFG, out, resume=True, show_progress=False)
+    (work / "code_version.json").write_bytes(version)
 
     # Another demo working in the same directory at the same time is refused.
     fd = os.open(work / ".lock", os.O_RDWR)
@@ -419,7 +440,10 @@ def test_resume_reuses_the_finished_runs_instead_of_training_them_again(tmp_path
     info = json.loads(info_path.read_text())
     info["flops"] = 123456
     info_path.write_text(json.dumps(info))
-    report = demo.run_demo(RESUME_CFG, out, resume=True, show_progress=False, workers=1)
+    # Listing the methods in another order is the same demo: its report follows the new order.
+    reordered = dataclasses.replace(RESUME_CFG, methods=RESUME_CFG.methods[::-1])
+    report = demo.run_demo(reordered, out, resume=True, show_progress=False, workers=1)
+    assert list(report["methods"]) == list(reordered.methods)
     name = path.stem.rsplit(".seed", 1)[0]
     assert report["methods"][name]["curves"]["zero_shot_accuracy"][-1] == 0.123456
     assert report["reference"]["flops"] == 123456

@@ -107,6 +107,36 @@ def test_seed_average_decides_and_never_reached_is_none():
     assert m["final_accuracy"]["std"] == pytest.approx(0.057735, abs=1e-5)
 
 
+def test_per_seed_crossings_read_each_seed_against_the_common_target(tmp_path):
+    # Target 0.6 (every uniform seed ends at 0.6). Seeds cross it at steps 8, 20 and never;
+    # the seed-averaged curve ((0.6 + 0.45 + 0.4) / 3 = 0.48 at step 8, ...) gives one number
+    # that none of the seeds shows, which is why the per-seed ones are reported beside it.
+    baseline = [run(UNIFORM, seed=s) for s in range(3)]  # total FLOPs 10 * 40 = 400 each
+    runs = [run([0.5, 0.6] + [0.7] * 8, seed=0, learner=10),
+            run([0.4] * 4 + [0.61] + [0.7] * 5, seed=1, learner=30),
+            run([0.5] * 10, seed=2, learner=10)]
+    ps = summarize_method(runs, baseline)["per_seed"]
+    assert ps["seeds"] == [0, 1, 2]
+    assert ps["step_reaching_target"] == [8, 20, None]
+    assert ps["iteration_speedup"] == [pytest.approx(5.0), pytest.approx(2.0), None]
+    # seed 0: 400 / (20 * 8); seed 1: 400 / (40 * 20); its own FLOPs, not the seed mean.
+    assert ps["compute_speedup"] == [pytest.approx(2.5), pytest.approx(0.5), None]
+
+    # Uniform's own seeds against their mean final accuracy: kept as measured (the noise
+    # floor), while its headline speed-ups stay 1x by definition.
+    uniform = [run(UNIFORM, seed=0), run([0.1] * 5 + [0.65] * 5, seed=1),
+               run([0.1] * 7 + [0.55] * 3, seed=2)]  # target (0.6 + 0.65 + 0.55) / 3 = 0.6
+    ref = {"metrics": {"zero_shot_accuracy": 0.5}, "flops": 1000, "config": {}}
+    report = build_report({"uniform": uniform, "fast": runs}, ref,
+                          {"steps": 40, "seeds": [0, 1, 2]})
+    u = report["methods"]["uniform"]
+    assert u["iteration_speedup"] == 1.0
+    assert u["per_seed"]["step_reaching_target"] == [28, 24, None]
+    md = write_report(report, tmp_path)["md"].read_text()
+    assert "| uniform | 1.43x, 1.67x, not reached |" in md
+    assert "| fast | 5.00x, 2.00x, not reached |" in md
+
+
 def test_plateau_check():
     flat = plateau_check([run([0.1, 0.3, 0.5, 0.6, 0.6, 0.6, 0.6, 0.6, 0.601, 0.6])])
     assert flat["plateaued"] and flat["moved_points"] == pytest.approx(0.0333, abs=1e-3)

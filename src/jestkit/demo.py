@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import hashlib
 import json
 import multiprocessing
 import os
@@ -260,6 +261,34 @@ def _finished_runs(work: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
 
 
+@lru_cache(maxsize=1)
+def code_version() -> dict:
+    """This jestkit: its version and a SHA-256 over its source files (the name and content of
+    every module in the package), which changes with any edit to the code, released or not.
+    A resumed demo must be continued by the code that started it."""
+    import jestkit
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(jestkit.__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return {"jestkit": jestkit.__version__, "source_sha256": digest.hexdigest()}
+
+
+def _describe_version(version: dict | None) -> str:
+    if not version:
+        return "a jestkit that did not record its version"
+    return f"jestkit {version.get('jestkit')} (source {str(version.get('source_sha256'))[:12]})"
+
+
+# Their order only orders the report: a resume may list them in another.
+_ORDER_FREE = ("methods", "seeds")
+
+
+def _order_free(config: dict) -> dict:
+    return {k: sorted(v) if k in _ORDER_FREE and isinstance(v, list) else v
+            for k, v in config.items()}
+
+
 _ABSENT = object()
 
 
@@ -293,7 +322,19 @@ def _check_resumable(work: Path, cfg: DemoConfig) -> dict[str, dict]:
             raise FileExistsError(f"{work} holds runs but no demo_config.json, so what "
                                   f"config made them is unknown; move it away")
         return {}
-    diffs = _config_differences(json.loads(config_path.read_text()), _as_json(asdict(cfg)))
+    version_path = work / "code_version.json"
+    try:
+        version = json.loads(version_path.read_text()) if version_path.is_file() else None
+    except ValueError:  # torn or edited by hand: no version it could be shown to match
+        version = None
+    if version != code_version():
+        raise ValueError(f"--resume: the interrupted demo in {work} was run by "
+                         f"{_describe_version(version)}, this is "
+                         f"{_describe_version(code_version())}: one report would mix runs of "
+                         f"two versions of the code; continue it with the jestkit that started "
+                         f"it, or delete {work} to start afresh")
+    diffs = _config_differences(_order_free(json.loads(config_path.read_text())),
+                                _order_free(_as_json(asdict(cfg))))
     if diffs:
         raise ValueError(f"--resume: the interrupted demo in {work} ran another config; give "
                          f"the same config to continue it, or delete {work} to start afresh. "
@@ -454,7 +495,8 @@ def _train_and_report(cfg: DemoConfig, work: Path, done: dict[str, dict], worker
     cache_dir = work / "reference_cache"
     # Left by a demo stopped while it wrote its report: this command writes it afresh.
     (work / "runs" / "info.json").unlink(missing_ok=True)
-    if not (work / "demo_config.json").is_file():
+    if not (work / "demo_config.json").is_file():  # the version first: a config never lacks it
+        atomic_write(work / "code_version.json", json.dumps(code_version(), indent=2))
         atomic_write(work / "demo_config.json", json.dumps(asdict(cfg), indent=2))
     finished_dir = work / "runs" / "finished"
     finished_dir.mkdir(parents=True, exist_ok=True)
@@ -521,6 +563,7 @@ def _train_and_report(cfg: DemoConfig, work: Path, done: dict[str, dict], worker
         "curated_size": len(data.curated),
         "pool_clean_fraction": NOISE_FRACTIONS[0],
         "workers": workers,
+        "code_version": code_version(),
         # Learner runs taken from an interrupted earlier demo (--resume): the wall time below
         # is this command's alone, so it leaves theirs out.
         "resumed_runs": len(done),
