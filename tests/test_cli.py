@@ -49,6 +49,15 @@ def test_demo_flags_reach_run_demo(fake_demo, tmp_path, monkeypatch):
     assert fake_demo["out"] == Path("runs/demo-quick")
     main(["demo"])
     assert fake_demo["out"] == Path("runs/demo")
+    assert fake_demo["resume"] is False and fake_demo["allow_other_code"] is False
+    main(["demo", "--resume", "--allow-other-code"])
+    assert fake_demo["resume"] is True and fake_demo["allow_other_code"] is True
+
+
+def test_allow_other_code_needs_resume(fake_demo, capsys):
+    assert main(["demo", "--allow-other-code", "--out", "x"]) == 2
+    assert "--allow-other-code only applies with --resume" in capsys.readouterr().err
+    assert not fake_demo  # refused before run_demo
 
 
 @pytest.mark.parametrize(

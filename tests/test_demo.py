@@ -44,9 +44,10 @@ def test_quick_demo_writes_a_complete_report(quick_run):
         assert (quick_run / f).exists(), f
     md = (quick_run / "report.md").read_text()
     assert "Did uniform plateau?" in md and "How much the speed-up varies between seeds" in md
-    from jestkit.demo import code_version
-
-    assert report["config"]["code_version"] == code_version()  # which code made these numbers
+    # Which code made these numbers: the same in the main process and every worker.
+    version = json.loads((quick_run / "code_version.json").read_text())
+    assert report["config"]["code_version"] == version
+    assert report["config"]["run_code_versions"] == [version]
 
 
 def test_report_is_rebuilt_from_the_saved_runs(quick_run, tmp_path, capsys):
@@ -386,22 +387,31 @@ def test_an_interrupted_demo_resumes_to_the_uninterrupted_result(tmp_path, monke
     with pytest.raises(ValueError, match="is not a run of this demo's config; delete that"):
         demo.run_demo(RESUME_CFG, out, resume=True, show_progress=False)
     finished[0].write_bytes(saved[finished[0]])
-    # Runs of other code, or of code that did not record its version, are refused too.
+    # What other code made is refused too (jestkit's source, torch or Python), the demo's
+    # own record or any saved run's, and so is what did not record its version.
     this = demo.code_version()
-    monkeypatch.setattr(demo, "code_version",
-                        lambda: {"jestkit": "9.9", "source_sha256": "f" * 64})
-    with pytest.raises(ValueError, match=rf"run by jestkit {this['jestkit']} \(source "
-                                         rf"{this['source_sha256'][:12]}\), this is jestkit 9.9 "
-                                         r"\(source ffffffffffff\)"):
+    monkeypatch.setattr(demo, "code_version", lambda: {**this, "source_sha256": "f" * 64})
+    with pytest.raises(ValueError, match=rf"\(the demo and {len(finished)} more\) was made by "
+                                         rf"jestkit {this['jestkit']} \(source "
+                                         rf"{this['source_sha256'][:12]}, .*\), this is "
+                                         r"jestkit .* \(source ffffffffffff, .*--allow-other"):
         demo.run_demo(RESUME_CFG, out, resume=True, show_progress=False)
     monkeypatch.undo()
+    changed = json.loads(saved[finished[0]])
+    changed["code_version"]["torch"] = "0.0"
+    finished[0].write_text(json.dumps(changed))
+    with pytest.raises(ValueError, match=rf"\(run {finished[0].stem}\) was made by .*torch "
+                                         r"0\.0, "):
+        demo.run_demo(RESUME_CFG, out, resume=True, show_progress=False)
+    finished[0].write_bytes(saved[finished[0]])
     version = (work / "code_version.json").read_bytes()
-    (work / "code_version.json").unlink()
-    with pytest.raises(ValueError, match="a jestkit that did not record its version"):
-        demo.run_demo(RESUME_CFG, out, resume=True, show_progress=False)
-    (work / "code_version.json").write_text("{")  # torn: an error that says so, not a traceback
-    with pytest.raises(ValueError, match="a jestkit that did not record its version"):
-        demo.run_demo(RESUME_CFG, out, resume=True, show_progress=False)
+    for unrecorded in (None, "{", "[1]"):  # deleted, torn, not a version: an error, no traceback
+        (work / "code_version.json").unlink(missing_ok=True)
+        if unrecorded is not None:
+            (work / "code_version.json").write_text(unrecorded)
+        with pytest.raises(ValueError, match=r"\(the demo\) was made by a jestkit that did "
+                                             r"not record its version"):
+            demo.run_demo(RESUME_CFG, out, resume=True, show_progress=False)
     (work / "code_version.json").write_bytes(version)
 
     # Another demo working in the same directory at the same time is refused.
@@ -422,7 +432,8 @@ def test_an_interrupted_demo_resumes_to_the_uninterrupted_result(tmp_path, monke
     assert json.loads((out / "report.json").read_text())["methods"] == straight["methods"]
 
 
-def test_resume_reuses_the_finished_runs_instead_of_training_them_again(tmp_path, monkeypatch):
+def test_resume_reuses_the_finished_runs_instead_of_training_them_again(tmp_path, monkeypatch,
+                                                                       capsys):
     from jestkit import demo
 
     out = tmp_path / "run"
@@ -441,8 +452,20 @@ def test_resume_reuses_the_finished_runs_instead_of_training_them_again(tmp_path
     info["flops"] = 123456
     info_path.write_text(json.dumps(info))
     # Listing the methods in another order is the same demo: its report follows the new order.
+    # And --allow-other-code continues what other code started (here this process claims
+    # another version; the workers report their own), saying so and recording both.
+    this = demo.code_version()
+    other = {**this, "source_sha256": "0" * 64}
+    monkeypatch.setattr(demo, "code_version", lambda: dict(other))
     reordered = dataclasses.replace(RESUME_CFG, methods=RESUME_CFG.methods[::-1])
-    report = demo.run_demo(reordered, out, resume=True, show_progress=False, workers=1)
+    report = demo.run_demo(reordered, out, resume=True, allow_other_code=True,
+                           show_progress=False, workers=1)
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert "warning: --allow-other-code: the interrupted demo" in err
+    assert "runs were made by 1 versions of the code" in err
+    assert report["config"]["code_version"] == other
+    assert report["config"]["run_code_versions"] == [this]
     assert list(report["methods"]) == list(reordered.methods)
     name = path.stem.rsplit(".seed", 1)[0]
     assert report["methods"][name]["curves"]["zero_shot_accuracy"][-1] == 0.123456
@@ -552,6 +575,18 @@ def test_a_demo_killed_with_sigkill_resumes_from_the_command_line(tmp_path, stra
     resumed = json.loads((out / "report.json").read_text())
     assert resumed["config"]["resumed_runs"] >= 1
     _same_results(resumed, straight)
+
+
+def test_only_the_order_of_methods_and_seeds_may_change_on_resume():
+    from jestkit.demo import _config_differences, _order_free
+
+    saved = {"methods": ["uniform", "learnability-joint"], "seeds": [0, 1, 2],
+             "learner": {"steps": 40}}
+    assert not _config_differences(_order_free(saved), _order_free(
+        {"methods": ["learnability-joint", "uniform"], "seeds": [2, 0, 1],
+         "learner": {"steps": 40}}))
+    assert _config_differences(_order_free(saved), _order_free(
+        {**saved, "seeds": [0, 1]})) == ["seeds: [0, 1, 2] then, [0, 1] now"]
 
 
 def test_resume_with_nothing_to_resume_starts_afresh(tmp_path, capsys):

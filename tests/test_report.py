@@ -109,13 +109,17 @@ def test_seed_average_decides_and_never_reached_is_none():
 
 def test_per_seed_crossings_read_each_seed_against_the_common_target(tmp_path):
     # Target 0.6 (every uniform seed ends at 0.6). Seeds cross it at steps 8, 20 and never;
-    # the seed-averaged curve ((0.6 + 0.45 + 0.4) / 3 = 0.48 at step 8, ...) gives one number
-    # that none of the seeds shows, which is why the per-seed ones are reported beside it.
+    # the seed-averaged curve is (0.6 + 0.4 + 0.5) / 3 = 0.5 at step 8 and first reaches 0.6
+    # at step 20, (0.7 + 0.61 + 0.5) / 3 = 0.603.
     baseline = [run(UNIFORM, seed=s) for s in range(3)]  # total FLOPs 10 * 40 = 400 each
     runs = [run([0.5, 0.6] + [0.7] * 8, seed=0, learner=10),
             run([0.4] * 4 + [0.61] + [0.7] * 5, seed=1, learner=30),
             run([0.5] * 10, seed=2, learner=10)]
-    ps = summarize_method(runs, baseline)["per_seed"]
+    m = summarize_method(runs, baseline)
+    # The protocol: T / 20 = 2x; 400 / the seed-mean FLOPs at step 20, (20 + 40 + 20) * 20 / 3.
+    assert m["iteration_speedup"] == pytest.approx(2.0)
+    assert m["compute_speedup"] == pytest.approx(400 / (80 * 20 / 3))  # 0.75x: no seed's
+    ps = m["per_seed"]
     assert ps["seeds"] == [0, 1, 2]
     assert ps["step_reaching_target"] == [8, 20, None]
     assert ps["iteration_speedup"] == [pytest.approx(5.0), pytest.approx(2.0), None]
@@ -135,6 +139,11 @@ def test_per_seed_crossings_read_each_seed_against_the_common_target(tmp_path):
     md = write_report(report, tmp_path)["md"].read_text()
     assert "| uniform | 1.43x, 1.67x, not reached |" in md
     assert "| fast | 5.00x, 2.00x, not reached |" in md
+    # A method run with other seeds than uniform says which.
+    report = build_report({"uniform": uniform, "fast": runs[:2]}, ref,
+                          {"steps": 40, "seeds": [0, 1, 2]})
+    md = write_report(report, tmp_path / "two")["md"].read_text()
+    assert "| fast (seeds 0, 1) | 5.00x, 2.00x |" in md
 
 
 def test_plateau_check():

@@ -27,8 +27,11 @@ def _demo(args: argparse.Namespace) -> int:
     else:
         cfg = DemoConfig.quick() if args.quick else DemoConfig()
     out = Path(args.out if args.out else ("runs/demo-quick" if args.quick else "runs/demo"))
+    if args.allow_other_code and not args.resume:
+        raise ValueError("--allow-other-code only applies with --resume")
     report = run_demo(cfg, out, overwrite=args.overwrite, resume=args.resume,
-                      workers=args.workers, show_progress=not args.no_progress)
+                      allow_other_code=args.allow_other_code, workers=args.workers,
+                      show_progress=not args.no_progress)
     print_summary(report)
     print(f"\nreport: {out / 'report.md'}  (machine-readable: {out / 'report.json'})")
     return 0
@@ -85,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--resume", action="store_true",
                       help="continue an interrupted demo into --out (kept in OUT.partial): "
                            "same config, only the unfinished learner runs are trained")
+    demo.add_argument("--allow-other-code", action="store_true",
+                      help="with --resume: continue a demo that another jestkit, torch or "
+                           "Python version started (refused by default; report.json lists "
+                           "every version)")
     demo.add_argument("--config", help="a JSON demo config (see configs/demo.json)")
     demo.add_argument("--workers", type=_positive_int, default=2,
                       help="parallel learner runs (default 2, one per core)")

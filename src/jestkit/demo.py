@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import hashlib
 import json
 import multiprocessing
 import os
@@ -38,6 +37,7 @@ from jestkit.cache import ReferenceCache, build_reference_cache
 from jestkit.data import IMAGE_SIZE, NOISE_FRACTIONS, load_digits_web
 from jestkit.flops import count_flops
 from jestkit.models import load_model, model_fingerprint, patch_sizes, save_model
+from jestkit.provenance import code_version, describe_version
 from jestkit.report import build_report, summary_table, write_report
 from jestkit.training import (
     LearnerConfig,
@@ -177,16 +177,21 @@ def _data(seed: int):
 
 def _run_one(data_seed: int, reference_path: str, cache_dir: str | None,
              cfg: LearnerConfig) -> dict:
-    """Worker: one learner run. Single-threaded so parallel workers do not contend."""
+    """Worker: one learner run, with the version of the code that ran it. Single-threaded so
+    parallel workers do not contend."""
     torch.set_num_threads(1)
+    version = code_version()  # this worker's code, as imported
     data = _data(data_seed)
     if not cfg.needs_reference:  # may run while the reference is still being trained
-        return train_learner(data, cfg).to_dict()
-    reference = load_model(reference_path).eval()
-    if cache_dir is None:
-        return train_learner(data, cfg, reference).to_dict()
-    cache = ReferenceCache.open(cache_dir, split=data.pool, model=reference)
-    return train_learner(data, cfg, reference_embedder=cache.embeddings).to_dict()
+        result = train_learner(data, cfg)
+    else:
+        reference = load_model(reference_path).eval()
+        if cache_dir is None:
+            result = train_learner(data, cfg, reference)
+        else:
+            cache = ReferenceCache.open(cache_dir, split=data.pool, model=reference)
+            result = train_learner(data, cfg, reference_embedder=cache.embeddings)
+    return {**result.to_dict(), "code_version": version}
 
 
 def stop_workers(pool: ProcessPoolExecutor) -> None:
@@ -261,25 +266,6 @@ def _finished_runs(work: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
 
 
-@lru_cache(maxsize=1)
-def code_version() -> dict:
-    """This jestkit: its version and a SHA-256 over its source files (the name and content of
-    every module in the package), which changes with any edit to the code, released or not.
-    A resumed demo must be continued by the code that started it."""
-    import jestkit
-
-    digest = hashlib.sha256()
-    for path in sorted(Path(jestkit.__file__).parent.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return {"jestkit": jestkit.__version__, "source_sha256": digest.hexdigest()}
-
-
-def _describe_version(version: dict | None) -> str:
-    if not version:
-        return "a jestkit that did not record its version"
-    return f"jestkit {version.get('jestkit')} (source {str(version.get('source_sha256'))[:12]})"
-
-
 # Their order only orders the report: a resume may list them in another.
 _ORDER_FREE = ("methods", "seeds")
 
@@ -309,7 +295,41 @@ def _as_json(value):
     return json.loads(json.dumps(value))
 
 
-def _check_resumable(work: Path, cfg: DemoConfig) -> dict[str, dict]:
+def _saved_version(path: Path) -> dict | None:
+    try:
+        version = json.loads(path.read_text()) if path.is_file() else None
+    except ValueError:  # torn or edited by hand: no version it could be shown to match
+        return None
+    return version if isinstance(version, dict) else None
+
+
+def _check_code_version(work: Path, done: dict[str, dict], allow_other_code: bool) -> None:
+    """Refuse (or, with allow_other_code, warn) when the interrupted demo in `work`, or any
+    of its saved runs, was made by other code than this: jestkit's source, torch, Python."""
+    now = code_version()
+    saved = {"the demo": _saved_version(work / "code_version.json")}
+    saved |= {f"run {key}": result.get("code_version") for key, result in done.items()}
+    other = {what: v for what, v in saved.items() if v != now}
+    if not other:
+        return
+    what, version = next(iter(other.items()))
+    mismatch = (f"the interrupted demo in {work} ({what}"
+                f"{f' and {len(other) - 1} more' if len(other) > 1 else ''}) was made by "
+                f"{describe_version(version)}, this is {describe_version(now)}")
+    if allow_other_code:
+        print(f"warning: --allow-other-code: {mismatch}; continuing it, and report.json's "
+              f"config lists every version its runs were made by", file=sys.stderr)
+        return
+    report_only = (f"; every run has finished, so `jestkit report {work}` writes the report "
+                   f"from them" if (work / "runs" / "info.json").is_file() else "")
+    raise ValueError(f"--resume: {mismatch}: one report would mix results of two versions of "
+                     f"the code. Continue it with the code that started it, pass "
+                     f"--allow-other-code if the change cannot alter a run, or delete {work} "
+                     f"to start afresh{report_only}")
+
+
+def _check_resumable(work: Path, cfg: DemoConfig, allow_other_code: bool = False
+                     ) -> dict[str, dict]:
     """The finished runs to reuse from the interrupted demo in `work`, once its config, every
     saved run and its reference are shown to be this demo's. Checked before any work, so a
     mismatch is an error that says what to delete, never a mixed report."""
@@ -322,17 +342,7 @@ def _check_resumable(work: Path, cfg: DemoConfig) -> dict[str, dict]:
             raise FileExistsError(f"{work} holds runs but no demo_config.json, so what "
                                   f"config made them is unknown; move it away")
         return {}
-    version_path = work / "code_version.json"
-    try:
-        version = json.loads(version_path.read_text()) if version_path.is_file() else None
-    except ValueError:  # torn or edited by hand: no version it could be shown to match
-        version = None
-    if version != code_version():
-        raise ValueError(f"--resume: the interrupted demo in {work} was run by "
-                         f"{_describe_version(version)}, this is "
-                         f"{_describe_version(code_version())}: one report would mix runs of "
-                         f"two versions of the code; continue it with the jestkit that started "
-                         f"it, or delete {work} to start afresh")
+    _check_code_version(work, done, allow_other_code)
     diffs = _config_differences(_order_free(json.loads(config_path.read_text())),
                                 _order_free(_as_json(asdict(cfg))))
     if diffs:
@@ -377,14 +387,17 @@ def _lock(work: Path) -> int | None:
 
 
 def run_demo(cfg: DemoConfig, out_dir: str | os.PathLike, *, overwrite: bool = False,
-             resume: bool = False, workers: int = 2, show_progress: bool = True) -> dict:
+             resume: bool = False, allow_other_code: bool = False, workers: int = 2,
+             show_progress: bool = True) -> dict:
     """Run the whole demo and write report.md, report.json and plots into out_dir.
 
     Works in `partial_dir(out_dir)` and saves every learner run there as it finishes. An
     interrupted or failed demo keeps that directory if it holds a finished run or the trained
     reference; `resume` continues it (the same config, checked): the reference, its cache and
     the finished runs are reused, the rest trained. Without `resume` such a directory is
-    refused, so nothing finished is thrown away by a plain rerun.
+    refused, so nothing finished is thrown away by a plain rerun. A resume also refuses what
+    other code made (jestkit's source, torch, Python: `code_version`) unless
+    `allow_other_code`.
     """
     out = Path(out_dir)
     prepare_out_dir(out, overwrite)
@@ -407,7 +420,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | os.PathLike, *, overwrite: bool = F
                                   f"the same config, or delete it to start afresh")
         if resume and created:
             print(f"--resume: no interrupted demo at {work}; starting afresh", file=sys.stderr)
-        done = {} if created else _check_resumable(work, cfg)
+        done = {} if created else _check_resumable(work, cfg, allow_other_code)
         return _run_in_work_dir(cfg, out, work, done, workers, show_progress)
     finally:
         if lock is not None:
@@ -548,6 +561,10 @@ def _train_and_report(cfg: DemoConfig, work: Path, done: dict[str, dict], worker
             stop_workers(pool)  # fail now: not after the running runs have finished
         raise
     pool.shutdown()
+    versions = _distinct([r.get("code_version") for rs in results.values() for r in rs])
+    if versions != [code_version()]:
+        print(f"warning: this demo's runs were made by {len(versions)} versions of the code "
+              f"(report.json's config lists them under run_code_versions)", file=sys.stderr)
     for name in results:  # seed order, whatever order they finished in
         results[name].sort(key=lambda r: r["config"]["seed"])
         (work / "runs" / f"{name}.json").write_text(json.dumps(results[name]))
@@ -563,7 +580,11 @@ def _train_and_report(cfg: DemoConfig, work: Path, done: dict[str, dict], worker
         "curated_size": len(data.curated),
         "pool_clean_fraction": NOISE_FRACTIONS[0],
         "workers": workers,
+        # What made these numbers: this process's code, and every version a run was made by
+        # (more than one only after --allow-other-code, or with the source edited mid-demo).
         "code_version": code_version(),
+        "run_code_versions": _distinct([r.get("code_version") for rs in results.values()
+                                        for r in rs]),
         # Learner runs taken from an interrupted earlier demo (--resume): the wall time below
         # is this command's alone, so it leaves theirs out.
         "resumed_runs": len(done),
@@ -576,6 +597,14 @@ def _train_and_report(cfg: DemoConfig, work: Path, done: dict[str, dict], worker
     report = build_report(results, ref_info, config)
     write_report(report, work)
     return report
+
+
+def _distinct(values: list) -> list:
+    out = []
+    for v in values:
+        if v not in out:
+            out.append(v)
+    return out
 
 
 def print_summary(report: dict) -> None:

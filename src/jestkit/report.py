@@ -19,6 +19,7 @@ import statistics
 from pathlib import Path
 
 from jestkit.atomic import atomic_write
+from jestkit.provenance import code_version
 
 __all__ = ["FINAL_EVALS", "LEVELS", "build_report", "plateau_check", "rebuild_report",
            "steps_to_reach",
@@ -363,7 +364,9 @@ def _per_seed_section(report: dict) -> list[str]:
     ]
     for name, m in methods.items():
         ps = m["per_seed"]
-        lines.append(f"| {name} | {cells(ps['iteration_speedup'])} | "
+        seeds = ("" if ps["seeds"] == methods["uniform"]["per_seed"]["seeds"]
+                 else f" (seeds {', '.join(map(str, ps['seeds']))})")
+        lines.append(f"| {name}{seeds} | {cells(ps['iteration_speedup'])} | "
                      f"{cells(ps['compute_speedup'])} |")
     return [*lines, ""]
 
@@ -466,5 +469,7 @@ def rebuild_report(run_dir: str | os.PathLike) -> dict:
             raise FileNotFoundError(f"missing per-run curves {path}")
         runs[name] = json.loads(path.read_text())
     report = build_report(runs, old["reference"], old["config"])
+    # config.code_version made the runs; this code made the report from their curves.
+    report["rebuilt_by"] = code_version()
     write_report(report, run_dir)
     return report
