@@ -583,8 +583,7 @@ def _train_and_report(cfg: DemoConfig, work: Path, done: dict[str, dict], worker
         # What made these numbers: this process's code, and every version a run was made by
         # (more than one only after --allow-other-code, or with the source edited mid-demo).
         "code_version": code_version(),
-        "run_code_versions": _distinct([r.get("code_version") for rs in results.values()
-                                        for r in rs]),
+        "run_code_versions": versions,
         # Learner runs taken from an interrupted earlier demo (--resume): the wall time below
         # is this command's alone, so it leaves theirs out.
         "resumed_runs": len(done),

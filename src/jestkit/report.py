@@ -35,6 +35,12 @@ LEVELS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)  # accuracy levels of `steps_to_r
 REACH_TOLERANCE = 1e-6
 
 
+def _first_reaching(accuracies: list[float], level: float) -> int | None:
+    """Index of the first evaluation at or above `level` (within REACH_TOLERANCE), or None."""
+    return next((i for i, acc in enumerate(accuracies) if acc >= level - REACH_TOLERANCE),
+                None)
+
+
 def _mean_curve(runs: list[dict], key: str) -> list[float]:
     steps = runs[0]["steps"]
     for r in runs:
@@ -89,10 +95,8 @@ def steps_to_reach(methods: dict[str, dict], levels=LEVELS) -> dict:
     ratio; levels no method reaches are left out.
     """
     def first(curve):
-        steps, acc = curve["steps"], curve["zero_shot_accuracy"]
-        return {lv: next((s for s, a in zip(steps, acc, strict=True)
-                          if a >= lv - REACH_TOLERANCE), None)
-                for lv in levels}
+        reached = {lv: _first_reaching(curve["zero_shot_accuracy"], lv) for lv in levels}
+        return {lv: None if i is None else curve["steps"][i] for lv, i in reached.items()}
 
     reached = {name: first(m["curves"]) for name, m in methods.items()}
     kept = [lv for lv in levels if any(r[lv] is not None for r in reached.values())]
@@ -123,8 +127,7 @@ def _per_seed_crossings(runs: list[dict], target: float, total_steps: int,
     the seed-averaged curve: a gauge of how much a first crossing moves between seeds."""
     steps, iters, computes = [], [], []
     for r in runs:
-        i = next((i for i, acc in enumerate(r["zero_shot_accuracy"])
-                  if acc >= target - REACH_TOLERANCE), None)
+        i = _first_reaching(r["zero_shot_accuracy"], target)
         steps.append(None if i is None else r["steps"][i])
         iters.append(None if i is None else total_steps / r["steps"][i])
         computes.append(None if i is None
@@ -147,7 +150,7 @@ def summarize_method(runs: list[dict], baseline: list[dict]) -> dict:
     baseline_flops = statistics.fmean(_total_flops(r["cumulative_flops"][-1]) for r in baseline)
     curve = _mean_curve(runs, "zero_shot_accuracy")
     steps = runs[0]["steps"]
-    reach = next((i for i, acc in enumerate(curve) if acc >= target - REACH_TOLERANCE), None)
+    reach = _first_reaching(curve, target)
     if reach is None:
         iteration_speedup = compute_speedup = step_reached = flops_at_target = None
     else:
