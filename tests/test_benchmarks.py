@@ -48,7 +48,8 @@ def test_a_doc_without_the_markers_is_refused_not_overwritten(tmp_path):
     md.check_section(None, "bench")  # no --out
 
 
-@pytest.mark.parametrize("script", ["step_overhead", "selection_speed", "clean_oracle"])
+@pytest.mark.parametrize("script", ["step_overhead", "selection_speed", "clean_oracle",
+                                    "demo_budget"])
 def test_a_benchmark_refuses_its_out_file_before_timing_anything(script, tmp_path,
                                                                  monkeypatch):
     benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -60,7 +61,7 @@ def test_a_benchmark_refuses_its_out_file_before_timing_anything(script, tmp_pat
     def must_not_run(*args, **kwargs):
         raise AssertionError("the benchmark started before checking --out")
 
-    for name in ("run", "spawn", "measure_peak", "wait_until_quiet"):
+    for name in ("run", "measure", "spawn", "measure_peak", "wait_until_quiet"):
         if hasattr(module, name):
             monkeypatch.setattr(module, name, must_not_run)
     doc = tmp_path / "results.md"
@@ -626,3 +627,78 @@ def test_step_overhead_times_the_setup_it_is_given(step_overhead, monkeypatch, t
     with pytest.raises(Stop):
         module.main(["--quick", "--config", str(path)])
     assert got["setup"] == setup
+
+
+@pytest.fixture
+def demo_budget(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    return importlib.import_module("demo_budget")
+
+
+@pytest.mark.parametrize("steps, eval_every", [(81, 0), (83, 20), (7, 0)])
+def test_demo_budget_counts_the_evaluations_train_learner_runs(demo_budget, steps, eval_every):
+    from jestkit.data import load_digits_web
+    from jestkit.training import LearnerConfig, train_learner
+
+    cfg = LearnerConfig(method="uniform", steps=steps, eval_every=eval_every, width=16,
+                        text_width=16)
+    result = train_learner(load_digits_web(0, max_len=8), cfg)
+    assert demo_budget.evaluations(steps, eval_every) == len(result.steps)
+
+
+def test_demo_budget_prices_a_demo_as_the_sum_of_its_parts(demo_budget):
+    methods = {"uniform": {"flops_per_step": 1e8, "s_per_step": 0.01},
+               "jest": {"flops_per_step": 4e8, "s_per_step": 0.03}}
+    evaluation, once = {"flops": 1e9, "s": 0.05}, {"flops": 6e10, "s": 20.0}
+    cost = demo_budget.demo_cost(methods, seeds=3, steps=1000, eval_every=0,
+                                 evaluation=evaluation, once=once, workers=2,
+                                 peak_flops_per_s=1e11)
+    # 2 methods x 3 seeds x (1000 steps + 40 evaluations), plus the reference and the cache
+    flops = 6e10 + 3 * (1e8 * 1000 + 1e9 * 40 + 4e8 * 1000 + 1e9 * 40)
+    seconds = 20.0 + 3 * (0.01 * 1000 + 0.05 * 40 + 0.03 * 1000 + 0.05 * 40)
+    assert cost == {"steps": 1000, "flops": pytest.approx(flops),
+                    "lower_bound_s": pytest.approx(flops / 2e11),
+                    "estimate_s": pytest.approx(seconds / 2)}
+
+
+def test_demo_budget_measures_every_method_of_the_config_it_is_given(demo_budget, tmp_path):
+    from jestkit.demo import DemoConfig
+
+    config, doc, raw = tmp_path / "cfg.json", tmp_path / "doc.md", tmp_path / "raw.json"
+    demo = DemoConfig.quick()
+    methods = ["uniform", "learnability-joint", "learnability-joint-flexi"]
+    config.write_text(json.dumps({**dataclasses.asdict(demo), "methods": methods}))
+    doc.write_text("prose\n<!-- demo_budget:start -->\nold\n<!-- demo_budget:end -->\ntail\n")
+    assert demo_budget.main(["--quick", "--config", str(config), "--steps", "100", "5000",
+                             "--out", str(doc), "--json", str(raw)]) == 0
+    res = json.loads(raw.read_text())
+    assert list(res["methods"]) == methods
+    assert res["checks"] and all(c["identical"] for c in res["checks"])  # the library's step
+    units = res["methods"]
+    # Flexi scores at the coarse patch: fewer FLOPs than live JEST, more than uniform's step.
+    assert (units["uniform"]["flops_per_step"] < units["learnability-joint-flexi"]["flops_per_step"]
+            < units["learnability-joint"]["flops_per_step"])
+    assert res["cache"]["flops"] > 0  # flexi reads the reference cache
+    assert res["seeds"] == len(demo.seeds)
+    short, long = res["demos"]
+    assert (short["steps"], long["steps"]) == (100, 5000)
+    for cost in res["demos"]:  # nothing runs faster than the matmul peak
+        assert 0 < cost["lower_bound_s"] < cost["estimate_s"]
+    assert long["flops"] > short["flops"]
+    text = doc.read_text()
+    assert text.startswith("prose\n<!-- demo_budget:start -->\nCommand: ")
+    assert text.endswith("<!-- demo_budget:end -->\ntail\n") and "old" not in text
+    assert "| 5,000 | 40 |" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workers", "0"], "--workers must be >= 1"),
+    (["--steps", "1000", "0"], "--steps must all be >= 1"),
+    (["--budget-min", "0"], "--budget-min must be > 0"),
+])
+def test_demo_budget_refuses_bad_arguments_before_measuring(demo_budget, monkeypatch, capsys,
+                                                            args, message):
+    monkeypatch.setattr(demo_budget, "measure", lambda *a: pytest.fail("measured"))
+    with pytest.raises(SystemExit):
+        demo_budget.main(args)
+    assert message in capsys.readouterr().err
