@@ -4,27 +4,29 @@ The demo (`jestkit demo`) must fit in 10 minutes *and* run long enough for unifo
 (issue 3). This benchmark measures the cost of each part of a demo config and prices the
 demo at other lengths T:
 
-- per method of the config (seed 0): FLOPs per training step, from the library's own ledger
-  (`step_overhead.Runner`, the body of `train_learner`'s loop; a few steps are first run
-  through both and must give the same ledger and loss), and its median wall time per step,
-  the methods taking turns in rounds so that load from other processes hits all alike;
+- per method of the config (its first seed): FLOPs per training step, from the library's own
+  ledger (`step_overhead.Runner`, the body of `train_learner`'s loop; a few steps are first
+  run through both and must give the same ledger and loss), and its median wall time per
+  step; the methods take turns in rounds, with one evaluation timed per round, so that load
+  from other processes and drifts in the machine's speed hit every part alike;
 - one evaluation (`evaluate` on `test`; every run evaluates every T/40 steps): FLOPs and time;
-- the reference's training (per step, times the config's reference steps) and the reference
-  cache over the pool (FLOPs and time), which the demo pays once;
+- the reference's training (FLOPs and median time of a few steps, times the config's steps)
+  and the reference cache over the pool, which the demo pays once;
 - the machine's float32 matmul peak for one thread (the demo's workers run one torch thread
   each), best of several 2048^3 products, from `selection_speed.measure_matmul`.
 
 Then, for each T of ``--steps``, the demo's whole work (every method x every seed of the
 config at T steps, their evaluations, the reference and the cache) in FLOPs, and two times:
 
-- **lower bound**: those FLOPs at the matmul peak on min(workers, cores) cores at once. The
-  flop counter counts matrix products (and the like) only, which nothing here runs faster
-  than the peak, and leaves out elementwise work, Python and process start-up: no demo of
-  that length can finish sooner on this machine with these models;
-- **estimate**: the measured time per step, per evaluation, of the reference and the cache,
-  spread perfectly over the workers (the real demo packs runs by their measured cost, so it
-  comes close; process start-up, the reference running beside the workers and the report
-  come on top).
+- **lower bound**: those FLOPs at the measured peak on `--workers` one-thread workers (at most
+  one per core). The flop counter counts matrix products (and the like) only, and leaves out
+  elementwise work, Python and process start-up: a demo of that length run that way cannot
+  finish sooner, unless the machine's true peak is above the measured one;
+- **estimate**: the measured times per step, per evaluation, of the reference and the cache,
+  spread perfectly over the workers. Not modelled: process start-up, the report, the demo's
+  order of runs (longest first by an approximate cost, `demo._STEP_COST`), and two
+  processes sharing the machine's caches and memory bandwidth, which one-process timings do
+  not see.
 
 Run from the repository root::
 
@@ -57,7 +59,8 @@ from jestkit.cache import ReferenceCache, build_reference_cache
 from jestkit.data import load_digits_web
 from jestkit.demo import DEMO_MAX_TEXT_LEN, DemoConfig, learner_configs
 from jestkit.flops import count_flops
-from jestkit.training import evaluate, train_reference
+from jestkit.models import DualEncoder
+from jestkit.training import LearnerConfig, ReferenceConfig, evaluate, train_reference
 
 DEFAULT_STEPS = (1000, 12000, 14000)  # the demo's T, and the T a plateaued uniform needs
 BUDGET_MIN = 10.0  # issue 3: the whole demo in <= 10 minutes
@@ -65,9 +68,9 @@ MATMUL_SIZE = 2048
 
 
 def evaluations(steps: int, eval_every: int = 0) -> int:
-    """How many evaluations `train_learner` runs in `steps` steps (every `eval_every`, by
-    default steps // 40, and at the last step)."""
-    interval = eval_every or max(1, steps // 40)
+    """How many evaluations `train_learner` runs in `steps` steps: one every
+    `LearnerConfig.eval_interval` steps, and one at the last step."""
+    interval = LearnerConfig(steps=steps, eval_every=eval_every).eval_interval
     return steps // interval + (steps % interval != 0)
 
 
@@ -84,140 +87,153 @@ def demo_cost(methods: dict[str, dict], seeds: int, steps: int, eval_every: int,
             by the caller.
         peak_flops_per_s: one thread's float32 matmul peak.
 
-    Returns {"steps", "flops", "lower_bound_s", "estimate_s"}: the whole demo's FLOPs; those
-    FLOPs at the peak on `workers` threads; measured unit times over `workers`.
+    Returns {"steps", "evaluations_per_run", "flops", "lower_bound_s", "estimate_s"}: the
+    whole demo's FLOPs; those FLOPs at the peak on `workers` threads; the measured unit
+    times spread over `workers`.
     """
     n_eval = evaluations(steps, eval_every)
     flops = once["flops"] + seeds * sum(m["flops_per_step"] * steps + evaluation["flops"] * n_eval
                                         for m in methods.values())
     seconds = once["s"] + seeds * sum(m["s_per_step"] * steps + evaluation["s"] * n_eval
                                       for m in methods.values())
-    return {"steps": steps, "flops": flops, "lower_bound_s": flops / (peak_flops_per_s * workers),
+    return {"steps": steps, "evaluations_per_run": n_eval, "flops": flops,
+            "lower_bound_s": flops / (peak_flops_per_s * workers),
             "estimate_s": seconds / workers}
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def reference_cost(data, cfg: ReferenceConfig, timed_steps: int) -> tuple[DualEncoder, dict]:
+    """Train a reference for `timed_steps` + 1 steps (at most `cfg.steps`) and price the
+    config's whole training from them: FLOPs per step from the ledger, time per step the
+    median of the steps after the first (which also counts FLOPs); model building and the
+    final evaluation are outside the timed steps. Untrained weights score as fast as trained
+    ones, so the returned model serves for the cache and live scoring too."""
+    n = min(timed_steps + 1, cfg.steps)
+    stamps = [time.perf_counter()]
+    reference, info = train_reference(data, dataclasses.replace(cfg, steps=n),
+                                      progress=lambda done, total: stamps.append(
+                                          time.perf_counter()))
+    per_step = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    per_step = per_step[1:] or per_step  # a 1-step reference has only its first step
+    return reference, {"flops": info["flops"] / n * cfg.steps,
+                       "s": statistics.median(per_step) * cfg.steps,
+                       "steps": cfg.steps, "timed_steps": len(per_step)}
 
 
 def measure(cfg: DemoConfig, args) -> dict:
     """Unit costs of `cfg`'s demo on this machine (one thread, as the demo's workers)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory(prefix="demo_budget_cache.") as tmp:
+            return _measure(cfg, args, tmp)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(cfg: DemoConfig, args, tmp: str) -> dict:
     data = load_digits_web(cfg.data_seed, max_len=DEMO_MAX_TEXT_LEN)
-    # The reference: its FLOPs and time per step, times the config's steps (untrained weights
-    # score as fast as trained ones). Timed as the difference between a run of 2k and one of
-    # k steps, so model building, the first step's FLOP count and the final evaluation cancel;
-    # the k-step run twice, before and after, the faster kept (the first call of a process
-    # also pays one-time set-up).
-    k = min(args.reference_steps, max(1, cfg.reference.steps // 2))
-    spent: dict[int, float] = {}
-    for n in (k, 2 * k, k):
+    reference, ref = reference_cost(data, cfg.reference, args.reference_steps)
+    cache, cached = None, {"flops": 0, "s": 0.0}
+    if any(uses_cache for _, uses_cache, _ in learner_configs(cfg)):
         t0 = time.perf_counter()
-        reference, info = train_reference(data, dataclasses.replace(cfg.reference, steps=n))
-        spent[n] = min(spent.get(n, float("inf")), time.perf_counter() - t0)
-        if n == 2 * k:
-            ref_flops = info["flops"] / n * cfg.reference.steps
-    ref_s = max(0.0, spent[2 * k] - spent[k]) / k * cfg.reference.steps
-    tmp = tempfile.TemporaryDirectory(prefix="demo_budget_cache.")
-    needs_cache = any(cached for _, cached, _ in learner_configs(cfg))
-    cache, cache_flops, cache_s = None, 0, 0.0
-    if needs_cache:
-        t0 = time.perf_counter()
-        cache_flops = count_flops(lambda: build_reference_cache(reference, data.pool, tmp.name))
-        cache_s = time.perf_counter() - t0
-        cache = ReferenceCache.open(tmp.name, split=data.pool, model=reference)
+        cached["flops"] = count_flops(lambda: build_reference_cache(reference, data.pool, tmp))
+        cached["s"] = time.perf_counter() - t0
+        cache = ReferenceCache.open(tmp, split=data.pool, model=reference)
 
-    seed = cfg.seeds[0]
-    configs = {name: (cached, lc) for name, cached, lc in learner_configs(cfg) if lc.seed == seed}
+    # One run per method (the first seed: a step costs the same whatever the seed), built as
+    # the demo's workers build it (`demo._run_one`): live reference or cache.
     runners, checks = {}, []
-    for name, (cached, lc) in configs.items():
-        live_ref = reference if lc.needs_reference and not cached else None
-        use_cache = cache if cached else None
+    for name, uses_cache, lc in learner_configs(cfg):
+        if lc.seed != cfg.seeds[0]:
+            continue
+        live = reference if lc.needs_reference and not uses_cache else None
+        lookup = cache if uses_cache else None
 
-        def make(name=name, lc=lc, live_ref=live_ref, use_cache=use_cache):
-            return Runner(name, lc, data, live_ref, use_cache)
+        def make(name=name, lc=lc, live=live, lookup=lookup):
+            return Runner(name, lc, data, live, lookup)
         if args.check_steps:
-            checks.append(check_faithful(make, lc, data, live_ref, use_cache, args.check_steps))
+            checks.append(check_faithful(make, lc, data, live, lookup, args.check_steps))
         runners[name] = make()
     for r in runners.values():
         for _ in range(args.warmup):
             r.step()
+    model = next(iter(runners.values())).model  # every method trains the same architecture
+    eval_flops = count_flops(lambda: evaluate(model, data.test, data.tokenizer))
+
+    # Rounds, the order rotated each round, an evaluation in every round: load from other
+    # processes, and this machine's speed, which drifts by tens of percent within minutes,
+    # hit every part alike.
     names = list(runners)
-    times: dict[str, list[float]] = {n: [] for n in names}
+    times: dict[str, list[float]] = {n: [] for n in [*names, "evaluation"]}
     for rnd in range(args.rounds):
         for name in names[rnd % len(names):] + names[:rnd % len(names)]:
-            for _ in range(args.steps_per_round):
-                times[name].append(runners[name].step()[0])
+            times[name] += [runners[name].step()[0] for _ in range(args.steps_per_round)]
+        t0 = time.perf_counter()
+        evaluate(model, data.test, data.tokenizer)
+        times["evaluation"].append(time.perf_counter() - t0)
     methods = {n: {"flops_per_step": runners[n].total_flops_per_step(),
                    "s_per_step": statistics.median(times[n]), "timed_steps": len(times[n])}
                for n in names}
-
-    model = runners[names[0]].model  # every method trains the same architecture
-    eval_flops = count_flops(lambda: evaluate(model, data.test, data.tokenizer))
-    eval_s = _median_time(lambda: evaluate(model, data.test, data.tokenizer), args.eval_repeats)
     matmul = measure_matmul(1, MATMUL_SIZE, args.matmul_repeats)
-    torch.set_num_threads(1)
-    tmp.cleanup()
-    return {"methods": methods, "evaluation": {"flops": eval_flops, "s": eval_s},
-            "reference": {"flops": ref_flops, "s": ref_s, "steps": cfg.reference.steps,
-                          "timed_steps": k},
-            "cache": {"flops": cache_flops, "s": cache_s},
-            "once": {"flops": ref_flops + cache_flops, "s": ref_s + cache_s},
+    return {"methods": methods,
+            "evaluation": {"flops": eval_flops, "s": statistics.median(times["evaluation"])},
+            "reference": ref, "cache": cached,
+            "once": {"flops": ref["flops"] + cached["flops"], "s": ref["s"] + cached["s"]},
             "peak_flops_per_s": matmul["square_gflops"] * 1e9, "matmul": matmul,
-            "checks": checks, "seeds": len(cfg.seeds),
-            "eval_every": cfg.learner.eval_every}
+            "checks": checks, "seeds": len(cfg.seeds), "eval_every": cfg.learner.eval_every}
 
 
-def _min(seconds: float) -> str:
+def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f}"
 
 
+def _faithfulness(checks: list[dict]) -> str:
+    if not checks:
+        return "not checked."
+    if all(c["identical"] for c in checks):
+        return "every method's benchmark loop and `train_learner` gave identical FLOP ledgers " \
+               "and losses."
+    return "**the benchmark loop and `train_learner` disagree.**"
+
+
 def markdown(res: dict, command: str) -> str:
-    m = res["machine"]
+    m, peak = res["machine"], res["peak_flops_per_s"]
     lines = [f"Command: `{command}`", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; "
-             f"{res['workers']} workers, one thread each; run took {res['wall_s']:.0f} s.", "",
-             "Faithfulness: " + ("every method's benchmark loop and `train_learner` gave "
-                                 "identical FLOP ledgers and losses." if res["checks"] and all(
-                                     c["identical"] for c in res["checks"]) else
-                                 "not checked." if not res["checks"] else
-                                 "**the benchmark loop and `train_learner` disagree.**"), "",
+             f"{res['workers']} workers, one thread each; load average "
+             f"{m['loadavg_start'][0]:.2f} at start, {res['loadavg_end'][0]:.2f} at end; run "
+             f"took {res['wall_s']:.0f} s.", "",
+             "Faithfulness: " + _faithfulness(res["checks"]), "",
              f"Float32 matmul peak, one thread ({MATMUL_SIZE}^3, best of "
-             f"{res['matmul_repeats']}): **{res['peak_flops_per_s'] / 1e9:.1f} GFLOP/s**.", "",
-             "| part | MFLOP per step (or once) | ms per step (or once), median | "
-             "GFLOP/s | % of matmul peak |", "|---|---|---|---|---|"]
-    peak = res["peak_flops_per_s"]
+             f"{res['matmul_repeats']}): **{peak / 1e9:.1f} GFLOP/s**.", "",
+             "| part | MFLOP | ms, median | GFLOP/s | % of matmul peak |", "|---|---|---|---|---|"]
 
     def row(what, flops, seconds):
-        rate = f"{flops / seconds / 1e9:.1f} | {100 * flops / seconds / peak:.0f}%" if seconds > 0 \
-            else "– | –"  # a difference of two noisy times can come out at 0
-        lines.append(f"| {what} | {flops / 1e6:,.1f} | {seconds * 1e3:,.1f} | {rate} |")
+        lines.append(f"| {what} | {flops / 1e6:,.1f} | {seconds * 1e3:,.1f} | "
+                     f"{flops / seconds / 1e9:.1f} | {100 * flops / seconds / peak:.0f}% |")
     for name, u in res["methods"].items():
-        row(f"step: {name}", u["flops_per_step"], u["s_per_step"])
-    row("one evaluation (`test`)", res["evaluation"]["flops"], res["evaluation"]["s"])
-    k = res["reference"]["timed_steps"]
-    row(f"reference training ({res['reference']['steps']} steps; timed as {2 * k} steps less "
-        f"{k})", res["reference"]["flops"], res["reference"]["s"])
+        row(f"one step: {name} ({u['timed_steps']} timed)", u["flops_per_step"], u["s_per_step"])
+    row(f"one evaluation on `test` ({res['rounds']} timed)", res["evaluation"]["flops"],
+        res["evaluation"]["s"])
+    ref = res["reference"]
+    row(f"the reference's training, all {ref['steps']} steps (median of {ref['timed_steps']} "
+        f"timed steps x {ref['steps']})", ref["flops"], ref["s"])
     if res["cache"]["flops"]:
-        row("reference cache over the pool", res["cache"]["flops"], res["cache"]["s"])
+        row("the reference cache over the pool (once)", res["cache"]["flops"], res["cache"]["s"])
     lines += ["", f"The whole demo ({len(res['methods'])} methods x {res['seeds']} seeds, "
               f"their evaluations, the reference and its cache) at T steps, against a "
-              f"{res['budget_min']:g}-minute budget:", "",
-              "| T | evaluations per run | total TFLOP | lower bound at the matmul peak, min | "
-              "estimate at the measured speed, min | fits the budget? |",
-              "|---|---|---|---|---|---|"]
+              f"{res['budget_min']:g}-minute budget. Lower bound: its FLOPs at the measured "
+              f"peak on {res['workers']} one-thread workers; estimate: the measured times "
+              f"spread over them.", "",
+              "| T | evaluations per run | total TFLOP | lower bound, min | estimate, min | "
+              "fits the budget? |", "|---|---|---|---|---|---|"]
     for c in res["demos"]:
         lb, est = c["lower_bound_s"] / 60, c["estimate_s"] / 60
         verdict = ("no, not even at the peak" if lb > res["budget_min"] else
                    "no, at the measured speed" if est > res["budget_min"] else "yes")
-        lines.append(f"| {c['steps']:,} | {evaluations(c['steps'], res['eval_every'])} | "
-                     f"{c['flops'] / 1e12:.1f} | {_min(c['lower_bound_s'])} | "
-                     f"{_min(c['estimate_s'])} | {verdict} |")
+        lines.append(f"| {c['steps']:,} | {c['evaluations_per_run']} | "
+                     f"{c['flops'] / 1e12:.1f} | {_minutes(c['lower_bound_s'])} | "
+                     f"{_minutes(c['estimate_s'])} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
@@ -235,18 +251,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check-steps", type=int, default=3,
                    help="steps of the benchmark loop vs train_learner per method (0: skip)")
     p.add_argument("--reference-steps", type=int, default=50,
-                   help="reference steps timed, k: a run of 2k steps against one of k (its "
-                        "FLOPs and time are scaled to the config's steps)")
-    p.add_argument("--eval-repeats", type=int, default=5)
-    p.add_argument("--matmul-repeats", type=int, default=5)
-    p.add_argument("--quick", action="store_true", help="smoke test (< 1 min)")
+                   help="reference steps timed (its FLOPs and time are scaled to the "
+                        "config's steps)")
+    p.add_argument("--matmul-repeats", type=int, default=10)
+    p.add_argument("--quick", action="store_true", help="smoke test (< 15 s)")
     p.add_argument("--out", type=Path, help="write the markdown tables into this doc")
     p.add_argument("--json", type=Path, help="write the raw numbers as JSON here")
     args = p.parse_args(argv)
-    for name in ("workers", "rounds", "steps_per_round", "reference_steps", "eval_repeats",
-                 "matmul_repeats"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name, least in (("workers", 1), ("rounds", 1), ("steps_per_round", 1), ("warmup", 0),
+                        ("check_steps", 0), ("reference_steps", 1), ("matmul_repeats", 1)):
+        if getattr(args, name) < least:
+            p.error(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
     if min(args.steps) < 1:
         p.error(f"--steps must all be >= 1, got {args.steps}")
     if not args.budget_min > 0:
@@ -257,13 +272,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = DemoConfig.from_dict(json.loads(args.config.read_text()))
     if args.quick:
         args.rounds, args.steps_per_round, args.warmup, args.check_steps = 2, 2, 1, 2
-        args.reference_steps, args.eval_repeats, args.matmul_repeats = 10, 1, 2
+        args.reference_steps, args.matmul_repeats = 10, 2
     started = time.time()
     info = machine_info()
     res = measure(cfg, args)
     workers = min(args.workers, os.cpu_count() or 1)
-    res.update(machine=info, workers=workers, budget_min=args.budget_min,
-               matmul_repeats=args.matmul_repeats,
+    load_end = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    res.update(machine=info, workers=workers, budget_min=args.budget_min, rounds=args.rounds,
+               matmul_repeats=args.matmul_repeats, loadavg_end=list(load_end),
                demos=[demo_cost(res["methods"], res["seeds"], t, res["eval_every"],
                                 res["evaluation"], res["once"], workers,
                                 res["peak_flops_per_s"]) for t in args.steps])

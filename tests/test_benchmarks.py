@@ -646,55 +646,78 @@ def test_demo_budget_counts_the_evaluations_train_learner_runs(demo_budget, step
     assert demo_budget.evaluations(steps, eval_every) == len(result.steps)
 
 
-def test_demo_budget_prices_a_demo_as_the_sum_of_its_parts(demo_budget):
-    methods = {"uniform": {"flops_per_step": 1e8, "s_per_step": 0.01},
-               "jest": {"flops_per_step": 4e8, "s_per_step": 0.03}}
-    evaluation, once = {"flops": 1e9, "s": 0.05}, {"flops": 6e10, "s": 20.0}
-    cost = demo_budget.demo_cost(methods, seeds=3, steps=1000, eval_every=0,
-                                 evaluation=evaluation, once=once, workers=2,
-                                 peak_flops_per_s=1e11)
-    # 2 methods x 3 seeds x (1000 steps + 40 evaluations), plus the reference and the cache
-    flops = 6e10 + 3 * (1e8 * 1000 + 1e9 * 40 + 4e8 * 1000 + 1e9 * 40)
-    seconds = 20.0 + 3 * (0.01 * 1000 + 0.05 * 40 + 0.03 * 1000 + 0.05 * 40)
-    assert cost == {"steps": 1000, "flops": pytest.approx(flops),
-                    "lower_bound_s": pytest.approx(flops / 2e11),
-                    "estimate_s": pytest.approx(seconds / 2)}
+def test_demo_budget_prices_what_a_real_demo_computes(demo_budget, tmp_path):
+    # A small real demo (one seed, 40 steps; a method with no reference, one scoring with the
+    # live reference, one reading the cache) against the benchmark on the same config: the
+    # FLOPs it prices are the FLOPs the demo's runs, reference and cache counted.
+    from jestkit.demo import DemoConfig, run_demo
 
-
-def test_demo_budget_measures_every_method_of_the_config_it_is_given(demo_budget, tmp_path):
-    from jestkit.demo import DemoConfig
-
+    methods = ["uniform", "hard_learner-joint", "easy_reference-joint",
+               "learnability-joint-flexi"]
+    demo = dataclasses.replace(DemoConfig.quick(), methods=tuple(methods))
+    report = run_demo(demo, tmp_path / "demo", workers=1, show_progress=False)
     config, doc, raw = tmp_path / "cfg.json", tmp_path / "doc.md", tmp_path / "raw.json"
-    demo = DemoConfig.quick()
-    methods = ["uniform", "learnability-joint", "learnability-joint-flexi"]
-    config.write_text(json.dumps({**dataclasses.asdict(demo), "methods": methods}))
+    config.write_text(json.dumps(dataclasses.asdict(demo)))
     doc.write_text("prose\n<!-- demo_budget:start -->\nold\n<!-- demo_budget:end -->\ntail\n")
-    assert demo_budget.main(["--quick", "--config", str(config), "--steps", "100", "5000",
+    t = demo.learner.steps
+    assert demo_budget.main(["--quick", "--config", str(config), "--steps", str(t), "5000",
                              "--out", str(doc), "--json", str(raw)]) == 0
     res = json.loads(raw.read_text())
     assert list(res["methods"]) == methods
     assert res["checks"] and all(c["identical"] for c in res["checks"])  # the library's step
-    units = res["methods"]
-    # Flexi scores at the coarse patch: fewer FLOPs than live JEST, more than uniform's step.
-    assert (units["uniform"]["flops_per_step"] < units["learnability-joint-flexi"]["flops_per_step"]
-            < units["learnability-joint"]["flops_per_step"])
-    assert res["cache"]["flops"] > 0  # flexi reads the reference cache
-    assert res["seeds"] == len(demo.seeds)
+    assert res["seeds"] == len(demo.seeds) == 1
+    run_flops = {}
+    for name in methods:
+        run_flops[name] = sum(report["methods"][name]["flops_at_end"].values())
+        assert res["methods"][name]["flops_per_step"] * t == pytest.approx(run_flops[name],
+                                                                          rel=1e-12), name
+    assert res["reference"]["flops"] == pytest.approx(report["reference"]["flops"], rel=1e-12)
+    assert res["cache"]["flops"] == report["reference"]["caching_flops"] > 0
     short, long = res["demos"]
-    assert (short["steps"], long["steps"]) == (100, 5000)
-    for cost in res["demos"]:  # nothing runs faster than the matmul peak
-        assert 0 < cost["lower_bound_s"] < cost["estimate_s"]
+    n_eval = len(report["methods"]["uniform"]["curves"]["steps"])
+    assert short["evaluations_per_run"] == n_eval == 40
+    assert short["flops"] == pytest.approx(
+        res["reference"]["flops"] + res["cache"]["flops"]
+        + sum(run_flops[m] + n_eval * res["evaluation"]["flops"] for m in methods), rel=1e-12)
+    for cost in res["demos"]:
+        assert 0 < cost["lower_bound_s"] < cost["estimate_s"]  # nothing beats the matmul peak
     assert long["flops"] > short["flops"]
     text = doc.read_text()
     assert text.startswith("prose\n<!-- demo_budget:start -->\nCommand: ")
     assert text.endswith("<!-- demo_budget:end -->\ntail\n") and "old" not in text
     assert "| 5,000 | 40 |" in text
+    # The verdict reads the budget against both times (T = 40's row comes first).
+    def verdict(budget_s: float) -> str:
+        row = demo_budget.markdown(dict(res, budget_min=budget_s / 60), "cmd").split(
+            f"| {t} | 40 | ")[1]
+        return row.split("\n")[0].rsplit("|", 2)[-2].strip()
+
+    assert verdict(short["lower_bound_s"] / 2) == "no, not even at the peak"
+    assert verdict((short["lower_bound_s"] + short["estimate_s"]) / 2) == \
+        "no, at the measured speed"
+    assert verdict(2 * short["estimate_s"]) == "yes"
+
+
+def test_demo_budget_prices_the_reference_from_a_few_steps(demo_budget):
+    from jestkit.data import load_digits_web
+    from jestkit.training import ReferenceConfig, train_reference
+
+    data = load_digits_web(0, max_len=8)
+    cfg = ReferenceConfig(steps=30, width=16)
+    _, cost = demo_budget.reference_cost(data, cfg, timed_steps=5)
+    _, info = train_reference(data, cfg)
+    assert cost["flops"] == pytest.approx(info["flops"], rel=1e-12)
+    assert cost["steps"] == 30 and cost["timed_steps"] == 5 and cost["s"] > 0
+    _, one = demo_budget.reference_cost(data, dataclasses.replace(cfg, steps=1), timed_steps=5)
+    assert one["timed_steps"] == 1 and one["s"] > 0  # too short to leave out its first step
 
 
 @pytest.mark.parametrize("args, message", [
     (["--workers", "0"], "--workers must be >= 1"),
     (["--steps", "1000", "0"], "--steps must all be >= 1"),
     (["--budget-min", "0"], "--budget-min must be > 0"),
+    (["--check-steps", "-1"], "--check-steps must be >= 0"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
 ])
 def test_demo_budget_refuses_bad_arguments_before_measuring(demo_budget, monkeypatch, capsys,
                                                             args, message):
