@@ -151,12 +151,18 @@ def test_modified_image_is_refused(cache_dir, split):
     images[SUBSET // 2, 0, 16, 16] += 1e-3  # one pixel of one example
     other = dataclasses.replace(split, images=images)
     message = expect_cache_error(lambda: ReferenceCache.open(cache_dir, split=other),
-                                 "does not match", "data content_sha256")
+                                 "does not match", "data content_sha256",
+                                 "same ids, other images or captions")
     assert "count" not in message and "ids_sha256" not in message and "order" not in message
     tokens = split.tokens.clone()
     tokens[0, 0] = tokens[0, 0] % 5 + 1  # one token of one caption
     other = dataclasses.replace(split, tokens=tokens)
     expect_cache_error(lambda: ReferenceCache.open(cache_dir, split=other), "content_sha256")
+    # The same captions padded to another length are other data to the cache (found in
+    # review: the CLI padded to 16, the demo to 8); the error says what that may be.
+    other = dataclasses.replace(split, tokens=split.tokens[:, :8])
+    expect_cache_error(lambda: ReferenceCache.open(cache_dir, split=other), "content_sha256",
+                       "captions padded to another length")
 
 
 def test_same_data_other_order_is_refused(cache_dir, split):
@@ -273,8 +279,46 @@ def test_a_shard_stamped_by_another_build_is_recomputed(tmp_path, built, config,
 def test_building_a_complete_cache_again_leaves_it_alone(cache_dir, model, split):
     # No rewrite: a reader opening it meanwhile never sees it marked incomplete.
     before = snapshot(cache_dir)
-    build_reference_cache(model, split, cache_dir, shard_size=SHARD).verify()
-    assert snapshot(cache_dir) == before
+    cache = build_reference_cache(model, split, cache_dir, shard_size=SHARD)
+    cache.verify()
+    assert snapshot(cache_dir) == before and cache.computed_shards == []
+
+
+def test_a_build_says_which_shards_it_computed(tmp_path, model, split):
+    out = tmp_path / "c"
+    assert build_reference_cache(model, split, out, shard_size=SHARD).computed_shards == \
+        list(range(N_SHARDS))
+    (out / "shard_00004.npy").unlink()
+    assert build_reference_cache(model, split, out, shard_size=SHARD).computed_shards == [4]
+    assert ReferenceCache.open(out).computed_shards == []  # opening computes nothing
+
+
+def test_an_unreadable_manifest_is_named_and_kept_until_overwrite(cache_dir, built, model,
+                                                                  split):
+    manifest = cache_dir / "manifest.json"
+    manifest.write_text(manifest.read_text()[:50])  # truncated
+    before = snapshot(cache_dir)
+    expect_cache_error(lambda: ReferenceCache.open(cache_dir, split=split),
+                       "manifest.json is not valid JSON")
+    expect_cache_error(lambda: build_reference_cache(model, split, cache_dir, shard_size=SHARD),
+                       "manifest.json is not valid JSON", "overwrite")
+    assert snapshot(cache_dir) == before  # nothing touched without overwrite
+    cache = build_reference_cache(model, split, cache_dir, shard_size=SHARD, overwrite=True)
+    assert cache.computed_shards == list(range(N_SHARDS))
+    assert shard_files(cache_dir) == shard_files(built)
+
+
+def test_wrong_argument_types_and_an_out_dir_that_is_a_file(tmp_path, cache_dir, model,
+                                                             split):
+    with pytest.raises(TypeError, match="split must be a jestkit.data.Split"):
+        ReferenceCache.open(cache_dir, split="pool")
+    with pytest.raises(TypeError, match="split must be a jestkit.data.Split"):
+        build_reference_cache(model, "pool", tmp_path / "x")
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        build_reference_cache(model, split, afile, shard_size=SHARD)
+    assert afile.read_text() == "keep me"
 
 
 def test_repeated_ids_are_refused(tmp_path, model, split):
@@ -316,6 +360,7 @@ def rebuild_recomputes_only(out: Path, bad: int, model, split, built: Path) -> N
     with mock.patch.object(model, "encode_image", wraps=model.encode_image) as enc:
         cache = build_reference_cache(model, split, out, shard_size=SHARD)
     assert enc.call_count == 1  # one batch: shard_size <= batch_size
+    assert cache.computed_shards == [bad]
     for k, st in stat.items():
         now = (out / f"shard_{k:05d}.npy").stat()
         assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns), k
@@ -404,9 +449,12 @@ def test_sigkill_mid_build_resumes_to_identical_cache(tmp_path, data):
     command = [sys.executable, "-m", "jestkit.cli", "cache-reference", "--reference", str(ref),
                "--out", str(killed), "--shard-size", "100", "--no-progress"]
 
-    # The uninterrupted build runs in this process (one thread) while the CLI starts up.
+    # The uninterrupted build runs in this process (one thread) while the CLI starts up, on
+    # the data the CLI caches: captions padded as the demo pads them.
+    from jestkit.demo import DEMO_MAX_TEXT_LEN
+    pool = load_digits_web(0, max_len=DEMO_MAX_TEXT_LEN).pool
     uninterrupted = threading.Thread(target=build_reference_cache,
-                                     args=(load_model(ref), data.pool, clean),
+                                     args=(load_model(ref), pool, clean),
                                      kwargs={"shard_size": 100})
     victim = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     uninterrupted.start()
@@ -439,7 +487,9 @@ def test_sigkill_mid_build_resumes_to_identical_cache(tmp_path, data):
 
     resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
-    assert "cached 3500 reference embeddings (dim 32) in 35 shards" in resumed.stdout
+    # It says what it did: computed only the shards the kill left unfinished.
+    assert "3500 reference embeddings (dim 32)" in resumed.stdout
+    assert f"computed {35 - len(kept)} of 35 shards (shards " in resumed.stdout
 
     for name, inode in kept.items():  # finished shards were kept, not recomputed
         assert (killed / name).stat().st_ino == inode, name
@@ -451,7 +501,7 @@ def test_sigkill_mid_build_resumes_to_identical_cache(tmp_path, data):
         assert a[name] == b[name], name
     visible = sorted(p.name for p in killed.iterdir() if not p.name.startswith("."))
     assert visible == sorted(p.name for p in clean.iterdir())
-    ReferenceCache.open(killed, split=data.pool, model=load_model(ref)).verify()
+    ReferenceCache.open(killed, split=pool, model=load_model(ref)).verify()
 
 
 # --- 4. lookups ------------------------------------------------------------------------------

@@ -71,6 +71,16 @@ def test_allow_other_code_needs_resume(fake_demo, capsys):
         ('{"seeds": [-1]}', "seeds must be ints >= 0"),
         ('{"methods": "uniform"}', "methods must be a list of names"),
         ("directory", "cannot read it"),
+        # Wrong types and values name their field, and the block it is in.
+        ('{"learner": {"lr": "1e-3"}}', "learner.lr must be a number, got '1e-3'"),
+        ('{"learner": {"filter_ratio": "0.8"}}', "learner.filter_ratio must be a number"),
+        ('{"learner": {"steps": true}}', "learner.steps must be an int, got True"),
+        ('{"reference": {"steps": 0}}', "reference.steps must be a positive int, got 0"),
+        ('{"learner": {"steps": 0}}', "learner.steps must be a positive int, got 0"),
+        ('{"flexi_multires_fraction": "0.5"}', "flexi_multires_fraction must be a number"),
+        ('{"flexi_score_patch_size": "16"}', "flexi_score_patch_size must be an int, got '16'"),
+        ('{"data_seed": "x"}', "data_seed must be an int"),
+        ('{"data_seed": -1}', "data_seed must be >= 0, got -1"),
     ],
 )
 def test_demo_bad_config_is_a_clear_error_before_any_work(fake_demo, tmp_path, capsys,
@@ -109,6 +119,19 @@ def test_cache_reference_flags(monkeypatch, tmp_path, capsys):
     assert seen["overwrite"] is True and seen["shard_size"] == 7
     assert main(argv) == 2
     assert seen["overwrite"] is False and len(seen["split"]) == 3500
+    # Captions padded as the demo pads them, unless told otherwise: a cache is for one length.
+    from jestkit.demo import DEMO_MAX_TEXT_LEN
+    assert seen["split"].tokens.shape[1] == DEMO_MAX_TEXT_LEN
+    assert main([*argv, "--max-len", "16"]) == 2 and seen["split"].tokens.shape[1] == 16
+    capsys.readouterr()
+    assert main([*argv, "--data-seed", "-1"]) == 2
+    assert "--data-seed must be >= 0, got -1" in capsys.readouterr().err
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    seen.clear()
+    assert main([*argv[:3], "--out", str(afile), "--no-progress"]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+    assert afile.read_text() == "keep me" and not seen
     seen.clear()
     assert main([*argv, "--data", "laion"]) == 2
     assert "digits-web" in capsys.readouterr().err and not seen
@@ -184,3 +207,51 @@ def test_commands_run_outside_the_main_thread(demo_sees_sigterm, tmp_path):
     thread.start()
     thread.join()
     assert codes == [2] and demo_sees_sigterm == [signal.SIG_DFL]
+
+
+def test_cache_reference_makes_the_cache_the_demo_reads_and_says_what_it_computed(
+        tmp_path, capsys):
+    # Found in review: the command padded captions to 16 tokens, the demo to 8, so the cache
+    # the README's command made was refused by the demo's data.
+    from jestkit.cache import ReferenceCache
+    from jestkit.demo import _data
+    from jestkit.models import DualEncoder, save_model
+    from jestkit.training import small_model
+
+    data = _data(0)  # the demo's data, as its workers load it
+    model = DualEncoder(small_model(data.tokenizer.vocab_size, 16, 1), seed=0).eval()
+    save_model(model, tmp_path / "ref.safetensors")
+    out = tmp_path / "cache"
+    argv = ["cache-reference", "--reference", str(tmp_path / "ref.safetensors"), "--out",
+            str(out), "--no-progress"]
+    assert main(argv) == 0
+    assert "computed 7 of 7 shards" in capsys.readouterr().out
+    ReferenceCache.open(out, split=data.pool, model=model).verify()
+    shard = out / "shard_00003.npy"
+    raw = bytearray(shard.read_bytes())
+    raw[-5] ^= 0x10
+    shard.write_bytes(bytes(raw))
+    assert main(argv) == 0
+    assert "computed 1 of 7 shards (shards 3: missing or failing" in capsys.readouterr().out
+    assert main(argv) == 0
+    assert "all 7 shards were there and verified; nothing computed" in capsys.readouterr().out
+
+
+def test_version_and_argument_type_errors(capsys):
+    import jestkit
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out == f"jestkit {jestkit.__version__}\n"
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--workers", "abc"])
+    assert info.value.code == 2
+    assert "invalid positive int value: 'abc'" in capsys.readouterr().err
+
+
+def test_shard_lists_are_printed_as_runs():
+    from jestkit.cli import _ranges
+
+    assert _ranges([3]) == "3"
+    assert _ranges([0, 2, 3, 4, 7]) == "0, 2-4, 7"
+    assert _ranges(list(range(5, 35))) == "5-34"

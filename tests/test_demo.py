@@ -44,6 +44,8 @@ def test_quick_demo_writes_a_complete_report(quick_run):
         assert (quick_run / f).exists(), f
     md = (quick_run / "report.md").read_text()
     assert "Did uniform plateau?" in md and "How much the speed-up varies between seeds" in md
+    # 40 steps, one seed: the report says its speed-ups mean nothing, and why.
+    assert "Fewer than 3 seeds" in md and "too short to learn anything measurable" in md
     # Which code made these numbers: the same in the main process and every worker.
     version = json.loads((quick_run / "code_version.json").read_text())
     assert report["config"]["code_version"] == version
@@ -67,7 +69,21 @@ def test_report_is_rebuilt_from_the_saved_runs(quick_run, tmp_path, capsys):
     # Not a run directory, or a run's curves missing: a clear error, nothing rewritten.
     assert main(["report", str(tmp_path)]) == 2
     assert "neither report.json nor runs/info.json" in capsys.readouterr().err
-    (copy / "runs" / "uniform.json").unlink()
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere does not exist" in capsys.readouterr().err
+    # Damaged per-run curves: errors that name the file (found in review: a KeyError and
+    # JSON errors that named no file).
+    runs = copy / "runs" / "uniform.json"
+    good = runs.read_text()
+    for content, message in (("{}", "holds a JSON dict, expected a list of runs"),
+                             ("[]", "holds no runs"),
+                             (good[:200], "is not valid JSON"),
+                             ('[{"steps": [1]}]', "run 0 lacks ['config', 'zero_shot_accuracy'")):
+        runs.write_text(content)
+        assert main(["report", str(copy)]) == 2
+        err = capsys.readouterr().err
+        assert "uniform.json" in err and message in err, (content, err)
+    runs.unlink()
     assert main(["report", str(copy)]) == 2
     assert "uniform.json" in capsys.readouterr().err
     assert (copy / "report.json").read_bytes() == rebuilt

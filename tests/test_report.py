@@ -242,3 +242,19 @@ def test_steps_to_reach_levels():
     # uniform's step / the method's; no ratio where uniform never gets there.
     assert table["methods"]["fast"]["iteration_speedup"] == [5.0, 3.0, None, None]
     assert table["methods"]["uniform"]["iteration_speedup"] == [1.0, 1.0, None, None]
+
+
+def test_caveats_say_when_speed_ups_mean_little():
+    from jestkit.report import caveats
+
+    def report(n_seeds, curve):
+        uniform = {"n_seeds": n_seeds, "target_accuracy": 0.5,
+                   "curves": {"steps": [10, 20, 30], "zero_shot_accuracy": curve}}
+        return {"methods": {"uniform": uniform, "learnability-joint": {**uniform}}}
+
+    assert caveats(report(3, [0.1, 0.3, 0.5])) == []
+    assert [c[:22] for c in caveats(report(2, [0.1, 0.3, 0.5]))] == ["Fewer than 3 seeds: th"]
+    # Uniform at its final accuracy from the first evaluation: it learned nothing measurable
+    # (the quick demo's 40 steps), so every method "reaches" the target at once.
+    (only,) = caveats(report(3, [0.52, 0.49, 0.5]))
+    assert "from its first evaluation (step 10)" in only and "meaningless" in only

@@ -646,7 +646,8 @@ def test_joint_select_bad_input(scores, kwargs, error, match):
         (dict(filter_ratio=0.5, batch_size=4), "exactly one of filter_ratio"),
         (dict(batch_size=0), "batch_size must be >= 1"),
         (dict(batch_size=4, n_chunks=5), r"n_chunks must be in \[1, batch_size=4\]"),
-        (dict(batch_size=4, n_chunks=0), r"n_chunks must be in \[1"),
+        (dict(batch_size=4, n_chunks=0), r"n_chunks must be >= 1, got 0"),
+        (dict(filter_ratio=0.8, n_chunks=0), r"n_chunks must be >= 1, got 0"),
         (dict(batch_size=4, criterion="learnabilty"), "criterion must be one of"),
         (dict(batch_size=4, loss="hinge"), "loss must be one of"),
         (dict(batch_size=4, selection="greedy"), "selection must be one of"),
@@ -680,8 +681,15 @@ def test_selector_bad_embeddings():
         sel("embeddings", ref)
     with pytest.raises(ValueError, match=r"batch_size must be in \[1, 3\]"):
         JointSelector(batch_size=4, n_chunks=2)(model_embeddings(3), model_embeddings(3, seed=1))
-    with pytest.raises(ValueError, match="n_chunks must be in"):
-        JointSelector(filter_ratio=0.9, n_chunks=16)(lrn, ref)  # b = 2 < 16
+    # b = round(16 * 0.1) = 2 < 16 chunks: the error says why and which N would do.
+    with pytest.raises(ValueError, match=r"N = 16 keeps b = .*filter_ratio=0.9.* = 2 examples, "
+                                         r"fewer than n_chunks = 16: give at least N = 156"):
+        JointSelector(filter_ratio=0.9, n_chunks=16)(lrn, ref)
+    # The README's numbers: at f = 0.8, N = 77 keeps 15 < 16, N = 78 keeps 16.
+    with pytest.raises(ValueError, match="give at least N = 78"):
+        JointSelector(filter_ratio=0.8)(model_embeddings(77), model_embeddings(77, seed=1))
+    assert len(JointSelector(filter_ratio=0.8)(model_embeddings(78),
+                                                model_embeddings(78, seed=1))) == 16
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

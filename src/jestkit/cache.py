@@ -88,6 +88,36 @@ def _differences(expected: dict, found: dict, what: str) -> list[str]:
             for key, value in expected.items() if found.get(key) != value]
 
 
+def _data_hint(expected: dict, found: dict) -> list[str]:
+    """What two data fingerprints' differences mean, when they can say more than hashes."""
+    if not isinstance(found, dict) or found.get("count") != expected["count"]:
+        return []
+    same_ids = found.get("ids_sha256") == expected["ids_sha256"]
+    same_content = found.get("content_sha256") == expected["content_sha256"]
+    if same_content and not same_ids:
+        return ["(same examples, in another order)"]
+    if same_ids and not same_content:
+        return ["(same ids, other images or captions: e.g. another data seed's noise, or "
+                "captions padded to another length)"]
+    return []
+
+
+def _check_split(split: object) -> None:
+    if not isinstance(split, Split):
+        raise TypeError(f"split must be a jestkit.data.Split (e.g. data.pool), got "
+                        f"{type(split).__name__} {split!r:.40}")
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CacheError(f"{path} is not valid JSON (truncated or altered?): {err}") from None
+    if not isinstance(manifest, dict):
+        raise CacheError(f"{path} is not a {FORMAT} manifest")
+    return manifest
+
+
 # --- atomic files ----------------------------------------------------------------------------
 
 
@@ -130,11 +160,14 @@ def build_reference_cache(
     Resumes an interrupted build of the same data and model (keeping every shard whose
     checksum verifies and whose stamp names this build); a complete, verified cache of the
     same data and model is returned as it is. A directory holding a cache of *other* data or
-    another model, or shards without a manifest, is refused unless `overwrite`, so nothing
-    computed is lost by a typo. ``split.ids`` must be unique (lookups go by id).
+    another model, an unreadable manifest, or shards without a manifest, is refused unless
+    `overwrite`, so nothing computed is lost by a typo. ``split.ids`` must be unique (lookups
+    go by id).
 
-    Returns the opened, verified cache.
+    Returns the opened, verified cache; its ``computed_shards`` lists the shards this call
+    computed (missing, corrupt, or of another build), empty when all were reused.
     """
+    _check_split(split)
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size must be an int >= 1, got {shard_size!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -145,6 +178,8 @@ def build_reference_cache(
         # Lookups go by id: a repeated id would silently return one row's embedding for both.
         raise ValueError(f"split.ids must be unique to cache by id; found {repeats} repeats")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     manifest = {
@@ -160,9 +195,16 @@ def build_reference_cache(
     manifest_path = out / "manifest.json"
     identity = {k: v for k, v in manifest.items() if k not in ("complete", "shards")}
     if manifest_path.exists():
-        old = json.loads(manifest_path.read_text())
+        try:
+            old = _read_manifest(manifest_path)
+        except CacheError as err:
+            if not overwrite:
+                raise CacheError(f"{err}; pass overwrite=True (--overwrite) to rebuild the "
+                                 f"cache") from None
+            old = {}  # differs in everything: every shard is deleted and rebuilt
         diffs = [f"{k}: cache has {old.get(k)!r}, now {v!r}" for k, v in identity.items()
                  if old.get(k) != v]
+        diffs += _data_hint(identity["data"], old.get("data"))
         if diffs and not overwrite:
             raise CacheError(f"{out} holds a cache of other data or another model; pass "
                              f"overwrite=True (--overwrite) to replace it. Differences: "
@@ -174,7 +216,7 @@ def build_reference_cache(
             try:  # already built: leave the complete cache (and its readers) alone
                 cache = ReferenceCache.open(out, split=split, model=model)
                 cache.verify()
-                return cache
+                return cache  # computed_shards == []
             except CacheError:
                 pass  # a shard is bad: rebuild what is missing or corrupt below
     elif any(out.glob("shard_*")):
@@ -191,7 +233,7 @@ def build_reference_cache(
     # Each shard's sidecar holds its checksum *and* the build it belongs to (data, model,
     # shard size, index): a shard is reused only by a build of the same data and model.
     build = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-    checksums = []
+    checksums, computed = [], []
     for k in range(manifest["n_shards"]):
         path = out / _shard_name(k)
         sidecar = path.with_name(path.name + ".sha256")
@@ -211,13 +253,16 @@ def build_reference_cache(
             digest = hashlib.sha256(data).hexdigest()
             atomic_write(sidecar, f"{digest} {build} {k}".encode())
             checksums.append(digest)
+            computed.append(k)
         if progress:
             progress(k + 1, manifest["n_shards"])
     manifest["shards"] = checksums
     manifest["ids_sha256_file"] = _sha256_file(out / "ids.npy")
     manifest["complete"] = True
     atomic_write(manifest_path, json.dumps(manifest, indent=1).encode())
-    return ReferenceCache.open(out, split=split, model=model)
+    cache = ReferenceCache.open(out, split=split, model=model)
+    cache.computed_shards = computed
+    return cache
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -238,6 +283,7 @@ class ReferenceCache:
         if (self._sorted_ids[1:] == self._sorted_ids[:-1]).any():
             raise CacheError(f"{root / 'ids.npy'} repeats example ids; a cache needs unique ids")
         self._shards: dict[int, np.ndarray] = {}  # verified, memory-mapped
+        self.computed_shards: list[int] = []  # set by build_reference_cache
 
     @classmethod
     def open(cls, root: str | os.PathLike, *, split: Split | None = None,
@@ -252,11 +298,13 @@ class ReferenceCache:
             CacheError naming every difference, an incomplete build, or a missing or
             truncated shard (checksums of shard contents are verified on first use).
         """
+        if split is not None:
+            _check_split(split)
         root = Path(root)
         path = root / "manifest.json"
         if not path.exists():
             raise CacheError(f"no reference cache at {root} (missing manifest.json)")
-        manifest = json.loads(path.read_text())
+        manifest = _read_manifest(path)
         if manifest.get("format") != FORMAT:
             raise CacheError(f"{path} is not a {FORMAT} manifest")
         if not manifest.get("complete"):
@@ -266,9 +314,7 @@ class ReferenceCache:
         if split is not None:
             found = data_fingerprint(split)
             diffs += _differences(found, manifest["data"], "data")
-            if (found["content_sha256"] == manifest["data"]["content_sha256"]
-                    and found["ids_sha256"] != manifest["data"]["ids_sha256"]):
-                diffs.append("(same examples, in another order)")
+            diffs += _data_hint(found, manifest["data"])
         if model is not None:
             diffs += _differences(model_identity(model), manifest["model"], "model")
         if diffs:

@@ -9,6 +9,9 @@ import sys
 import threading
 from pathlib import Path
 
+from jestkit import __version__
+from jestkit.demo import DEMO_MAX_TEXT_LEN
+
 
 def _demo(args: argparse.Namespace) -> int:
     from jestkit.demo import DemoConfig, print_summary, run_demo
@@ -56,17 +59,39 @@ def _cache_reference(args: argparse.Namespace) -> int:
 
     if args.data != "digits-web":
         raise ValueError(f"--data must be 'digits-web' (the built-in set), got {args.data!r}")
-    data = load_digits_web(args.data_seed)
+    if args.data_seed < 0:
+        raise ValueError(f"--data-seed must be >= 0, got {args.data_seed}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    # Captions padded as the demo pads them (--max-len): the cache fingerprints the tokens,
+    # so a cache of the same captions at another length is another data set to it.
+    data = load_digits_web(args.data_seed, max_len=args.max_len)
     split = getattr(data, args.split)
     model = load_model(args.reference)
-    with tqdm(total=-(-len(split) // args.shard_size), desc="shards",
-              disable=args.no_progress) as bar:
-        cache = build_reference_cache(model, split, args.out, shard_size=args.shard_size,
+    n_shards = -(-len(split) // args.shard_size)
+    with tqdm(total=n_shards, desc="shards", disable=args.no_progress) as bar:
+        cache = build_reference_cache(model, split, out, shard_size=args.shard_size,
                                       overwrite=args.overwrite,
                                       progress=lambda done, total: bar.update(1))
-    print(f"cached {len(cache)} reference embeddings (dim {cache.embed_dim}) in "
-          f"{cache.manifest['n_shards']} shards at {args.out}")
+    computed = cache.computed_shards
+    done = (f"computed {len(computed)} of {n_shards} shards" if computed else
+            f"all {n_shards} shards were there and verified; nothing computed")
+    if computed and len(computed) < n_shards:
+        done += f" (shards {_ranges(computed)}: missing or failing their checks)"
+    print(f"{len(cache)} reference embeddings (dim {cache.embed_dim}) at {out}: {done}")
     return 0
+
+
+def _ranges(numbers: list[int]) -> str:
+    """Sorted ints as runs: [0, 2, 3, 4, 7] -> "0, 2-4, 7"."""
+    runs: list[list[int]] = []
+    for k in numbers:
+        if runs and k == runs[-1][1] + 1:
+            runs[-1][1] = k
+        else:
+            runs.append([k, k])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _positive_int(text: str) -> int:
@@ -76,8 +101,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
+_positive_int.__name__ = "positive int"  # argparse names the type in its errors
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jestkit", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"jestkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train reference + learners with every method on "
                                        "digits-web and report the speed-ups")
@@ -108,12 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--reference", required=True, help="reference checkpoint (.safetensors)")
     cache.add_argument("--out", required=True, help="cache directory (resumed if interrupted)")
     cache.add_argument("--data", default="digits-web", help="data set (default digits-web)")
-    cache.add_argument("--split", default="pool", choices=("pool", "curated", "test"))
-    cache.add_argument("--data-seed", type=int, default=0)
-    cache.add_argument("--shard-size", type=_positive_int, default=512)
+    cache.add_argument("--split", default="pool", choices=("pool", "curated", "test"),
+                       help="which split to embed (default pool, the one JEST selects from)")
+    cache.add_argument("--data-seed", type=int, default=0,
+                       help="the data set's seed, as the demo config's data_seed (default 0)")
+    cache.add_argument("--max-len", type=_positive_int, default=DEMO_MAX_TEXT_LEN,
+                       help=f"caption length in tokens (default {DEMO_MAX_TEXT_LEN}, as the "
+                            f"demo pads them; a cache is made for one length)")
+    cache.add_argument("--shard-size", type=_positive_int, default=512,
+                       help="examples per shard file (default 512)")
     cache.add_argument("--overwrite", action="store_true",
                        help="replace a cache of other data or another model")
-    cache.add_argument("--no-progress", action="store_true")
+    cache.add_argument("--no-progress", action="store_true", help="no progress bar")
     cache.set_defaults(func=_cache_reference)
     return parser
 

@@ -38,10 +38,11 @@ from jestkit.data import IMAGE_SIZE, NOISE_FRACTIONS, load_digits_web
 from jestkit.flops import count_flops
 from jestkit.models import load_model, model_fingerprint, patch_sizes, save_model
 from jestkit.provenance import code_version, describe_version
-from jestkit.report import build_report, summary_table, write_report
+from jestkit.report import build_report, caveats, summary_table, write_report
 from jestkit.training import (
     LearnerConfig,
     ReferenceConfig,
+    check_field_types,
     train_learner,
     train_reference,
 )
@@ -113,7 +114,10 @@ class DemoConfig:
                 if set(d[key]) - allowed:
                     raise ValueError(f"unknown {key} config fields {sorted(set(d[key]) - allowed)}"
                                      f"; allowed: {sorted(allowed)}")
-                d[key] = block_cls(**d[key])
+                try:
+                    d[key] = block_cls(**d[key])
+                except ValueError as err:  # name the block: both have steps, lr, width...
+                    raise ValueError(f"{key}.{err}") from None
         for key, kind in (("seeds", "ints"), ("methods", "names")):
             if key in d:
                 if not isinstance(d[key], (list, tuple)):
@@ -122,6 +126,13 @@ class DemoConfig:
         return cls(**d)
 
     def __post_init__(self) -> None:
+        check_field_types(self)
+        if self.data_seed < 0:
+            raise ValueError(f"data_seed must be >= 0, got {self.data_seed}")
+        for key, block_cls in (("learner", LearnerConfig), ("reference", ReferenceConfig)):
+            if not isinstance(getattr(self, key), block_cls):
+                raise ValueError(f"{key} must be a {block_cls.__name__}, got "
+                                 f"{getattr(self, key)!r}")
         names = {name for name, *_ in DEMO_METHODS}
         unknown = [m for m in self.methods if m not in names]
         if unknown or "uniform" not in self.methods:
@@ -608,6 +619,8 @@ def _distinct(values: list) -> list:
 
 def print_summary(report: dict) -> None:
     print(summary_table(report))
+    for caveat in caveats(report):
+        print(f"\n{caveat}")
     p = report["plateau"]
     print(f"\nuniform moved {p['moved_points']:+.2f} points over its last quarter "
           f"({'plateaued' if p['plateaued'] else 'NOT plateaued'}); "

@@ -224,6 +224,22 @@ def _fmt_selection(per_step: dict) -> str:
     return "n/a" if "selection" not in per_step else f"{per_step['selection'] / 1e9:.3f} G"
 
 
+def caveats(report: dict) -> list[str]:
+    """Why a report's speed-ups may mean little (report.md and the CLI print these)."""
+    out = []
+    if min(m["n_seeds"] for m in report["methods"].values()) < 3:
+        out.append("Fewer than 3 seeds: the protocol asks for at least 3; these numbers carry "
+                   "no spread and mean little.")
+    uniform = report["methods"]["uniform"]
+    curve = uniform["curves"]["zero_shot_accuracy"]
+    if _first_reaching(curve, uniform["target_accuracy"]) == 0:
+        out.append(f"Uniform's seed-averaged curve is at its final accuracy "
+                   f"({100 * uniform['target_accuracy']:.1f}%) from its first evaluation "
+                   f"(step {uniform['curves']['steps'][0]}): the run is too short to learn "
+                   f"anything measurable, so the speed-ups here are meaningless.")
+    return out
+
+
 def summary_table(report: dict) -> str:
     """The markdown summary table (also what the CLI prints)."""
     lines = [
@@ -401,9 +417,7 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
         "",
         summary_table(report),
         "",
-        *([] if min(m["n_seeds"] for m in report["methods"].values()) >= 3
-          else ["Fewer than 3 seeds: the protocol asks for at least 3; these numbers carry no "
-                "spread and mean little.", ""]),
+        *[line for caveat in caveats(report) for line in (caveat, "")],
         *([] if all(m.get("selection_counted", True) for m in report["methods"].values())
           else ["Selection n/a: these runs were saved before the selector's own matmuls were "
                 "counted, so their compute speed-ups leave those FLOPs out.", ""]),
@@ -447,6 +461,22 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
 
 
 
+_RUN_KEYS = ("config", "steps", "zero_shot_accuracy", "i2t_recall", "t2i_recall",
+             "cumulative_flops", "clean_fraction")
+
+
+def _read_json(path: Path, kind: type) -> dict | list:
+    """A JSON file's content, which must be a `kind`; errors name the file."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON (truncated or altered?): {err}") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, expected a "
+                         f"{'list of runs' if kind is list else 'JSON object'}")
+    return value
+
+
 def rebuild_report(run_dir: str | os.PathLike) -> dict:
     """Rebuild a demo run directory's report (report.json, report.md, plots) from the per-run
     curves it saved in runs/<method>.json, with this version's report code. The reference
@@ -454,13 +484,15 @@ def rebuild_report(run_dir: str | os.PathLike) -> dict:
     where no report was written (a demo whose report failed); the new files are written only
     once the report is built."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} does not exist or is not a directory")
     old_path = run_dir / "report.json"
     if not old_path.is_file():
         old_path = run_dir / "runs" / "info.json"
     if not old_path.is_file():
         raise FileNotFoundError(f"{run_dir} has neither report.json nor runs/info.json: not a "
                                 f"`jestkit demo` run directory")
-    old = json.loads(old_path.read_text())
+    old = _read_json(old_path, dict)
     old.setdefault("methods", old.get("config", {}).get("methods"))
     missing = [k for k in ("methods", "reference", "config") if not old.get(k)]
     if missing:
@@ -470,7 +502,14 @@ def rebuild_report(run_dir: str | os.PathLike) -> dict:
         path = run_dir / "runs" / f"{name}.json"
         if not path.is_file():
             raise FileNotFoundError(f"missing per-run curves {path}")
-        runs[name] = json.loads(path.read_text())
+        runs[name] = _read_json(path, list)
+        if not runs[name]:
+            raise ValueError(f"{path} holds no runs")
+        for seed, run in enumerate(runs[name]):
+            lacking = [k for k in _RUN_KEYS if not isinstance(run, dict) or k not in run]
+            if lacking:
+                raise ValueError(f"{path}: run {seed} lacks {lacking}: not curves saved by "
+                                 f"`jestkit demo`")
     report = build_report(runs, old["reference"], old["config"])
     # config.code_version made the runs; this code made the report from their curves.
     report["rebuilt_by"] = code_version()

@@ -627,8 +627,9 @@ class JointSelector:
         if batch_size is not None and _check_int(batch_size, "batch_size") < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         n_chunks = _check_int(n_chunks, "n_chunks")
-        if n_chunks < 1 or (selection == "joint" and batch_size is not None
-                            and n_chunks > batch_size):
+        if n_chunks < 1:
+            raise ValueError(f"n_chunks must be >= 1, got {n_chunks}")
+        if selection == "joint" and batch_size is not None and n_chunks > batch_size:
             raise ValueError(f"n_chunks must be in [1, batch_size={batch_size}], got {n_chunks}")
         if _check_int(max_block_elements, "max_block_elements") < 1:
             raise ValueError(f"max_block_elements must be >= 1, got {max_block_elements}")
@@ -714,7 +715,15 @@ class JointSelector:
         device = next(iter(models.values())).device
         b = self.sub_batch_size(n)
         if self.selection == "joint" and self.n_chunks > b:
-            raise ValueError(f"n_chunks must be in [1, batch_size={b}], got {self.n_chunks}")
+            if self.filter_ratio is None:
+                raise ValueError(f"n_chunks must be in [1, batch_size={b}], got {self.n_chunks}")
+            # The usual cause is a super-batch too small for the filter ratio: say so.
+            start = max(n, math.ceil((self.n_chunks - 0.5) / (1 - self.filter_ratio)) - 2)
+            least = next(m for m in range(start, start + 8)
+                         if self.sub_batch_size(m) >= self.n_chunks)
+            raise ValueError(f"a super-batch of N = {n} keeps b = round(N * (1 - filter_ratio"
+                             f"={self.filter_ratio})) = {b} examples, fewer than n_chunks = "
+                             f"{self.n_chunks}: give at least N = {least}, or fewer chunks")
 
         if self.criterion == "uniform":  # all sub-batches score alike: skip the maths
             return uniform_select(n, b, generator=generator, device=device)

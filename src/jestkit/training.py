@@ -89,6 +89,7 @@ class ReferenceConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         _check_positive(self, ("steps", "batch_size", "width", "text_width", "text_heads",
                                 "depth"))
         _check_heads(self)
@@ -120,6 +121,7 @@ class LearnerConfig:
     multires_fraction: float = 0.0  # share of each sub-batch trained at score_patch_size
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
         if self.selection not in SELECTIONS:
@@ -171,6 +173,20 @@ class LearnerConfig:
     def name(self) -> str:
         """The method's name in reports: uniform, or criterion-selection."""
         return "uniform" if self.method == "uniform" else f"{self.method}-{self.selection}"
+
+
+_FIELD_KINDS = {"int": (int,), "float": (int, float), "str": (str,)}
+_KIND_NAMES = {"int": "an int", "float": "a number", "str": "a string"}
+
+
+def check_field_types(cfg) -> None:
+    """Refuse a config field of the wrong type (a JSON config can say "lr": "1e-3"), with its
+    name, before a comparison deep inside fails with a TypeError. bool is not a number here."""
+    for f in dataclasses.fields(cfg):
+        kinds = _FIELD_KINDS.get(f.type)  # annotations are strings (postponed evaluation)
+        value = getattr(cfg, f.name)
+        if kinds and (isinstance(value, bool) or not isinstance(value, kinds)):
+            raise ValueError(f"{f.name} must be {_KIND_NAMES[f.type]}, got {value!r}")
 
 
 def _check_positive(cfg, names) -> None:
