@@ -75,7 +75,7 @@ def test_report_is_rebuilt_from_the_saved_runs(quick_run, tmp_path, capsys):
     # JSON errors that named no file).
     runs = copy / "runs" / "uniform.json"
     good = runs.read_text()
-    for content, message in (("{}", "holds a JSON dict, expected a list of runs"),
+    for content, message in (("{}", "holds a JSON object, expected an array of runs"),
                              ("[]", "holds no runs"),
                              (good[:200], "is not valid JSON"),
                              ('[{"steps": [1]}]', "run 0 lacks ['config', 'zero_shot_accuracy'")):

@@ -460,7 +460,6 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
             **{p: out / p for p in pngs}}
 
 
-
 _RUN_KEYS = ("config", "steps", "zero_shot_accuracy", "i2t_recall", "t2i_recall",
              "cumulative_flops", "clean_fraction")
 
@@ -472,8 +471,9 @@ def _read_json(path: Path, kind: type) -> dict | list:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON (truncated or altered?): {err}") from None
     if not isinstance(value, kind):
-        raise ValueError(f"{path} holds a JSON {type(value).__name__}, expected a "
-                         f"{'list of runs' if kind is list else 'JSON object'}")
+        json_name = {dict: "object", list: "array"}.get(type(value), type(value).__name__)
+        raise ValueError(f"{path} holds a JSON {json_name}, expected "
+                         f"{'an array of runs' if kind is list else 'an object'}")
     return value
 
 
@@ -505,10 +505,10 @@ def rebuild_report(run_dir: str | os.PathLike) -> dict:
         runs[name] = _read_json(path, list)
         if not runs[name]:
             raise ValueError(f"{path} holds no runs")
-        for seed, run in enumerate(runs[name]):
+        for i, run in enumerate(runs[name]):
             lacking = [k for k in _RUN_KEYS if not isinstance(run, dict) or k not in run]
             if lacking:
-                raise ValueError(f"{path}: run {seed} lacks {lacking}: not curves saved by "
+                raise ValueError(f"{path}: run {i} lacks {lacking}: not curves saved by "
                                  f"`jestkit demo`")
     report = build_report(runs, old["reference"], old["config"])
     # config.code_version made the runs; this code made the report from their curves.
