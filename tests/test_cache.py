@@ -308,6 +308,41 @@ def test_an_unreadable_manifest_is_named_and_kept_until_overwrite(cache_dir, bui
     assert shard_files(cache_dir) == shard_files(built)
 
 
+@pytest.mark.parametrize("damage", ["no ids checksum", "short shard list", "data not an object"])
+def test_a_damaged_manifest_is_named_and_rebuilt_only_with_overwrite(cache_dir, built, model,
+                                                                     split, damage):
+    # Valid JSON that still matches the data and model, but lacks what a reader needs: a
+    # CacheError naming the file (found in review: a KeyError, and --overwrite did not help).
+    path = cache_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    if damage == "no ids checksum":
+        del manifest["ids_sha256_file"]
+    elif damage == "short shard list":
+        manifest["shards"] = manifest["shards"][:-1]
+    else:
+        manifest["data"] = "pool"
+    path.write_text(json.dumps(manifest))
+    before = snapshot(cache_dir)
+    expect_cache_error(lambda: ReferenceCache.open(cache_dir, split=split), "manifest.json",
+                       "damaged")
+    expect_cache_error(lambda: build_reference_cache(model, split, cache_dir, shard_size=SHARD),
+                       "damaged", "overwrite")
+    assert snapshot(cache_dir) == before
+    build_reference_cache(model, split, cache_dir, shard_size=SHARD, overwrite=True).verify()
+    assert shard_files(cache_dir) == shard_files(built)
+    assert path.read_bytes() == (built / "manifest.json").read_bytes()
+
+
+def test_captions_longer_than_the_model_takes_are_refused_before_writing(tmp_path, model, data):
+    from jestkit.data import load_digits_web as load
+
+    long_captions = load(0, max_len=model.config.max_text_len + 4).pool
+    with pytest.raises(ValueError, match=r"captions have 20 tokens, more than the model takes "
+                                         r"\(max_text_len=16\)"):
+        build_reference_cache(model, long_captions, tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+
+
 def test_wrong_argument_types_and_an_out_dir_that_is_a_file(tmp_path, cache_dir, model,
                                                              split):
     with pytest.raises(TypeError, match="split must be a jestkit.data.Split"):
@@ -489,7 +524,9 @@ def test_sigkill_mid_build_resumes_to_identical_cache(tmp_path, data):
     assert resumed.returncode == 0, resumed.stderr
     # It says what it did: computed only the shards the kill left unfinished.
     assert "3500 reference embeddings (dim 32)" in resumed.stdout
-    assert f"computed {35 - len(kept)} of 35 shards (shards " in resumed.stdout
+    from jestkit.cli import _ranges
+    assert (f"computed {35 - len(kept)} of 35 shards (shards {_ranges(list(range(len(kept), 35)))}"
+            f": missing or failing" in resumed.stdout)
 
     for name, inode in kept.items():  # finished shards were kept, not recomputed
         assert (killed / name).stat().st_ino == inode, name

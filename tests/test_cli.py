@@ -81,6 +81,11 @@ def test_allow_other_code_needs_resume(fake_demo, capsys):
         ('{"flexi_score_patch_size": "16"}', "flexi_score_patch_size must be an int, got '16'"),
         ('{"data_seed": "x"}', "data_seed must be an int"),
         ('{"data_seed": -1}', "data_seed must be >= 0, got -1"),
+        ('{"flexi_multires_fraction": 2.0}', r"flexi_multires_fraction must be in \[0, 1\]"),
+        ('{"methods": [["uniform"]]}', "methods must be a list of names"),
+        # Checked as the JEST runs use the learner block (its method is set per run).
+        ('{"learner": {"method": "uniform", "n_chunks": 100}}',
+         r"learner.n_chunks must be in \[1, batch_size=64\], got 100 \(as the JEST methods"),
     ],
 )
 def test_demo_bad_config_is_a_clear_error_before_any_work(fake_demo, tmp_path, capsys,
@@ -104,7 +109,10 @@ def test_cache_reference_flags(monkeypatch, tmp_path, capsys):
     import jestkit.models
 
     seen = {}
-    monkeypatch.setattr(jestkit.models, "load_model", lambda path: "MODEL")
+    from types import SimpleNamespace
+
+    reference = SimpleNamespace(config=SimpleNamespace(max_text_len=16))  # what the CLI reads
+    monkeypatch.setattr(jestkit.models, "load_model", lambda path: reference)
 
     def fake(model, split, out, **kwargs):
         seen.update(split=split, out=out, **kwargs)
@@ -126,9 +134,11 @@ def test_cache_reference_flags(monkeypatch, tmp_path, capsys):
     capsys.readouterr()
     assert main([*argv, "--data-seed", "-1"]) == 2
     assert "--data-seed must be >= 0, got -1" in capsys.readouterr().err
+    seen.clear()
+    assert main([*argv, "--max-len", "20"]) == 2  # longer than the reference takes
+    assert "--max-len must be in [1, 16]" in capsys.readouterr().err and not seen
     afile = tmp_path / "afile"
     afile.write_text("keep me")
-    seen.clear()
     assert main([*argv[:3], "--out", str(afile), "--no-progress"]) == 2
     assert "exists and is not a directory" in capsys.readouterr().err
     assert afile.read_text() == "keep me" and not seen

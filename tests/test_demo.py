@@ -44,8 +44,7 @@ def test_quick_demo_writes_a_complete_report(quick_run):
         assert (quick_run / f).exists(), f
     md = (quick_run / "report.md").read_text()
     assert "Did uniform plateau?" in md and "How much the speed-up varies between seeds" in md
-    # 40 steps, one seed: the report says its speed-ups mean nothing, and why.
-    assert "Fewer than 3 seeds" in md and "too short to learn anything measurable" in md
+    assert "Fewer than 3 seeds" in md  # one seed: the report says its numbers mean little
     # Which code made these numbers: the same in the main process and every worker.
     version = json.loads((quick_run / "code_version.json").read_text())
     assert report["config"]["code_version"] == version
@@ -78,11 +77,17 @@ def test_report_is_rebuilt_from_the_saved_runs(quick_run, tmp_path, capsys):
     for content, message in (("{}", "holds a JSON object, expected an array of runs"),
                              ("[]", "holds no runs"),
                              (good[:200], "is not valid JSON"),
-                             ('[{"steps": [1]}]', "run 0 lacks ['config', 'zero_shot_accuracy'")):
+                             ('[{"steps": [1]}]', "run 0 lacks ['config', 'zero_shot_accuracy'"),
+                             ("null", "holds a JSON null, expected an array of runs")):
         runs.write_text(content)
         assert main(["report", str(copy)]) == 2
         err = capsys.readouterr().err
         assert "uniform.json" in err and message in err, (content, err)
+    # Well-formed files whose content the report cannot use: the run directory is named.
+    runs.write_text(json.dumps([{**json.loads(good)[0], "config": {}}]))
+    assert main(["report", str(copy)]) == 2
+    assert f"{copy}: the saved runs or report do not hold what `jestkit demo` writes " \
+           f"(KeyError" in capsys.readouterr().err
     runs.unlink()
     assert main(["report", str(copy)]) == 2
     assert "uniform.json" in capsys.readouterr().err

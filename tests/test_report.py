@@ -257,4 +257,4 @@ def test_caveats_say_when_speed_ups_mean_little():
     # Uniform at its final accuracy from the first evaluation: it learned nothing measurable
     # (the quick demo's 40 steps), so every method "reaches" the target at once.
     (only,) = caveats(report(3, [0.52, 0.49, 0.5]))
-    assert "from its first evaluation (step 10)" in only and "meaningless" in only
+    assert "at its first evaluation (step 10)" in only and "meaningless" in only

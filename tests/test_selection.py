@@ -682,8 +682,9 @@ def test_selector_bad_embeddings():
     with pytest.raises(ValueError, match=r"batch_size must be in \[1, 3\]"):
         JointSelector(batch_size=4, n_chunks=2)(model_embeddings(3), model_embeddings(3, seed=1))
     # b = round(16 * 0.1) = 2 < 16 chunks: the error says why and which N would do.
-    with pytest.raises(ValueError, match=r"N = 16 keeps b = .*filter_ratio=0.9.* = 2 examples, "
-                                         r"fewer than n_chunks = 16: give at least N = 156"):
+    with pytest.raises(ValueError, match=r"N = 16 keeps b = 2 examples \(round\(N \* \(1 - "
+                                         r"filter_ratio=0.9\)\), at least 1\), fewer than "
+                                         r"n_chunks = 16: give at least N = 156"):
         JointSelector(filter_ratio=0.9, n_chunks=16)(lrn, ref)
     # The README's numbers: at f = 0.8, N = 77 keeps 15 < 16, N = 78 keeps 16.
     with pytest.raises(ValueError, match="give at least N = 78"):

@@ -633,3 +633,22 @@ def test_multiresolution_training_from_a_finer_base_patch(data, reference):
         return count_flops(lambda: model.encode_image(images[:8], patch).sum().backward())
 
     assert train == cfg.steps * (full - image_fwd_bwd(4) + image_fwd_bwd(8))
+
+
+def test_every_config_field_has_its_type_checked_or_is_a_known_composite():
+    # check_field_types reads the annotations: a field whose annotation it does not know
+    # (say, a future `int | None`) would go unchecked without this test failing.
+    import dataclasses
+
+    from jestkit.demo import DemoConfig
+    from jestkit.training import _FIELD_KINDS, check_field_types
+
+    composite = {("DemoConfig", "seeds"), ("DemoConfig", "methods"),
+                 ("DemoConfig", "learner"), ("DemoConfig", "reference")}
+    for cls in (LearnerConfig, ReferenceConfig, DemoConfig):
+        for f in dataclasses.fields(cls):
+            assert f.type in _FIELD_KINDS or (cls.__name__, f.name) in composite, (cls, f)
+    check_field_types(LearnerConfig(lr=1))  # an int is a number
+    for bad in (dict(lr="1e-3"), dict(steps=1000.0), dict(seed=True), dict(method=3)):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be"):
+            LearnerConfig(**bad)

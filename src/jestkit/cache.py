@@ -98,7 +98,8 @@ def _data_hint(expected: dict, found: dict) -> list[str]:
         return ["(same examples, in another order)"]
     if same_ids and not same_content:
         return ["(same ids, other images or captions: e.g. another data seed's noise, or "
-                "captions padded to another length)"]
+                "captions padded to another length; `jestkit cache-reference` takes the "
+                "data's --data-seed and --max-len)"]
     return []
 
 
@@ -108,13 +109,28 @@ def _check_split(split: object) -> None:
                         f"{type(split).__name__} {split!r:.40}")
 
 
+_MANIFEST_KEYS = {"format": str, "data": dict, "model": dict, "logit_scale": float,
+                  "logit_bias": float, "shard_size": int, "n_shards": int, "complete": bool}
+_COMPLETE_KEYS = {"shards": list, "ids_sha256_file": str}  # written when the build finishes
+
+
 def _read_manifest(path: Path) -> dict:
+    """The manifest at `path`, checked to hold every field a reader uses (CacheError if not:
+    a damaged manifest is named, never a KeyError deep inside)."""
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CacheError(f"{path} is not valid JSON (truncated or altered?): {err}") from None
-    if not isinstance(manifest, dict):
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CacheError(f"{path} is not a {FORMAT} manifest")
+    keys = {**_MANIFEST_KEYS, **(_COMPLETE_KEYS if manifest.get("complete") else {})}
+    bad = [k for k, kind in keys.items()
+           if not isinstance(manifest.get(k), kind) or isinstance(manifest.get(k), bool)
+           and kind is not bool]
+    if not bad and manifest["complete"] and len(manifest["shards"]) != manifest["n_shards"]:
+        bad = ["shards"]
+    if bad:
+        raise CacheError(f"{path} is damaged: {bad} missing or malformed")
     return manifest
 
 
@@ -172,6 +188,9 @@ def build_reference_cache(
         raise ValueError(f"shard_size must be an int >= 1, got {shard_size!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if split.tokens.shape[1] > model.config.max_text_len:  # before anything is written
+        raise ValueError(f"the split's captions have {split.tokens.shape[1]} tokens, more than "
+                         f"the model takes (max_text_len={model.config.max_text_len})")
     ids = split.ids.numpy().astype(np.int64)
     repeats = len(ids) - len(np.unique(ids))
     if repeats:
@@ -202,8 +221,12 @@ def build_reference_cache(
                 raise CacheError(f"{err}; pass overwrite=True (--overwrite) to rebuild the "
                                  f"cache") from None
             old = {}  # differs in everything: every shard is deleted and rebuilt
-        diffs = [f"{k}: cache has {old.get(k)!r}, now {v!r}" for k, v in identity.items()
-                 if old.get(k) != v]
+        diffs = []
+        for k, v in identity.items():
+            if isinstance(v, dict) and isinstance(old.get(k), dict):
+                diffs += _differences(v, old[k], k)  # only the entries that differ
+            elif old.get(k) != v:
+                diffs.append(f"{k}: cache has {old.get(k)!r}, expected {v!r}")
         diffs += _data_hint(identity["data"], old.get("data"))
         if diffs and not overwrite:
             raise CacheError(f"{out} holds a cache of other data or another model; pass "
@@ -305,8 +328,6 @@ class ReferenceCache:
         if not path.exists():
             raise CacheError(f"no reference cache at {root} (missing manifest.json)")
         manifest = _read_manifest(path)
-        if manifest.get("format") != FORMAT:
-            raise CacheError(f"{path} is not a {FORMAT} manifest")
         if not manifest.get("complete"):
             raise CacheError(f"the cache at {root} is incomplete (an interrupted build); run "
                              f"`jestkit cache-reference` again to resume it")

@@ -69,6 +69,9 @@ def _cache_reference(args: argparse.Namespace) -> int:
     data = load_digits_web(args.data_seed, max_len=args.max_len)
     split = getattr(data, args.split)
     model = load_model(args.reference)
+    if args.max_len > model.config.max_text_len:
+        raise ValueError(f"--max-len must be in [1, {model.config.max_text_len}] (the longest "
+                         f"caption this reference takes), got {args.max_len}")
     n_shards = -(-len(split) // args.shard_size)
     with tqdm(total=n_shards, desc="shards", disable=args.no_progress) as bar:
         cache = build_reference_cache(model, split, out, shard_size=args.shard_size,
@@ -105,7 +108,9 @@ _positive_int.__name__ = "positive int"  # argparse names the type in its errors
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jestkit", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="jestkit", description="Joint example selection (JEST) for contrastive image-text "
+                                    "training: the demo, its reports, and the reference cache.")
     parser.add_argument("--version", action="version", version=f"jestkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train reference + learners with every method on "
@@ -132,8 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", help="a directory written by `jestkit demo`")
     report.set_defaults(func=_report)
 
-    cache = sub.add_parser("cache-reference", help="embed a data set once with the frozen "
-                                                   "reference, for lookups by example id")
+    cache = sub.add_parser(
+        "cache-reference", help="embed a data set once with the frozen reference, for lookups "
+                                "by example id",
+        description="Embed a split of digits-web once with a frozen reference, in checksummed "
+                    "shards under a manifest that fingerprints the data and the model. An "
+                    "interrupted build resumes; a complete, matching cache is left as it is; "
+                    "the command says which shards it computed.")
     cache.add_argument("--reference", required=True, help="reference checkpoint (.safetensors)")
     cache.add_argument("--out", required=True, help="cache directory (resumed if interrupted)")
     cache.add_argument("--data", default="digits-web", help="data set (default digits-web)")
@@ -143,11 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the data set's seed, as the demo config's data_seed (default 0)")
     cache.add_argument("--max-len", type=_positive_int, default=DEMO_MAX_TEXT_LEN,
                        help=f"caption length in tokens (default {DEMO_MAX_TEXT_LEN}, as the "
-                            f"demo pads them; a cache is made for one length)")
+                            f"demo pads them; at most the reference's max_text_len; a cache "
+                            f"is made for one length)")
     cache.add_argument("--shard-size", type=_positive_int, default=512,
                        help="examples per shard file (default 512)")
     cache.add_argument("--overwrite", action="store_true",
-                       help="replace a cache of other data or another model")
+                       help="replace what --out holds if it is not this cache (other data, "
+                            "another model, a damaged manifest, shards without one): its "
+                            "shards are deleted and rebuilt")
     cache.add_argument("--no-progress", action="store_true", help="no progress bar")
     cache.set_defaults(func=_cache_reference)
     return parser

@@ -134,6 +134,9 @@ class DemoConfig:
                 raise ValueError(f"{key} must be a {block_cls.__name__}, got "
                                  f"{getattr(self, key)!r}")
         names = {name for name, *_ in DEMO_METHODS}
+        if not all(isinstance(m, str) for m in self.methods):
+            raise ValueError(f"methods must be a list of names among {sorted(names)}, got "
+                             f"{list(self.methods)}")
         unknown = [m for m in self.methods if m not in names]
         if unknown or "uniform" not in self.methods:
             raise ValueError(f"methods must include 'uniform' and be among {sorted(names)}, "
@@ -159,9 +162,15 @@ class DemoConfig:
         if self.flexi_score_patch_size not in allowed:
             raise ValueError(f"flexi_score_patch_size must be one of {list(allowed)} (divisors "
                              f"of the image size), got {self.flexi_score_patch_size}")
-        dataclasses.replace(self.learner, method="learnability", selection="joint",
-                            score_patch_size=self.flexi_score_patch_size,
-                            multires_fraction=self.flexi_multires_fraction)
+        if not 0 <= self.flexi_multires_fraction <= 1:  # NaN too
+            raise ValueError(f"flexi_multires_fraction must be in [0, 1], got "
+                             f"{self.flexi_multires_fraction}")
+        try:  # the learner as the JEST runs use it: what it is checked against is named
+            dataclasses.replace(self.learner, method="learnability", selection="joint",
+                                score_patch_size=self.flexi_score_patch_size,
+                                multires_fraction=self.flexi_multires_fraction)
+        except ValueError as err:
+            raise ValueError(f"learner.{err} (as the JEST methods run it)") from None
 
 
 def learner_configs(cfg: DemoConfig) -> list[tuple[str, bool, LearnerConfig]]:

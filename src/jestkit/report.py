@@ -233,10 +233,10 @@ def caveats(report: dict) -> list[str]:
     uniform = report["methods"]["uniform"]
     curve = uniform["curves"]["zero_shot_accuracy"]
     if _first_reaching(curve, uniform["target_accuracy"]) == 0:
-        out.append(f"Uniform's seed-averaged curve is at its final accuracy "
-                   f"({100 * uniform['target_accuracy']:.1f}%) from its first evaluation "
-                   f"(step {uniform['curves']['steps'][0]}): the run is too short to learn "
-                   f"anything measurable, so the speed-ups here are meaningless.")
+        out.append(f"Uniform's seed-averaged curve already reaches its final accuracy "
+                   f"({100 * uniform['target_accuracy']:.1f}%) at its first evaluation "
+                   f"(step {uniform['curves']['steps'][0]}): it did not improve over the run "
+                   f"(too short, or it fell back), so the speed-ups here are meaningless.")
     return out
 
 
@@ -471,7 +471,8 @@ def _read_json(path: Path, kind: type) -> dict | list:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON (truncated or altered?): {err}") from None
     if not isinstance(value, kind):
-        json_name = {dict: "object", list: "array"}.get(type(value), type(value).__name__)
+        json_name = {dict: "object", list: "array", str: "string", int: "number",
+                     float: "number", bool: "boolean", type(None): "null"}[type(value)]
         raise ValueError(f"{path} holds a JSON {json_name}, expected "
                          f"{'an array of runs' if kind is list else 'an object'}")
     return value
@@ -493,7 +494,8 @@ def rebuild_report(run_dir: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"{run_dir} has neither report.json nor runs/info.json: not a "
                                 f"`jestkit demo` run directory")
     old = _read_json(old_path, dict)
-    old.setdefault("methods", old.get("config", {}).get("methods"))
+    if "methods" not in old and isinstance(old.get("config"), dict):
+        old["methods"] = old["config"].get("methods")
     missing = [k for k in ("methods", "reference", "config") if not old.get(k)]
     if missing:
         raise ValueError(f"{old_path} lacks {missing}: not written by `jestkit demo`")
@@ -510,7 +512,11 @@ def rebuild_report(run_dir: str | os.PathLike) -> dict:
             if lacking:
                 raise ValueError(f"{path}: run {i} lacks {lacking}: not curves saved by "
                                  f"`jestkit demo`")
-    report = build_report(runs, old["reference"], old["config"])
+    try:
+        report = build_report(runs, old["reference"], old["config"])
+    except (KeyError, TypeError, IndexError, AttributeError) as err:
+        raise ValueError(f"{run_dir}: the saved runs or report do not hold what `jestkit "
+                         f"demo` writes ({type(err).__name__}: {err})") from err
     # config.code_version made the runs; this code made the report from their curves.
     report["rebuilt_by"] = code_version()
     write_report(report, run_dir)

@@ -721,9 +721,10 @@ class JointSelector:
             start = max(n, math.ceil((self.n_chunks - 0.5) / (1 - self.filter_ratio)) - 2)
             least = next(m for m in range(start, start + 8)
                          if self.sub_batch_size(m) >= self.n_chunks)
-            raise ValueError(f"a super-batch of N = {n} keeps b = round(N * (1 - filter_ratio"
-                             f"={self.filter_ratio})) = {b} examples, fewer than n_chunks = "
-                             f"{self.n_chunks}: give at least N = {least}, or fewer chunks")
+            raise ValueError(f"a super-batch of N = {n} keeps b = {b} examples (round(N * (1 - "
+                             f"filter_ratio={self.filter_ratio})), at least 1), fewer than "
+                             f"n_chunks = {self.n_chunks}: give at least N = {least}, or fewer "
+                             f"chunks")
 
         if self.criterion == "uniform":  # all sub-batches score alike: skip the maths
             return uniform_select(n, b, generator=generator, device=device)

@@ -183,10 +183,12 @@ def check_field_types(cfg) -> None:
     """Refuse a config field of the wrong type (a JSON config can say "lr": "1e-3"), with its
     name, before a comparison deep inside fails with a TypeError. bool is not a number here."""
     for f in dataclasses.fields(cfg):
-        kinds = _FIELD_KINDS.get(f.type)  # annotations are strings (postponed evaluation)
+        # A string under postponed evaluation of annotations, else the class itself.
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", None)
         value = getattr(cfg, f.name)
-        if kinds and (isinstance(value, bool) or not isinstance(value, kinds)):
-            raise ValueError(f"{f.name} must be {_KIND_NAMES[f.type]}, got {value!r}")
+        if kind in _FIELD_KINDS and (isinstance(value, bool)
+                                     or not isinstance(value, _FIELD_KINDS[kind])):
+            raise ValueError(f"{f.name} must be {_KIND_NAMES[kind]}, got {value!r}")
 
 
 def _check_positive(cfg, names) -> None:
