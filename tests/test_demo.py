@@ -51,6 +51,35 @@ def test_quick_demo_writes_a_complete_report(quick_run):
     assert report["config"]["run_code_versions"] == [version]
 
 
+def documented_keys() -> dict[str, set[str]]:
+    """docs/report_json.md: section heading -> the keys its table lists."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "report_json.md").read_text()
+    sections: dict[str, set[str]] = {}
+    heading = None
+    for line in doc.splitlines():
+        if line.startswith("## "):
+            heading = line[3:].strip().strip("`")
+            sections[heading] = set()
+        elif heading and line.startswith("| `"):
+            sections[heading].add(line.split("`")[1])
+    return sections
+
+
+def test_report_json_is_documented_key_by_key(quick_run):
+    report = json.loads((quick_run / "report.json").read_text())
+    doc = documented_keys()
+    # rebuilt_by appears only in a report `jestkit report` rebuilt (tested below).
+    assert doc.pop("Top level") - {"rebuilt_by"} == set(report)
+    for heading, keys in doc.items():
+        parts = heading.split(".")
+        objects = [report]
+        for part in parts:  # "<name>": every method's entry
+            objects = [v for o in objects for v in (o.values() if part == "<name>" else
+                                                    [o[part]])]
+        for obj in objects:
+            assert set(obj) == keys, heading
+
+
 def test_report_is_rebuilt_from_the_saved_runs(quick_run, tmp_path, capsys):
     import shutil
 
