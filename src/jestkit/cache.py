@@ -124,9 +124,9 @@ def _read_manifest(path: Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CacheError(f"{path} is not a {FORMAT} manifest")
     keys = {**_MANIFEST_KEYS, **(_COMPLETE_KEYS if manifest.get("complete") else {})}
-    bad = [k for k, kind in keys.items()
-           if not isinstance(manifest.get(k), kind) or isinstance(manifest.get(k), bool)
-           and kind is not bool]
+    bad = [k for k, kind in keys.items()  # bool is an int to isinstance: not here
+           if not isinstance(manifest.get(k), kind)
+           or (isinstance(manifest.get(k), bool) and kind is not bool)]
     if not bad and manifest["complete"] and len(manifest["shards"]) != manifest["n_shards"]:
         bad = ["shards"]
     if bad:

@@ -717,7 +717,9 @@ class JointSelector:
         if self.selection == "joint" and self.n_chunks > b:
             if self.filter_ratio is None:
                 raise ValueError(f"n_chunks must be in [1, batch_size={b}], got {self.n_chunks}")
-            # The usual cause is a super-batch too small for the filter ratio: say so.
+            # The usual cause is a super-batch too small for the filter ratio: say so, with the
+            # smallest N whose round(N (1 - f)) reaches K, searched just below (K - 1/2)/(1 - f)
+            # (rounding ties go to even, so the formula alone can be one off).
             start = max(n, math.ceil((self.n_chunks - 0.5) / (1 - self.filter_ratio)) - 2)
             least = next(m for m in range(start, start + 8)
                          if self.sub_batch_size(m) >= self.n_chunks)
