@@ -258,3 +258,12 @@ def test_caveats_say_when_speed_ups_mean_little():
     # (the quick demo's 40 steps), so every method "reaches" the target at once.
     (only,) = caveats(report(3, [0.52, 0.49, 0.5]))
     assert "at its first evaluation (step 10)" in only and "meaningless" in only
+
+
+def test_flops_are_printed_in_a_unit_that_shows_them():
+    from jestkit.report import _fmt_flops, _plural
+
+    assert _fmt_flops(58.77e9) == "0.06 T"  # the default demo's reference, as the docs quote
+    assert _fmt_flops(1.62e12) == "1.62 T"
+    assert _fmt_flops(2.94e9) == "2.94 G"  # a quick run's reference: not "0.00 T"
+    assert (_plural(1, "step"), _plural(25, "step")) == ("1 step", "25 steps")

@@ -217,7 +217,12 @@ def fmt_speedup(x: float | None) -> str:
 
 
 def _fmt_flops(x: float) -> str:
-    return f"{x / 1e12:.2f} T"
+    """TFLOP with two decimals; GFLOP below 0.005 T (a smoke run), which would read 0.00 T."""
+    return f"{x / 1e12:.2f} T" if x >= 5e9 else f"{x / 1e9:.2f} G"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _fmt_selection(per_step: dict) -> str:
@@ -445,7 +450,8 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
         "and uniform's own first step at that level / the method's. (The protocol's speed-up "
         "above divides T, not uniform's first crossing, by the method's step at uniform's final "
         "accuracy.) Steps are those of the evaluation grid (every "
-        f"{report['methods']['uniform']['curves']['steps'][0]} steps), so a speed-up can only "
+        f"{_plural(report['methods']['uniform']['curves']['steps'][0], 'step')}), so a speed-up "
+        "can only "
         "take the values T / (a grid step): neighbouring values are several percent apart.",
         "",
         *_levels_table(report.get("steps_to_reach")),
