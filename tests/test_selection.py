@@ -454,7 +454,8 @@ def test_overflowing_losses_raise_instead_of_drawing_nan(loss, selection, block)
     emb = [(10 * torch.randn(12, 3, generator=g), 10 * torch.randn(12, 3, generator=g),
             1e38, 0.0) for _ in range(2)]
     selector = JointSelector("learnability", batch_size=6, n_chunks=3, loss=loss,
-                             selection=selection, max_block_elements=block)
+                             selection=selection, max_block_elements=block,
+                             require_normalized=False)  # the norm check would refuse first
     with pytest.raises(ValueError, match="contain NaN"):
         selector(*emb, generator=g)
 
@@ -467,7 +468,7 @@ def test_nan_that_appears_only_in_a_middle_chunk_is_caught():
     img = torch.tensor([[-0.01], [-0.01], [-0.01], [-0.01], [10.0], [-0.01], [-1.0], [0.01]])
     txt = torch.tensor([[-0.01], [-0.01], [10.0], [-10.0], [-10.0], [0.01], [10.0], [10.0]])
     selector = JointSelector("easy_reference", batch_size=6, n_chunks=3, loss="softmax",
-                             temperature=0.0)
+                             temperature=0.0, require_normalized=False)
     logs: list[torch.Tensor] = []
     with pytest.raises(ValueError, match="contain NaN"):
         selector(reference=(img, txt, 1e38, 0.0), chunk_logits=logs)
@@ -691,6 +692,39 @@ def test_selector_bad_embeddings():
         JointSelector(filter_ratio=0.8)(model_embeddings(77), model_embeddings(77, seed=1))
     assert len(JointSelector(filter_ratio=0.8)(model_embeddings(78),
                                                 model_embeddings(78, seed=1))) == 16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_selector_refuses_embeddings_that_are_not_unit_vectors(dtype):
+    """open_clip's encode_image without normalize=True gives rows of norm ~10: t u . v is
+    then ~100x too large and the draw is near-greedy on meaningless scores. Refused, with the
+    argument, the norms seen and the fix; require_normalized=False lets such a model in."""
+    lrn, ref = model_embeddings(32, seed=1), model_embeddings(32, seed=2)
+    lrn = ModelEmbeddings(lrn.image.to(dtype), lrn.text.to(dtype), 10.0, -10.0)
+    ref = ModelEmbeddings(ref.image.to(dtype), ref.text.to(dtype), 10.0, -10.0)
+    sel = JointSelector(batch_size=8, n_chunks=4)
+    g = torch.Generator().manual_seed(0)
+    assert len(sel(lrn, ref, generator=g)) == 8  # unit rows, rounded to dtype: accepted
+    for which, scale_row in (("reference text", 0), ("learner image", 31)):
+        bad_l, bad_r = lrn.image.clone(), ref.text.clone()
+        target = bad_r if which == "reference text" else bad_l
+        target[scale_row] *= 1.1  # one row 10% long is enough
+        args = (ModelEmbeddings(bad_l, lrn.text, 10.0, -10.0),
+                ModelEmbeddings(ref.image, bad_r, 10.0, -10.0))
+        with pytest.raises(ValueError, match=rf"{which} embeddings must be L2-normalised "
+                                             r"\(every row's norm within .* of 1\), got norms "
+                                             r"in \[(1|0\.99\d*), 1\.1\].*normalize=True.*"
+                                             r"require_normalized=False"):
+            sel(*args, generator=g)
+        loose = JointSelector(batch_size=8, n_chunks=4, require_normalized=False)
+        assert len(loose(*args, generator=g)) == 8
+    # A zero row (an empty caption embedded as zeros, say) is not a unit vector either.
+    zero = lrn.text.clone()
+    zero[5] = 0
+    with pytest.raises(ValueError, match=r"learner text .* got norms in \[0, 1(\.00\d*)?\]"):
+        sel(ModelEmbeddings(lrn.image, zero, 10.0, -10.0), ref, generator=g)
+    with pytest.raises(TypeError, match="require_normalized must be a bool"):
+        JointSelector(batch_size=8, n_chunks=4, require_normalized="yes")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -560,6 +560,29 @@ class _SoftmaxState:
         return self.criterion(*losses)
 
 
+def _check_normalized(given: list[tuple[str, ModelEmbeddings]]) -> None:
+    """Refuse embeddings whose rows are not unit vectors. t and c were learned for
+    t u . v with |u| = |v| = 1: open_clip's encode_image without normalize=True gives norms
+    of ~10, which multiplies every logit by ~100 and makes the draw near-greedy on
+    meaningless scores, a silently wrong selection rather than an error."""
+    tensors = [(f"{name} {part}", x) for name, e in given
+               for part, x in (("image", e.image), ("text", e.text))]
+    norms = [torch.linalg.vector_norm(x, dim=1, dtype=torch.promote_types(x.dtype, torch.float32))
+             for _, x in tensors]
+    # float32 rounding leaves norms within ~1e-6 of 1; bfloat16's 8-bit mantissa, ~1e-2.
+    tols = [max(1e-3, 8 * torch.finfo(x.dtype).eps) for _, x in tensors]
+    worst = torch.stack([(n - 1).abs().max().double() for n in norms]).tolist()  # one sync
+    for (what, _), n, tol, dev in zip(tensors, norms, tols, worst, strict=True):
+        if dev > tol:
+            raise ValueError(
+                f"{what} embeddings must be L2-normalised (every row's norm within {tol:g} of "
+                f"1), got norms in [{n.min().item():.4g}, {n.max().item():.4g}]: normalise "
+                f"them (F.normalize(x, dim=-1); open_clip: encode_image/encode_text(..., "
+                f"normalize=True)),"
+                f" or pass JointSelector(require_normalized=False) if your model's loss is "
+                f"defined on unnormalised embeddings")
+
+
 def _as_model_embeddings(value: object, name: str) -> ModelEmbeddings | None:
     if value is None or isinstance(value, ModelEmbeddings):
         return value
@@ -597,6 +620,9 @@ class JointSelector:
             N)), never more than that however large N is. With the sigmoid loss,
             a super-batch of N <= 512 with N * N <= max_block_elements has its [N, N] pair
             matrix built once (faster for small N); larger ones are scored block by block.
+        require_normalized: refuse embeddings whose rows are not unit vectors (within 1e-3,
+            or 8 ulp of 1 in half precision), as a SigLIP or CLIP model's are; False for a
+            model whose loss is defined on unnormalised embeddings.
     """
 
     def __init__(
@@ -611,6 +637,7 @@ class JointSelector:
         temperature: float = 1.0,
         device: torch.device | str | None = None,
         max_block_elements: int = 1 << 22,
+        require_normalized: bool = True,
     ):
         get_criterion(criterion)
         if loss not in LOSSES:
@@ -642,6 +669,9 @@ class JointSelector:
         self.temperature = _check_temperature(temperature)
         self.device = torch.device(device) if device is not None else None
         self.max_block_elements = max_block_elements
+        if not isinstance(require_normalized, bool):
+            raise TypeError(f"require_normalized must be a bool, got {require_normalized!r}")
+        self.require_normalized = require_normalized
 
     def __repr__(self) -> str:
         size = (f"filter_ratio={self.filter_ratio}" if self.filter_ratio is not None
@@ -704,6 +734,8 @@ class JointSelector:
                              f"{devices}; pass device= to compute on one")
         for name, e in given:
             check_embeddings(e.image, e.text, name)
+        if self.require_normalized:
+            _check_normalized(given)
         dtype = compute_dtype(*(t for _, e in given for t in (e.image, e.text)))
         models = {name: _Model(e, name, self.device, dtype, self.max_block_elements)
                   for name, e in given}
