@@ -363,10 +363,11 @@ def test_repeated_ids_are_refused(tmp_path, model, split):
     assert not (tmp_path / "c").exists()
 
 
-def test_cli_refuses_other_model(tmp_path, cache_dir, config, capsys):
+def test_cli_refuses_a_cache_of_other_data(tmp_path, cache_dir, config, capsys):
     from jestkit.cli import main
 
-    # The cache was built from a subset; the CLI's full pool is other data -> refused.
+    # The cache was built from a subset; the CLI's full pool is other data -> refused. (Another
+    # model over the same data: test_cli.py, test_cache_reference_makes_the_cache_...)
     ckpt = tmp_path / "ref.safetensors"
     save_model(DualEncoder(config, seed=0), ckpt)
     before = snapshot(cache_dir)

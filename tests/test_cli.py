@@ -86,6 +86,14 @@ def test_allow_other_code_needs_resume(fake_demo, capsys):
         # Checked as the JEST runs use the learner block (its method is set per run).
         ('{"learner": {"method": "uniform", "n_chunks": 100}}',
          r"learner.n_chunks must be in \[1, batch_size=64\], got 100 \(as the JEST methods"),
+        # Sizes the data cannot serve: refused here, not in a worker after the reference.
+        ('{"learner": {"batch_size": 4000}}',
+         r"learner.batch_size must be in \[1, 3500\] \(digits-web's pool size\), got 4000"),
+        ('{"learner": {"batch_size": 800}}',
+         r"learner.batch_size / \(1 - learner.filter_ratio\) = 4000 \(the JEST methods' "
+         r"super-batch\) exceeds digits-web's pool size 3500"),
+        ('{"reference": {"batch_size": 501}}',
+         r"reference.batch_size must be in \[1, 500\] \(digits-web's curated split\)"),
     ],
 )
 def test_demo_bad_config_is_a_clear_error_before_any_work(fake_demo, tmp_path, capsys,
@@ -245,6 +253,15 @@ def test_cache_reference_makes_the_cache_the_demo_reads_and_says_what_it_compute
     assert "computed 1 of 7 shards (shards 3: missing or failing" in capsys.readouterr().out
     assert main(argv) == 0
     assert "all 7 shards were there and verified; nothing computed" in capsys.readouterr().out
+    # Another reference over the same data: refused, named, and the cache left as it was.
+    before = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    save_model(DualEncoder(small_model(data.tokenizer.vocab_size, 16, 1), seed=1),
+               tmp_path / "other.safetensors")
+    argv[2] = str(tmp_path / "other.safetensors")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "model fingerprint" in err and "--overwrite" in err, err
+    assert {p.name: p.read_bytes() for p in sorted(out.iterdir())} == before
 
 
 def test_version_and_argument_type_errors(capsys):

@@ -13,11 +13,13 @@ import torch
 from jestkit.data import (
     CAPTION_TEMPLATES,
     CORRUPTIONS,
+    CURATED_SIZE,
     DIGIT_WORDS,
     MAX_SHIFT,
     NOISE_KINDS,
     NUMERALS,
     OFF_TOPIC_WORDS,
+    POOL_SIZE,
     Batch,
     DigitsWeb,
     Split,
@@ -88,6 +90,8 @@ def test_splits_disjoint_cover_and_sized(web: DigitsWeb) -> None:
         all_ids.append(split.ids)
     ids = torch.cat(all_ids)
     assert len(ids) == 5000 and torch.equal(torch.sort(ids).values, torch.arange(5000))
+    # The constants configs are checked against before any data is loaded.
+    assert (POOL_SIZE, CURATED_SIZE) == (len(web.pool), len(web.curated))
 
 
 def test_images_are_padded_mnist(web: DigitsWeb, originals: np.ndarray) -> None:

@@ -727,6 +727,33 @@ def test_selector_refuses_embeddings_that_are_not_unit_vectors(dtype):
         JointSelector(batch_size=8, n_chunks=4, require_normalized="yes")
 
 
+def test_sigmoid_loss_refuses_embeddings_without_a_bias():
+    """A 3-tuple (open_clip's CLIP output: no logit_bias) used to mean c = 0, a silently
+    wrong score for a SigLIP model whose bias is -10. The sigmoid loss now asks for it; the
+    softmax loss, which never reads c, and uniform, which reads nothing, take it as it is."""
+    lrn, ref = model_embeddings(32, seed=1), model_embeddings(32, seed=2)
+    no_bias = (ref.image, ref.text, 10.0)
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match=r"reference logit_bias is missing: the sigmoid loss "
+                                         r"needs .* use JointSelector\(loss='softmax'\)"):
+        JointSelector(batch_size=8, n_chunks=4)(lrn, no_bias, generator=g)
+    with pytest.raises(ValueError, match="learner logit_bias is missing"):
+        JointSelector("hard_learner", batch_size=8, n_chunks=4)(
+            ModelEmbeddings(lrn.image, lrn.text, 10.0), None, generator=g)
+    # An explicit 0.0 is a bias of 0, and scores as the 4-tuple with 0.0 does.
+    zero = JointSelector(batch_size=8, n_chunks=4)(lrn, (*no_bias, 0.0),
+                                                   generator=torch.Generator().manual_seed(1))
+    same = JointSelector(batch_size=8, n_chunks=4)(
+        lrn, ModelEmbeddings(ref.image, ref.text, 10.0, 0.0),
+        generator=torch.Generator().manual_seed(1))
+    assert torch.equal(zero, same)
+    soft = JointSelector(batch_size=8, n_chunks=4, loss="softmax")
+    assert torch.equal(soft(lrn, no_bias, generator=torch.Generator().manual_seed(2)),
+                       soft(lrn, (*no_bias, -10.0), generator=torch.Generator().manual_seed(2)))
+    # (uniform draws no chunks, so the default n_chunks = 16 > b = 8 is no error for it)
+    assert len(JointSelector("uniform", batch_size=8)(None, no_bias, generator=g)) == 8
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_selector_mismatched_devices():
     lrn, ref = model_embeddings(16, seed=1), model_embeddings(16, seed=2)

@@ -70,6 +70,7 @@ def test_evaluate_perfect_and_random_models(data):
     # error of 0.0095; allow 4.5 of them either way.
     assert abs(chance["zero_shot_accuracy"] - 0.1) < 0.045
     assert abs(chance["i2t_recall@1"] - 0.1) < 0.045
+    assert abs(chance["t2i_recall@1"] - 0.1) < 0.045
 
 
 class LopsidedOracle(OracleModel):
@@ -569,6 +570,9 @@ def test_multiresolution_training_is_deterministic_and_cheaper(data, reference):
     a = train_learner(data, flexi, reference)
     b = train_learner(data, flexi, reference)
     assert a.zero_shot_accuracy == b.zero_shot_accuracy and a.train_loss == b.train_loss
+    # ... and the seed is what makes it so: another seed trains on other sub-batches.
+    other = train_learner(data, dataclasses.replace(flexi, seed=1), reference)
+    assert other.train_loss != a.train_loss
     full = train_learner(data, base, reference)
     fa, ff = a.cumulative_flops[-1], full.cumulative_flops[-1]
     # Half of every sub-batch at 4 image tokens instead of 16: exactly a forward + backward

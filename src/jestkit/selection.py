@@ -350,20 +350,24 @@ class ModelEmbeddings:
         text: [N, d] text embeddings of the same pairs, same order.
         logit_scale: the temperature multiplier t, already exponentiated (open_clip's
             ``logit_scale.exp()``); a float or one-element tensor.
-        logit_bias: the sigmoid loss's bias c (ignored by the softmax loss).
+        logit_bias: the sigmoid loss's learned bias c (open_clip SigLIP's ``logit_bias``);
+            required by the sigmoid loss, ignored by the softmax loss. None (the default,
+            and a 3-tuple) means the model has none: the sigmoid loss then refuses it
+            rather than assume c = 0 (a CLIP model's embeddings with the sigmoid loss, say);
+            a SigLIP model whose bias is really 0 passes 0.0.
     """
 
     image: Tensor
     text: Tensor
     logit_scale: float | Tensor
-    logit_bias: float | Tensor = 0.0
+    logit_bias: float | Tensor | None = None
 
 
 class _Model:
     """Validated embeddings of one model in the compute dtype, t folded into the images."""
 
     def __init__(self, emb: ModelEmbeddings, what: str, device: torch.device | None,
-                 dtype: torch.dtype, max_block_elements: int):
+                 dtype: torch.dtype, max_block_elements: int, needs_bias: bool = True):
         image, text = emb.image, emb.text
         if device is not None:
             image, text = image.to(device), text.to(device)
@@ -373,7 +377,16 @@ class _Model:
         if self.t <= 0:
             raise ValueError(f"{what} logit_scale must be > 0 (it is t, already exponentiated), "
                              f"got {self.t.item()}")
-        self.c = _as_scalar(emb.logit_bias, f"{what} logit_bias", self.dtype, image.device)
+        bias = emb.logit_bias
+        if bias is None:
+            if needs_bias:
+                raise ValueError(
+                    f"{what} logit_bias is missing: the sigmoid loss needs the model's learned "
+                    f"bias c (open_clip SigLIP: model.logit_bias; a 4-tuple (image, text, "
+                    f"logit_scale, logit_bias)). A CLIP model has no bias: use "
+                    f"JointSelector(loss='softmax'); a bias that is really 0: pass 0.0")
+            bias = 0.0  # the softmax loss never reads c
+        self.c = _as_scalar(bias, f"{what} logit_bias", self.dtype, image.device)
         # t * u_i . v_j is all the maths ever needs; scaling the images once saves a multiply
         # per pair in every block.
         self.scaled_image = self.t * image.to(self.dtype)
@@ -656,7 +669,8 @@ class JointSelector:
         n_chunks = _check_int(n_chunks, "n_chunks")
         if n_chunks < 1:
             raise ValueError(f"n_chunks must be >= 1, got {n_chunks}")
-        if selection == "joint" and batch_size is not None and n_chunks > batch_size:
+        chunked = selection == "joint" and criterion != "uniform"  # uniform draws no chunks
+        if chunked and batch_size is not None and n_chunks > batch_size:
             raise ValueError(f"n_chunks must be in [1, batch_size={batch_size}], got {n_chunks}")
         if _check_int(max_block_elements, "max_block_elements") < 1:
             raise ValueError(f"max_block_elements must be >= 1, got {max_block_elements}")
@@ -737,7 +751,8 @@ class JointSelector:
         if self.require_normalized:
             _check_normalized(given)
         dtype = compute_dtype(*(t for _, e in given for t in (e.image, e.text)))
-        models = {name: _Model(e, name, self.device, dtype, self.max_block_elements)
+        models = {name: _Model(e, name, self.device, dtype, self.max_block_elements,
+                               needs_bias=self.loss == "sigmoid" and self.criterion != "uniform")
                   for name, e in given}
         sizes = {name: m.n for name, m in models.items()}
         if len(set(sizes.values())) > 1:
@@ -746,7 +761,7 @@ class JointSelector:
         n = next(iter(sizes.values()))
         device = next(iter(models.values())).device
         b = self.sub_batch_size(n)
-        if self.selection == "joint" and self.n_chunks > b:
+        if self.selection == "joint" and self.criterion != "uniform" and self.n_chunks > b:
             if self.filter_ratio is None:
                 raise ValueError(f"n_chunks must be in [1, batch_size={b}], got {self.n_chunks}")
             # The usual cause is a super-batch too small for the filter ratio: say so, with the
