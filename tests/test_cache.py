@@ -31,7 +31,7 @@ from jestkit.cache import (
     data_fingerprint,
     model_identity,
 )
-from jestkit.data import Batch, load_digits_web
+from jestkit.data import Batch, SuperBatchSampler, load_digits_web
 from jestkit.models import DualEncoder, load_model, save_model
 from jestkit.selection import JointSelector, ModelEmbeddings
 from jestkit.training import small_model
@@ -593,6 +593,30 @@ def test_unknown_ids_are_refused(pool_cache, data):
         query = torch.cat([pool.ids[:3], bad])
         message = expect_cache_error(lambda q=query: pool_cache.lookup(q), "not in")
         assert str(int(bad[0])) in message
+
+
+def test_ids_of_the_wrong_kind_are_refused_and_array_likes_work(pool_cache, data):
+    """Float ids were truncated (3799.7 -> row of 3799) and bool ones read as 0/1: silently
+    the wrong rows. A list or a numpy array of ints is what a user may well pass."""
+    ids = data.pool.ids[:6]
+    image, text = pool_cache.lookup(ids)
+    for same in (ids.tolist(), ids.numpy(), ids.int()):
+        got = pool_cache.lookup(same)
+        assert torch.equal(got[0], image) and torch.equal(got[1], text)
+    cases = [
+        (ids.double() + 0.7, TypeError, "ids must be integer example ids .* got float64"),
+        (torch.tensor([True, False]), TypeError, "got bool"),
+        (["a", "b"], TypeError, "ids must be integer example ids"),
+        (ids[0], ValueError, r"one-dimensional \[n\], got shape \(\) \(one id: pass "
+                             r"ids.reshape\(1\)\)"),
+        (ids.reshape(2, 3), ValueError, r"one-dimensional \[n\], got shape \(2, 3\)"),
+    ]
+    for bad, error, match in cases:
+        with pytest.raises(error, match=match):
+            pool_cache.lookup(bad)
+    batch = SuperBatchSampler(data.pool, 4, seed=0).next()
+    with pytest.raises(TypeError, match=r"batch.ids.*ReferenceCache.embeddings\(batch\)"):
+        pool_cache.lookup(batch)
 
 
 def test_lookups_are_memory_mapped(pool_cache, data):

@@ -6,6 +6,7 @@ import math
 import os
 from dataclasses import asdict, replace
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -492,3 +493,28 @@ def test_sigmoid_loss_matches_double_loop() -> None:
 def test_sigmoid_loss_rejects_mismatched_shapes() -> None:
     with pytest.raises(ValueError, match="image_emb"):
         sigmoid_loss(torch.zeros(3, 4), torch.zeros(4, 4), 1.0, 0.0)
+
+
+def test_sigmoid_loss_refuses_what_would_broadcast_or_be_parsed() -> None:
+    """The README's training loss: a [N] or per-GPU [2] t would broadcast into a wrong loss
+    (or fail deep in torch), numpy or integer embeddings into an AttributeError or a cast."""
+    u = F.normalize(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), dim=-1)
+    cases = [
+        ((u, u, torch.linspace(1, 20, 6), -10.0), ValueError,
+         r"logit_scale must be a scalar \(one element\), got shape \(6,\)"),
+        ((u, u, torch.tensor([10.0, 10.0]), -10.0), ValueError, r"got shape \(2,\)"),
+        ((u, u, 10.0, torch.zeros(3, 1, 1)), ValueError, "logit_bias must be a scalar"),
+        ((u, u, "10", -10.0), TypeError, "logit_scale must be a float or a one-element"),
+        ((u.numpy(), u, 10.0, -10.0), TypeError, "image_emb must be a torch.Tensor"),
+        ((u, u.long(), 10.0, -10.0), TypeError, "text_emb must be a floating-point"),
+        ((u[0], u[0], 10.0, -10.0), ValueError, r"must have shape \[N, d\]"),
+    ]
+    for args, error, match in cases:
+        with pytest.raises(error, match=match):
+            sigmoid_loss(*args)
+    # A one-element t of any shape, a Parameter with its gradient, a numpy float: fine.
+    t = torch.nn.Parameter(torch.tensor([[math.log(10.0)]]))
+    loss = sigmoid_loss(u, u, t.exp(), np.float32(-10.0))
+    loss.backward()
+    assert t.grad is not None and t.grad.shape == (1, 1)
+    assert loss.item() == pytest.approx(sigmoid_loss(u, u, 10.0, -10.0).item(), rel=1e-4)

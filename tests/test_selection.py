@@ -7,10 +7,12 @@ same statistic rejects the plausible wrong samplers (the traps of BRIEF 6).
 import inspect
 import itertools
 import math
+import warnings
 from collections import Counter
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -380,6 +382,7 @@ def test_softmax_conditional_scores_equal_brute_force_batch_losses():
 # --- the traps of BRIEF 6, one test each -----------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:.*logit_scale t = .* is small")  # small t on purpose
 def test_trap_first_chunk_is_proportional_to_exp_diagonal():
     """Not uniform, not (score - min): the first chunk is drawn with P prop. to exp(A_ii)."""
     a = random_scores(6, seed=11, scale=1.0)
@@ -422,6 +425,7 @@ def test_trap_learnability_has_real_pairwise_terms():
     assert sorted(indep.tolist()) == [0, 3]
 
 
+@pytest.mark.filterwarnings("ignore:.*logit_scale t = .* is small")  # small t on purpose
 def test_trap_huge_logits_do_not_overflow():
     a = random_scores(50, seed=3)
     for scale in (1e4, 1e30):
@@ -495,6 +499,7 @@ def test_trap_no_collective_calls_in_single_process():
             p.stop()
 
 
+@pytest.mark.filterwarnings("ignore:.*logit_scale t = .* is small")  # small t on purpose
 def test_trap_reference_temperature_is_the_references_own():
     lrn = model_embeddings(30, seed=1, scale=10.0, bias=-5.0)
     results = []
@@ -712,8 +717,10 @@ def test_selector_refuses_embeddings_that_are_not_unit_vectors(dtype):
         args = (ModelEmbeddings(bad_l, lrn.text, 10.0, -10.0),
                 ModelEmbeddings(ref.image, bad_r, 10.0, -10.0))
         with pytest.raises(ValueError, match=rf"{which} embeddings must be L2-normalised "
-                                             r"\(every row's norm within .* of 1\), got norms "
-                                             r"in \[(1|0\.99\d*), 1\.1\].*normalize=True.*"
+                                             r"\(every row, one example of the \[N, d\] tensor, "
+                                             r"of norm within .* of 1\), got norms in "
+                                             r"\[(1|0\.99\d*), 1\.1\] over 32 rows.*"
+                                             r"normalize=True.*"
                                              r"require_normalized=False"):
             sel(*args, generator=g)
         loose = JointSelector(batch_size=8, n_chunks=4, require_normalized=False)
@@ -752,6 +759,43 @@ def test_sigmoid_loss_refuses_embeddings_without_a_bias():
                        soft(lrn, (*no_bias, -10.0), generator=torch.Generator().manual_seed(2)))
     # (uniform draws no chunks, so the default n_chunks = 16 > b = 8 is no error for it)
     assert len(JointSelector("uniform", batch_size=8)(None, no_bias, generator=g)) == 8
+
+
+def test_log_temperature_is_warned_about_once():
+    """open_clip's model.logit_scale is log t; passed as is (2.3 for t = 10) it flattens every
+    score without an error. A warning, once per selector, names it and the fix."""
+    lrn, ref = model_embeddings(32, seed=1), model_embeddings(32, seed=2)
+    sel = JointSelector(batch_size=8, n_chunks=4)
+    log_t = ModelEmbeddings(lrn.image, lrn.text, math.log(10.0), -10.0)
+    with pytest.warns(UserWarning, match=r"learner logit_scale t = 2.303 is small .* "
+                                         r"model.logit_scale.exp\(\)") as record:
+        sel(log_t, ref)
+    assert record[0].filename == __file__  # points at the caller's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sel(log_t, ref)  # once per selector
+        JointSelector(batch_size=8, n_chunks=4)(lrn, ref)  # t = 10: no warning
+        JointSelector("uniform", batch_size=8)(log_t, ref)  # uniform reads no t
+
+
+def test_numpy_scalars_are_numbers_and_strings_are_not():
+    lrn, ref = model_embeddings(40, seed=1), model_embeddings(40, seed=2)
+    g = torch.Generator().manual_seed(0)
+    a = JointSelector(filter_ratio=np.float32(0.8), n_chunks=np.int64(4))(lrn, ref, generator=g)
+    assert len(a) == 8
+    assert len(JointSelector(batch_size=np.int64(8), n_chunks=4)(lrn, ref, generator=g)) == 8
+    with pytest.raises(TypeError, match="filter_ratio must be a float"):
+        JointSelector(filter_ratio=np.bool_(True))
+    with pytest.raises(TypeError, match="learner logit_scale must be a float or a one-element"):
+        JointSelector(batch_size=8, n_chunks=4)((lrn.image, lrn.text, "10", -10.0), ref)
+    with pytest.raises(TypeError, match="chunk_logits must be a list"):
+        JointSelector(batch_size=8, n_chunks=4)(lrn, ref, chunk_logits=())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_cuda_device_without_cuda_is_refused_up_front():
+    with pytest.raises(ValueError, match=r"device='cuda', but CUDA is not available"):
+        JointSelector(batch_size=8, n_chunks=4, device="cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -61,6 +61,41 @@ class OracleModel(nn.Module):
         return F.one_hot(torch.tensor([min(d) for d in digits]), 10).float()
 
 
+def test_run_arguments_of_the_wrong_kind_say_what_to_pass(data, reference, tmp_path):
+    from jestkit.cache import CacheError, ReferenceCache, build_reference_cache
+
+    cfg = dataclasses.replace(TINY, steps=1, eval_every=1)
+    cache = build_reference_cache(reference, data.pool, tmp_path / "c", shard_size=1024)
+    cases = [
+        (dict(data=data.pool), TypeError, r"data must be a DigitsWeb .*not one split"),
+        (dict(cfg=ReferenceConfig()), TypeError, "cfg must be a LearnerConfig"),
+        (dict(reference=cache), TypeError, "a cache goes in reference_embedder=cache.embeddings"),
+        (dict(reference="ref.safetensors"), TypeError, r"load_model\(path\)"),
+        (dict(reference_embedder=cache), TypeError, "pass cache.embeddings, not the cache"),
+        (dict(reference_embedder=3), TypeError, "reference_embedder must be callable"),
+        (dict(reference=reference, reference_embedder=lambda batch: None), ValueError,
+         "give reference or reference_embedder, not both"),
+    ]
+    for change, error, match in cases:
+        kwargs = {"data": data, "cfg": cfg, **change}
+        with pytest.raises(error, match=match):
+            train_learner(kwargs.pop("data"), kwargs.pop("cfg"), **kwargs)
+    with pytest.raises(TypeError, match="cfg must be a ReferenceConfig"):
+        train_reference(data, cfg)  # trained, silently, as a reference before
+    # A cache opened without split= is still checked against the data it scores (here: the
+    # same digits, captions padded to 8 tokens instead of 16) and against a given reference.
+    other_data = load_digits_web(0, max_len=8)
+    unchecked = ReferenceCache.open(tmp_path / "c")
+    with pytest.raises(CacheError, match=r"does not match: data"):
+        train_learner(other_data, cfg, reference_embedder=unchecked.embeddings)
+    other_model, _ = train_reference(data, ReferenceConfig(steps=1, batch_size=16, width=16,
+                                                           depth=1, seed=5))
+    with pytest.raises(CacheError, match=r"does not match: model"):
+        train_learner(data, cfg, other_model, reference_embedder=unchecked.embeddings)
+    ran = train_learner(data, cfg, reference, reference_embedder=unchecked.embeddings)
+    assert len(ran.train_loss) == 1
+
+
 def test_evaluate_perfect_and_random_models(data):
     perfect = evaluate(OracleModel(data.test, data.tokenizer), data.test, data.tokenizer)
     assert perfect == {"zero_shot_accuracy": 1.0, "i2t_recall@1": 1.0, "t2i_recall@1": 1.0}

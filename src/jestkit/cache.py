@@ -291,6 +291,41 @@ def build_reference_cache(
 # --- reading ---------------------------------------------------------------------------------
 
 
+def _as_ids(ids: object) -> np.ndarray:
+    """Example ids as an int64 [n] array. Float ids would be truncated (3799.7 -> 3799) and
+    bool ones read as 0 and 1, silently the wrong rows: refused, as is any other shape."""
+    if hasattr(ids, "ids") and hasattr(ids, "images"):  # a Batch
+        raise TypeError("lookup takes the batch's ids (batch.ids); for a whole Batch use "
+                        "ReferenceCache.embeddings(batch)")
+    if isinstance(ids, torch.Tensor):
+        ids = ids.detach().cpu().numpy()
+    try:
+        query = np.asarray(ids)
+    except (TypeError, ValueError):
+        query = None
+    if query is None or query.dtype == object or not (
+            np.issubdtype(query.dtype, np.integer) or query.size == 0):
+        what = query.dtype if query is not None and query.dtype != object else type(ids).__name__
+        raise TypeError(f"ids must be integer example ids (a LongTensor [n]), got {what}")
+    if query.ndim != 1:
+        raise ValueError(f"ids must be one-dimensional [n], got shape {query.shape}"
+                         + (" (one id: pass ids.reshape(1))" if query.ndim == 0 else ""))
+    return query.astype(np.int64, copy=False)
+
+
+def _check_against(root: Path, manifest: dict, split: Split | None,
+                   model: DualEncoder | None) -> None:
+    diffs = []
+    if split is not None:
+        found = data_fingerprint(split)
+        diffs += _differences(found, manifest["data"], "data")
+        diffs += _data_hint(found, manifest["data"])
+    if model is not None:
+        diffs += _differences(model_identity(model), manifest["model"], "model")
+    if diffs:
+        raise CacheError(f"the reference cache at {root} does not match: " + "; ".join(diffs))
+
+
 class ReferenceCache:
     """A complete reference-embedding cache, opened read-only. Use `open`."""
 
@@ -331,21 +366,21 @@ class ReferenceCache:
         if not manifest.get("complete"):
             raise CacheError(f"the cache at {root} is incomplete (an interrupted build); run "
                              f"`jestkit cache-reference` again to resume it")
-        diffs = []
-        if split is not None:
-            found = data_fingerprint(split)
-            diffs += _differences(found, manifest["data"], "data")
-            diffs += _data_hint(found, manifest["data"])
-        if model is not None:
-            diffs += _differences(model_identity(model), manifest["model"], "model")
-        if diffs:
-            raise CacheError(f"the reference cache at {root} does not match: " + "; ".join(diffs))
+        _check_against(root, manifest, split, model)
         if _sha256_file(root / "ids.npy") != manifest["ids_sha256_file"]:
             raise CacheError(f"{root / 'ids.npy'} fails its checksum (altered or truncated)")
         cache = cls(root, manifest)
         for k in range(manifest["n_shards"]):
             cache._check_shape(k)
         return cache
+
+    def check(self, *, split: Split | None = None, model: DualEncoder | None = None) -> None:
+        """Check an open cache against data and a model, as `open` does: a CacheError
+        naming every difference. `train_learner` calls it with its data's pool (and the
+        reference, if given) whenever it scores with a cache's `embeddings`."""
+        if split is not None:
+            _check_split(split)
+        _check_against(self.root, self.manifest, split, model)
 
     def __len__(self) -> int:
         return self.manifest["data"]["count"]
@@ -389,8 +424,9 @@ class ReferenceCache:
             self._shard(k)
 
     def rows(self, ids: torch.Tensor) -> np.ndarray:
-        """Cache rows of the given example ids (LongTensor [n]); unknown ids are an error."""
-        query = np.asarray(ids.cpu().numpy(), dtype=np.int64)
+        """Cache rows of the given example ids (LongTensor [n]; an integer numpy array or a
+        list of ints will do); unknown ids are an error."""
+        query = _as_ids(ids)
         pos = np.searchsorted(self._sorted_ids, query)
         pos_clipped = np.minimum(pos, len(self._sorted_ids) - 1)
         missing = self._sorted_ids[pos_clipped] != query

@@ -26,6 +26,7 @@ import functools
 import hashlib
 import json
 import math
+import numbers
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jestkit.atomic import atomic_write
+from jestkit.scoring import check_embeddings
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -599,6 +601,20 @@ class DualEncoder(nn.Module):
         )
 
 
+def _scalar_tensor(value: Tensor | float, name: str, like: Tensor) -> Tensor:
+    """A one-element tensor or a real number as a 0-d tensor of like's dtype and device. A
+    per-GPU [n_gpus] t from nn.DataParallel, or an [N] vector, would broadcast into a wrong
+    loss; a string would be parsed. Both are refused."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar (one element), got shape "
+                             f"{tuple(value.shape)}")
+        return value.reshape(()).to(device=like.device, dtype=like.dtype)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float or a one-element tensor, got {value!r}")
+    return torch.tensor(float(value), dtype=like.dtype, device=like.device)
+
+
 def sigmoid_loss(
     image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float, logit_bias: Tensor | float
 ) -> Tensor:
@@ -606,14 +622,14 @@ def sigmoid_loss(
 
     image_emb, text_emb: [N, D]; logit_scale: t, already exponentiated; y_ii = +1, else -1.
     Computed in float32 (float64 if an embedding is float64) whatever the input dtype.
+    The training loss, called every step: its checks read shapes and types only (a check of
+    t's value would wait for the GPU each step).
     """
-    if image_emb.ndim != 2 or image_emb.shape != text_emb.shape or image_emb.shape[0] == 0:
-        raise ValueError(f"image_emb and text_emb must both be [N, D] with N >= 1, got "
-                         f"{tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
+    check_embeddings(image_emb, text_emb, finite=False)
     dtype = torch.float64 if torch.float64 in (image_emb.dtype, text_emb.dtype) else torch.float32
     u, v = image_emb.to(dtype), text_emb.to(dtype)
-    t = torch.as_tensor(logit_scale, device=u.device).to(dtype)
-    c = torch.as_tensor(logit_bias, device=u.device).to(dtype)
+    t = _scalar_tensor(logit_scale, "logit_scale", u)
+    c = _scalar_tensor(logit_bias, "logit_bias", u)
     n = u.shape[0]
     logits = t * (u @ v.T) + c  # [N, N]
     labels = 2.0 * torch.eye(n, dtype=dtype, device=u.device) - 1.0

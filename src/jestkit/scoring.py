@@ -60,6 +60,8 @@ def _as_scalar(value: float | Tensor, name: str, dtype: torch.dtype,
                              f"got shape {tuple(value.shape)}")
         value = value.detach().reshape(()).to(device=device, dtype=dtype)
     else:
+        if isinstance(value, (str, bytes)):  # float("10") would pass: a string is a mistake
+            raise TypeError(f"{name} must be a float or a one-element tensor, got {value!r}")
         try:
             value = torch.tensor(float(value), dtype=dtype, device=device)
         except (TypeError, ValueError):

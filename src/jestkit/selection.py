@@ -33,6 +33,8 @@ a multi-process caller gathers the super-batch's embeddings first and selects on
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -69,9 +71,10 @@ SELECTIONS = ("joint", "independent")
 
 
 def _check_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    # numbers.Integral: numpy's integers too (np.int64(20) from a config array), never bools.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    return value
+    return int(value)
 
 
 def _check_batch_size(batch_size: object, n: int) -> int:
@@ -89,7 +92,7 @@ def _check_n_chunks(n_chunks: object, batch_size: int) -> int:
 
 
 def _check_temperature(temperature: object) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a float >= 0, got {temperature!r}")
     if not (math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be a finite float >= 0, got {temperature}")
@@ -582,14 +585,17 @@ def _check_normalized(given: list[tuple[str, ModelEmbeddings]]) -> None:
                for part, x in (("image", e.image), ("text", e.text))]
     norms = [torch.linalg.vector_norm(x, dim=1, dtype=torch.promote_types(x.dtype, torch.float32))
              for _, x in tensors]
-    # float32 rounding leaves norms within ~1e-6 of 1; bfloat16's 8-bit mantissa, ~1e-2.
-    tols = [max(1e-3, 8 * torch.finfo(x.dtype).eps) for _, x in tensors]
+    # Unit rows rounded to a float type keep their norms within about half an ulp of 1
+    # (float32 ~1e-7, bfloat16 ~4e-3): 2.5 ulp (1.95e-2 for bfloat16) leaves room for
+    # normalising in that type, and still refuses a row 5% long.
+    tols = [max(1e-3, 2.5 * torch.finfo(x.dtype).eps) for _, x in tensors]
     worst = torch.stack([(n - 1).abs().max().double() for n in norms]).tolist()  # one sync
     for (what, _), n, tol, dev in zip(tensors, norms, tols, worst, strict=True):
         if dev > tol:
             raise ValueError(
-                f"{what} embeddings must be L2-normalised (every row's norm within {tol:g} of "
-                f"1), got norms in [{n.min().item():.4g}, {n.max().item():.4g}]: normalise "
+                f"{what} embeddings must be L2-normalised (every row, one example of the "
+                f"[N, d] tensor, of norm within {tol:g} of 1), got norms in "
+                f"[{n.min().item():.4g}, {n.max().item():.4g}] over {len(n)} rows: normalise "
                 f"them (F.normalize(x, dim=-1); open_clip: encode_image/encode_text(..., "
                 f"normalize=True)),"
                 f" or pass JointSelector(require_normalized=False) if your model's loss is "
@@ -633,9 +639,10 @@ class JointSelector:
             N)), never more than that however large N is. With the sigmoid loss,
             a super-batch of N <= 512 with N * N <= max_block_elements has its [N, N] pair
             matrix built once (faster for small N); larger ones are scored block by block.
-        require_normalized: refuse embeddings whose rows are not unit vectors (within 1e-3,
-            or 8 ulp of 1 in half precision), as a SigLIP or CLIP model's are; False for a
-            model whose loss is defined on unnormalised embeddings.
+        require_normalized: refuse embeddings whose rows are not unit vectors (within 1e-3
+            of 1; 2.5 ulp in half precision: 2.4e-3 float16, 2e-2 bfloat16), as a SigLIP or
+            CLIP model's are; False for a model whose loss is defined on unnormalised
+            embeddings.
     """
 
     def __init__(
@@ -660,19 +667,24 @@ class JointSelector:
         if (filter_ratio is None) == (batch_size is None):
             raise ValueError("give exactly one of filter_ratio (in (0, 1)) and batch_size")
         if filter_ratio is not None:
-            if isinstance(filter_ratio, bool) or not isinstance(filter_ratio, (int, float)):
+            if (isinstance(filter_ratio, bool)
+                    or not isinstance(filter_ratio, numbers.Real)):
                 raise TypeError(f"filter_ratio must be a float in (0, 1), got {filter_ratio!r}")
             if not 0 < filter_ratio < 1:
                 raise ValueError(f"filter_ratio must be in (0, 1), got {filter_ratio}")
-        if batch_size is not None and _check_int(batch_size, "batch_size") < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            filter_ratio = float(filter_ratio)
+        if batch_size is not None:
+            batch_size = _check_int(batch_size, "batch_size")
+            if batch_size < 1:
+                raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         n_chunks = _check_int(n_chunks, "n_chunks")
         if n_chunks < 1:
             raise ValueError(f"n_chunks must be >= 1, got {n_chunks}")
         chunked = selection == "joint" and criterion != "uniform"  # uniform draws no chunks
         if chunked and batch_size is not None and n_chunks > batch_size:
             raise ValueError(f"n_chunks must be in [1, batch_size={batch_size}], got {n_chunks}")
-        if _check_int(max_block_elements, "max_block_elements") < 1:
+        max_block_elements = _check_int(max_block_elements, "max_block_elements")
+        if max_block_elements < 1:
             raise ValueError(f"max_block_elements must be >= 1, got {max_block_elements}")
         self.criterion = criterion
         self.filter_ratio = filter_ratio
@@ -682,10 +694,15 @@ class JointSelector:
         self.selection = selection
         self.temperature = _check_temperature(temperature)
         self.device = torch.device(device) if device is not None else None
+        if (self.device is not None and self.device.type == "cuda"
+                and not torch.cuda.is_available()):
+            raise ValueError(f"device={device!r}, but CUDA is not available here; pass "
+                             f"device=None to compute where the embeddings are")
         self.max_block_elements = max_block_elements
         if not isinstance(require_normalized, bool):
             raise TypeError(f"require_normalized must be a bool, got {require_normalized!r}")
         self.require_normalized = require_normalized
+        self._warned_small_scale = False
 
     def __repr__(self) -> str:
         size = (f"filter_ratio={self.filter_ratio}" if self.filter_ratio is not None
@@ -724,6 +741,9 @@ class JointSelector:
             LongTensor [b] of distinct indices into the super-batch, in the order drawn, on
             the compute device.
         """
+        if chunk_logits is not None and not isinstance(chunk_logits, list):
+            raise TypeError(f"chunk_logits must be a list to append to (or None), got "
+                            f"{type(chunk_logits).__name__}")
         learner = _as_model_embeddings(learner, "learner")
         reference = _as_model_embeddings(reference, "reference")
         if generator is not None:
@@ -754,6 +774,7 @@ class JointSelector:
         models = {name: _Model(e, name, self.device, dtype, self.max_block_elements,
                                needs_bias=self.loss == "sigmoid" and self.criterion != "uniform")
                   for name, e in given}
+        self._warn_if_log_scale(models)
         sizes = {name: m.n for name, m in models.items()}
         if len(set(sizes.values())) > 1:
             raise ValueError(f"learner and reference must embed the same super-batch, got "
@@ -791,3 +812,23 @@ class JointSelector:
                                self.temperature, chunk_logits)
 
     __call__ = select
+
+    # open_clip's model.logit_scale is the *log* temperature (its forward returns the exp):
+    # passed as is, t = 2.3 instead of 10 silently flattens every score. A SigLIP model starts
+    # at t = 10 and a CLIP model at 14.3, and both grow in training, while open_clip keeps
+    # log t <= log 100 = 4.6: below this, t is almost surely a log.
+    _SMALL_LOGIT_SCALE = 5.0
+
+    def _warn_if_log_scale(self, models: dict[str, _Model]) -> None:
+        if self._warned_small_scale or self.criterion == "uniform":  # uniform reads no t
+            return
+        for name, m in models.items():
+            t = float(m.t)
+            if t < self._SMALL_LOGIT_SCALE:
+                warnings.warn(f"{name} logit_scale t = {t:.4g} is small for a contrastive "
+                              f"model (SigLIP starts at t = 10, CLIP at 14.3): if it is "
+                              f"open_clip's model.logit_scale, that parameter is log t; pass "
+                              f"model.logit_scale.exp() (warned once per selector)",
+                              UserWarning, stacklevel=4)  # the caller of select()
+                self._warned_small_scale = True
+                return

@@ -32,6 +32,7 @@ from jestkit.atomic import (
     set_aside_copy_of,
     unfinished_write,
 )
+from jestkit.cache import ReferenceCache
 from jestkit.data import Batch, DigitsWeb, Split, SuperBatchSampler, class_prompts
 from jestkit.flops import FlopLedger, count_flops
 from jestkit.models import (
@@ -370,6 +371,11 @@ def train_reference(data: DigitsWeb, cfg: ReferenceConfig = ReferenceConfig(),
     Returns (model, info) with info = {"metrics": evaluate(...) on test, "flops": its
     training FLOPs, "config": asdict(cfg)}.
     """
+    if not isinstance(data, DigitsWeb):
+        raise TypeError(f"data must be a DigitsWeb (load_digits_web(...)), got "
+                        f"{type(data).__name__}")
+    if not isinstance(cfg, ReferenceConfig):  # a LearnerConfig would train, silently, as one
+        raise TypeError(f"cfg must be a ReferenceConfig, got {type(cfg).__name__}")
     if cfg.batch_size > len(data.curated):
         raise ValueError(f"reference batch_size must be in [1, {len(data.curated)}] (the "
                          f"curated split's size), got {cfg.batch_size}")
@@ -416,6 +422,40 @@ class RunResult:
 ReferenceEmbedder = Callable[[Batch], ModelEmbeddings]
 
 
+def _check_run_arguments(data, cfg, reference, reference_embedder) -> None:
+    """The arguments' types, with what to pass instead, and a cache checked against the
+    data it scores: a ReferenceCache opened without split= would otherwise serve any data
+    whose ids it holds."""
+    if not isinstance(data, DigitsWeb):
+        hint = " (the whole data set, not one split)" if isinstance(data, Split) else ""
+        raise TypeError(f"data must be a DigitsWeb (load_digits_web(...)){hint}, got "
+                        f"{type(data).__name__}")
+    if not isinstance(cfg, LearnerConfig):
+        raise TypeError(f"cfg must be a LearnerConfig, got {type(cfg).__name__}")
+    if reference is not None and not isinstance(reference, torch.nn.Module):
+        hint = (": a cache goes in reference_embedder=cache.embeddings"
+                if isinstance(reference, ReferenceCache) else
+                ": load a saved one with jestkit.models.load_model(path)"
+                if isinstance(reference, (str, os.PathLike)) else "")
+        raise TypeError(f"reference must be a model (a DualEncoder) or None, got "
+                        f"{type(reference).__name__}{hint}")
+    if reference_embedder is None:
+        return
+    if isinstance(reference_embedder, ReferenceCache):
+        raise TypeError("reference_embedder is a function of a Batch: pass cache.embeddings, "
+                        "not the cache itself")
+    if not callable(reference_embedder):
+        raise TypeError(f"reference_embedder must be callable (Batch -> ModelEmbeddings), got "
+                        f"{type(reference_embedder).__name__}")
+    cache = getattr(reference_embedder, "__self__", None)
+    if isinstance(cache, ReferenceCache):
+        cache.check(split=data.pool, model=reference)  # the reference, if given: its own
+    elif reference is not None:
+        raise ValueError("give reference or reference_embedder, not both: the embedder "
+                         "replaces the reference's forward, so the reference would go unused "
+                         "(with a ReferenceCache's embeddings it is checked against the cache)")
+
+
 def train_learner(
     data: DigitsWeb,
     cfg: LearnerConfig,
@@ -449,6 +489,7 @@ def train_learner(
     Returns:
         RunResult with the evaluation curves and the cumulative FLOPs per phase.
     """
+    _check_run_arguments(data, cfg, reference, reference_embedder)
     if cfg.needs_reference and reference is None and reference_embedder is None:
         raise ValueError(f"method {cfg.method!r} needs a reference model or reference_embedder")
     if cfg.batch_size > len(data.pool):
