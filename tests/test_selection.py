@@ -796,6 +796,8 @@ def test_numpy_scalars_are_numbers_and_strings_are_not():
 def test_cuda_device_without_cuda_is_refused_up_front():
     with pytest.raises(ValueError, match=r"device='cuda', but CUDA is not available"):
         JointSelector(batch_size=8, n_chunks=4, device="cuda")
+    with pytest.raises(ValueError, match=r"device='cuda:1', but CUDA is not available"):
+        uniform_select(16, 4, device="cuda:1")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -631,7 +631,11 @@ def test_multiresolution_training_is_deterministic_and_cheaper(data, reference):
     assert fa["learner_scoring"] < 0.7 * ff["learner_scoring"]
     assert fa["reference_scoring"] == ff["reference_scoring"]  # the reference is unchanged
     with pytest.raises(ValueError, match="score_patch_size must be one of"):
-        train_learner(data, dataclasses.replace(TINY, score_patch_size=5), reference)
+        train_learner(data, dataclasses.replace(TINY, score_patch_size=12), reference)
+    # Scoring finer than training is no Flexi (and dearer than full resolution): refused.
+    with pytest.raises(ValueError, match=r"score_patch_size must be 0 \(the training patch\) "
+                                         r"or at least patch_size=8 .*got 4"):
+        dataclasses.replace(TINY, score_patch_size=4)
 
 
 def test_learner_patch_size_sets_the_training_resolution(data, reference):

@@ -99,6 +99,18 @@ def _check_temperature(temperature: object) -> float:
     return float(temperature)
 
 
+def _check_device(device: torch.device | str | None) -> torch.device | None:
+    """The device, refused up front if it is CUDA on a machine without it (torch's own error
+    comes from deep inside a generator or a copy)."""
+    if device is None:
+        return None
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}, but CUDA is not available here; pass "
+                         f"device=None to compute where the inputs are")
+    return device
+
+
 def _generator(generator: object, device: torch.device) -> torch.Generator:
     """The caller's generator, or a fresh OS-seeded one: never torch's global RNG."""
     if generator is None:
@@ -335,8 +347,8 @@ def uniform_select(
     if n < 1:
         raise ValueError(f"super_batch_size must be >= 1, got {n}")
     batch_size = _check_batch_size(batch_size, n)
-    generator = _generator(generator, torch.device(device) if device is not None else
-                           torch.device("cpu"))
+    device = _check_device(device)
+    generator = _generator(generator, device if device is not None else torch.device("cpu"))
     idx = torch.randperm(n, generator=generator, device=generator.device)[:batch_size]
     return idx.to(device) if device is not None else idx
 
@@ -693,11 +705,7 @@ class JointSelector:
         self.loss = loss
         self.selection = selection
         self.temperature = _check_temperature(temperature)
-        self.device = torch.device(device) if device is not None else None
-        if (self.device is not None and self.device.type == "cuda"
-                and not torch.cuda.is_available()):
-            raise ValueError(f"device={device!r}, but CUDA is not available here; pass "
-                             f"device=None to compute where the embeddings are")
+        self.device = _check_device(device)
         self.max_block_elements = max_block_elements
         if not isinstance(require_normalized, bool):
             raise TypeError(f"require_normalized must be a bool, got {require_normalized!r}")

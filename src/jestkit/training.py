@@ -152,6 +152,12 @@ class LearnerConfig:
         for name in ("eval_every", "checkpoint_every", "score_patch_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if 0 < self.score_patch_size < self.patch_size:
+            # Flexi's scoring and its coarse half are coarser than training; a finer patch
+            # costs more than full resolution (a "4 tokens" meant as a patch size, say).
+            raise ValueError(f"score_patch_size must be 0 (the training patch) or at least "
+                             f"patch_size={self.patch_size} (Flexi scores coarser), got "
+                             f"{self.score_patch_size}")
         _check_lr(self)
 
     @property
