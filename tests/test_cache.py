@@ -363,6 +363,23 @@ def test_repeated_ids_are_refused(tmp_path, model, split):
     assert not (tmp_path / "c").exists()
 
 
+def test_an_open_cache_checks_against_data_and_model_on_request(cache_dir, split, model,
+                                                                 config):
+    """ReferenceCache.check: what open(split=, model=) checks, for a cache already open
+    (train_learner calls it with its data's pool)."""
+    cache = ReferenceCache.open(cache_dir)
+    cache.check(split=split, model=model)  # the data and model it was built from
+    message = expect_cache_error(lambda: cache.check(split=split.subset(range(SUBSET - 1))),
+                                 "does not match: data")
+    assert "count" in message
+    expect_cache_error(lambda: cache.check(model=DualEncoder(config, seed=1)),
+                       "does not match: model")
+    with pytest.raises(TypeError, match="split must be a jestkit.data.Split"):
+        cache.check(split=split.ids)
+    with pytest.raises(TypeError, match=r"model must be the reference DualEncoder .* got str"):
+        cache.check(model="ref.safetensors")
+
+
 def test_cli_refuses_a_cache_of_other_data(tmp_path, cache_dir, config, capsys):
     from jestkit.cli import main
 

@@ -156,6 +156,17 @@ def test_bad_demo_config():
     with pytest.raises(ValueError, match=r"learner.patch_size must be one of \[1, 2, 4, 8, 16, "
                                          r"32\] \(divisors of the image size 32\), got 5"):
         DemoConfig.from_dict({"learner": {"patch_size": 5}})
+    # What only the JEST or Flexi runs need is checked only when they are in `methods`, under
+    # the field the user set.
+    coarse = {"learner": {"patch_size": 16}, "flexi_score_patch_size": 8}
+    with pytest.raises(ValueError, match=r"^flexi_score_patch_size must be at least "
+                                         r"learner.patch_size=16 .*got 8$"):
+        DemoConfig.from_dict(coarse)
+    DemoConfig.from_dict({**coarse, "methods": ["uniform", "learnability-joint"]})
+    big = {"learner": {"batch_size": 1000}}  # a JEST super-batch of 5000 > the pool's 3500
+    with pytest.raises(ValueError, match="exceeds digits-web's pool size 3500"):
+        DemoConfig.from_dict(big)
+    assert DemoConfig.from_dict({**big, "methods": ["uniform"]}).learner.batch_size == 1000
     assert DemoConfig.from_dict({"learner": {"patch_size": 4},
                                  "flexi_score_patch_size": 8}).learner.patch_size == 4
     with pytest.raises(ValueError, match="text_width must be a positive int"):

@@ -514,7 +514,9 @@ def test_sigmoid_loss_refuses_what_would_broadcast_or_be_parsed() -> None:
             sigmoid_loss(*args)
     # A one-element t of any shape, a Parameter with its gradient, a numpy float: fine.
     t = torch.nn.Parameter(torch.tensor([[math.log(10.0)]]))
-    loss = sigmoid_loss(u, u, t.exp(), np.float32(-10.0))
+    loss = sigmoid_loss(u, u, t.exp(), np.array(-10.0, dtype=np.float32))
     loss.backward()
     assert t.grad is not None and t.grad.shape == (1, 1)
     assert loss.item() == pytest.approx(sigmoid_loss(u, u, 10.0, -10.0).item(), rel=1e-4)
+    assert sigmoid_loss(u, u, np.float32(10.0), -10).item() == pytest.approx(loss.item(),
+                                                                               rel=1e-4)

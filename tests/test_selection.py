@@ -699,7 +699,8 @@ def test_selector_bad_embeddings():
                                                 model_embeddings(78, seed=1))) == 16
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16,
+                                   torch.bfloat16])
 def test_selector_refuses_embeddings_that_are_not_unit_vectors(dtype):
     """open_clip's encode_image without normalize=True gives rows of norm ~10: t u . v is
     then ~100x too large and the draw is near-greedy on meaningless scores. Refused, with the
@@ -730,6 +731,14 @@ def test_selector_refuses_embeddings_that_are_not_unit_vectors(dtype):
     zero[5] = 0
     with pytest.raises(ValueError, match=r"learner text .* got norms in \[0, 1(\.00\d*)?\]"):
         sel(ModelEmbeddings(lrn.image, zero, 10.0, -10.0), ref, generator=g)
+    # Normalised in bfloat16, then cast up (open_clip under bf16 autocast): still unit rows
+    # to within bfloat16's rounding, and accepted whatever the dtype now is.
+    up = ModelEmbeddings(F.normalize(lrn.image.bfloat16(), dim=-1).to(dtype),
+                         F.normalize(lrn.text.bfloat16(), dim=-1).to(dtype), 10.0, -10.0)
+    assert len(sel(up, ref, generator=g)) == 8
+    # uniform reads no embedding values: any rows will do.
+    assert len(JointSelector("uniform", batch_size=8)(
+        ModelEmbeddings(10 * lrn.image, lrn.text, 10.0, -10.0), None, generator=g)) == 8
     with pytest.raises(TypeError, match="require_normalized must be a bool"):
         JointSelector(batch_size=8, n_chunks=4, require_normalized="yes")
 
@@ -803,7 +812,7 @@ def test_cuda_device_without_cuda_is_refused_up_front():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_selector_mismatched_devices():
     lrn, ref = model_embeddings(16, seed=1), model_embeddings(16, seed=2)
-    cuda_ref = ModelEmbeddings(ref.image.cuda(), ref.text.cuda(), 10.0)
+    cuda_ref = ModelEmbeddings(ref.image.cuda(), ref.text.cuda(), 10.0, -5.0)
     with pytest.raises(ValueError, match="different devices"):
         JointSelector(batch_size=4, n_chunks=2)(lrn, cuda_ref)
     idx = JointSelector(batch_size=4, n_chunks=2, device="cuda")(lrn, cuda_ref)

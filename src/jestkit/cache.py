@@ -315,6 +315,9 @@ def _as_ids(ids: object) -> np.ndarray:
 
 def _check_against(root: Path, manifest: dict, split: Split | None,
                    model: DualEncoder | None) -> None:
+    if model is not None and not isinstance(model, DualEncoder):
+        raise TypeError(f"model must be the reference DualEncoder the cache was built with "
+                        f"(load_model(path) for a saved one), got {type(model).__name__}")
     diffs = []
     if split is not None:
         found = data_fingerprint(split)

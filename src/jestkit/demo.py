@@ -165,22 +165,31 @@ class DemoConfig:
         if not 0 <= self.flexi_multires_fraction <= 1:  # NaN too
             raise ValueError(f"flexi_multires_fraction must be in [0, 1], got "
                              f"{self.flexi_multires_fraction}")
-        try:  # the learner as the JEST runs use it: what it is checked against is named
-            jest = dataclasses.replace(self.learner, method="learnability", selection="joint",
-                                       score_patch_size=self.flexi_score_patch_size,
-                                       multires_fraction=self.flexi_multires_fraction)
-        except ValueError as err:
-            raise ValueError(f"learner.{err} (as the JEST methods run it)") from None
-        # The splits' sizes are fixed: a batch they cannot serve fails here, not in a worker
-        # after the reference has trained.
+        scoring = {name: how for name, _, _, how in DEMO_METHODS}
+        jest_runs = [m for m in self.methods if m != "uniform"]
+        flexi_runs = [m for m in self.methods if scoring[m] == "flexi"]
+        if flexi_runs and self.flexi_score_patch_size < self.learner.patch_size:
+            raise ValueError(f"flexi_score_patch_size must be at least learner.patch_size="
+                             f"{self.learner.patch_size} (Flexi scores coarser than it trains), "
+                             f"got {self.flexi_score_patch_size}")
         if self.learner.batch_size > POOL_SIZE:
             raise ValueError(f"learner.batch_size must be in [1, {POOL_SIZE}] (digits-web's "
                              f"pool size), got {self.learner.batch_size}")
-        if jest.super_batch_size > POOL_SIZE:
-            raise ValueError(f"learner.batch_size / (1 - learner.filter_ratio) = "
-                             f"{jest.super_batch_size} (the JEST methods' super-batch) exceeds "
-                             f"digits-web's pool size {POOL_SIZE}; lower learner.batch_size or "
-                             f"learner.filter_ratio")
+        if jest_runs:
+            flexi = ({"score_patch_size": self.flexi_score_patch_size,
+                      "multires_fraction": self.flexi_multires_fraction} if flexi_runs else {})
+            try:  # the learner as the JEST runs use it: what it is checked against is named
+                jest = dataclasses.replace(self.learner, method="learnability",
+                                           selection="joint", **flexi)
+            except ValueError as err:
+                raise ValueError(f"learner.{err} (as the JEST methods run it)") from None
+            # The splits' sizes are fixed: a batch they cannot serve fails here, not in a
+            # worker after the reference has trained.
+            if jest.super_batch_size > POOL_SIZE:
+                raise ValueError(f"learner.batch_size / (1 - learner.filter_ratio) = "
+                                 f"{jest.super_batch_size} (the JEST methods' super-batch) "
+                                 f"exceeds digits-web's pool size {POOL_SIZE}; lower "
+                                 f"learner.batch_size or learner.filter_ratio")
         if self.reference.batch_size > CURATED_SIZE:
             raise ValueError(f"reference.batch_size must be in [1, {CURATED_SIZE}] (digits-web's "
                              f"curated split), got {self.reference.batch_size}")

@@ -605,6 +605,8 @@ def _scalar_tensor(value: Tensor | float, name: str, like: Tensor) -> Tensor:
     """A one-element tensor or a real number as a 0-d tensor of like's dtype and device. A
     per-GPU [n_gpus] t from nn.DataParallel, or an [N] vector, would broadcast into a wrong
     loss; a string would be parsed. Both are refused."""
+    if not isinstance(value, Tensor) and hasattr(value, "__array__"):  # np.array(10.0)
+        value = torch.as_tensor(value)
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar (one element), got shape "

@@ -438,12 +438,12 @@ def _check_run_arguments(data, cfg, reference, reference_embedder) -> None:
                         f"{type(data).__name__}")
     if not isinstance(cfg, LearnerConfig):
         raise TypeError(f"cfg must be a LearnerConfig, got {type(cfg).__name__}")
-    if reference is not None and not isinstance(reference, torch.nn.Module):
+    if reference is not None and not isinstance(reference, DualEncoder):
         hint = (": a cache goes in reference_embedder=cache.embeddings"
                 if isinstance(reference, ReferenceCache) else
                 ": load a saved one with jestkit.models.load_model(path)"
                 if isinstance(reference, (str, os.PathLike)) else "")
-        raise TypeError(f"reference must be a model (a DualEncoder) or None, got "
+        raise TypeError(f"reference must be a jestkit DualEncoder or None, got "
                         f"{type(reference).__name__}{hint}")
     if reference_embedder is None:
         return
