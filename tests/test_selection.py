@@ -669,8 +669,12 @@ def test_selector_bad_embeddings():
     sel = JointSelector(batch_size=4, n_chunks=2)
     nan = lrn.image.clone()
     nan[3, 1] = float("nan")
+    inf = ref.text.clone()
+    inf[15, 0] = float("-inf")
     cases = [
         ((ModelEmbeddings(nan, lrn.text, 10.0), ref), "learner image_emb contains NaN"),
+        ((lrn, ModelEmbeddings(ref.image, inf, 10.0, -5.0)), "reference text_emb contains NaN "
+                                                             "or Inf"),
         ((lrn, ModelEmbeddings(ref.image, ref.text[:8], 10.0)), "reference image_emb and "
                                                                 "text_emb must have the same"),
         ((lrn, model_embeddings(12, seed=3)), "same super-batch"),
@@ -683,6 +687,9 @@ def test_selector_bad_embeddings():
     for (a, b), match in cases:
         with pytest.raises(ValueError, match=match):
             sel(a, b)
+    with pytest.raises(ValueError, match="learner image_emb contains NaN"):  # the other path
+        JointSelector(batch_size=4, n_chunks=2, require_normalized=False)(
+            ModelEmbeddings(nan, lrn.text, 10.0, -5.0), ref)
     with pytest.raises(TypeError, match="learner must be a ModelEmbeddings"):
         sel("embeddings", ref)
     with pytest.raises(ValueError, match=r"batch_size must be in \[1, 3\]"):

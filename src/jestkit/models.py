@@ -604,7 +604,8 @@ class DualEncoder(nn.Module):
 def _scalar_tensor(value: Tensor | float, name: str, like: Tensor) -> Tensor:
     """A one-element tensor or a real number as a 0-d tensor of like's dtype and device. A
     per-GPU [n_gpus] t from nn.DataParallel, or an [N] vector, would broadcast into a wrong
-    loss; a string would be parsed. Both are refused."""
+    loss; a string would be parsed. Both are refused. (Not `scoring._as_scalar`: that one
+    detaches and reads the value, a GPU sync; the training loss needs t's gradient.)"""
     if not isinstance(value, Tensor) and hasattr(value, "__array__"):  # np.array(10.0)
         value = torch.as_tensor(value)
     if isinstance(value, Tensor):

@@ -596,7 +596,8 @@ NORM_TOLERANCE = 2e-2
 
 
 def _check_normalized(given: list[tuple[str, ModelEmbeddings]]) -> None:
-    """Refuse embeddings whose rows are not unit vectors. t and c were learned for
+    """Refuse embeddings with a NaN or Inf, or whose rows are not unit vectors (shapes,
+    dtypes and devices already checked). t and c were learned for
     t u . v with |u| = |v| = 1: open_clip's encode_image without normalize=True gives norms
     of ~10, which multiplies every logit by ~100 and makes the draw near-greedy on
     meaningless scores, a silently wrong selection rather than an error."""
@@ -606,6 +607,10 @@ def _check_normalized(given: list[tuple[str, ModelEmbeddings]]) -> None:
             norms = torch.linalg.vector_norm(
                 x, dim=1, dtype=torch.promote_types(x.dtype, torch.float32))
             low, high = torch.stack(torch.aminmax(norms)).tolist()  # one read
+            if not (math.isfinite(low) and math.isfinite(high)) and not all_finite(x):
+                # A NaN or Inf entry makes its row's norm one too: the check_embeddings
+                # error, without a second pass over every tensor when all is well.
+                raise ValueError(f"{name} {part}_emb contains NaN or Inf")
             if max(high - 1, 1 - low) > NORM_TOLERANCE:
                 raise ValueError(
                     f"{name} {part} embeddings must be L2-normalised (every row, one example "
@@ -775,10 +780,11 @@ class JointSelector:
         if self.device is None and len(set(devices.values())) > 1:
             raise ValueError(f"learner and reference embeddings are on different devices "
                              f"{devices}; pass device= to compute on one")
-        for name, e in given:
-            check_embeddings(e.image, e.text, name)
         if self.require_normalized and self.criterion != "uniform":  # uniform reads none
-            _check_normalized(given)
+            _check_normalized(given)  # one pass over each tensor: finite, and unit rows
+        else:
+            for name, e in given:
+                check_embeddings(e.image, e.text, name)
         dtype = compute_dtype(*(t for _, e in given for t in (e.image, e.text)))
         models = {name: _Model(e, name, self.device, dtype, self.max_block_elements,
                                needs_bias=self.loss == "sigmoid" and self.criterion != "uniform")

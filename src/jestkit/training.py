@@ -481,7 +481,9 @@ def train_learner(
         reference: the frozen reference model (needed unless method is uniform or
             hard_learner, or a `reference_embedder` is given).
         reference_embedder: looks up the reference's embeddings of a super-batch (e.g. from a
-            cache) instead of running the reference; its FLOPs then count as zero.
+            cache) instead of running the reference; its FLOPs then count as zero. A
+            ReferenceCache's `embeddings` is first checked against data.pool, and against
+            `reference` if that is given too; with any other embedder, give no reference.
         run_dir: where checkpoints go, atomically: every cfg.checkpoint_every steps and at
             the last step run (None: no checkpoints, whatever checkpoint_every says). A fresh
             run (resume=False) refuses a run_dir that already holds checkpoints (a
