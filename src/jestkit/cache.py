@@ -294,7 +294,7 @@ def build_reference_cache(
 def _as_ids(ids: object) -> np.ndarray:
     """Example ids as an int64 [n] array. Float ids would be truncated (3799.7 -> 3799) and
     bool ones read as 0 and 1, silently the wrong rows: refused, as is any other shape."""
-    if hasattr(ids, "ids") and hasattr(ids, "images"):  # a Batch
+    if isinstance(ids, Batch):
         raise TypeError("lookup takes the batch's ids (batch.ids); for a whole Batch use "
                         "ReferenceCache.embeddings(batch)")
     if isinstance(ids, torch.Tensor):
