@@ -45,8 +45,6 @@ from statistics import median
 
 from _markdown import check_section, replace_section
 
-HERE = Path(__file__).resolve().parent
-
 DIM = 256
 N_CHUNKS = 16
 LEARNER_TC = (10.0, -10.0)  # learner logit_scale t (exponentiated) and bias c

@@ -15,7 +15,7 @@ Setup: learnability, f = 0.8 (b = N / 5), K = 16, two models with float32 embedd
 dimension d (32 is the demo's), one torch thread as in the demo's workers. Time: median over
 rounds of the mean of `--calls` calls. Also reported: the FLOPs each path executes (torch's
 flop counter, as the training loop's "selection" ledger phase counts them: the pair matrix
-costs ~N^2 d per model, the blocks ~4 N b d), and whether both paths picked the same indices
+costs 2 N^2 d FLOPs per model, the blocks ~4 N b d), and whether both paths picked the same indices
 from the same generator state (float32 rounding may differ in the last bit).
 
     python benchmarks/selector_paths.py            # ~1 minute

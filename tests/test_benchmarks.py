@@ -131,10 +131,9 @@ def test_step_overhead_times_the_demo_configs_learner(step_overhead):
     runner = module.Runner("uniform", module.variant_config("uniform", None, 0, setup),
                            load_digits_web(0, max_len=8), None, None)
     assert runner.model.config.text_heads == 4  # the timed model is the config's
-    # Whatever the config's learner says about selection and Flexi, the variants are joint,
-    # and only the flexi ones take the config's Flexi setting.
-    learner = LearnerConfig(patch_size=4, selection="independent", score_patch_size=16,
-                            multires_fraction=0.5)
+    # The variants are joint, and only the flexi ones take the config's Flexi setting (a demo
+    # config's learner block cannot set selection or Flexi: DemoConfig refuses them).
+    learner = LearnerConfig(patch_size=4)
     setup = module.Setup.from_demo(DemoConfig(learner=learner, flexi_score_patch_size=8,
                                               flexi_multires_fraction=0.25))
     want = {"uniform": (0, 0.0), "live": (0, 0.0), "cached": (0, 0.0),

@@ -83,9 +83,10 @@ def test_allow_other_code_needs_resume(fake_demo, capsys):
         ('{"data_seed": -1}', "data_seed must be >= 0, got -1"),
         ('{"flexi_multires_fraction": 2.0}', r"flexi_multires_fraction must be in \[0, 1\]"),
         ('{"methods": [["uniform"]]}', "methods must be a list of names"),
-        # Checked as the JEST runs use the learner block (its method is set per run).
+        # The learner block's method is set per run: one given there is refused, not ignored.
         ('{"learner": {"method": "uniform", "n_chunks": 100}}',
-         r"learner.n_chunks must be in \[1, batch_size=64\], got 100 \(as the JEST methods"),
+         r"learner.method is set per run from 'methods'.*got 'uniform'"),
+        ('{"learner": {"n_chunks": 100}}', r"learner.n_chunks must be in \[1, batch_size=64\]"),
         # Sizes the data cannot serve: refused here, not in a worker after the reference.
         ('{"learner": {"batch_size": 4000}}',
          r"learner.batch_size must be in \[1, 3500\] \(digits-web's pool size\), got 4000"),

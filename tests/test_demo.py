@@ -184,6 +184,19 @@ def test_bad_demo_config():
         DemoConfig(methods=("uniform", "uniform"))
     with pytest.raises(ValueError, match="checkpoint_every must be 0"):
         DemoConfig.from_dict({"learner": {"checkpoint_every": 10}})
+    # Found in review: accepted, ignored, and saved in report.json as if used.
+    for field, value, source in (("seed", 5, "seeds"), ("method", "hard_learner", "methods"),
+                                 ("selection", "independent", "methods")):
+        with pytest.raises(ValueError, match=f"learner.{field} is set per run from '{source}'"):
+            DemoConfig.from_dict({"learner": {field: value}})
+    assert DemoConfig.from_dict({"learner": {"seed": 0, "method": "learnability"}}) == DemoConfig()
+    # In the learner block these would reach the live JEST runs too (and fail on uniform's).
+    with pytest.raises(ValueError, match=r"^learner.score_patch_size must be 0 in the demo.*"
+                                         "set flexi_score_patch_size"):
+        DemoConfig.from_dict({"learner": {"score_patch_size": 16}})
+    with pytest.raises(ValueError, match="learner.score_patch_size and learner.multires_fraction "
+                                         "must be 0"):
+        DemoConfig.from_dict({"learner": {"score_patch_size": 16, "multires_fraction": 0.5}})
 
 
 def test_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):

@@ -14,14 +14,17 @@ from jestkit.flops import (
     measure_text_forward_flops,
     measure_train_step_flops,
 )
-from jestkit.models import DualEncoder, DualEncoderConfig, reference_config
+from jestkit.models import DualEncoder, DualEncoderConfig
 
 VOCAB = 50
 
 
 @pytest.fixture(scope="module")
 def model() -> DualEncoder:
-    return DualEncoder(reference_config(VOCAB), seed=0)
+    # Two blocks of four heads in both towers, so depth and heads are in what is counted.
+    return DualEncoder(DualEncoderConfig(vocab_size=VOCAB, image_width=48, image_depth=2,
+                                         image_heads=4, text_width=48, text_depth=2,
+                                         text_heads=4, mlp_ratio=2), seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,14 @@ from jestkit.models import (
     DualEncoderConfig,
     FlexiPatchEmbed,
     bilinear_resize_matrix,
-    learner_config,
     load_model,
     model_fingerprint,
     pi_downsample_matrix,
     pi_resize_matrix,
-    reference_config,
     save_model,
     sigmoid_loss,
 )
+from jestkit.training import LearnerConfig, ReferenceConfig, small_model
 
 VOCAB = 50
 
@@ -190,8 +189,22 @@ def test_invalid_patch_size_raises(bad) -> None:
 # ----------------------------------------------------------------------------- dual encoder
 
 
-@pytest.mark.parametrize("make", [reference_config, learner_config])
-def test_presets_shapes_normalisation_and_logit_init(make) -> None:
+def multi_head_config(vocab_size: int) -> DualEncoderConfig:
+    """Two blocks of four heads in both towers: more than the demo's models exercise."""
+    return DualEncoderConfig(vocab_size=vocab_size, image_width=48, image_depth=2,
+                             image_heads=4, text_width=48, text_depth=2, text_heads=4,
+                             mlp_ratio=2)
+
+
+def deep_config(vocab_size: int) -> DualEncoderConfig:
+    """Three blocks of four heads, width 64."""
+    return DualEncoderConfig(vocab_size=vocab_size, image_width=64, image_depth=3,
+                             image_heads=4, text_width=64, text_depth=3, text_heads=4,
+                             mlp_ratio=2)
+
+
+@pytest.mark.parametrize("make", [multi_head_config, deep_config])
+def test_shapes_normalisation_and_logit_init(make) -> None:
     model = DualEncoder(make(VOCAB))
     images, tokens = batch()
     image_emb, text_emb, scale, bias = model(images, tokens)
@@ -206,10 +219,17 @@ def test_presets_shapes_normalisation_and_logit_init(make) -> None:
     assert scale.requires_grad and bias.requires_grad  # learned, not hard-coded
 
 
-def test_learner_is_bigger_than_reference() -> None:
-    n_ref = sum(p.numel() for p in DualEncoder(reference_config(VOCAB)).parameters())
-    n_learner = sum(p.numel() for p in DualEncoder(learner_config(VOCAB)).parameters())
-    assert n_learner > 2 * n_ref
+def test_default_reference_is_smaller_than_default_learner() -> None:
+    """Issue 3: "by default the reference is the smaller one" (the configs training uses)."""
+    ref, lrn = ReferenceConfig(), LearnerConfig()
+
+    def size(cfg) -> int:
+        model = DualEncoder(small_model(VOCAB, cfg.width, cfg.depth, text_width=cfg.text_width,
+                                        text_heads=cfg.text_heads))
+        return sum(p.numel() for p in model.parameters())
+
+    assert size(ref) < size(lrn)
+    assert (ref.width, ref.depth) <= (lrn.width, lrn.depth)
 
 
 def test_text_padding_is_masked() -> None:
@@ -364,7 +384,7 @@ def test_config_divisibility_and_round_trip() -> None:
         tiny_config(text_width=30, text_heads=4)
     with pytest.raises(ValueError, match="init_logit_scale"):
         tiny_config(init_logit_scale=float("nan"))
-    cfg = learner_config(VOCAB)
+    cfg = deep_config(VOCAB)
     assert DualEncoderConfig.from_dict(asdict(cfg)) == cfg
     with pytest.raises(ValueError, match="unknown"):
         DualEncoderConfig.from_dict({**asdict(cfg), "dropout": 0.1})
@@ -505,6 +525,8 @@ def test_sigmoid_loss_refuses_what_would_broadcast_or_be_parsed() -> None:
         ((u, u, torch.tensor([10.0, 10.0]), -10.0), ValueError, r"got shape \(2,\)"),
         ((u, u, 10.0, torch.zeros(3, 1, 1)), ValueError, "logit_bias must be a scalar"),
         ((u, u, "10", -10.0), TypeError, "logit_scale must be a float or a one-element"),
+        ((u, u, 10.0, np.bool_(False)), TypeError, "logit_bias must be a float .*bool"),
+        ((u, u, torch.tensor(True), -10.0), TypeError, "logit_scale must be a float .*bool"),
         ((u.numpy(), u, 10.0, -10.0), TypeError, "image_emb must be a torch.Tensor"),
         ((u, u.long(), 10.0, -10.0), TypeError, "text_emb must be a floating-point"),
         ((u[0], u[0], 10.0, -10.0), ValueError, r"must have shape \[N, d\]"),

@@ -7,6 +7,7 @@ import pytest
 from jestkit.report import (
     build_report,
     plateau_check,
+    plateau_verdict,
     steps_to_reach,
     summarize_method,
     summary_table,
@@ -151,6 +152,20 @@ def test_plateau_check():
     assert flat["plateaued"] and flat["moved_points"] == pytest.approx(0.0333, abs=1e-3)
     rising = plateau_check([run([0.1 * i for i in range(1, 11)])])
     assert not rising["plateaued"] and rising["moved_points"] > 10
+
+
+def test_plateau_check_cannot_tell_from_too_few_evaluations():
+    # Found in review: with 2 evaluations both windows were the same points, "moved +0.00,
+    # plateaued", for a curve still climbing 20 points per evaluation.
+    for acc in ([0.3, 0.5], [0.1, 0.3, 0.5, 0.7, 0.9], [0.1 * i for i in range(1, 9)]):
+        p = plateau_check([run(acc, steps_total=4 * len(acc))])
+        assert not p["checkable"] and not p["plateaued"], acc
+        assert plateau_verdict(p).startswith("cannot tell")
+    p = plateau_check([run([0.1] * 10, steps_total=40)])  # 10 evaluations: windows apart
+    assert p["checkable"] and p["plateaued"]
+    assert plateau_verdict(p) == "plateaued (< 1 point)"
+    # A report saved before the field existed reads as checkable.
+    assert plateau_verdict({"plateaued": False}) == "NOT plateaued (>= 1 point)"
 
 
 def test_plateau_check_measures_a_whole_quarter():

@@ -99,15 +99,24 @@ def test_criteria():
     ],
 )
 def test_bad_input(kwargs, match):
-    args = dict(image_emb=torch.ones(3, 2), text_emb=torch.ones(3, 2), logit_scale=1.0)
+    args = dict(image_emb=torch.ones(3, 2), text_emb=torch.ones(3, 2), logit_scale=1.0,
+                logit_bias=0.0)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         pairwise_sigmoid_loss(**args)
 
 
+def test_bias_is_required_and_bools_are_not_numbers():
+    u = torch.nn.functional.normalize(torch.randn(3, 2, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(TypeError, match="logit_bias"):  # c = 0 would be a different loss
+        pairwise_sigmoid_loss(u, u, 10.0)
+    with pytest.raises(TypeError, match="logit_scale must be a float .*True"):
+        pairwise_sigmoid_loss(u, u, True, -10.0)
+
+
 def test_integer_embeddings_rejected():
     with pytest.raises(TypeError, match="image_emb must be a floating-point"):
-        pairwise_sigmoid_loss(torch.ones(3, 2, dtype=torch.long), torch.ones(3, 2), 1.0)
+        pairwise_sigmoid_loss(torch.ones(3, 2, dtype=torch.long), torch.ones(3, 2), 1.0, 0.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])

@@ -804,6 +804,17 @@ def test_numpy_scalars_are_numbers_and_strings_are_not():
         JointSelector(filter_ratio=np.bool_(True))
     with pytest.raises(TypeError, match="learner logit_scale must be a float or a one-element"):
         JointSelector(batch_size=8, n_chunks=4)((lrn.image, lrn.text, "10", -10.0), ref)
+    # A bool would be read as t = 1 or c = 0: refused, Python's, numpy's or torch's.
+    for flag in (True, np.bool_(True), torch.tensor(False)):
+        with pytest.raises(TypeError, match="reference logit_bias must be a float"):
+            JointSelector(batch_size=8, n_chunks=4)(lrn, (ref.image, ref.text, 10.0, flag))
+    # numpy numbers and a 0-d array are numbers: the same selection as Python floats.
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    sel = JointSelector(batch_size=8, n_chunks=4)
+    assert torch.equal(
+        sel(lrn, (ref.image, ref.text, np.float32(ref.logit_scale), np.array(ref.logit_bias)),
+            generator=g1),
+        sel(lrn, ref, generator=g2))
     with pytest.raises(TypeError, match="chunk_logits must be a list"):
         JointSelector(batch_size=8, n_chunks=4)(lrn, ref, chunk_logits=())
 

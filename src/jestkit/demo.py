@@ -1,8 +1,10 @@
 """`jestkit demo`: every method of the paper side by side on `digits-web`, from one command.
 
 Trains the reference on the curated split, then learners with uniform, hard_learner,
-easy_reference and learnability (joint), and learnability (independent), several seeds
-each, all at the same sub-batch size b and number of steps T; then reports by BRIEF 7.
+easy_reference and learnability (joint), learnability (independent), and learnability
+(joint) with the reference's embeddings from a cache and with cache + Flexi-JEST, several
+seeds each, all at the same sub-batch size b and number of steps T; then reports by
+BRIEF 7.
 
 Learner runs are independent, so they run in parallel worker processes (one thread each:
 these models are small enough that two single-threaded runs beat one two-threaded run),
@@ -38,7 +40,7 @@ from jestkit.data import CURATED_SIZE, IMAGE_SIZE, NOISE_FRACTIONS, POOL_SIZE, l
 from jestkit.flops import count_flops
 from jestkit.models import load_model, model_fingerprint, patch_sizes, save_model
 from jestkit.provenance import code_version, describe_version
-from jestkit.report import build_report, caveats, summary_table, write_report
+from jestkit.report import build_report, caveats, plateau_verdict, summary_table, write_report
 from jestkit.training import (
     LearnerConfig,
     ReferenceConfig,
@@ -81,8 +83,8 @@ class DemoConfig:
     # Flexi-JEST (the "-flexi" method): score at patch 16 (2x the training patch 8: 4 tokens
     # instead of 16). Training part of each sub-batch at patch 16 too is the paper's recipe,
     # but in these short runs it costs much of JEST's gain: measured against live
-    # full-resolution JEST at T = 1000, half of each sub-batch there cost 14 points and 41%
-    # of the iteration speed-up, and 7 points and a third with a 64-token learner whose
+    # full-resolution JEST at T = 1000, half of each sub-batch there cost 15 points and 43%
+    # of the iteration speed-up, and 6 points and a third with a 64-token learner whose
     # coarse half has 16 tokens (docs/results.md), while scoring there selects as well as
     # full resolution; so by default the coarse size is for scoring only.
     flexi_score_patch_size: int = 16
@@ -153,6 +155,24 @@ class DemoConfig:
         if self.learner.checkpoint_every:
             raise ValueError("learner.checkpoint_every must be 0 in the demo (its learner runs "
                              "keep no checkpoints; each takes well under a minute)")
+        # Set per run from `methods` and `seeds`: a learner block's own would be ignored, yet
+        # saved in report.json as if it had been used.
+        per_run = {"method": "methods", "selection": "methods", "seed": "seeds"}
+        defaults = LearnerConfig()
+        for key, source in per_run.items():
+            if getattr(self.learner, key) != getattr(defaults, key):
+                raise ValueError(f"learner.{key} is set per run from {source!r}; leave it out "
+                                 f"(or at its default {getattr(defaults, key)!r}), got "
+                                 f"{getattr(self.learner, key)!r}")
+        # In the learner block these would reach every run: the live JEST methods would no
+        # longer be the full-resolution baseline Flexi is compared with.
+        flexi_fields = [key for key in ("score_patch_size", "multires_fraction")
+                        if getattr(self.learner, key)]
+        if flexi_fields:
+            raise ValueError(" and ".join(f"learner.{key}" for key in flexi_fields)
+                             + " must be 0 in the demo (full resolution for every method but "
+                             "the -flexi one); set flexi_score_patch_size and "
+                             "flexi_multires_fraction for that one")
         # Checked here, not only at the first learner run, so a bad config fails before the
         # reference is trained.
         allowed = patch_sizes(IMAGE_SIZE)
@@ -654,5 +674,5 @@ def print_summary(report: dict) -> None:
         print(f"\n{caveat}")
     p = report["plateau"]
     print(f"\nuniform moved {p['moved_points']:+.2f} points over its last quarter "
-          f"({'plateaued' if p['plateaued'] else 'NOT plateaued'}); "
+          f"({plateau_verdict(p)}); "
           f"wall time {report['config']['wall_time_s']} s")

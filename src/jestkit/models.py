@@ -50,12 +50,10 @@ __all__ = [
     "TextTower",
     "attention_softmax",
     "bilinear_resize_matrix",
-    "learner_config",
     "load_model",
     "model_fingerprint",
     "pi_downsample_matrix",
     "pi_resize_matrix",
-    "reference_config",
     "resize_pos_embed",
     "save_model",
     "sigmoid_loss",
@@ -143,33 +141,6 @@ class DualEncoderConfig:
         if unknown:
             raise ValueError(f"unknown DualEncoderConfig fields: {unknown}")
         return cls(**data)
-
-
-def reference_config(vocab_size: int) -> DualEncoderConfig:
-    """The smaller preset (reference model): width 48, depth 2, 4 heads in both towers.
-
-    Sized for a 2-core CPU: a training step at batch 64, patch 4, is ~1.5 GFLOP (measured).
-    MLP ratio 2 instead of 4 keeps most of the depth/width for a third less compute.
-    """
-    return DualEncoderConfig(
-        vocab_size=vocab_size,
-        image_width=48, image_depth=2, image_heads=4,
-        text_width=48, text_depth=2, text_heads=4,
-        mlp_ratio=2,
-    )
-
-
-def learner_config(vocab_size: int) -> DualEncoderConfig:
-    """The bigger preset (learner): width 64, depth 3, 4 heads in both towers.
-
-    ~2.5x the reference's FLOPs and parameters (training step at batch 64, patch 4: ~3.7 GFLOP).
-    """
-    return DualEncoderConfig(
-        vocab_size=vocab_size,
-        image_width=64, image_depth=3, image_heads=4,
-        text_width=64, text_depth=3, text_heads=4,
-        mlp_ratio=2,
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -609,6 +580,9 @@ def _scalar_tensor(value: Tensor | float, name: str, like: Tensor) -> Tensor:
     if not isinstance(value, Tensor) and hasattr(value, "__array__"):  # np.array(10.0)
         value = torch.as_tensor(value)
     if isinstance(value, Tensor):
+        if value.dtype == torch.bool:  # np.bool_ too, through __array__
+            raise TypeError(f"{name} must be a float or a one-element tensor, got a bool "
+                            f"tensor")
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar (one element), got shape "
                              f"{tuple(value.shape)}")

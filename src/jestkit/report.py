@@ -21,8 +21,8 @@ from pathlib import Path
 from jestkit.atomic import atomic_write
 from jestkit.provenance import code_version
 
-__all__ = ["FINAL_EVALS", "LEVELS", "build_report", "plateau_check", "rebuild_report",
-           "steps_to_reach",
+__all__ = ["FINAL_EVALS", "LEVELS", "build_report", "plateau_check", "plateau_verdict",
+           "rebuild_report", "steps_to_reach",
            "fmt_speedup", "summarize_method", "summarize_methods", "summary_table",
            "write_report"]
 
@@ -70,7 +70,9 @@ def plateau_check(runs: list[dict]) -> dict:
 
     Compares the mean of the last 3 evaluations with the mean of the 3 evaluations one
     quarter of T earlier (windows of the same width whose centres are T/4 apart; averaging 3
-    points damps evaluation noise). Plateaued when it moved < 1 point.
+    points damps evaluation noise). Plateaued when it moved < 1 point. With too few
+    evaluations (fewer than ~10) the two windows share evaluations, which would shrink the
+    movement measured: then `checkable` is False and so is `plateaued`.
     """
     curve = _mean_curve(runs, "zero_shot_accuracy")
     steps = runs[0]["steps"]
@@ -81,8 +83,18 @@ def plateau_check(runs: list[dict]) -> dict:
     at_q = statistics.fmean(curve[lo:hi])
     at_end = statistics.fmean(curve[-FINAL_EVALS:])
     moved = 100 * (at_end - at_q)
+    checkable = hi <= len(curve) - FINAL_EVALS  # the windows do not overlap
     return {"step_three_quarters": steps[q], "accuracy_at_three_quarters": at_q,
-            "accuracy_at_end": at_end, "moved_points": moved, "plateaued": abs(moved) < 1.0}
+            "accuracy_at_end": at_end, "moved_points": moved, "checkable": checkable,
+            "plateaued": checkable and abs(moved) < 1.0}
+
+
+def plateau_verdict(plateau: dict) -> str:
+    """The plateau check's result in words."""
+    if not plateau.get("checkable", True):  # reports saved before the field: checkable
+        return ("cannot tell: too few evaluations (the two windows of 3 share evaluations; "
+                "give at least 10)")
+    return "plateaued (< 1 point)" if plateau["plateaued"] else "NOT plateaued (>= 1 point)"
 
 
 def steps_to_reach(methods: dict[str, dict], levels=LEVELS) -> dict:
@@ -284,8 +296,7 @@ def _plots(report: dict, out: Path) -> list[str]:
         ("clean_fraction.png", "steps", "clean_fraction", "training step",
          "fraction of selected pool items that are clean"),
     ]
-    target = report["methods"]["uniform"]["target_accuracy"] if "uniform" in report[
-        "methods"] else None
+    target = report["methods"]["uniform"]["target_accuracy"]  # a report always has uniform
     for fname, xkey, ykey, xlabel, ylabel in specs:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for name, m in report["methods"].items():
@@ -296,8 +307,7 @@ def _plots(report: dict, out: Path) -> list[str]:
                 hi = [a + s for a, s in zip(c[ykey], c["zero_shot_accuracy_std"], strict=True)]
                 ax.fill_between(c[xkey], lo, hi, alpha=0.15)
         if ykey == "zero_shot_accuracy":
-            if target is not None:
-                ax.axhline(target, color="k", ls="--", lw=0.8, label="uniform's final (target)")
+            ax.axhline(target, color="k", ls="--", lw=0.8, label="uniform's final (target)")
             ax.axhline(report["reference"]["metrics"]["zero_shot_accuracy"], color="gray",
                        ls=":", lw=0.8, label="reference")
         if ykey == "clean_fraction":
@@ -442,8 +452,7 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
         f"evaluations, one quarter of T before the last 3): "
         f"{100 * plateau['accuracy_at_three_quarters']:.1f}%; at the end (mean of the last 3): "
         f"{100 * plateau['accuracy_at_end']:.1f}%; moved "
-        f"{plateau['moved_points']:+.2f} points -> "
-        f"{'plateaued (< 1 point)' if plateau['plateaued'] else 'NOT plateaued (>= 1 point)'}.",
+        f"{plateau['moved_points']:+.2f} points -> {plateau_verdict(plateau)}.",
         "",
         "## Speed-up at other accuracy levels",
         "First evaluated step at which each method's seed-averaged curve reaches the level, "

@@ -24,6 +24,7 @@ bfloat16 / float16 embeddings give the same scores as float32 ones up to input r
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -53,20 +54,22 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
 
 def _as_scalar(value: float | Tensor, name: str, dtype: torch.dtype,
                device: torch.device) -> Tensor:
-    """A 0-d tensor from a Python number or a one-element tensor (e.g. an nn.Parameter)."""
+    """A 0-d tensor from a real number or a one-element tensor (e.g. an nn.Parameter). A
+    string would be parsed and a bool read as 0 or 1: both are refused."""
+    if not isinstance(value, Tensor) and hasattr(value, "__array__"):  # numpy, np.array(10.)
+        value = torch.as_tensor(value)
     if isinstance(value, Tensor):
+        if value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a float or a one-element tensor, got a bool "
+                            f"tensor")
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar (one element), "
                              f"got shape {tuple(value.shape)}")
         value = value.detach().reshape(()).to(device=device, dtype=dtype)
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float or a one-element tensor, got {value!r}")
     else:
-        if isinstance(value, (str, bytes)):  # float("10") would pass: a string is a mistake
-            raise TypeError(f"{name} must be a float or a one-element tensor, got {value!r}")
-        try:
-            value = torch.tensor(float(value), dtype=dtype, device=device)
-        except (TypeError, ValueError):
-            raise TypeError(f"{name} must be a float or a one-element tensor, "
-                            f"got {value!r}") from None
+        value = torch.tensor(float(value), dtype=dtype, device=device)
     if not math.isfinite(value.item()):  # one read, not an elementwise isfinite kernel
         raise ValueError(f"{name} must be finite, got {value.item()}")
     return value
@@ -110,7 +113,7 @@ def pairwise_sigmoid_loss(
     image_emb: Tensor,
     text_emb: Tensor,
     logit_scale: float | Tensor,
-    logit_bias: float | Tensor = 0.0,
+    logit_bias: float | Tensor,
 ) -> Tensor:
     """Per-pair sigmoid (SigLIP) loss terms of a batch.
 
@@ -119,7 +122,8 @@ def pairwise_sigmoid_loss(
         text_emb: [N, d] text embeddings of the same N pairs.
         logit_scale: the temperature multiplier t, *already exponentiated* (open_clip's
             convention), a float or a one-element tensor.
-        logit_bias: the learned bias c.
+        logit_bias: the learned bias c; required, as by the selector: a SigLIP score with
+            c = 0 in place of the model's (init -10) is a silently different loss.
 
     Returns:
         [N, N] float32 (float64 for float64 input) matrix with
@@ -168,32 +172,38 @@ def pairwise_softmax_loss(
 
 # --- criteria --------------------------------------------------------------------------------
 # Each criterion maps (learner_loss, reference_loss) -> score, element-wise and linearly, for
-# tensors of any shape. Arguments a criterion ignores may be None.
+# tensors of any shape: [N, N] pair losses (a pairwise_*_loss), a block of them, or [N]
+# per-example losses; both arguments of one shape, the score of that shape too. Arguments a
+# criterion ignores may be None (positionally: easy_reference(None, reference_loss)).
 
 
 def learnability(learner_loss: Tensor, reference_loss: Tensor) -> Tensor:
-    """JEST's score: learner loss minus reference loss (high = learnable, not yet learnt)."""
+    """JEST's score: learner loss minus reference loss (high = learnable, not yet learnt).
+    Shapes: both any one shape ([N, N], a block, [N]); returns that shape."""
     if learner_loss is None or reference_loss is None:
         raise ValueError("learnability needs both learner_loss and reference_loss")
     return learner_loss - reference_loss
 
 
 def hard_learner(learner_loss: Tensor, reference_loss: Tensor | None = None) -> Tensor:
-    """Baseline: prefer data the learner finds hard (high learner loss)."""
+    """Baseline: prefer data the learner finds hard (high learner loss). Returns
+    learner_loss itself (any shape); reference_loss is ignored."""
     if learner_loss is None:
         raise ValueError("hard_learner needs learner_loss")
     return learner_loss
 
 
 def easy_reference(learner_loss: Tensor | None, reference_loss: Tensor) -> Tensor:
-    """Baseline: prefer data the reference finds easy (low reference loss)."""
+    """Baseline: prefer data the reference finds easy (low reference loss). Returns
+    -reference_loss (any shape); learner_loss is ignored."""
     if reference_loss is None:
         raise ValueError("easy_reference needs reference_loss")
     return -reference_loss
 
 
 def uniform(learner_loss: Tensor | None, reference_loss: Tensor | None = None) -> Tensor:
-    """Baseline: every sub-batch scores zero, so selection is uniformly random."""
+    """Baseline: every sub-batch scores zero, so selection is uniformly random. Returns zeros
+    of the shape of whichever loss is given."""
     like = learner_loss if learner_loss is not None else reference_loss
     if like is None:
         raise ValueError("uniform needs a learner_loss or reference_loss to take the shape from")

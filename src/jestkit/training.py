@@ -16,7 +16,6 @@ report, which fraction of the selected examples were clean.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -47,7 +46,7 @@ from jestkit.models import (
 from jestkit.scoring import CRITERIA, USES_LEARNER, USES_REFERENCE
 from jestkit.selection import SELECTIONS, JointSelector, ModelEmbeddings
 
-METHODS = tuple(CRITERIA)  # uniform, hard_learner, easy_reference, learnability
+METHODS = tuple(CRITERIA)  # learnability, hard_learner, easy_reference, uniform
 
 
 # --- configuration ---------------------------------------------------------------------------
@@ -175,11 +174,6 @@ class LearnerConfig:
     @property
     def eval_interval(self) -> int:
         return self.eval_every or max(1, self.steps // 40)
-
-    @property
-    def name(self) -> str:
-        """The method's name in reports: uniform, or criterion-selection."""
-        return "uniform" if self.method == "uniform" else f"{self.method}-{self.selection}"
 
 
 _FIELD_KINDS = {"int": (int,), "float": (int, float), "str": (str,)}
@@ -714,20 +708,12 @@ def _load_checkpoint(run_dir, cfg, model, opt, sampler, gen, ledger, result, cle
     return state["step"]
 
 
-def save_result(result: RunResult, path: str | os.PathLike) -> None:
-    """Write a run's result as JSON, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps(result.to_dict()))
-
-
 __all__ = [
     "METHODS",
     "LearnerConfig",
     "ReferenceConfig",
     "RunResult",
     "evaluate",
-    "save_result",
     "small_model",
     "train_learner",
     "train_reference",
