@@ -103,11 +103,16 @@ def test_report_is_rebuilt_from_the_saved_runs(quick_run, tmp_path, capsys):
     # JSON errors that named no file).
     runs = copy / "runs" / "uniform.json"
     good = runs.read_text()
+    nan_run = json.loads(good)
+    nan_run[0]["zero_shot_accuracy"][1] = float("nan")  # json writes NaN, and reads it back
+    files = {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()}
     for content, message in (("{}", "holds a JSON object, expected an array of runs"),
                              ("[]", "holds no runs"),
                              (good[:200], "is not valid JSON"),
                              ('[{"steps": [1]}]', "run 0 lacks ['config', 'zero_shot_accuracy'"),
-                             ("null", "holds a JSON null, expected an array of runs")):
+                             ("null", "holds a JSON null, expected an array of runs"),
+                             (json.dumps(nan_run), "run 0's ['zero_shot_accuracy'] are not "
+                                                   "lists of finite numbers")):
         runs.write_text(content)
         assert main(["report", str(copy)]) == 2
         err = capsys.readouterr().err
@@ -121,6 +126,8 @@ def test_report_is_rebuilt_from_the_saved_runs(quick_run, tmp_path, capsys):
     assert main(["report", str(copy)]) == 2
     assert "uniform.json" in capsys.readouterr().err
     assert (copy / "report.json").read_bytes() == rebuilt
+    # Nothing was rewritten by the failed rebuilds: not the plots either.
+    assert {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()} == files
 
 
 def test_existing_run_directory_is_not_overwritten(quick_run, capsys):

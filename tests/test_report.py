@@ -242,6 +242,14 @@ def test_report_files(tmp_path):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="uniform"):
         build_report({"learnability-joint": runs["learnability-joint"]}, ref, {})
+    # A report that cannot be written (a NaN accuracy) fails before any file is touched
+    # (found in review: the plots were rewritten first, beside the old report.json).
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    bad = build_report(runs, {**ref, "metrics": {"zero_shot_accuracy": float("nan")}},
+                       {"steps": 40, "batch_size": 8})
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        write_report(bad, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_steps_to_reach_levels():

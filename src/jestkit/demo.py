@@ -195,19 +195,13 @@ class DemoConfig:
         if self.learner.batch_size > POOL_SIZE:
             raise ValueError(f"learner.batch_size must be in [1, {POOL_SIZE}] (digits-web's "
                              f"pool size), got {self.learner.batch_size}")
+        # The learner block is learnability-joint (its method and selection are checked above),
+        # so it is valid as every JEST run uses it. The splits' sizes are fixed: a batch they
+        # cannot serve fails here, not in a worker after the reference has trained.
         if jest_runs:
-            flexi = ({"score_patch_size": self.flexi_score_patch_size,
-                      "multires_fraction": self.flexi_multires_fraction} if flexi_runs else {})
-            try:  # the learner as the JEST runs use it: what it is checked against is named
-                jest = dataclasses.replace(self.learner, method="learnability",
-                                           selection="joint", **flexi)
-            except ValueError as err:
-                raise ValueError(f"learner.{err} (as the JEST methods run it)") from None
-            # The splits' sizes are fixed: a batch they cannot serve fails here, not in a
-            # worker after the reference has trained.
-            if jest.super_batch_size > POOL_SIZE:
+            if self.learner.super_batch_size > POOL_SIZE:
                 raise ValueError(f"learner.batch_size / (1 - learner.filter_ratio) = "
-                                 f"{jest.super_batch_size} (the JEST methods' super-batch) "
+                                 f"{self.learner.super_batch_size} (the JEST methods' super-batch) "
                                  f"exceeds digits-web's pool size {POOL_SIZE}; lower "
                                  f"learner.batch_size or learner.filter_ratio")
         if self.reference.batch_size > CURATED_SIZE:

@@ -14,6 +14,7 @@ Inputs are plain dicts (`RunResult.to_dict()`), so a report can be rebuilt from 
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 from pathlib import Path
@@ -281,13 +282,17 @@ def summary_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _plots(report: dict, out: Path) -> list[str]:
+def _plots(report: dict) -> dict[str, bytes]:
+    """The PNG plots, rendered in memory (file name -> bytes): nothing is written until the
+    whole report is built."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")  # headless; never opens a window
     import matplotlib.pyplot as plt
 
-    files = []
+    files = {}
     specs = [
         ("accuracy_vs_steps.png", "steps", "zero_shot_accuracy", "training step",
          "zero-shot accuracy (test)"),
@@ -320,9 +325,10 @@ def _plots(report: dict, out: Path) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out / fname, dpi=110)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=110)
         plt.close(fig)
-        files.append(fname)
+        files[fname] = buffer.getvalue()
     return files
 
 
@@ -406,11 +412,13 @@ def _per_seed_section(report: dict) -> list[str]:
 
 
 def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write report.json, report.md and the PNG plots into out_dir; returns their paths."""
+    """Write report.json, report.md and the PNG plots into out_dir; returns their paths.
+
+    Everything is built in memory first (a report that cannot be written, e.g. one holding a
+    NaN, fails before any file is touched), then each file is replaced atomically."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    pngs = _plots(report, out)
-    atomic_write(out / "report.json", json.dumps(report, indent=1, allow_nan=False))
+    report_json = json.dumps(report, indent=1, allow_nan=False)
+    pngs = _plots(report)
     plateau = report["plateau"]
     cfg = report["config"]
     md = [
@@ -470,6 +478,10 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
         *[f"![{p}]({p})" for p in pngs],
         "",
     ]
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in pngs.items():
+        atomic_write(out / name, data)
+    atomic_write(out / "report.json", report_json)
     atomic_write(out / "report.md", "\n".join(md))
     return {"json": out / "report.json", "md": out / "report.md",
             **{p: out / p for p in pngs}}
@@ -477,6 +489,16 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
 
 _RUN_KEYS = ("config", "steps", "zero_shot_accuracy", "i2t_recall", "t2i_recall",
              "cumulative_flops", "clean_fraction")
+
+
+_CURVE_KEYS = ("zero_shot_accuracy", "i2t_recall", "t2i_recall", "clean_fraction")
+
+
+def _is_curve(values: object, steps: object) -> bool:
+    """A list of finite numbers, one per evaluated step."""
+    return (isinstance(values, list) and isinstance(steps, list) and len(values) == len(steps)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                    for v in values))
 
 
 def _read_json(path: Path, kind: type) -> dict | list:
@@ -527,6 +549,10 @@ def rebuild_report(run_dir: str | os.PathLike) -> dict:
             if lacking:
                 raise ValueError(f"{path}: run {i} lacks {lacking}: not curves saved by "
                                  f"`jestkit demo`")
+            bad = [k for k in _CURVE_KEYS if not _is_curve(run[k], run["steps"])]
+            if bad:
+                raise ValueError(f"{path}: run {i}'s {bad} are not lists of finite numbers, "
+                                 f"one per evaluated step (altered?)")
     try:
         report = build_report(runs, old["reference"], old["config"])
     except (KeyError, TypeError, IndexError, AttributeError) as err:
