@@ -24,19 +24,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import multiprocessing
 import signal
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 from _markdown import check_section, replace_section
 
 from jestkit.data import load_digits_web
-from jestkit.demo import DEMO_MAX_TEXT_LEN, DemoConfig, stop_workers
+from jestkit.demo import DEMO_MAX_TEXT_LEN, DemoConfig, stop_workers, worker_pool
 from jestkit.models import load_model, save_model
 from jestkit.report import LEVELS, fmt_speedup, steps_to_reach, summarize_methods
 from jestkit.training import train_learner, train_reference
@@ -73,8 +71,7 @@ def run(demo: DemoConfig, workers: int, kinds: tuple[str, ...] = KINDS) -> dict:
         save_model(reference, reference_path)
         jobs = [(kind, dataclasses.replace(demo.learner, seed=seed))
                 for kind in kinds for seed in demo.seeds]
-        ctx = multiprocessing.get_context("spawn")  # as the demo: fork + torch threads is unsafe
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+        pool = worker_pool(workers)  # as the demo's
         runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
         try:
             futures = [(kind, pool.submit(_run, kind, cfg, demo.data_seed, reference_path))

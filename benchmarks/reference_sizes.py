@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import signal
 import statistics
 import sys
@@ -66,7 +67,7 @@ import torch
 
 from jestkit.atomic import atomic_write
 from jestkit.data import DigitsWeb, load_digits_web
-from jestkit.demo import DEMO_MAX_TEXT_LEN, stop_workers
+from jestkit.demo import DEMO_MAX_TEXT_LEN, exit_with_parent, stop_workers
 from jestkit.training import ReferenceConfig, train_reference
 
 GRID = [
@@ -135,8 +136,9 @@ def fold_data(data: DigitsWeb, folds: list[np.ndarray], i: int) -> DigitsWeb:
 _WORKER_DATA: DigitsWeb | None = None  # each worker process's own copy of the data
 
 
-def _init_worker() -> None:
+def _init_worker(parent_pid: int) -> None:
     global _WORKER_DATA
+    exit_with_parent(parent_pid)  # as the demo's workers: not orphaned by a SIGKILLed parent
     torch.set_num_threads(1)
     _WORKER_DATA = load_digits_web(0, max_len=DEMO_MAX_TEXT_LEN)
 
@@ -168,6 +170,7 @@ def cross_validate(data: DigitsWeb, specs: list[dict], k: int, jobs: int,
     else:
         # spawn, as the demo: fork + torch threads is unsafe
         pool = ProcessPoolExecutor(min(jobs, len(tasks)), initializer=_init_worker,
+                                   initargs=(os.getpid(),),
                                    mp_context=multiprocessing.get_context("spawn"))
         runs = pool.map(_train_fold, *zip(*tasks, strict=True))  # results in task order
     try:

@@ -554,6 +554,8 @@ def test_reference_cross_validation_weighs_unequal_folds_by_their_pairs(
 
 
 def test_reference_cross_validation_workers_compute_what_one_process_does(reference_sizes):
+    import os
+
     import torch
 
     from jestkit.data import load_digits_web
@@ -568,7 +570,7 @@ def test_reference_cross_validation_workers_compute_what_one_process_does(refere
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        reference_sizes._init_worker()
+        reference_sizes._init_worker(os.getppid())  # its watcher: pytest's parent lives on
         assert torch.get_num_threads() == 1  # one thread per worker, as documented
     finally:
         torch.set_num_threads(threads)

@@ -214,6 +214,23 @@ def test_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
     assert out.read_text() == "keep me"
 
 
+def test_overwrite_replaces_only_a_run_directory(tmp_path, capsys, monkeypatch):
+    # Found in review: --overwrite with a mistyped --out deleted any directory it named.
+    data = tmp_path / "thesis"
+    data.mkdir()
+    (data / "thesis.tex").write_text("keep me")
+    assert main(["demo", "--quick", "--out", str(data), "--overwrite", "--no-progress"]) == 2
+    assert "is not a demo run directory" in capsys.readouterr().err
+    assert (data / "thesis.tex").read_text() == "keep me"
+    assert not (tmp_path / "thesis.partial").exists()
+    # ".", "..", "/" and "" (an unset shell variable) name no run directory of their own.
+    monkeypatch.chdir(data)
+    for out in ("", ".", "..", "/", "sub/.."):
+        assert main(["demo", "--quick", "--out", out, "--overwrite", "--no-progress"]) == 2
+        assert "--out must name the run directory" in capsys.readouterr().err, out
+    assert sorted(p.name for p in data.iterdir()) == ["thesis.tex"]
+
+
 @pytest.mark.parametrize("failure", [KeyError("a report bug"), SystemExit(143)])
 def test_finished_runs_are_kept_when_the_report_fails(tmp_path, monkeypatch, capsys, failure):
     # A bug in the report, or SIGTERM / Ctrl-C while it is written (SystemExit from the
@@ -397,6 +414,40 @@ def test_stop_workers_kills_workers_that_outlive_sigterm_within_one_deadline(tmp
         assert [p.exitcode for p in processes] == [-signal.SIGKILL] * 2  # outlived SIGTERM
     finally:
         stop_workers(pool)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_workers_end_when_their_parent_is_killed_with_sigkill(tmp_path):
+    # Found in review: a demo's main process killed with SIGKILL (alone, not its process
+    # group) left both workers running forever, waiting for their next run.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import time\n"
+        "from jestkit.demo import worker_pool\n"
+        "pool = worker_pool(2)\n"
+        "futures = [pool.submit(time.sleep, 600) for _ in range(2)]\n"
+        "time.sleep(600)\n")])
+    try:
+        deadline = time.time() + 120
+        while len(workers := [p for p in _children(parent.pid)
+                              if b"spawn_main" in _cmdline(p)]) < 2 and time.time() < deadline:
+            time.sleep(0.1)
+        assert len(workers) == 2, workers
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.time() + 20
+        while any(_alive(p) for p in workers) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in workers), workers  # gone within a few polls
+    finally:
+        parent.kill()
+        for pid in _children(parent.pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 # --- resuming an interrupted demo ---------------------------------------------------------------

@@ -29,7 +29,9 @@ def _demo(args: argparse.Namespace) -> int:
         cfg = DemoConfig.from_dict(raw)
     else:
         cfg = DemoConfig.quick() if args.quick else DemoConfig()
-    out = Path(args.out if args.out else ("runs/demo-quick" if args.quick else "runs/demo"))
+    if args.out is None:
+        args.out = "runs/demo-quick" if args.quick else "runs/demo"
+    out = Path(args.out)  # "" (an unset variable) is refused as "." is, not defaulted
     if args.allow_other_code and not args.resume:
         raise ValueError("--allow-other-code only applies with --resume")
     report = run_demo(cfg, out, overwrite=args.overwrite, resume=args.resume,

@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -250,6 +251,29 @@ def _run_one(data_seed: int, reference_path: str, cache_dir: str | None,
     return {**result.to_dict(), "code_version": version}
 
 
+def exit_with_parent(parent_pid: int, poll_s: float = 1.0) -> None:
+    """Worker initializer: end this process once its parent has died.
+
+    A parent killed with SIGKILL (the OOM killer, `kill -9`, a scheduler) cannot stop its
+    workers; they would finish their run, then wait for the next one forever. A daemon
+    thread polls the parent's pid (portable, unlike Linux's PR_SET_PDEATHSIG) and exits the
+    worker once it has been re-parented."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(1)  # the parent is gone: nothing can receive this worker's results
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """Worker processes for learner runs: spawned (fork + torch threads is unsafe), and
+    ending themselves if this process dies without stopping them."""
+    return ProcessPoolExecutor(max_workers=workers,
+                               mp_context=multiprocessing.get_context("spawn"),
+                               initializer=exit_with_parent, initargs=(os.getpid(),))
+
+
 def stop_workers(pool: ProcessPoolExecutor) -> None:
     """Drop a pool's queued runs and end its running ones now.
 
@@ -291,14 +315,28 @@ def _still_running(processes: list, seconds: float) -> list:
     return running
 
 
+# What marks a directory as a demo's run directory, which --overwrite may replace.
+RUN_DIR_MARKERS = ("report.json", "demo_config.json")
+
+
 def prepare_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to touch an existing, non-empty run directory unless overwrite is set, and
+    """Refuse to touch an existing, non-empty run directory unless overwrite is set, any other
+    non-empty directory even then (a mistyped --out must not delete someone's data), and
     anything that is not a directory at all."""
+    if out.name in ("", ".."):  # ".", "/", "..": no run directory of its own
+        raise ValueError(f"--out must name the run directory to create or replace, got "
+                         f"{str(out)!r}")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite to "
-                              f"replace it (its contents are kept until the new run succeeds)")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite to "
+                                  f"replace it (its contents are kept until the new run "
+                                  f"succeeds)")
+        if not any((out / marker).is_file() for marker in RUN_DIR_MARKERS):
+            raise FileExistsError(f"{out} is not empty and is not a demo run directory (it has "
+                                  f"no {' or '.join(RUN_DIR_MARKERS)}): --overwrite replaces "
+                                  f"only a run directory; give another --out")
 
 
 def partial_dir(out: str | os.PathLike) -> Path:
@@ -579,8 +617,7 @@ def _train_and_report(cfg: DemoConfig, work: Path, done: dict[str, dict], worker
     results: dict[str, list[dict]] = {name: [] for name in cfg.methods}
     for key, result in done.items():
         results[key.rsplit(".seed", 1)[0]].append(result)
-    ctx = multiprocessing.get_context("spawn")  # fork + torch threads is unsafe
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    pool = worker_pool(workers)
     futures = {}
 
     def submit(name, cached, lc):
