@@ -482,6 +482,15 @@ def test_deleted_shard_after_open_is_named_on_use(cache_dir, split):
     expect_cache_error(lambda: cache.lookup(split.ids[:3]), "shard_00000.npy", "missing")
 
 
+def test_deleted_ids_file_is_named_and_a_build_repairs_it(cache_dir, split, model):
+    # Found in review: a FileNotFoundError, which the build's repair path did not catch.
+    (cache_dir / "ids.npy").unlink()
+    expect_cache_error(lambda: ReferenceCache.open(cache_dir), "ids.npy", "missing")
+    cache = build_reference_cache(model, split, cache_dir, shard_size=SHARD)
+    assert cache.computed_shards == []  # the shards were fine: only the ids are rewritten
+    np.testing.assert_array_equal(np.load(cache_dir / "ids.npy"), split.ids.numpy())
+
+
 def test_altered_ids_file_is_refused(cache_dir, split):
     ids = np.load(cache_dir / "ids.npy")
     np.save(cache_dir / "ids.npy", ids[::-1].copy())

@@ -146,6 +146,15 @@ def test_cache_reference_flags(monkeypatch, tmp_path, capsys):
     seen.clear()
     assert main([*argv, "--max-len", "20"]) == 2  # longer than the reference takes
     assert "--max-len must be in [1, 16]" in capsys.readouterr().err and not seen
+    # Found in review: checked only after the captions were padded to it (~28 GB for 1e6).
+    import jestkit.data
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data were built before --max-len was checked")
+
+    monkeypatch.setattr(jestkit.data, "load_digits_web", no_data)
+    assert main([*argv, "--max-len", str(10**15)]) == 2
+    assert "--max-len must be in [1, 16]" in capsys.readouterr().err and not seen
     afile = tmp_path / "afile"
     afile.write_text("keep me")
     assert main([*argv[:3], "--out", str(afile), "--no-progress"]) == 2
@@ -154,6 +163,15 @@ def test_cache_reference_flags(monkeypatch, tmp_path, capsys):
     seen.clear()
     assert main([*argv, "--data", "laion"]) == 2
     assert "digits-web" in capsys.readouterr().err and not seen
+    monkeypatch.undo()  # the real load_model, load_digits_web and build
+    from jestkit.models import DualEncoder, save_model
+    from jestkit.training import small_model
+    save_model(DualEncoder(small_model(load_digits_web(0).tokenizer.vocab_size, 16, 1)),
+               tmp_path / "r.safetensors")
+    assert main(["cache-reference", "--reference", str(tmp_path / "r.safetensors"), "--out",
+                 str(tmp_path / "c"), "--shard-size", str(10**20), "--no-progress"]) == 2
+    assert "shard_size must be an int in [1, 2147483647]" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()  # refused before anything was written
     with pytest.raises(SystemExit) as info:
         main([*argv, "--shard-size", "0"])
     assert info.value.code == 2

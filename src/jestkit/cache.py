@@ -160,6 +160,10 @@ def _shard_name(k: int) -> str:
 # --- building --------------------------------------------------------------------------------
 
 
+#: The largest shard: lookups compute positions // shard_size in int64.
+MAX_SHARD_SIZE = 2**31 - 1
+
+
 @torch.no_grad()
 def build_reference_cache(
     model: DualEncoder,
@@ -184,8 +188,10 @@ def build_reference_cache(
     computed (missing, corrupt, or of another build), empty when all were reused.
     """
     _check_split(split)
-    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-        raise ValueError(f"shard_size must be an int >= 1, got {shard_size!r}")
+    if (isinstance(shard_size, bool) or not isinstance(shard_size, int)
+            or not 1 <= shard_size <= MAX_SHARD_SIZE):  # lookups divide int64 positions by it
+        raise ValueError(f"shard_size must be an int in [1, {MAX_SHARD_SIZE}], got "
+                         f"{shard_size!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if split.tokens.shape[1] > model.config.max_text_len:  # before anything is written
@@ -370,6 +376,8 @@ class ReferenceCache:
             raise CacheError(f"the cache at {root} is incomplete (an interrupted build); run "
                              f"`jestkit cache-reference` again to resume it")
         _check_against(root, manifest, split, model)
+        if not (root / "ids.npy").is_file():  # a CacheError, so a build repairs it
+            raise CacheError(f"{root / 'ids.npy'} is missing (deleted?)")
         if _sha256_file(root / "ids.npy") != manifest["ids_sha256_file"]:
             raise CacheError(f"{root / 'ids.npy'} fails its checksum (altered or truncated)")
         cache = cls(root, manifest)

@@ -66,14 +66,14 @@ def _cache_reference(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
+    model = load_model(args.reference)
+    if args.max_len > model.config.max_text_len:  # before the data are padded to it
+        raise ValueError(f"--max-len must be in [1, {model.config.max_text_len}] (the longest "
+                         f"caption this reference takes), got {args.max_len}")
     # Captions padded as the demo pads them (--max-len): the cache fingerprints the tokens,
     # so a cache of the same captions at another length is another data set to it.
     data = load_digits_web(args.data_seed, max_len=args.max_len)
     split = getattr(data, args.split)
-    model = load_model(args.reference)
-    if args.max_len > model.config.max_text_len:
-        raise ValueError(f"--max-len must be in [1, {model.config.max_text_len}] (the longest "
-                         f"caption this reference takes), got {args.max_len}")
     n_shards = -(-len(split) // args.shard_size)
     with tqdm(total=n_shards, desc="shards", disable=args.no_progress) as bar:
         cache = build_reference_cache(model, split, out, shard_size=args.shard_size,
