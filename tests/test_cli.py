@@ -67,8 +67,12 @@ def test_allow_other_code_needs_resume(fake_demo, capsys):
         ("[1, 2]", "must be a JSON object of fields"),
         ("{not json", "is not valid JSON"),
         ('{"seeds": "x"}', "seeds must be a list of ints"),
-        ('{"seeds": [1, true]}', r"seeds must be ints >= 0, got \[1, True\]"),
-        ('{"seeds": [-1]}', "seeds must be ints >= 0"),
+        ('{"seeds": [1, true]}', r"seeds must be ints in \[0, 4294967295\], got \[1, True\]"),
+        ('{"seeds": [-1]}', r"seeds must be ints in \[0, 4294967295\]"),
+        # Found in review: an OverflowError in a worker, after the reference had trained.
+        ('{"seeds": [4611686018427387904]}', r"seeds must be ints in \[0, 4294967295\]"),
+        ('{"reference": {"seed": 4294967296}}',
+         r"reference.seed must be in \[0, 4294967295\], got 4294967296"),
         ('{"methods": "uniform"}', "methods must be a list of names"),
         ("directory", "cannot read it"),
         # Wrong types and values name their field, and the block it is in.

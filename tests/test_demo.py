@@ -548,6 +548,26 @@ def test_an_interrupted_demo_resumes_to_the_uninterrupted_result(tmp_path, monke
                                              r"not record its version"):
             demo.run_demo(RESUME_CFG, out, resume=True, show_progress=False)
     (work / "code_version.json").write_bytes(version)
+    # Damaged files of the work directory: errors that name them (found in review: JSON
+    # errors naming no file, an AttributeError, a KeyError).
+    for path, content, message in (
+            (finished[0], saved[finished[0]][:100], "is not valid JSON.*delete it to train"),
+            (finished[0], b"[1, 2]", "holds a JSON array, expected an object; delete it"),
+            (work / "demo_config.json", b"[]", "demo_config.json holds a JSON array"),
+            (work / "reference.json", b"{", "reference.json is not valid JSON.*delete .*"
+                                            "reference.json to train the reference again")):
+        good = path.read_bytes()
+        path.write_bytes(content)
+        for resume in (True, False):  # the plain rerun counts the finished runs first
+            if resume or path == finished[0]:
+                with pytest.raises(ValueError, match=message):
+                    demo.run_demo(RESUME_CFG, out, resume=resume, show_progress=False)
+        path.write_bytes(good)
+    reference_info = (work / "reference.json").read_bytes()
+    (work / "reference.json").write_text("{}")  # no fingerprint: not this reference
+    with pytest.raises(ValueError, match="is not the reference this demo trained"):
+        demo.run_demo(RESUME_CFG, out, resume=True, show_progress=False)
+    (work / "reference.json").write_bytes(reference_info)
 
     # Another demo working in the same directory at the same time is refused.
     fd = os.open(work / ".lock", os.O_RDWR)

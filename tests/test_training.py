@@ -490,6 +490,8 @@ def test_checkpoint_arguments_need_a_run_dir(data, reference):
         (dict(text_heads=3), r"text_heads must divide text_width=16: one of \[1, 2, 4, 8, 16\]"),
         (dict(width=30), r"width must be a multiple of 4 \(the image tower's attention heads\), "
                          r"got 30"),
+        (dict(seed=-1), r"seed must be in \[0, 4294967295\], got -1"),
+        (dict(seed=2**62), r"seed must be in \[0, 4294967295\]"),  # overflowed seed * 7919
     ],
 )
 def test_bad_config(kwargs, match):

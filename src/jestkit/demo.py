@@ -41,8 +41,16 @@ from jestkit.data import CURATED_SIZE, IMAGE_SIZE, NOISE_FRACTIONS, POOL_SIZE, l
 from jestkit.flops import count_flops
 from jestkit.models import load_model, model_fingerprint, patch_sizes, save_model
 from jestkit.provenance import code_version, describe_version
-from jestkit.report import build_report, caveats, plateau_verdict, summary_table, write_report
+from jestkit.report import (
+    build_report,
+    caveats,
+    plateau_verdict,
+    read_json,
+    summary_table,
+    write_report,
+)
 from jestkit.training import (
+    MAX_SEED,
     LearnerConfig,
     ReferenceConfig,
     check_field_types,
@@ -146,9 +154,9 @@ class DemoConfig:
                              f"got {list(self.methods)}")
         if not self.seeds:
             raise ValueError("seeds must not be empty")
-        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+        if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED
                    for s in self.seeds):
-            raise ValueError(f"seeds must be ints >= 0, got {list(self.seeds)}")
+            raise ValueError(f"seeds must be ints in [0, {MAX_SEED}], got {list(self.seeds)}")
         for key in ("seeds", "methods"):  # a repeat would count one run as two seeds
             values = list(getattr(self, key))
             if len(set(values)) != len(values):
@@ -357,7 +365,13 @@ def _finished_runs(work: Path) -> dict[str, dict]:
     folder = work / "runs" / "finished"
     if not folder.is_dir():
         return {}
-    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+    runs = {}
+    for path in sorted(folder.glob("*.json")):
+        try:  # written atomically, so damaged only by hand or by the disk
+            runs[path.stem] = read_json(path, dict)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{err}; delete it to train that run again") from None
+    return runs
 
 
 # Their order only orders the report: a resume may list them in another.
@@ -437,7 +451,7 @@ def _check_resumable(work: Path, cfg: DemoConfig, allow_other_code: bool = False
                                   f"config made them is unknown; move it away")
         return {}
     _check_code_version(work, done, allow_other_code)
-    diffs = _config_differences(_order_free(json.loads(config_path.read_text())),
+    diffs = _config_differences(_order_free(read_json(config_path, dict)),
                                 _order_free(_as_json(asdict(cfg))))
     if diffs:
         raise ValueError(f"--resume: the interrupted demo in {work} ran another config; give "
@@ -456,7 +470,11 @@ def _check_resumable(work: Path, cfg: DemoConfig, allow_other_code: bool = False
         except Exception as err:
             raise ValueError(f"cannot read the interrupted demo's reference ({err}); "
                              f"{retrain}") from None
-        if model_fingerprint(reference) != json.loads(info_path.read_text())["fingerprint"]:
+        try:
+            saved = read_json(info_path, dict).get("fingerprint")
+        except ValueError as err:
+            raise ValueError(f"{err}; {retrain}") from None
+        if model_fingerprint(reference) != saved:
             raise ValueError(f"{work / 'reference.safetensors'} is not the reference this demo "
                              f"trained (its fingerprint differs); {retrain}")
     return done
@@ -539,7 +557,9 @@ def _run_in_work_dir(cfg: DemoConfig, out: Path, work: Path, done: dict[str, dic
                   f"{work}: rerun the same command with --resume to write the report (no "
                   f"training), or `jestkit report {work}` to write it there", file=sys.stderr)
             raise
-        then = "" if what == "interrupted" else " once its cause is fixed"
+        then = ("" if what == "interrupted" else
+                " once its cause is fixed (if the fix is in the config, delete it instead: a "
+                "resume takes only the config that started it)")
         print(f"\n{what}: {finished} of {len(learner_configs(cfg))} learner runs finished "
               f"({len(done)} of them before this command)"
               f"{', the reference trained' if has_reference else ''}; kept in {work}: rerun "

@@ -23,7 +23,7 @@ from jestkit.atomic import atomic_write
 from jestkit.provenance import code_version
 
 __all__ = ["FINAL_EVALS", "LEVELS", "build_report", "plateau_check", "plateau_verdict",
-           "rebuild_report", "steps_to_reach",
+           "read_json", "rebuild_report", "steps_to_reach",
            "fmt_speedup", "summarize_method", "summarize_methods", "summary_table",
            "write_report"]
 
@@ -501,8 +501,9 @@ def _is_curve(values: object, steps: object) -> bool:
                     for v in values))
 
 
-def _read_json(path: Path, kind: type) -> dict | list:
-    """A JSON file's content, which must be a `kind`; errors name the file."""
+def read_json(path: Path, kind: type) -> dict | list:
+    """A JSON file's content, which must be a `kind` (dict or list); errors (ValueError)
+    name the file."""
     try:
         value = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -530,7 +531,7 @@ def rebuild_report(run_dir: str | os.PathLike) -> dict:
     if not old_path.is_file():
         raise FileNotFoundError(f"{run_dir} has neither report.json nor runs/info.json: not a "
                                 f"`jestkit demo` run directory")
-    old = _read_json(old_path, dict)
+    old = read_json(old_path, dict)
     if "methods" not in old and isinstance(old.get("config"), dict):
         old["methods"] = old["config"].get("methods")
     missing = [k for k in ("methods", "reference", "config") if not old.get(k)]
@@ -541,7 +542,7 @@ def rebuild_report(run_dir: str | os.PathLike) -> dict:
         path = run_dir / "runs" / f"{name}.json"
         if not path.is_file():
             raise FileNotFoundError(f"missing per-run curves {path}")
-        runs[name] = _read_json(path, list)
+        runs[name] = read_json(path, list)
         if not runs[name]:
             raise ValueError(f"{path} holds no runs")
         for i, run in enumerate(runs[name]):

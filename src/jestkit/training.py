@@ -93,6 +93,7 @@ class ReferenceConfig:
         _check_positive(self, ("steps", "batch_size", "width", "text_width", "text_heads",
                                 "depth"))
         _check_heads(self)
+        _check_seed(self)
         _check_lr(self)
 
 
@@ -130,6 +131,7 @@ class LearnerConfig:
         _check_positive(self, ("steps", "batch_size", "n_chunks", "width", "text_width",
                                 "text_heads", "depth", "patch_size"))
         _check_heads(self)
+        _check_seed(self)
         if not 0 < self.filter_ratio < 1:
             raise ValueError(f"filter_ratio must be in (0, 1), got {self.filter_ratio}")
         if self.method != "uniform" and self.selection == "joint" and (
@@ -197,6 +199,16 @@ def _check_positive(cfg, names) -> None:
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+#: Seeds are 32-bit: the learner's selection generator is seeded with seed * 7919 + 1, which
+#: must fit torch's 64-bit seed.
+MAX_SEED = 2**32 - 1
+
+
+def _check_seed(cfg) -> None:
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise ValueError(f"seed must be in [0, {MAX_SEED}], got {cfg.seed}")
 
 
 def _check_heads(cfg) -> None:
