@@ -54,6 +54,41 @@ def test_demo_flags_reach_run_demo(fake_demo, tmp_path, monkeypatch):
     assert fake_demo["resume"] is True and fake_demo["allow_other_code"] is True
 
 
+def test_small_bad_inputs_found_in_review(fake_demo, tmp_path, monkeypatch, capsys):
+    # A worker count the OS cannot give: argparse's error, not an OverflowError from SemLock.
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--workers", str(10**11)])
+    assert info.value.code == 2 and "must be in [1, 256]" in capsys.readouterr().err
+    # A binary --config: named, not a bare UnicodeDecodeError.
+    binary = tmp_path / "c.json"
+    binary.write_bytes(b"\x89PNG\xff\xfe")
+    assert main(["demo", "--config", str(binary), "--out", str(tmp_path / "o")]) == 2
+    assert f"--config {binary} is not valid JSON" in capsys.readouterr().err
+    # Ctrl-C: the command has said what it kept; no traceback after that, exit status 130.
+    from jestkit import demo
+
+    def interrupted(cfg, out, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run_demo", interrupted)
+    assert main(["demo", "--quick", "--out", str(tmp_path / "o")]) == 130
+    # A reference whose tensors do not fit its metadata: a ValueError naming the file.
+    from safetensors.torch import load_file, save_file
+
+    from jestkit.models import DualEncoder, load_model, save_model
+    from jestkit.training import small_model
+    path = tmp_path / "r.safetensors"
+    save_model(DualEncoder(small_model(50, 16, 1)), path)
+    import safetensors
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    state = load_file(str(path))
+    state.pop(sorted(state)[0])
+    save_file(state, str(path), metadata=metadata)
+    with pytest.raises(ValueError, match="r.safetensors: its tensors do not fit the model"):
+        load_model(path)
+
+
 def test_allow_other_code_needs_resume(fake_demo, capsys):
     assert main(["demo", "--allow-other-code", "--out", "x"]) == 2
     assert "--allow-other-code only applies with --resume" in capsys.readouterr().err

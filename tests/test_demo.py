@@ -112,7 +112,12 @@ def test_report_is_rebuilt_from_the_saved_runs(quick_run, tmp_path, capsys):
                              ('[{"steps": [1]}]', "run 0 lacks ['config', 'zero_shot_accuracy'"),
                              ("null", "holds a JSON null, expected an array of runs"),
                              (json.dumps(nan_run), "run 0's ['zero_shot_accuracy'] are not "
-                                                   "lists of finite numbers")):
+                                                   "lists of finite numbers"),
+                             (json.dumps([{**json.loads(good)[0], "steps": [],
+                                           **{k: [] for k in ("zero_shot_accuracy",
+                                                              "i2t_recall", "t2i_recall",
+                                                              "clean_fraction")}}]),
+                              "are not lists of finite numbers, one per evaluated step")):
         runs.write_text(content)
         assert main(["report", str(copy)]) == 2
         err = capsys.readouterr().err

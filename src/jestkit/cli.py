@@ -24,7 +24,7 @@ def _demo(args: argparse.Namespace) -> int:
         except OSError as err:  # a directory, unreadable, ...
             raise ValueError(f"--config {args.config}: cannot read it "
                              f"({err.strerror or err})") from None
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"--config {args.config} is not valid JSON ({err})") from None
         cfg = DemoConfig.from_dict(raw)
     else:
@@ -108,6 +108,18 @@ def _positive_int(text: str) -> int:
 
 _positive_int.__name__ = "positive int"  # argparse names the type in its errors
 
+MAX_WORKERS = 256  # far above any machine's useful count; a typo's 10**11 fails in the OS
+
+
+def _workers(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be in [1, {MAX_WORKERS}], got {value}")
+    return value
+
+
+_workers.__name__ = "worker count"
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -129,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "Python version started (refused by default; report.json lists "
                            "every version)")
     demo.add_argument("--config", help="a JSON demo config (see configs/demo.json)")
-    demo.add_argument("--workers", type=_positive_int, default=2,
+    demo.add_argument("--workers", type=_workers, default=2,
                       help="parallel learner runs (default 2, one per core)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
@@ -190,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:  # CacheError, FileExistsError... included
         print(f"jestkit {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # what was kept, and how to go on, is already printed
+        return 130
     finally:
         if install:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)

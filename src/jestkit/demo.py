@@ -680,7 +680,7 @@ def _train_and_report(cfg: DemoConfig, work: Path, done: dict[str, dict], worker
               f"(report.json's config lists them under run_code_versions)", file=sys.stderr)
     for name in results:  # seed order, whatever order they finished in
         results[name].sort(key=lambda r: r["config"]["seed"])
-        (work / "runs" / f"{name}.json").write_text(json.dumps(results[name]))
+        atomic_write(work / "runs" / f"{name}.json", json.dumps(results[name]))
 
     pool_split = data.pool
     config = {
@@ -704,8 +704,8 @@ def _train_and_report(cfg: DemoConfig, work: Path, done: dict[str, dict], worker
     }
     config["wall_time_s"] = round(time.time() - started, 1)
     # What `jestkit report` needs besides the curves, should the report itself fail below.
-    (work / "runs" / "info.json").write_text(json.dumps({"reference": ref_info,
-                                                        "config": config}))
+    atomic_write(work / "runs" / "info.json", json.dumps({"reference": ref_info,
+                                                         "config": config}))
     report = build_report(results, ref_info, config)
     write_report(report, work)
     return report
@@ -724,6 +724,6 @@ def print_summary(report: dict) -> None:
     for caveat in caveats(report):
         print(f"\n{caveat}")
     p = report["plateau"]
+    wall = report["config"].get("wall_time_s")  # absent from reports of older versions
     print(f"\nuniform moved {p['moved_points']:+.2f} points over its last quarter "
-          f"({plateau_verdict(p)}); "
-          f"wall time {report['config']['wall_time_s']} s")
+          f"({plateau_verdict(p)})" + (f"; wall time {wall} s" if wall is not None else ""))

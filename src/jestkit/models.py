@@ -652,7 +652,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> D
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     if len(dtypes) == 1:  # keep the saved precision (and so the fingerprint)
         model = model.to(dtypes.pop())
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:  # missing, unexpected or misshaped tensors
+        raise ValueError(f"{path}: its tensors do not fit the model its metadata describes "
+                         f"(altered?): {str(err).splitlines()[-1].strip()}") from None
     return model.to(device)
 
 

@@ -495,8 +495,9 @@ _CURVE_KEYS = ("zero_shot_accuracy", "i2t_recall", "t2i_recall", "clean_fraction
 
 
 def _is_curve(values: object, steps: object) -> bool:
-    """A list of finite numbers, one per evaluated step."""
+    """A non-empty list of finite numbers, one per evaluated step."""
     return (isinstance(values, list) and isinstance(steps, list) and len(values) == len(steps)
+            and len(steps) > 0
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                     for v in values))
 
