@@ -196,7 +196,7 @@ def test_clean_oracle_trains_each_method_as_named_for_every_seed(monkeypatch):
         return real(data, cfg, reference)
 
     monkeypatch.setattr(module, "train_learner", recording)
-    monkeypatch.setattr(module, "ProcessPoolExecutor", _InlinePool)
+    monkeypatch.setattr(module, "worker_pool", lambda workers: _InlinePool())
     demo = DemoConfig(seeds=(0, 1), learner=LearnerConfig(steps=4, warmup_steps=1, width=16),
                       reference=ReferenceConfig(steps=2, warmup_steps=1, width=16))
     threads = torch.get_num_threads()
@@ -553,7 +553,8 @@ def test_reference_cross_validation_weighs_unequal_folds_by_their_pairs(
     assert "Highest held-out accuracy: steps=3 (50.0%)" in capsys.readouterr().out
 
 
-def test_reference_cross_validation_workers_compute_what_one_process_does(reference_sizes):
+def test_reference_cross_validation_workers_compute_what_one_process_does(reference_sizes,
+                                                                         monkeypatch):
     import os
 
     import torch
@@ -570,7 +571,10 @@ def test_reference_cross_validation_workers_compute_what_one_process_does(refere
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        reference_sizes._init_worker(os.getppid())  # its watcher: pytest's parent lives on
+        watched = []  # not the real watcher: it would end pytest if pytest's parent exited
+        monkeypatch.setattr(reference_sizes, "exit_with_parent", watched.append)
+        reference_sizes._init_worker(os.getpid())
+        assert watched == [os.getpid()]  # its workers end if the benchmark is killed
         assert torch.get_num_threads() == 1  # one thread per worker, as documented
     finally:
         torch.set_num_threads(threads)

@@ -72,6 +72,7 @@ def test_small_bad_inputs_found_in_review(fake_demo, tmp_path, monkeypatch, caps
 
     monkeypatch.setattr(demo, "run_demo", interrupted)
     assert main(["demo", "--quick", "--out", str(tmp_path / "o")]) == 130
+    assert capsys.readouterr().err == "jestkit demo: interrupted\n"
     # A reference whose tensors do not fit its metadata: a ValueError naming the file.
     from safetensors.torch import load_file, save_file
 
@@ -330,6 +331,10 @@ def test_version_and_argument_type_errors(capsys):
     assert info.value.code == 0 and capsys.readouterr().out == f"jestkit {jestkit.__version__}\n"
     with pytest.raises(SystemExit) as info:
         main(["demo", "--workers", "abc"])
+    assert info.value.code == 2
+    assert "invalid worker count value: 'abc'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["cache-reference", "--reference", "r", "--out", "o", "--shard-size", "abc"])
     assert info.value.code == 2
     assert "invalid positive int value: 'abc'" in capsys.readouterr().err
 

@@ -135,6 +135,17 @@ def test_report_is_rebuilt_from_the_saved_runs(quick_run, tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()} == files
 
 
+def test_summary_of_a_report_without_wall_time(quick_run, capsys):
+    # Reports of older versions have no config.wall_time_s: `jestkit report` still prints.
+    from jestkit.demo import print_summary
+
+    report = json.loads((quick_run / "report.json").read_text())
+    del report["config"]["wall_time_s"]
+    print_summary(report)
+    out = capsys.readouterr().out
+    assert "over its last quarter" in out and "wall time" not in out
+
+
 def test_existing_run_directory_is_not_overwritten(quick_run, capsys):
     before = (quick_run / "report.json").read_bytes()
     assert main(["demo", "--quick", "--out", str(quick_run), "--no-progress"]) == 2
@@ -431,6 +442,7 @@ def test_workers_end_when_their_parent_is_killed_with_sigkill(tmp_path):
     import sys
     import time
 
+    workers: list[int] = []
     parent = subprocess.Popen([sys.executable, "-c", (
         "import time\n"
         "from jestkit.demo import worker_pool\n"
@@ -449,10 +461,11 @@ def test_workers_end_when_their_parent_is_killed_with_sigkill(tmp_path):
         while any(_alive(p) for p in workers) and time.time() < deadline:
             time.sleep(0.1)
         assert not any(_alive(p) for p in workers), workers  # gone within a few polls
-    finally:
+    finally:  # whatever failed: no sleeping worker outlives the test
         parent.kill()
-        for pid in _children(parent.pid):
-            os.kill(pid, signal.SIGKILL)
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 # --- resuming an interrupted demo ---------------------------------------------------------------

@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a <= 2-minute smoke run")
     demo.add_argument("--out", help="run directory (default runs/demo, or runs/demo-quick)")
     demo.add_argument("--overwrite", action="store_true",
-                      help="replace an existing run directory (only once the new run is done)")
+                      help="replace an existing run directory (only once the new run is done; "
+                           "only a directory a demo wrote)")
     demo.add_argument("--resume", action="store_true",
                       help="continue an interrupted demo into --out (kept in OUT.partial): "
                            "same config, only the unfinished learner runs are trained")
@@ -202,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:  # CacheError, FileExistsError... included
         print(f"jestkit {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # what was kept, and how to go on, is already printed
+    except KeyboardInterrupt:  # no traceback; the demo has said what it kept, if anything
+        print(f"jestkit {args.command}: interrupted", file=sys.stderr)
         return 130
     finally:
         if install:

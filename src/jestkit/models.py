@@ -655,8 +655,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> D
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:  # missing, unexpected or misshaped tensors
+        what = "; ".join(line.strip() for line in str(err).splitlines()[1:])
         raise ValueError(f"{path}: its tensors do not fit the model its metadata describes "
-                         f"(altered?): {str(err).splitlines()[-1].strip()}") from None
+                         f"(altered?): {what}") from None
     return model.to(device)
 
 
