@@ -725,5 +725,5 @@ def print_summary(report: dict) -> None:
         print(f"\n{caveat}")
     p = report["plateau"]
     wall = report["config"].get("wall_time_s")  # absent from reports of older versions
-    print(f"\nuniform moved {p['moved_points']:+.2f} points over its last quarter "
-          f"({plateau_verdict(p)})" + (f"; wall time {wall} s" if wall is not None else ""))
+    print(f"\nuniform moved {p['moved_points']:+.2f} points over its last quarter: "
+          f"{plateau_verdict(p)}" + (f"; wall time {wall} s" if wall is not None else ""))
