@@ -282,10 +282,12 @@ def test_resuming_a_checkpoint_saved_without_foreach_runs_the_multi_tensor_optim
     cfg = dataclasses.replace(TINY, checkpoint_every=3)
     train_learner(data, cfg, reference, run_dir=tmp_path, stop_after=3)
     state_path = tmp_path / "checkpoints" / "step_0000003" / "state.pt"
-    state = torch.load(state_path, weights_only=False)
-    for group in state["optimizer"]["param_groups"]:
-        group["foreach"] = None  # as written before the optimizer chose foreach
-    torch.save(state, state_path)
+
+    def without_foreach(state):  # as written before the optimizer chose foreach
+        for group in state["optimizer"]["param_groups"]:
+            group["foreach"] = None
+
+    _as_written_by_version_3(state_path, without_foreach)
     loaded = []
     real = training._load_optimizer_state
 
@@ -317,27 +319,37 @@ def test_checkpoint_with_other_flop_phases_is_refused(data, reference, tmp_path)
     cfg = dataclasses.replace(TINY, checkpoint_every=2)
     train_learner(data, cfg, reference, run_dir=tmp_path, stop_after=2)
     state_path = tmp_path / "checkpoints" / "step_0000002" / "state.pt"
-    state = torch.load(state_path, weights_only=False)
-    del state["ledger"]["selection"]
-    torch.save(state, state_path)
+    _as_written_by_version_3(state_path, lambda state: state["ledger"].pop("selection"))
     before = state_path.read_bytes()
     with pytest.raises(ValueError, match="FLOP phases.*start the run afresh"):
         train_learner(data, cfg, reference, run_dir=tmp_path, resume=True)
     assert state_path.read_bytes() == before
 
 
+def _as_written_by_version_3(state_path, change=None):
+    """Rewrite a checkpoint as version 3 of its format wrote it, changed by `change(state)`:
+    the state says version 3, and there is no checksums.json (version 4 added it)."""
+    state = torch.load(state_path, weights_only=False)
+    state["version"] = 3
+    if change is not None:
+        change(state)
+    torch.save(state, state_path)
+    (state_path.parent / "checksums.json").unlink()
+
+
 def _as_written_before_state_versions(state_path, version: int | None = None):
     """Rewrite a checkpoint's state as older code wrote it: version None (1) had no
     `patch_size` and no `text_heads` (patch 8 and 4 text heads were fixed), version 2 no
-    `text_heads`."""
-    state = torch.load(state_path, weights_only=False)
-    if version is None:
-        del state["version"]
-        del state["config"]["patch_size"]
-    else:
-        state["version"] = version
-    del state["config"]["text_heads"]
-    torch.save(state, state_path)
+    `text_heads`; neither had checksums.json."""
+    def change(state):
+        if version is None:
+            del state["version"]
+            del state["config"]["patch_size"]
+        else:
+            state["version"] = version
+        del state["config"]["text_heads"]
+
+    _as_written_by_version_3(state_path, change)
 
 
 @pytest.mark.parametrize("version", [None, 2])
@@ -393,9 +405,12 @@ def test_fresh_run_never_touches_another_runs_checkpoints(data, reference, tmp_p
     with pytest.raises(FileExistsError, match="already holds checkpoints.*resume=True"):
         train_learner(data, dataclasses.replace(cfg, seed=1), reference, run_dir=tmp_path)
     assert {p.name: p.stat().st_mtime_ns for p in ckpts.iterdir()} == before
-    # Resuming keeps the newest two up to the step just written and never a later one.
+    # Resuming keeps the newest two up to the step just written and never a later one (here
+    # an empty step_0000009: damaged, so the resume warns and starts from step 4).
     (ckpts / "step_0000009").mkdir()
-    train_learner(data, cfg, reference, run_dir=tmp_path, resume=True)
+    with pytest.warns(UserWarning, match=r"resuming from .*step_0000004: the newer "
+                                         r"checkpoints are damaged.*step_0000009"):
+        train_learner(data, cfg, reference, run_dir=tmp_path, resume=True)
     assert sorted(p.name for p in ckpts.glob("step_*")) == [
         "step_0000004", "step_0000006", "step_0000009"]
     assert (ckpts / "latest").read_text() == "step_0000006"
@@ -521,13 +536,13 @@ def test_text_heads_default_to_one_and_are_validated():
 def test_multires_checkpoints_resume_from_this_and_the_last_version(data, reference, tmp_path,
                                                                     version):
     # Version 2 already had the whole-sub-batch multi-resolution loss: it resumes (with its
-    # 4 text heads), as does a checkpoint written now (version 3).
+    # 4 text heads), as does a checkpoint written now (version 4).
     flexi = dataclasses.replace(TINY, width=48, score_patch_size=16, multires_fraction=0.5,
                                 text_heads=4)
     full = train_learner(data, flexi, reference)
     train_learner(data, flexi, reference, run_dir=tmp_path, stop_after=2)
     state_path = tmp_path / "checkpoints" / "step_0000002" / "state.pt"
-    assert torch.load(state_path, weights_only=True)["version"] == 3
+    assert torch.load(state_path, weights_only=True)["version"] == 4
     if version == 2:
         _as_written_before_state_versions(state_path, 2)
     resumed = train_learner(data, flexi, reference, run_dir=tmp_path, resume=True)
@@ -697,3 +712,141 @@ def test_every_config_field_has_its_type_checked_or_is_a_known_composite():
     for bad in (dict(lr="1e-3"), dict(steps=1000.0), dict(seed=True), dict(method=3)):
         with pytest.raises(ValueError, match=f"{next(iter(bad))} must be"):
             LearnerConfig(**bad)
+
+
+# --- damaged checkpoints (found in a fault-injection review) ---------------------------------
+# A resume takes the newest step_ directory that verifies, not what `latest` says; a damaged
+# one is named and skipped for the one before (same result: runs are deterministic), and a
+# run whose every checkpoint is damaged is refused, naming each. Nothing is deleted by either.
+
+UNIFORM = dataclasses.replace(TINY, method="uniform", checkpoint_every=2)
+
+
+@pytest.fixture(scope="module")
+def uniform_full(data):
+    return train_learner(data, UNIFORM).to_dict()
+
+
+def _flip_a_bit(path):
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGKILL"), reason="needs SIGKILL")
+def test_a_run_killed_before_latest_was_written_resumes(data, tmp_path, uniform_full):
+    # The first checkpoint's directory is in place, `latest` not yet written: SIGKILL there
+    # left a run that could neither resume ("missing latest") nor start afresh.
+    import subprocess
+    import sys
+
+    child = (
+        "import dataclasses, os, signal\n"
+        "import jestkit.training as training\n"
+        "from jestkit.data import load_digits_web\n"
+        "real = training.atomic_write\n"
+        "def write(path, data):\n"
+        "    if path.name == 'latest':\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    real(path, data)\n"
+        "training.atomic_write = write\n"
+        f"cfg = training.LearnerConfig(**{dataclasses.asdict(UNIFORM)!r})\n"
+        f"training.train_learner(load_digits_web(0), cfg, run_dir={str(tmp_path)!r})\n")
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr.decode()
+    ckpts = tmp_path / "checkpoints"
+    assert (ckpts / "step_0000002").is_dir() and not (ckpts / "latest").exists()
+    resumed = train_learner(data, UNIFORM, run_dir=tmp_path, resume=True)
+    assert resumed.to_dict() == uniform_full  # exactly the uninterrupted run
+
+
+def test_latest_is_not_trusted(data, tmp_path, uniform_full):
+    import shutil
+
+    train_learner(data, UNIFORM, run_dir=tmp_path, stop_after=4)
+    for pointer in ("../../elsewhere/step_0000002", "hello", "step_0000002", ""):
+        (tmp_path / "checkpoints" / "latest").write_text(pointer)
+        run = tmp_path / f"copy{len(pointer)}"
+        shutil.copytree(tmp_path / "checkpoints", run / "checkpoints")
+        assert train_learner(data, UNIFORM, run_dir=run, resume=True).to_dict() == uniform_full
+
+
+@pytest.mark.parametrize("damage", ["model bit", "state bit", "state truncated", "state deleted",
+                                    "checksums deleted", "copied from step 2"])
+def test_a_damaged_newest_checkpoint_is_named_and_the_one_before_resumed(
+        data, tmp_path, uniform_full, damage):
+    import shutil
+
+    train_learner(data, UNIFORM, run_dir=tmp_path, stop_after=4)
+    ckpts = tmp_path / "checkpoints"
+    newest = ckpts / "step_0000004"
+    if damage == "model bit":
+        _flip_a_bit(newest / "model.safetensors")
+        named = r"step_0000004/model.safetensors fails its checksum"
+    elif damage == "state bit":
+        _flip_a_bit(newest / "state.pt")
+        named = r"step_0000004/state.pt fails its checksum"
+    elif damage == "state truncated":
+        (newest / "state.pt").write_bytes((newest / "state.pt").read_bytes()[:100])
+        named = r"step_0000004/state.pt fails its checksum"
+    elif damage == "state deleted":
+        (newest / "state.pt").unlink()
+        named = r"step_0000004/state.pt is missing"
+    elif damage == "checksums deleted":
+        (newest / "checksums.json").unlink()
+        named = r"step_0000004/checksums.json is missing"
+    else:  # a whole checkpoint copied under a later step's name
+        shutil.rmtree(newest)
+        shutil.copytree(ckpts / "step_0000002", newest)
+        named = r"step_0000004 holds step 2's checkpoint"
+    before = {p.name: p.stat().st_mtime_ns for p in ckpts.iterdir()}
+    # Every checkpoint damaged: refused, each named, nothing touched.
+    older = ckpts / "step_0000002" / "model.safetensors"
+    good = older.read_bytes()
+    _flip_a_bit(older)
+    with pytest.raises(ValueError, match=rf"no checkpoint in .* can be resumed: .*{named}.*"
+                                         r"step_0000002/model.safetensors fails its checksum"):
+        train_learner(data, UNIFORM, run_dir=tmp_path, resume=True)
+    assert {p.name: p.stat().st_mtime_ns for p in ckpts.iterdir()} == before
+    older.write_bytes(good)
+    # The one before is intact: resumed from, with a warning naming the damage, to the same
+    # result as an uninterrupted run; the damaged one is replaced as the run saves again.
+    with pytest.warns(UserWarning, match=rf"resuming from .*step_0000002: .*{named}"):
+        resumed = train_learner(data, UNIFORM, run_dir=tmp_path, resume=True)
+    assert resumed.to_dict() == uniform_full
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000004",
+                                                       "step_0000006"]
+
+
+def test_a_state_torch_cannot_read_is_named(data, tmp_path):
+    # Version 3 checkpoints have no checksums: torch's own errors for a torn or foreign
+    # state.pt named no file.
+    train_learner(data, UNIFORM, run_dir=tmp_path, stop_after=2)
+    state = tmp_path / "checkpoints" / "step_0000002" / "state.pt"
+    _as_written_by_version_3(state)
+    for content in (b"", b"not a torch file", state.read_bytes()[:200]):
+        state.write_bytes(content)
+        with pytest.raises(ValueError, match=r"step_0000002/state.pt cannot be read"):
+            train_learner(data, UNIFORM, run_dir=tmp_path, resume=True)
+    torch.save({"config": {}}, state)
+    with pytest.raises(ValueError, match=r"state.pt lacks \['step', 'optimizer'"):
+        train_learner(data, UNIFORM, run_dir=tmp_path, resume=True)
+
+
+def test_an_unwritable_run_dir_is_refused_before_training(data, tmp_path, monkeypatch):
+    # Found in review: a run_dir that is a file failed at the first save, after training.
+    import jestkit.training as training
+
+    steps = []
+    monkeypatch.setattr(training, "_train_step", lambda *a, **k: steps.append(1))
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    for run_dir in (afile, tmp_path / "run"):
+        if run_dir != afile:
+            (run_dir / "checkpoints").parent.mkdir()
+            (run_dir / "checkpoints").write_text("not a directory")
+        with pytest.raises(ValueError, match="run_dir: .* exists and is not a directory"):
+            train_learner(data, UNIFORM, run_dir=run_dir)
+    assert not steps and afile.read_text() == "keep me"
+    with pytest.raises(TypeError, match="resume must be a bool, got 'no'"):
+        train_learner(data, UNIFORM, run_dir=tmp_path / "r", resume="no")

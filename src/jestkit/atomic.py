@@ -8,6 +8,7 @@ nothing already computed is ever replaced by a torn, half-written one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = ["atomic_write", "move_into_place", "replacing_directory", "set_aside_copy_of",
-           "unfinished_write"]
+           "sha256_file", "unfinished_write"]
 
 
 @contextlib.contextmanager
@@ -100,6 +101,15 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 hex digest of a file's bytes, read in 1 MiB blocks (any size)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 # What a crash leaves behind. Both writers above work under hidden sibling names, so the names

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jestkit.atomic import atomic_write
+from jestkit.atomic import atomic_write, sha256_file
 from jestkit.data import Batch, Split
 from jestkit.models import DualEncoder, model_fingerprint
 from jestkit.selection import ModelEmbeddings
@@ -143,14 +143,6 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _shard_name(k: int) -> str:
@@ -268,7 +260,7 @@ def build_reference_cache(
         sidecar = path.with_name(path.name + ".sha256")
         stamp = sidecar.read_text().split() if sidecar.exists() else []
         if (path.exists() and stamp[1:] == [build, str(k)]
-                and _sha256_file(path) == stamp[0]):
+                and sha256_file(path) == stamp[0]):
             checksums.append(stamp[0])
         else:
             rows = slice(k * shard_size, min((k + 1) * shard_size, len(split)))
@@ -286,7 +278,7 @@ def build_reference_cache(
         if progress:
             progress(k + 1, manifest["n_shards"])
     manifest["shards"] = checksums
-    manifest["ids_sha256_file"] = _sha256_file(out / "ids.npy")
+    manifest["ids_sha256_file"] = sha256_file(out / "ids.npy")
     manifest["complete"] = True
     atomic_write(manifest_path, json.dumps(manifest, indent=1).encode())
     cache = ReferenceCache.open(out, split=split, model=model)
@@ -378,7 +370,7 @@ class ReferenceCache:
         _check_against(root, manifest, split, model)
         if not (root / "ids.npy").is_file():  # a CacheError, so a build repairs it
             raise CacheError(f"{root / 'ids.npy'} is missing (deleted?)")
-        if _sha256_file(root / "ids.npy") != manifest["ids_sha256_file"]:
+        if sha256_file(root / "ids.npy") != manifest["ids_sha256_file"]:
             raise CacheError(f"{root / 'ids.npy'} fails its checksum (altered or truncated)")
         cache = cls(root, manifest)
         for k in range(manifest["n_shards"]):
@@ -421,7 +413,7 @@ class ReferenceCache:
             path = self.root / _shard_name(k)
             if not path.exists():
                 raise CacheError(f"shard {path.name} of the cache at {self.root} is missing")
-            if _sha256_file(path) != self.manifest["shards"][k]:
+            if sha256_file(path) != self.manifest["shards"][k]:
                 raise CacheError(f"shard {path.name} fails its checksum: altered or truncated "
                                  f"since the cache was built; rebuild it with "
                                  f"`jestkit cache-reference` (it recomputes only bad shards)")

@@ -16,9 +16,13 @@ report, which fraction of the selected examples were clean.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
+import re
 import shutil
+import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +33,7 @@ from jestkit.atomic import (
     atomic_write,
     replacing_directory,
     set_aside_copy_of,
+    sha256_file,
     unfinished_write,
 )
 from jestkit.cache import ReferenceCache
@@ -515,9 +520,13 @@ def train_learner(
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int)
                                    or stop_after < 1):
         raise ValueError(f"stop_after must be an int >= 1, got {stop_after!r}")
+    if not isinstance(resume, bool):  # "no" would resume
+        raise TypeError(f"resume must be a bool, got {resume!r}")
     if run_dir is None and (stop_after is not None or resume):
         raise ValueError("stop_after and resume need a run_dir to keep checkpoints in")
     ckpt_root = None if run_dir is None else Path(run_dir) / "checkpoints"
+    if ckpt_root is not None:  # now, not at the first save after minutes of training
+        _check_writable(Path(run_dir), ckpt_root)
     if not resume and ckpt_root is not None and ckpt_root.exists() and any(
             not unfinished_write(p) for p in ckpt_root.iterdir()):
         raise FileExistsError(f"{ckpt_root} already holds checkpoints: pass resume=True to "
@@ -614,10 +623,13 @@ def _select(batch, model, cfg, selector, gen, meter, reference, reference_embedd
 
 
 # --- checkpoints -----------------------------------------------------------------------------
-# A checkpoint is a directory step_XXXXXXX/ with the weights (safetensors) and the rest of the
-# state (optimizer, RNGs, data position, curves; torch.save). It is written under a temporary
-# name and renamed into place, then `latest` is replaced atomically: a crash at any moment
-# leaves the previous checkpoint intact and `latest` pointing at a complete one.
+# A checkpoint is a directory step_XXXXXXX/ with the weights (safetensors), the rest of the
+# state (optimizer, RNGs, data position, curves; torch.save) and checksums.json (the SHA-256
+# of both files, and the step). It is written under a temporary name and renamed into place,
+# so a directory under a step_ name is complete; `latest` then names it, for people and tools.
+# A resume does not trust `latest`: it takes the newest step_ directory that verifies (its
+# checksums, its step, its state's keys), and falls back to the one before, with a warning,
+# if the newest is damaged. Either continues to the same result (every run is deterministic).
 
 
 def _reference_identity(cfg, reference, reference_embedder) -> str | None:
@@ -638,7 +650,29 @@ def _reference_identity(cfg, reference, reference_embedder) -> str | None:
 # 2: LearnerConfig has patch_size, and multi-resolution training is one loss over the whole
 # sub-batch. State without a version (1) was written before both.
 # 3: LearnerConfig has text_heads (the text tower had 4 heads before).
-_STATE_VERSION = 3
+# 4: every checkpoint has checksums.json (a version-4 state without it is damaged).
+_STATE_VERSION = 4
+_CHECKSUMS = "checksums.json"
+_CHECKPOINT_FILES = ("model.safetensors", "state.pt")
+_STEP_DIR = re.compile(r"step_(\d{7})")
+_STATE_KEYS = ("config", "step", "optimizer", "sampler", "select_generator", "ledger",
+               "result", "clean_seen")
+
+
+def _check_writable(run_dir: Path, ckpt_root: Path) -> None:
+    """run_dir must be a directory this process can write checkpoints into."""
+    for path in (run_dir, ckpt_root):
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"run_dir: {path} exists and is not a directory")
+    try:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        # A hidden temp name: if this process dies right here, it is debris a save removes.
+        fd, probe = tempfile.mkstemp(dir=ckpt_root, prefix=".write-test.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"run_dir: cannot write checkpoints into {ckpt_root} "
+                         f"({err.strerror or err})") from None
 
 
 def _save_checkpoint(run_dir, cfg, step, model, opt, sampler, gen, ledger, result, clean_seen,
@@ -658,6 +692,9 @@ def _save_checkpoint(run_dir, cfg, step, model, opt, sampler, gen, ledger, resul
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        sums = {"step": step, "sha256": {name: sha256_file(tmp / name)
+                                         for name in _CHECKPOINT_FILES}}
+        atomic_write(tmp / _CHECKSUMS, json.dumps(sums, indent=1))
     atomic_write(ckpt_root / "latest", final.name)
     # Keep this one and the one before it; never touch a step at or after this one.
     older = sorted(p for p in ckpt_root.glob("step_*")
@@ -677,13 +714,69 @@ def _save_checkpoint(run_dir, cfg, step, model, opt, sampler, gen, ledger, resul
                 debris.unlink(missing_ok=True)
 
 
+def _read_checkpoint(ckpt: Path, step: int) -> dict:
+    """The state of checkpoint directory `ckpt` (named for `step`), verified: ValueError
+    naming what is wrong if it is damaged (a file missing, altered or truncated; a state of
+    another step; keys missing)."""
+    sums_path = ckpt / _CHECKSUMS
+    verified = sums_path.is_file()
+    if verified:
+        try:
+            sums = json.loads(sums_path.read_text())
+            digests, sums_step = sums["sha256"], sums["step"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{sums_path} cannot be read ({err})") from None
+        for name in _CHECKPOINT_FILES:
+            path = ckpt / name
+            if not path.is_file():
+                raise ValueError(f"{path} is missing")
+            if sha256_file(path) != digests.get(name):
+                raise ValueError(f"{path} fails its checksum (altered or truncated)")
+        if sums_step != step:
+            raise ValueError(f"{ckpt} holds step {sums_step}'s checkpoint (moved or copied?)")
+    path = ckpt / "state.pt"
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as err:  # torch's errors for torn or foreign files name no file
+        raise ValueError(f"{path} cannot be read ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else 'empty'})") from None
+    missing = [k for k in _STATE_KEYS if k not in state] if isinstance(state, dict) else ["all"]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}: not a checkpoint's state")
+    if not verified and state.get("version", 1) >= 4:
+        raise ValueError(f"{sums_path} is missing")
+    if state["step"] != step:
+        raise ValueError(f"{path} is step {state['step']}'s state (moved or copied?)")
+    return state
+
+
+def _newest_checkpoint(run_dir) -> tuple[Path, dict]:
+    """The newest checkpoint of run_dir that verifies, and its state; older ones are tried, with
+    a warning, when newer ones are damaged."""
+    root = Path(run_dir) / "checkpoints"
+    found = sorted(((int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else ())
+                    if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()), reverse=True)
+    if not found:
+        raise FileNotFoundError(f"no checkpoint to resume in {run_dir} (no {root}/step_*)")
+    damaged = []
+    for step, ckpt in found:
+        try:
+            state = _read_checkpoint(ckpt, step)
+        except ValueError as err:
+            damaged.append(str(err))
+            continue
+        if damaged:
+            warnings.warn(f"resuming from {ckpt}: the newer checkpoints are damaged ("
+                          + "; ".join(damaged) + "). The run continues from this one to the "
+                          "same result; the damaged ones are replaced as it saves again.",
+                          stacklevel=4)
+        return ckpt, state
+    raise ValueError(f"no checkpoint in {root} can be resumed: " + "; ".join(damaged))
+
+
 def _load_checkpoint(run_dir, cfg, model, opt, sampler, gen, ledger, result, clean_seen,
                      reference_id) -> int:
-    latest = Path(run_dir) / "checkpoints" / "latest"
-    if not latest.exists():
-        raise FileNotFoundError(f"no checkpoint to resume in {run_dir} (missing {latest})")
-    ckpt = latest.parent / latest.read_text().strip()
-    state = torch.load(ckpt / "state.pt", weights_only=True)
+    ckpt, state = _newest_checkpoint(run_dir)
     saved = dict(state["config"])
     if state.get("version", 1) < 2:
         if saved.get("multires_fraction"):
