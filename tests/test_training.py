@@ -742,6 +742,9 @@ def test_a_run_killed_before_latest_was_written_resumes(data, tmp_path, uniform_
 
     child = (
         "import dataclasses, os, signal\n"
+        "import torch\n"
+        # Its steps are compared bit for bit with this process's: the same thread count.
+        f"torch.set_num_threads({torch.get_num_threads()})\n"
         "import jestkit.training as training\n"
         "from jestkit.data import load_digits_web\n"
         "real = training.atomic_write\n"
@@ -850,3 +853,46 @@ def test_an_unwritable_run_dir_is_refused_before_training(data, tmp_path, monkey
     assert not steps and afile.read_text() == "keep me"
     with pytest.raises(TypeError, match="resume must be a bool, got 'no'"):
         train_learner(data, UNIFORM, run_dir=tmp_path / "r", resume="no")
+
+
+def test_the_spare_kept_at_a_save_is_one_that_verifies(data, tmp_path, uniform_full):
+    # Found in review: after a fall-back the save kept a damaged checkpoint as its spare and
+    # deleted the good one before it.
+    train_learner(data, UNIFORM, run_dir=tmp_path, stop_after=5)  # steps 4 and 5 kept
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000004", "step_0000005"]
+    _flip_a_bit(ckpts / "step_0000005" / "model.safetensors")
+    with pytest.warns(UserWarning, match="step_0000005/model.safetensors fails") as caught:
+        resumed = train_learner(data, UNIFORM, run_dir=tmp_path, resume=True)
+    assert caught[0].filename == __file__  # the warning points at the caller's line
+    assert resumed.to_dict() == uniform_full
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000004", "step_0000006"]
+
+
+def test_a_foreign_newer_checkpoint_is_refused_with_what_to_do(data, tmp_path):
+    import shutil
+
+    other = dataclasses.replace(UNIFORM, seed=1)
+    train_learner(data, other, run_dir=tmp_path / "other")
+    train_learner(data, UNIFORM, run_dir=tmp_path / "run", stop_after=4)
+    shutil.copytree(tmp_path / "other" / "checkpoints" / "step_0000006",
+                    tmp_path / "run" / "checkpoints" / "step_0000006")
+    with pytest.raises(ValueError, match=r"step_0000006 was written by a different config.*"
+                                         r"seed.*move it away to resume from an earlier"):
+        train_learner(data, UNIFORM, run_dir=tmp_path / "run", resume=True)
+
+
+def test_a_run_dir_that_cannot_be_written_is_refused_before_training(data, tmp_path,
+                                                                     monkeypatch):
+    import jestkit.training as training
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    steps = []
+    monkeypatch.setattr(training, "_train_step", lambda *a, **k: steps.append(1))
+    monkeypatch.setattr(training.tempfile, "mkstemp", read_only)
+    with pytest.raises(ValueError, match=r"run_dir: cannot write checkpoints into .*"
+                                         r"\(Permission denied\)"):
+        train_learner(data, UNIFORM, run_dir=tmp_path / "ro")
+    assert not steps

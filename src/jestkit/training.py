@@ -499,9 +499,10 @@ def train_learner(
             the last step run (None: no checkpoints, whatever checkpoint_every says). A fresh
             run (resume=False) refuses a run_dir that already holds checkpoints (a
             half-written one left by a crash does not count; each save removes such debris).
-        resume: continue from the latest checkpoint in run_dir; the result equals an
-            uninterrupted run's. The checkpoint must come from the same config and the same
-            reference (the same model, live or from a cache of it, by fingerprint).
+        resume: continue from the newest checkpoint in run_dir that verifies (its checksums;
+            a damaged one is named in a warning and the one before it taken); the result
+            equals an uninterrupted run's. The checkpoint must come from the same config and
+            the same reference (the same model, live or from a cache of it, by fingerprint).
         stop_after: stop once this many steps are done, after writing a checkpoint to
             run_dir (required), to resume later.
 
@@ -525,8 +526,10 @@ def train_learner(
     if run_dir is None and (stop_after is not None or resume):
         raise ValueError("stop_after and resume need a run_dir to keep checkpoints in")
     ckpt_root = None if run_dir is None else Path(run_dir) / "checkpoints"
-    if ckpt_root is not None:  # now, not at the first save after minutes of training
-        _check_writable(Path(run_dir), ckpt_root)
+    if ckpt_root is not None:
+        for path in (Path(run_dir), ckpt_root):
+            if path.exists() and not path.is_dir():
+                raise ValueError(f"run_dir: {path} exists and is not a directory")
     if not resume and ckpt_root is not None and ckpt_root.exists() and any(
             not unfinished_write(p) for p in ckpt_root.iterdir()):
         raise FileExistsError(f"{ckpt_root} already holds checkpoints: pass resume=True to "
@@ -566,6 +569,8 @@ def train_learner(
 
     model.train()
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    if ckpt_root is not None and start < end:  # now, not at the first save after training
+        _check_writable(ckpt_root)
     for step in range(start, end):
         batch = sampler.next()
         if selector is not None:
@@ -654,16 +659,13 @@ def _reference_identity(cfg, reference, reference_embedder) -> str | None:
 _STATE_VERSION = 4
 _CHECKSUMS = "checksums.json"
 _CHECKPOINT_FILES = ("model.safetensors", "state.pt")
-_STEP_DIR = re.compile(r"step_(\d{7})")
+_STEP_DIR = re.compile(r"step_(\d{7,})")  # f"{step:07d}": 8 digits from step 10**7
 _STATE_KEYS = ("config", "step", "optimizer", "sampler", "select_generator", "ledger",
                "result", "clean_seen")
 
 
-def _check_writable(run_dir: Path, ckpt_root: Path) -> None:
-    """run_dir must be a directory this process can write checkpoints into."""
-    for path in (run_dir, ckpt_root):
-        if path.exists() and not path.is_dir():
-            raise ValueError(f"run_dir: {path} exists and is not a directory")
+def _check_writable(ckpt_root: Path) -> None:
+    """run_dir/checkpoints must be a directory this process can write into (made if absent)."""
     try:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         # A hidden temp name: if this process dies right here, it is debris a save removes.
@@ -696,11 +698,13 @@ def _save_checkpoint(run_dir, cfg, step, model, opt, sampler, gen, ledger, resul
                                          for name in _CHECKPOINT_FILES}}
         atomic_write(tmp / _CHECKSUMS, json.dumps(sums, indent=1))
     atomic_write(ckpt_root / "latest", final.name)
-    # Keep this one and the one before it; never touch a step at or after this one.
-    older = sorted(p for p in ckpt_root.glob("step_*")
-                   if p.is_dir() and p.name[5:].isdigit() and int(p.name[5:]) < step)
-    for old in older[:-1]:
-        shutil.rmtree(old, ignore_errors=True)
+    # Keep this one and, as a spare, the newest earlier one that verifies (a damaged one is
+    # no spare); remove the other earlier ones. Never touch a step after this one.
+    older = sorted((s, p) for s, p in _step_dirs(ckpt_root) if s < step)
+    spare = next((p for s, p in reversed(older) if _verifies(p, s)), None)
+    for _, old in older:
+        if old != spare:
+            shutil.rmtree(old, ignore_errors=True)
     # What a crash mid-save left behind (a run has one writer, so any is from an earlier,
     # interrupted save): a half-written checkpoint, or the set-aside copy of a replaced one
     # whose replacement is in place. A set-aside copy without its replacement is the only
@@ -724,6 +728,8 @@ def _read_checkpoint(ckpt: Path, step: int) -> dict:
         try:
             sums = json.loads(sums_path.read_text())
             digests, sums_step = sums["sha256"], sums["step"]
+            if not isinstance(digests, dict):
+                raise TypeError("sha256 is not an object")
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{sums_path} cannot be read ({err})") from None
         for name in _CHECKPOINT_FILES:
@@ -735,6 +741,8 @@ def _read_checkpoint(ckpt: Path, step: int) -> dict:
         if sums_step != step:
             raise ValueError(f"{ckpt} holds step {sums_step}'s checkpoint (moved or copied?)")
     path = ckpt / "state.pt"
+    if not path.is_file():
+        raise ValueError(f"{path} is missing")
     try:
         state = torch.load(path, weights_only=True)
     except Exception as err:  # torch's errors for torn or foreign files name no file
@@ -743,19 +751,41 @@ def _read_checkpoint(ckpt: Path, step: int) -> dict:
     missing = [k for k in _STATE_KEYS if k not in state] if isinstance(state, dict) else ["all"]
     if missing:
         raise ValueError(f"{path} lacks {missing}: not a checkpoint's state")
-    if not verified and state.get("version", 1) >= 4:
-        raise ValueError(f"{sums_path} is missing")
+    if not verified:
+        if state.get("version", 1) >= 4:
+            raise ValueError(f"{sums_path} is missing")
+        load_model(ckpt / "model.safetensors")  # no checksums then: read it to know it whole
     if state["step"] != step:
         raise ValueError(f"{path} is step {state['step']}'s state (moved or copied?)")
     return state
+
+
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every checkpoint directory under root, in no particular order."""
+    return [(int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else ())
+            if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()]
+
+
+def _verifies(ckpt: Path, step: int) -> bool:
+    """Whether a checkpoint's files match its checksums (cheap: no unpickling). One written
+    before checksums (state version < 4) cannot be told: it counts as verified."""
+    sums_path = ckpt / _CHECKSUMS
+    if not sums_path.is_file():
+        return all((ckpt / name).is_file() for name in _CHECKPOINT_FILES)
+    try:
+        sums = json.loads(sums_path.read_text())
+        return sums["step"] == step and all(
+            (ckpt / name).is_file() and sha256_file(ckpt / name) == sums["sha256"][name]
+            for name in _CHECKPOINT_FILES)
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 def _newest_checkpoint(run_dir) -> tuple[Path, dict]:
     """The newest checkpoint of run_dir that verifies, and its state; older ones are tried, with
     a warning, when newer ones are damaged."""
     root = Path(run_dir) / "checkpoints"
-    found = sorted(((int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else ())
-                    if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()), reverse=True)
+    found = sorted(_step_dirs(root), reverse=True)
     if not found:
         raise FileNotFoundError(f"no checkpoint to resume in {run_dir} (no {root}/step_*)")
     damaged = []
@@ -768,7 +798,8 @@ def _newest_checkpoint(run_dir) -> tuple[Path, dict]:
         if damaged:
             warnings.warn(f"resuming from {ckpt}: the newer checkpoints are damaged ("
                           + "; ".join(damaged) + "). The run continues from this one to the "
-                          "same result; the damaged ones are replaced as it saves again.",
+                          "same result. A damaged one is replaced when the run saves that step "
+                          "again; one it never saves stays until it is deleted.",
                           stacklevel=4)
         return ckpt, state
     raise ValueError(f"no checkpoint in {root} can be resumed: " + "; ".join(damaged))
@@ -789,7 +820,8 @@ def _load_checkpoint(run_dir, cfg, model, opt, sampler, gen, ledger, result, cle
     if saved != asdict(cfg):
         diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
         raise ValueError(f"checkpoint {ckpt} was written by a different config; differing "
-                         f"fields (checkpoint, now): {diff}")
+                         f"fields (checkpoint, now): {diff}. If it is not this run's (copied "
+                         f"in?), move it away to resume from an earlier checkpoint")
     if set(state["ledger"]) != set(ledger.as_dict()):
         # e.g. written before the selector's FLOPs were a phase: resuming would undercount
         raise ValueError(f"checkpoint {ckpt} has FLOP phases {sorted(state['ledger'])}, this "
@@ -803,7 +835,10 @@ def _load_checkpoint(run_dir, cfg, model, opt, sampler, gen, ledger, result, cle
         raise ValueError(f"checkpoint {ckpt} holds a model of another architecture")
     model.load_state_dict(loaded.state_dict())
     _load_optimizer_state(opt, state["optimizer"])
-    sampler.load_state_dict(state["sampler"])
+    try:
+        sampler.load_state_dict(state["sampler"])
+    except ValueError as err:  # e.g. saved for another split: another data set
+        raise ValueError(f"checkpoint {ckpt}: {err}") from None
     gen.set_state(state["select_generator"])
     for k, v in state["ledger"].items():
         setattr(ledger, k, v)
