@@ -718,28 +718,39 @@ def _save_checkpoint(run_dir, cfg, step, model, opt, sampler, gen, ledger, resul
                 debris.unlink(missing_ok=True)
 
 
+def _checksum_problem(ckpt: Path, step: int) -> str | None:
+    """What is wrong with checkpoint directory `ckpt` (named for `step`) by its checksums.json:
+    a file missing, altered or truncated, or the checkpoint of another step. None if nothing,
+    or if it has no checksums.json (written before them: `_read_checkpoint` decides)."""
+    sums_path = ckpt / _CHECKSUMS
+    if not sums_path.is_file():
+        return None
+    try:
+        sums = json.loads(sums_path.read_text())
+        digests, sums_step = sums["sha256"], sums["step"]
+        if not isinstance(digests, dict):
+            raise TypeError("sha256 is not an object")
+    except (ValueError, KeyError, TypeError) as err:
+        return f"{sums_path} cannot be read ({err})"
+    for name in _CHECKPOINT_FILES:
+        path = ckpt / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if sha256_file(path) != digests.get(name):
+            return f"{path} fails its checksum (altered or truncated)"
+    if sums_step != step:
+        return f"{ckpt} holds step {sums_step}'s checkpoint (moved or copied?)"
+    return None
+
+
 def _read_checkpoint(ckpt: Path, step: int) -> dict:
     """The state of checkpoint directory `ckpt` (named for `step`), verified: ValueError
-    naming what is wrong if it is damaged (a file missing, altered or truncated; a state of
-    another step; keys missing)."""
+    naming what is wrong if it is damaged (see `_checksum_problem`; also a state torch cannot
+    read, of another step, or without a state's keys)."""
+    problem = _checksum_problem(ckpt, step)
+    if problem:
+        raise ValueError(problem)
     sums_path = ckpt / _CHECKSUMS
-    verified = sums_path.is_file()
-    if verified:
-        try:
-            sums = json.loads(sums_path.read_text())
-            digests, sums_step = sums["sha256"], sums["step"]
-            if not isinstance(digests, dict):
-                raise TypeError("sha256 is not an object")
-        except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{sums_path} cannot be read ({err})") from None
-        for name in _CHECKPOINT_FILES:
-            path = ckpt / name
-            if not path.is_file():
-                raise ValueError(f"{path} is missing")
-            if sha256_file(path) != digests.get(name):
-                raise ValueError(f"{path} fails its checksum (altered or truncated)")
-        if sums_step != step:
-            raise ValueError(f"{ckpt} holds step {sums_step}'s checkpoint (moved or copied?)")
     path = ckpt / "state.pt"
     if not path.is_file():
         raise ValueError(f"{path} is missing")
@@ -748,10 +759,12 @@ def _read_checkpoint(ckpt: Path, step: int) -> dict:
     except Exception as err:  # torch's errors for torn or foreign files name no file
         raise ValueError(f"{path} cannot be read ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else 'empty'})") from None
-    missing = [k for k in _STATE_KEYS if k not in state] if isinstance(state, dict) else ["all"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}: not a checkpoint's state")
+    missing = [k for k in _STATE_KEYS if k not in state]
     if missing:
         raise ValueError(f"{path} lacks {missing}: not a checkpoint's state")
-    if not verified:
+    if not sums_path.is_file():
         if state.get("version", 1) >= 4:
             raise ValueError(f"{sums_path} is missing")
         load_model(ckpt / "model.safetensors")  # no checksums then: read it to know it whole
@@ -767,18 +780,10 @@ def _step_dirs(root: Path) -> list[tuple[int, Path]]:
 
 
 def _verifies(ckpt: Path, step: int) -> bool:
-    """Whether a checkpoint's files match its checksums (cheap: no unpickling). One written
-    before checksums (state version < 4) cannot be told: it counts as verified."""
-    sums_path = ckpt / _CHECKSUMS
-    if not sums_path.is_file():
-        return all((ckpt / name).is_file() for name in _CHECKPOINT_FILES)
-    try:
-        sums = json.loads(sums_path.read_text())
-        return sums["step"] == step and all(
-            (ckpt / name).is_file() and sha256_file(ckpt / name) == sums["sha256"][name]
-            for name in _CHECKPOINT_FILES)
-    except (ValueError, KeyError, TypeError):
-        return False
+    """Whether a checkpoint's files are there and match its checksums (cheap: no unpickling).
+    One written before checksums cannot be told: it counts as verified if its files are there."""
+    return (all((ckpt / name).is_file() for name in _CHECKPOINT_FILES)
+            and _checksum_problem(ckpt, step) is None)
 
 
 def _newest_checkpoint(run_dir) -> tuple[Path, dict]:
