@@ -185,7 +185,7 @@ def test_cache_reference_flags(monkeypatch, tmp_path, capsys):
     assert "--data-seed must be >= 0, got -1" in capsys.readouterr().err
     seen.clear()
     assert main([*argv, "--max-len", "20"]) == 2  # longer than the reference takes
-    assert "--max-len must be in [1, 16]" in capsys.readouterr().err and not seen
+    assert "--max-len must be in [8, 16]" in capsys.readouterr().err and not seen
     # Found in review: checked only after the captions were padded to it (~28 GB for 1e6).
     import jestkit.data
 
@@ -194,7 +194,10 @@ def test_cache_reference_flags(monkeypatch, tmp_path, capsys):
 
     monkeypatch.setattr(jestkit.data, "load_digits_web", no_data)
     assert main([*argv, "--max-len", str(10**15)]) == 2
-    assert "--max-len must be in [1, 16]" in capsys.readouterr().err and not seen
+    assert "--max-len must be in [8, 16]" in capsys.readouterr().err and not seen
+    # Shorter than the longest caption would cut the digit out of captions, silently.
+    assert main([*argv, "--max-len", "5"]) == 2
+    assert "--max-len must be in [8, 16]" in capsys.readouterr().err and not seen
     afile = tmp_path / "afile"
     afile.write_text("keep me")
     assert main([*argv[:3], "--out", str(afile), "--no-progress"]) == 2

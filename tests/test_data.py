@@ -491,8 +491,14 @@ def test_split_subset_and_batch_to(web: DigitsWeb) -> None:
         pool.subset([0, 3500])
     with pytest.raises(ValueError, match="integers or a boolean mask"):
         pool.subset([0.5])
-    batch = SuperBatchSampler(sub, 3, seed=0).next().to("cpu")
+    batch = SuperBatchSampler(pool.subset([5, 2, 7]), 3, seed=0).next().to("cpu")
     assert isinstance(batch, Batch) and batch.images.device.type == "cpu" and len(batch) == 3
+    # A split with a repeated example would put it twice in one super-batch (a false
+    # negative): the sampler refuses it (found in review: the "no duplicates" promise broke).
+    with pytest.raises(ValueError, match="split.ids must be unique.*1 repeat"):
+        SuperBatchSampler(sub, 3, seed=0)
+    with pytest.raises(ValueError, match=r"Batch fields must have one row per example"):
+        Batch(pool.images[:3], pool.tokens[:5], pool.ids[:2], torch.arange(7))
 
 
 def test_max_len_truncates_the_padding_only(web: DigitsWeb) -> None:
@@ -562,3 +568,97 @@ def test_random_shift_rows_of_any_integer_dtype():
     for dtype in (torch.int16, torch.int32, torch.uint8):
         got = _shifted_rows(padded, rows.to(dtype), 2, torch.Generator().manual_seed(1))
         assert torch.equal(got, want), dtype
+
+
+# --- bad input (found in a review of this module) ----------------------------------------------
+
+
+def test_max_len_shorter_than_a_caption_is_refused(web: DigitsWeb) -> None:
+    # At max_len 5, 1,310 pool captions lost the digit they name, and so did the class
+    # prompts evaluation encodes to the same length: a silently different benchmark.
+    from jestkit.data import CAPTION_MAX_WORDS
+
+    words = [len(c.split()) for s in (web.test, web.curated, web.pool) for c in s.captions]
+    assert max(words) == CAPTION_MAX_WORDS == 8  # every caption is whole at the demo's 8
+    with pytest.raises(ValueError, match=r"max_len must be >= 8, got 7"):
+        load_digits_web(0, max_len=7)
+    for seed, error in ((1.5, TypeError), (True, TypeError), ("1", TypeError),
+                        (-1, ValueError), (2**32, ValueError)):
+        with pytest.raises(error, match="seed must be"):
+            load_digits_web(seed)
+    with pytest.raises(TypeError, match="max_len must be an int, got 8.5"):
+        load_digits_web(0, max_len=8.5)
+
+
+def test_tokenizer_and_shift_refuse_what_they_would_misread(web: DigitsWeb) -> None:
+    tok = web.tokenizer
+    with pytest.raises(TypeError, match="one string; wrap it in a list"):
+        tok.encode("seven", 4)  # was 5 one-letter captions
+    with pytest.raises(TypeError, match="captions must be strings, got None"):
+        tok.encode(["seven", None])
+    with pytest.raises(ValueError, match=rf"tokens must be ids in \[0, {tok.vocab_size}\)"):
+        tok.decode(torch.tensor([[2, -1]]))  # -1 read the last word
+    with pytest.raises(ValueError, match="tokens must be ids"):
+        tok.decode(torch.tensor([tok.vocab_size]))
+    images = web.pool.images[:4]
+    for bad, error in ((2.0, TypeError), (True, TypeError), (32, ValueError), (-1, ValueError)):
+        with pytest.raises(error, match="max_shift must be"):
+            random_shift(images, bad)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        random_shift(images, 2, generator=0)
+
+
+def test_sampler_refuses_arguments_it_would_cast(web: DigitsWeb) -> None:
+    pool = web.pool
+    cases = [(dict(super_batch_size=2.5), TypeError, "super_batch_size must be an int"),
+             (dict(super_batch_size=True), TypeError, "super_batch_size must be an int"),
+             (dict(seed=1.7), TypeError, "seed must be an int"),
+             (dict(seed=-1), ValueError, r"seed must be in \[0, 4294967295\]"),
+             (dict(seed=2**64 - 1), ValueError, "seed must be in"),
+             (dict(augment="no"), TypeError, "augment must be a bool")]  # "no" augmented
+    for kwargs, error, match in cases:
+        args = {"super_batch_size": 8, "seed": 0, **kwargs}
+        with pytest.raises(error, match=match):
+            SuperBatchSampler(pool, args.pop("super_batch_size"), **args)
+
+
+def test_sampler_state_is_checked_whole_before_anything_changes(web: DigitsWeb) -> None:
+    # Found in review: an all-zeros perm drew one row 6 times, a bad cursor skipped the rest
+    # of an epoch, and a bad generator state left the sampler half-restored.
+    a = SuperBatchSampler(web.curated, 6, seed=0)
+    for _ in range(3):
+        a.next()
+    state = a.state_dict()
+    n = len(web.curated)
+    bad_states = [
+        ({"perm": torch.zeros(n, dtype=torch.long)}, "perm is not a permutation"),
+        ({"perm": state["perm"][:10]}, "perm is not a permutation"),
+        ({"perm": state["perm"].float()}, "perm is not a permutation"),
+        ({"cursor": -4}, r"cursor must be in \[0, 500\], got -4"),
+        ({"cursor": n + 1}, r"cursor must be in \[0, 500\]"),
+        ({"epoch": -1}, "epoch must be >= 0"),
+        ({"aug_gen": torch.zeros(3, dtype=torch.uint8)}, "generator states are not valid"),
+    ]
+    b = SuperBatchSampler(web.curated, 6, seed=0)
+    before = b.state_dict()
+    for change, match in bad_states:
+        with pytest.raises(ValueError, match=match):
+            b.load_state_dict({**state, **change})
+        after = b.state_dict()  # nothing applied: still the fresh sampler
+        assert all(torch.equal(after[k], before[k]) if isinstance(after[k], torch.Tensor)
+                   else after[k] == before[k] for k in before), change
+    with pytest.raises(ValueError, match=r"missing \['perm'\]"):
+        b.load_state_dict({k: v for k, v in state.items() if k != "perm"})
+    b.load_state_dict(state)  # the real one still loads, and continues the stream exactly
+    assert torch.equal(a.next().indices, b.next().indices)
+
+
+def test_training_refuses_a_pool_without_clean_flags(web: DigitsWeb) -> None:
+    import dataclasses
+
+    from jestkit.training import LearnerConfig, train_learner
+
+    pool = dataclasses.replace(web.pool, is_clean=None)
+    data = dataclasses.replace(web, pool=pool)
+    with pytest.raises(ValueError, match="data.pool.is_clean is None"):
+        train_learner(data, LearnerConfig(method="uniform", steps=1, batch_size=8))

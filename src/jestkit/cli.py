@@ -56,7 +56,7 @@ def _cache_reference(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from jestkit.cache import build_reference_cache
-    from jestkit.data import load_digits_web
+    from jestkit.data import CAPTION_MAX_WORDS, load_digits_web
     from jestkit.models import load_model
 
     if args.data != "digits-web":
@@ -67,8 +67,9 @@ def _cache_reference(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
     model = load_model(args.reference)
-    if args.max_len > model.config.max_text_len:  # before the data are padded to it
-        raise ValueError(f"--max-len must be in [1, {model.config.max_text_len}] (the longest "
+    if not CAPTION_MAX_WORDS <= args.max_len <= model.config.max_text_len:  # before padding
+        raise ValueError(f"--max-len must be in [{CAPTION_MAX_WORDS}, "
+                         f"{model.config.max_text_len}] (every caption whole; the longest "
                          f"caption this reference takes), got {args.max_len}")
     # Captions padded as the demo pads them (--max-len): the cache fingerprints the tokens,
     # so a cache of the same captions at another length is another data set to it.

