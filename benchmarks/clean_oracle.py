@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import signal
 import sys
 import tempfile
@@ -31,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from _markdown import check_section, replace_section
+from _markdown import check_outputs, load_demo_config, replace_section, write_json
 
 from jestkit.data import load_digits_web
 from jestkit.demo import DEMO_MAX_TEXT_LEN, DemoConfig, stop_workers, worker_pool
@@ -153,18 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick and args.config:
         p.error("--quick runs its own tiny config; drop --config (or --quick)")
     # Before minutes of training, not after: where the results go must be writable.
-    check_section(args.out, args.section)
-    for path in (args.out, args.json):
-        if path is not None and not path.parent.is_dir():
-            p.error(f"{path}: directory {path.parent} does not exist")
-    demo = DemoConfig.quick() if args.quick else DemoConfig.from_dict(
-        json.loads((args.config or REPO / "configs" / "demo.json").read_text()))
+    check_outputs(p, args.out, args.section, args.json)
+    demo = (DemoConfig.quick() if args.quick else
+            load_demo_config(p, args.config or REPO / "configs" / "demo.json"))
     kinds = tuple(k for k in KINDS if k == "uniform" or k in args.methods)
     res = run(demo, args.workers, kinds)
     command = "python benchmarks/clean_oracle.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
     if args.json:  # the raw numbers first: they are what a failed --out would lose
-        args.json.write_text(json.dumps(res, indent=1))
+        write_json(args.json, res)
     md = markdown(res, command.strip())
     print(md)
     if args.out:

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -51,7 +50,7 @@ import time
 from pathlib import Path
 
 import torch
-from _markdown import check_section, replace_section
+from _markdown import check_outputs, load_demo_config, replace_section, write_json
 from selection_speed import measure_matmul
 from step_overhead import Runner, check_faithful, machine_info
 
@@ -266,10 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--steps must all be >= 1, got {args.steps}")
     if not args.budget_min > 0:
         p.error(f"--budget-min must be > 0, got {args.budget_min}")
-    check_section(args.out, "demo_budget")  # before minutes of timing, not after
-    cfg = DemoConfig()
-    if args.config:
-        cfg = DemoConfig.from_dict(json.loads(args.config.read_text()))
+    check_outputs(p, args.out, "demo_budget", args.json)  # before minutes of timing
+    cfg = load_demo_config(p, args.config) if args.config else DemoConfig()
     if args.quick:
         args.rounds, args.steps_per_round, args.warmup, args.check_steps = 2, 2, 1, 2
         args.reference_steps, args.matmul_repeats = 10, 2
@@ -291,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         replace_section(args.out, md, "demo_budget", "What a demo costs")
     if args.json:
-        args.json.write_text(json.dumps(res, indent=1, default=str))
+        write_json(args.json, res)
     if res["checks"] and not all(c["identical"] for c in res["checks"]):
         print("the benchmark loop and train_learner disagree: the costs are not of the "
               "library's step", file=sys.stderr)

@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 from statistics import median
 
-from _markdown import check_section, replace_section
+from _markdown import check_outputs, replace_section, write_json
 
 DIM = 256
 N_CHUNKS = 16
@@ -589,11 +589,49 @@ def parse_args(argv=None):
                    help="measure nothing: rewrite the report from the --merge file")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.one is None:  # the parent: every argument before minutes of measuring
+        _check_arguments(p, args)
+        args.previous = _read_merge(p, args.merge)
     if args.wait_idle is None:
         args.wait_idle = 0.0 if args.quick else 120.0
     if args.extra_repeat_s is None:
         args.extra_repeat_s = 0.0 if args.quick else 60.0
     return args
+
+
+def _check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name, least in (("threads", 1), ("matmul_size", 1), ("matmul_repeats", 1), ("seed", 0)):
+        if getattr(args, name) < least:
+            p.error(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
+    if args.repeats is not None and args.repeats < 1:
+        p.error(f"--repeats must be >= 1, got {args.repeats}")
+    if not all(0 < f < 1 for f in args.filter_ratios):
+        p.error(f"--filter-ratios must all be in (0, 1), got {args.filter_ratios}")
+    if any(n < 1 for n in args.sizes + args.large_sizes):
+        p.error(f"--sizes and --large-sizes must all be >= 1, got "
+                f"{args.sizes + args.large_sizes}")
+    if not args.timeout > 0:
+        p.error(f"--timeout must be > 0, got {args.timeout}")
+    check_outputs(p, args.out, "selection_speed", args.json, may_replace=args.merge)
+
+
+def _read_merge(p: argparse.ArgumentParser, path: Path | None) -> dict:
+    """The earlier run's --json to merge into, checked now (not after the measuring)."""
+    if path is None:
+        return {"results": [], "commands": [], "matmul": None}
+    try:
+        previous = json.loads(path.read_text())
+    except OSError as err:
+        p.error(f"--merge {path}: cannot read it ({err.strerror or err})")
+    except ValueError as err:
+        p.error(f"--merge {path} is not valid JSON ({err})")
+    if not (isinstance(previous, dict) and isinstance(previous.get("results"), list)
+            and isinstance(previous.get("commands"), list)
+            and isinstance(previous.get("matmul"), (dict, type(None)))
+            and all(isinstance(r, dict) and "path" in r for r in previous["results"])):
+        p.error(f"--merge {path} is not a --json file of this benchmark (it needs results, "
+                f"commands and matmul)")
+    return previous
 
 
 def main(argv=None) -> int:
@@ -602,7 +640,6 @@ def main(argv=None) -> int:
         print(RESULT_TAG + json.dumps(child(json.loads(args.one))), flush=True)
         return 0
 
-    check_section(args.out, "selection_speed")  # before minutes of timing, not after
     command = "python benchmarks/selection_speed.py " + " ".join(
         sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
@@ -622,9 +659,7 @@ def main(argv=None) -> int:
                     print(f"| {o['op']} | {o['calls']} | {o['self_s']:.3f} | "
                           f"{100 * o['share']:.1f}% |")
         return 0
-    previous: dict = {"results": [], "commands": [], "matmul": None}
-    if args.merge is not None:
-        previous = json.loads(args.merge.read_text())
+    previous: dict = args.previous
     if args.report_only:
         if not previous["results"]:
             raise SystemExit("--report-only needs --merge with an earlier run's --json file")
@@ -683,8 +718,7 @@ def main(argv=None) -> int:
     print()
     print(body)
     if args.json is not None:
-        args.json.write_text(json.dumps({"matmul": matmul, "results": results,
-                                         "commands": commands}, indent=1))
+        write_json(args.json, {"matmul": matmul, "results": results, "commands": commands})
     if args.out is not None:
         write_out(args.out, body)
         print(f"written to {args.out}")

@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import statistics
@@ -72,10 +71,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from _markdown import check_section, replace_section
+from _markdown import check_outputs, load_demo_config, replace_section, write_json
 
 from jestkit.cache import build_reference_cache
-from jestkit.data import Batch, SuperBatchSampler, load_digits_web
+from jestkit.data import POOL_SIZE, Batch, SuperBatchSampler, load_digits_web
 from jestkit.demo import DEMO_MAX_TEXT_LEN, DemoConfig
 from jestkit.flops import FlopLedger, count_flops
 from jestkit.models import DualEncoder
@@ -654,10 +653,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=0)
     args = p.parse_args(argv)
-    check_section(args.out, args.section)  # before minutes of timing, not after
+    # Every number before minutes of timing, not after (0 rounds failed only at the end).
+    for name, least in (("rounds", 1), ("steps_per_round", 1), ("warmup", 0),
+                        ("check_steps", 0), ("overhead_repeats", 1), ("threads", 1),
+                        ("seed", 0), ("data_seed", 0)):
+        if getattr(args, name) < least:
+            p.error(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
+    if not all(0 < f < 1 for f in args.filter_ratios):
+        p.error(f"--filter-ratios must all be in (0, 1), got {args.filter_ratios}")
+    if not all(1 <= b <= POOL_SIZE for b in args.overhead_batches):  # images[:b] of the pool
+        p.error(f"--overhead-batches must all be in [1, {POOL_SIZE}], got "
+                f"{args.overhead_batches}")
+    check_outputs(p, args.out, args.section, args.json)
     setup = DEMO_SETUP
     if args.config:
-        setup = Setup.from_demo(DemoConfig.from_dict(json.loads(args.config.read_text())))
+        setup = Setup.from_demo(load_demo_config(p, args.config))
         if (setup.multires["cached+flexi"] == setup.multires["cached+flexi+multires"]
                 and "cached+flexi+multires" in args.kinds and "cached+flexi" in args.kinds):
             args.kinds.remove("cached+flexi+multires")  # the same variant under two names
@@ -674,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         write_out(args.out, md, args.section)
     if args.json:
-        args.json.write_text(json.dumps(res, indent=1, default=str))
+        write_json(args.json, res)
     if not all(c["identical"] for c in res["checks"]):
         print("the benchmark loop and train_learner disagree: timings are not of the "
               "library's step", file=sys.stderr)

@@ -51,7 +51,7 @@ def test_a_doc_without_the_markers_is_refused_not_overwritten(tmp_path):
 @pytest.mark.parametrize("script", ["step_overhead", "selection_speed", "clean_oracle",
                                     "demo_budget"])
 def test_a_benchmark_refuses_its_out_file_before_timing_anything(script, tmp_path,
-                                                                 monkeypatch):
+                                                                 monkeypatch, capsys):
     benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
     monkeypatch.syspath_prepend(str(benchmarks))
     spec = importlib.util.spec_from_file_location(f"bench_{script}", benchmarks / f"{script}.py")
@@ -64,11 +64,72 @@ def test_a_benchmark_refuses_its_out_file_before_timing_anything(script, tmp_pat
     for name in ("run", "measure", "spawn", "measure_peak", "wait_until_quiet"):
         if hasattr(module, name):
             monkeypatch.setattr(module, name, must_not_run)
+    def refused(argv, message):
+        with pytest.raises(SystemExit) as info:
+            module.main(argv)
+        assert info.value.code == 2 and message in capsys.readouterr().err, argv
+
     doc = tmp_path / "results.md"
     doc.write_text("hand-written results, no markers\n")
-    with pytest.raises(SystemExit, match="without the markers"):
-        module.main(["--quick", "--out", str(doc)])
+    refused(["--quick", "--out", str(doc)], "without the markers")
     assert doc.read_text() == "hand-written results, no markers\n"
+    # Markers in the wrong order passed the check, then failed after the measuring.
+    doc.write_text(f"<!-- {script}:end -->\n<!-- {script}:start -->\n")  # section = script
+    refused(["--quick", "--out", str(doc)], "(in that order)")
+    # A --json that exists (maybe the only copy of earlier results) or is a directory:
+    # found in review to fail only when written, after the measuring, losing the results.
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text("{}")
+    for path in (earlier, tmp_path):
+        refused(["--quick", "--json", str(path)], "it exists; give a new path")
+    assert earlier.read_text() == "{}"
+    if script != "selection_speed":  # a bad --config: named, not a traceback
+        for content in ("[1, 2]", "not json"):
+            earlier.write_text(content)
+            refused(["--config", str(earlier)], f"--config {earlier}:")
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    # Found in review: each failed only after all the timing (or timed the wrong thing).
+    ("step_overhead", ["--rounds", "0"], "--rounds must be >= 1, got 0"),
+    ("step_overhead", ["--overhead-repeats", "0"], "--overhead-repeats must be >= 1"),
+    ("step_overhead", ["--filter-ratios", "1.5"], "--filter-ratios must all be in (0, 1)"),
+    ("step_overhead", ["--overhead-batches", "10000"], "--overhead-batches must all be in "
+                                                       "[1, 3500], got [10000]"),
+    ("selection_speed", ["--matmul-repeats", "0"], "--matmul-repeats must be >= 1"),
+    ("selection_speed", ["--repeats", "0"], "--repeats must be >= 1, got 0"),
+    ("selection_speed", ["--filter-ratios", "1.0"], "--filter-ratios must all be in (0, 1)"),
+    ("selection_speed", ["--timeout", "0"], "--timeout must be > 0"),
+])
+def test_benchmark_numbers_are_checked_before_any_timing(script, argv, message, monkeypatch,
+                                                         capsys):
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))
+    spec = importlib.util.spec_from_file_location(f"bench_{script}", benchmarks / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as info:
+        module.main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_selection_speed_checks_its_merge_file_before_measuring(tmp_path, monkeypatch, capsys):
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))
+    spec = importlib.util.spec_from_file_location("bench_ss", benchmarks / "selection_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    merge = tmp_path / "earlier.json"
+    for content, message in (("{}", "is not a --json file of this benchmark"),
+                             ("not json", "is not valid JSON")):
+        merge.write_text(content)
+        with pytest.raises(SystemExit):
+            module.main(["--quick", "--merge", str(merge)])
+        assert message in capsys.readouterr().err
+    # The one existing --json allowed is the --merge file it updates.
+    merge.write_text(json.dumps({"results": [], "commands": [], "matmul": None}))
+    args = module.parse_args(["--merge", str(merge), "--json", str(merge)])
+    assert args.previous == {"results": [], "commands": [], "matmul": None}
 
 
 def test_clean_oracle_trains_only_on_clean_pairs_and_reports_by_the_protocol(tmp_path):
