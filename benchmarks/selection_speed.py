@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -726,4 +727,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # SIGTERM ends the run as Ctrl-C does, by an exception: subprocess.run then kills the
+    # measuring child (found in review: it was left running, re-parented to init).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     sys.exit(main())

@@ -59,6 +59,11 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=10)
     p.add_argument("--quick", action="store_true", help="N in {128, 640}, d = 32, 3 rounds")
     args = p.parse_args()
+    for name in ("rounds", "calls"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if any(v < 1 for v in args.sizes + args.dims):
+        p.error(f"--sizes and --dims must all be >= 1, got {args.sizes + args.dims}")
     if args.quick:
         args.sizes, args.dims, args.rounds, args.calls = [128, 640], [32], 3, 3
     torch.set_num_threads(1)

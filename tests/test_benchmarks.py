@@ -3,6 +3,7 @@
 import dataclasses
 import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -791,3 +792,37 @@ def test_demo_budget_refuses_bad_arguments_before_measuring(demo_budget, monkeyp
     with pytest.raises(SystemExit):
         demo_budget.main(args)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_selection_speed_sigterm_ends_its_measuring_child(tmp_path):
+    # Found in review: SIGTERM to the benchmark left its measuring child running (re-parented
+    # to init); now it ends as Ctrl-C does, and subprocess.run kills the child.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from procs import _alive, _children, _cmdline
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "selection_speed.py"
+    proc = subprocess.Popen([sys.executable, str(script), "--sizes", "--large-sizes",
+                             "--threads", "1", "--wait-idle", "0", "--matmul-size", "4096",
+                             "--matmul-repeats", "1000"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while not (child := [c for c in _children(proc.pid) if b"--one" in _cmdline(c)]):
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        deadline = time.time() + 10
+        while _alive(child[0]) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _alive(child[0])
+    finally:
+        proc.kill()
+        for pid in child if "child" in locals() else []:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
