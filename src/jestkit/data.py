@@ -110,7 +110,8 @@ def _words(text: str) -> list[str]:
     return [w for w in out if w]
 
 
-#: Seeds are 32-bit, as the training configs' (`jestkit.training.MAX_SEED`).
+#: Seeds are 32-bit, the samplers' here and the training configs' (a learner's selection
+#: generator is seeded with seed * 7919 + 1, which must fit torch's 64-bit seed).
 MAX_SEED = 2**32 - 1
 
 

@@ -37,7 +37,14 @@ from tqdm import tqdm
 
 from jestkit.atomic import atomic_write, move_into_place
 from jestkit.cache import ReferenceCache, build_reference_cache
-from jestkit.data import CURATED_SIZE, IMAGE_SIZE, NOISE_FRACTIONS, POOL_SIZE, load_digits_web
+from jestkit.data import (
+    CURATED_SIZE,
+    IMAGE_SIZE,
+    MAX_SEED,
+    NOISE_FRACTIONS,
+    POOL_SIZE,
+    load_digits_web,
+)
 from jestkit.flops import count_flops
 from jestkit.models import load_model, model_fingerprint, patch_sizes, save_model
 from jestkit.provenance import code_version, describe_version
@@ -50,7 +57,6 @@ from jestkit.report import (
     write_report,
 )
 from jestkit.training import (
-    MAX_SEED,
     LearnerConfig,
     ReferenceConfig,
     check_field_types,

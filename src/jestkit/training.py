@@ -37,7 +37,7 @@ from jestkit.atomic import (
     unfinished_write,
 )
 from jestkit.cache import ReferenceCache
-from jestkit.data import Batch, DigitsWeb, Split, SuperBatchSampler, class_prompts
+from jestkit.data import MAX_SEED, Batch, DigitsWeb, Split, SuperBatchSampler, class_prompts
 from jestkit.flops import FlopLedger, count_flops
 from jestkit.models import (
     DualEncoder,
@@ -204,11 +204,6 @@ def _check_positive(cfg, names) -> None:
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-#: Seeds are 32-bit: the learner's selection generator is seeded with seed * 7919 + 1, which
-#: must fit torch's 64-bit seed.
-MAX_SEED = 2**32 - 1
 
 
 def _check_seed(cfg) -> None:
