@@ -10,6 +10,7 @@ step's text (64 captions) and image (16 tokens: torch's kernel, above SHORT_SOFT
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -33,7 +34,9 @@ def _median_us(fn, repeats: int = 200, rounds: int = 5) -> float:
     return statistics.median(per_round)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    # No options; the parser gives --help and refuses any argument instead of ignoring it.
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     print(f"torch {torch.__version__}, 1 thread; SHORT_SOFTMAX_MAX = {SHORT_SOFTMAX_MAX}\n")

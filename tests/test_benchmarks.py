@@ -826,3 +826,15 @@ def test_selection_speed_sigterm_ends_its_measuring_child(tmp_path):
         for pid in child if "child" in locals() else []:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_softmax_paths_refuses_arguments_instead_of_running(monkeypatch, capsys):
+    # Found in review: it took no options, so `--help` (or a typo) ran the whole benchmark.
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    spec = importlib.util.spec_from_file_location("bench_sp", benchmarks / "softmax_paths.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "_median_us", lambda *a, **k: pytest.fail("it ran"))
+    with pytest.raises(SystemExit) as info:
+        module.main(["--rounds", "3"])
+    assert info.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
