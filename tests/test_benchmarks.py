@@ -13,6 +13,19 @@ import numpy as np
 import pytest
 from procs import _alive
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _benchmark(monkeypatch, script: str, name: str | None = None):
+    """A fresh import of benchmarks/<script>.py (as module `name`), with benchmarks/ on the
+    path for its own imports (_markdown, dense_reference)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name or f"bench_{script}",
+                                                  BENCHMARKS / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 def _markdown():
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "_markdown.py"
@@ -53,11 +66,7 @@ def test_a_doc_without_the_markers_is_refused_not_overwritten(tmp_path):
                                     "demo_budget"])
 def test_a_benchmark_refuses_its_out_file_before_timing_anything(script, tmp_path,
                                                                  monkeypatch, capsys):
-    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
-    monkeypatch.syspath_prepend(str(benchmarks))
-    spec = importlib.util.spec_from_file_location(f"bench_{script}", benchmarks / f"{script}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _benchmark(monkeypatch, script)
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("the benchmark started before checking --out")
@@ -104,22 +113,14 @@ def test_a_benchmark_refuses_its_out_file_before_timing_anything(script, tmp_pat
 ])
 def test_benchmark_numbers_are_checked_before_any_timing(script, argv, message, monkeypatch,
                                                          capsys):
-    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
-    monkeypatch.syspath_prepend(str(benchmarks))
-    spec = importlib.util.spec_from_file_location(f"bench_{script}", benchmarks / f"{script}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _benchmark(monkeypatch, script)
     with pytest.raises(SystemExit) as info:
         module.main(argv)
     assert info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_selection_speed_checks_its_merge_file_before_measuring(tmp_path, monkeypatch, capsys):
-    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
-    monkeypatch.syspath_prepend(str(benchmarks))
-    spec = importlib.util.spec_from_file_location("bench_ss", benchmarks / "selection_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _benchmark(monkeypatch, "selection_speed")
     merge = tmp_path / "earlier.json"
     for content, message in (("{}", "is not a --json file of this benchmark"),
                              ("not json", "is not valid JSON")):
@@ -162,13 +163,7 @@ def test_clean_oracle_trains_only_on_clean_pairs_and_reports_by_the_protocol(tmp
 @pytest.fixture
 def step_overhead(monkeypatch):
     """A fresh benchmarks/step_overhead.py module (its imports from benchmarks/ resolvable)."""
-    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
-    monkeypatch.syspath_prepend(str(benchmarks))
-    spec = importlib.util.spec_from_file_location("bench_step_overhead_fresh",
-                                                  benchmarks / "step_overhead.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _benchmark(monkeypatch, "step_overhead", "bench_step_overhead_fresh")
 
 
 def test_step_overhead_times_the_demo_configs_learner(step_overhead):
@@ -218,13 +213,7 @@ def test_clean_oracle_refuses_bad_arguments_before_training(tmp_path):
 
 
 def _clean_oracle_module(monkeypatch):
-    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
-    monkeypatch.syspath_prepend(str(benchmarks))
-    spec = importlib.util.spec_from_file_location("bench_clean_oracle", benchmarks /
-                                                  "clean_oracle.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _benchmark(monkeypatch, "clean_oracle")
 
 
 class _InlinePool:
@@ -830,10 +819,7 @@ def test_selection_speed_sigterm_ends_its_measuring_child(tmp_path):
 
 def test_softmax_paths_refuses_arguments_instead_of_running(monkeypatch, capsys):
     # Found in review: it took no options, so `--help` (or a typo) ran the whole benchmark.
-    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
-    spec = importlib.util.spec_from_file_location("bench_sp", benchmarks / "softmax_paths.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _benchmark(monkeypatch, "softmax_paths")
     monkeypatch.setattr(module, "_median_us", lambda *a, **k: pytest.fail("it ran"))
     with pytest.raises(SystemExit) as info:
         module.main(["--rounds", "3"])

@@ -581,10 +581,10 @@ class SuperBatchSampler:
         seed = _check_int(seed, "seed", 0, MAX_SEED)
         if not isinstance(augment, bool):  # "no" would augment
             raise TypeError(f"augment must be a bool, got {augment!r}")
-        if len(torch.unique(split.ids)) != n:
-            # Two rows of one example in a super-batch: a false negative for the loss.
+        repeats = n - len(torch.unique(split.ids))
+        if repeats:  # two rows of one example in a super-batch: a false negative for the loss
             raise ValueError(f"split.ids must be unique to sample super-batches from it; "
-                             f"{n - len(torch.unique(split.ids))} repeat")
+                             f"{repeats} repeat")
         self.split = split
         self.super_batch_size = super_batch_size
         self.seed = seed

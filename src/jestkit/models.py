@@ -26,7 +26,6 @@ import functools
 import hashlib
 import json
 import math
-import numbers
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jestkit.atomic import atomic_write
-from jestkit.scoring import check_embeddings
+from jestkit.scoring import check_embeddings, scalar_tensor
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -572,26 +571,6 @@ class DualEncoder(nn.Module):
         )
 
 
-def _scalar_tensor(value: Tensor | float, name: str, like: Tensor) -> Tensor:
-    """A one-element tensor or a real number as a 0-d tensor of like's dtype and device. A
-    per-GPU [n_gpus] t from nn.DataParallel, or an [N] vector, would broadcast into a wrong
-    loss; a string would be parsed. Both are refused. (Not `scoring._as_scalar`: that one
-    detaches and reads the value, a GPU sync; the training loss needs t's gradient.)"""
-    if not isinstance(value, Tensor) and hasattr(value, "__array__"):  # np.array(10.0)
-        value = torch.as_tensor(value)
-    if isinstance(value, Tensor):
-        if value.dtype == torch.bool:  # np.bool_ too, through __array__
-            raise TypeError(f"{name} must be a float or a one-element tensor, got a bool "
-                            f"tensor")
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar (one element), got shape "
-                             f"{tuple(value.shape)}")
-        return value.reshape(()).to(device=like.device, dtype=like.dtype)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float or a one-element tensor, got {value!r}")
-    return torch.tensor(float(value), dtype=like.dtype, device=like.device)
-
-
 def sigmoid_loss(
     image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float, logit_bias: Tensor | float
 ) -> Tensor:
@@ -605,8 +584,10 @@ def sigmoid_loss(
     check_embeddings(image_emb, text_emb, finite=False)
     dtype = torch.float64 if torch.float64 in (image_emb.dtype, text_emb.dtype) else torch.float32
     u, v = image_emb.to(dtype), text_emb.to(dtype)
-    t = _scalar_tensor(logit_scale, "logit_scale", u)
-    c = _scalar_tensor(logit_bias, "logit_bias", u)
+    # Shapes and types only, keeping t's gradient: scoring's _as_scalar would read the value
+    # (a GPU sync every step).
+    t = scalar_tensor(logit_scale, "logit_scale", u.dtype, u.device)
+    c = scalar_tensor(logit_bias, "logit_bias", u.dtype, u.device)
     n = u.shape[0]
     logits = t * (u @ v.T) + c  # [N, N]
     labels = 2.0 * torch.eye(n, dtype=dtype, device=u.device) - 1.0

@@ -42,6 +42,7 @@ __all__ = [
     "get_criterion",
     "uniform",
     "compute_dtype",
+    "scalar_tensor",
 ]
 
 LOSSES = ("sigmoid", "softmax")
@@ -52,24 +53,31 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _as_scalar(value: float | Tensor, name: str, dtype: torch.dtype,
-               device: torch.device) -> Tensor:
-    """A 0-d tensor from a real number or a one-element tensor (e.g. an nn.Parameter). A
-    string would be parsed and a bool read as 0 or 1: both are refused."""
+def scalar_tensor(value: float | Tensor, name: str, dtype: torch.dtype,
+                  device: torch.device) -> Tensor:
+    """A 0-d tensor of `dtype` on `device` from a real number or a one-element tensor (e.g.
+    an nn.Parameter, whose gradient it keeps). A per-GPU [n_gpus] t from nn.DataParallel, or
+    an [N] vector, would broadcast into a wrong loss, a string be parsed and a bool read as
+    0 or 1: all refused. Reads no value (no GPU sync)."""
     if not isinstance(value, Tensor) and hasattr(value, "__array__"):  # numpy, np.array(10.)
         value = torch.as_tensor(value)
     if isinstance(value, Tensor):
-        if value.dtype == torch.bool:
+        if value.dtype == torch.bool:  # np.bool_ too, through __array__
             raise TypeError(f"{name} must be a float or a one-element tensor, got a bool "
                             f"tensor")
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar (one element), "
                              f"got shape {tuple(value.shape)}")
-        value = value.detach().reshape(()).to(device=device, dtype=dtype)
-    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return value.reshape(()).to(device=device, dtype=dtype)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float or a one-element tensor, got {value!r}")
-    else:
-        value = torch.tensor(float(value), dtype=dtype, device=device)
+    return torch.tensor(float(value), dtype=dtype, device=device)
+
+
+def _as_scalar(value: float | Tensor, name: str, dtype: torch.dtype,
+               device: torch.device) -> Tensor:
+    """`scalar_tensor`, detached, and checked finite (which reads it: scoring only)."""
+    value = scalar_tensor(value, name, dtype, device).detach()
     if not math.isfinite(value.item()):  # one read, not an elementwise isfinite kernel
         raise ValueError(f"{name} must be finite, got {value.item()}")
     return value
