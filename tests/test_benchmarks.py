@@ -63,7 +63,7 @@ def test_a_doc_without_the_markers_is_refused_not_overwritten(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["step_overhead", "selection_speed", "clean_oracle",
-                                    "demo_budget"])
+                                    "demo_budget", "batched_runs"])
 def test_a_benchmark_refuses_its_out_file_before_timing_anything(script, tmp_path,
                                                                  monkeypatch, capsys):
     module = _benchmark(monkeypatch, script)
@@ -110,6 +110,10 @@ def test_a_benchmark_refuses_its_out_file_before_timing_anything(script, tmp_pat
     ("selection_speed", ["--repeats", "0"], "--repeats must be >= 1, got 0"),
     ("selection_speed", ["--filter-ratios", "1.0"], "--filter-ratios must all be in (0, 1)"),
     ("selection_speed", ["--timeout", "0"], "--timeout must be > 0"),
+    ("batched_runs", ["--runs", "0", "3"], "--runs must all be in [1, 64], got [0, 3]"),
+    ("batched_runs", ["--runs", "65"], "--runs must all be in [1, 64]"),
+    ("batched_runs", ["--rounds", "0"], "--rounds must be >= 1, got 0"),
+    ("batched_runs", ["--steps", "0"], "--steps must all be >= 1"),
 ])
 def test_benchmark_numbers_are_checked_before_any_timing(script, argv, message, monkeypatch,
                                                          capsys):
@@ -824,3 +828,120 @@ def test_softmax_paths_refuses_arguments_instead_of_running(monkeypatch, capsys)
     with pytest.raises(SystemExit) as info:
         module.main(["--rounds", "3"])
     assert info.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+# --- batched_runs.py: what batching several runs as one model could buy -------------------
+
+
+def test_batched_loss_is_the_sum_of_each_runs_own_sigmoid_loss(monkeypatch):
+    # The stand-in's loss must be what a vmap over runs computes: each run's pairs against
+    # each other only. Against models.sigmoid_loss run by run, values and gradients.
+    import torch
+
+    from jestkit.models import sigmoid_loss
+    module = _benchmark(monkeypatch, "batched_runs")
+    gen = torch.Generator().manual_seed(0)
+    runs, b, d = 3, 5, 4
+    u = torch.nn.functional.normalize(torch.randn(runs * b, d, generator=gen), dim=1)
+    v = torch.nn.functional.normalize(torch.randn(runs * b, d, generator=gen), dim=1)
+    u.requires_grad_(True)
+    t, c = torch.tensor(10.0, requires_grad=True), torch.tensor(-3.0, requires_grad=True)
+    batched = module.batched_sigmoid_loss(u, v, t, c, runs)
+    grads = torch.autograd.grad(batched, (u, t, c))
+    each = sum(sigmoid_loss(u[r * b:(r + 1) * b], v[r * b:(r + 1) * b], t, c)
+               for r in range(runs))
+    expected = torch.autograd.grad(each, (u, t, c))
+    torch.testing.assert_close(batched, each, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # One loss over all rows would differ: the runs' pairs would be each other's negatives.
+    assert abs(float(sigmoid_loss(u, v, t, c).detach() - each.detach())) > 1e-3
+
+
+def test_batched_runs_stand_in_does_the_library_steps_work(monkeypatch):
+    # Per method, the components the benchmark times are the phases `train_learner` runs,
+    # with the same FLOPs per step at K = 1, and K times them at K runs (at most).
+    import torch
+
+    from jestkit.data import load_digits_web
+    from jestkit.demo import DEMO_MAX_TEXT_LEN, DemoConfig, learner_configs
+    from jestkit.flops import count_flops
+    from jestkit.selection import ModelEmbeddings
+    from jestkit.training import LearnerConfig, ReferenceConfig, train_learner
+
+    module = _benchmark(monkeypatch, "batched_runs")
+    cfg = dataclasses.replace(
+        DemoConfig.quick(), learner=LearnerConfig(width=16, batch_size=8, n_chunks=4, steps=2),
+        reference=ReferenceConfig(width=16, steps=2), flexi_multires_fraction=0.5)
+    data = load_digits_web(cfg.data_seed, max_len=DEMO_MAX_TEXT_LEN)
+    vocab = data.tokenizer.vocab_size
+    reference = module._model(vocab, cfg.reference, seed=1).eval()
+    parts = module.method_parts(cfg)
+    assert list(parts) == list(cfg.methods)
+    assert any(c.startswith("train@") for p in parts.values() for c in p["components"])
+
+    def embedder(batch):  # what the cache returns, computed (its FLOPs are not counted)
+        with torch.no_grad():
+            return ModelEmbeddings(*reference(batch.images, batch.tokens))
+
+    for name, uses_cache, lc in learner_configs(cfg):
+        lc = dataclasses.replace(lc, eval_every=lc.steps)
+        kwargs = {}
+        if lc.needs_reference:
+            kwargs = ({"reference_embedder": embedder} if uses_cache
+                      else {"reference": reference})
+        ledger = train_learner(data, lc, **kwargs).cumulative_flops[-1]
+        comps = parts[name]["components"]
+        learner = module._model(vocab, lc, seed=0, patch_size=lc.patch_size)
+        phase_of = {"train": "train", "learner_scoring": "learner_scoring",
+                    "reference_scoring": "reference_scoring"}
+        timed = {phase_of[c.split("@")[0]]: c for c in comps if c != "adamw"}
+        assert {p for p, f in ledger.items() if f and p != "selection"} == set(timed), name
+        assert (ledger["selection"] > 0) == (parts[name]["selector"] is not None), name
+        for phase, comp in timed.items():
+            one = count_flops(module._component(comp, 1, cfg, data, learner, reference))
+            assert one * lc.steps == ledger[phase], (name, comp)
+            three = count_flops(module._component(comp, 3, cfg, data, learner, reference))
+            coarse = cfg.flexi_score_patch_size
+            if f"@{coarse}" in comp:
+                # At a coarse patch the kernel is resized once per call, whatever the rows
+                # (at this width `uses_downsample` is False): the stand-in does it once for
+                # K runs, which would each do it. In the route's favour.
+                assert not learner.image.patch_embed.uses_downsample(coarse)
+                assert one < three < 3 * one, (name, comp)
+            else:
+                assert three == 3 * one, (name, comp)
+
+
+def test_batched_runs_end_to_end(monkeypatch, tmp_path):
+    module = _benchmark(monkeypatch, "batched_runs")
+    doc, raw = tmp_path / "doc.md", tmp_path / "raw.json"
+    doc.write_text("prose\n<!-- batched_runs:start -->\nold\n<!-- batched_runs:end -->\n")
+    assert module.main(["--quick", "--steps", "1000", "12000", "--out", str(doc),
+                        "--json", str(raw)]) == 0
+    res = json.loads(raw.read_text())
+    assert res["runs"] == [1, 2]
+    assert res["block_check"]["max_abs_diff"] < 1e-5  # the real vmap computes the model
+    for comp, by_k in res["per_run_s"].items():
+        assert set(by_k) == ({"1"} if comp.startswith("selection:") else {"1", "2"}), comp
+        assert all(s > 0 for s in by_k.values())
+    # Today's step (K = 1, with its selection) against the best case (each part at its
+    # fastest K, the selection free), from the per-part times.
+    res = {**res, "per_run_s": {c: {int(k): v for k, v in by_k.items()}
+                                for c, by_k in res["per_run_s"].items()}}
+    jest = res["methods"]["learnability-joint"]
+    assert jest["selector"] == ["learnability", "joint"]
+    per = res["per_run_s"]
+    assert module.step_seconds(res, "learnability-joint", best=False) == pytest.approx(
+        sum(per[c][1] for c in jest["components"]) + per["selection:learnability-joint"][1])
+    assert module.step_seconds(res, "learnability-joint", best=True) == pytest.approx(
+        sum(min(per[c].values()) for c in jest["components"]))
+    short, long = res["demos"]
+    assert long["k1_s"] == pytest.approx(12 * short["k1_s"])
+    assert short["best_s"] < short["k1_s"]
+    assert short["k1_s"] == pytest.approx(sum(
+        module.step_seconds(res, m, False) for m in res["methods"]) * 1000 * res["seeds"]
+        / res["workers"])
+    text = doc.read_text()
+    assert text.startswith("prose\n<!-- batched_runs:start -->\nCommand: ") and "old" not in text
+    assert "| 12,000 |" in text
