@@ -86,7 +86,7 @@ from jestkit.training import (
     _optimizer,
     _select,
     _train_step,
-    small_model,
+    model_config,
     train_learner,
 )
 
@@ -195,9 +195,7 @@ class Runner:
     def __init__(self, name: str, cfg: LearnerConfig, data, reference, cache):
         self.name, self.cfg, self.data = name, cfg, data
         self.clock = _Clock()
-        model_cfg = small_model(data.tokenizer.vocab_size, cfg.width, cfg.depth,
-                                patch_size=cfg.patch_size, text_width=cfg.text_width,
-                                text_heads=cfg.text_heads)
+        model_cfg = model_config(cfg, data.tokenizer.vocab_size)  # as train_learner
         self.model = DualEncoder(model_cfg, seed=cfg.seed)
         self.opt = _optimizer(self.model, cfg)
         self.sampler = SuperBatchSampler(data.pool, cfg.super_batch_size, seed=cfg.seed)
@@ -324,9 +322,7 @@ def per_call_overhead(data, seed: int, batches: list[int], repeats: int,
        parts of 32 (training and scoring patch), and each part alone.
     """
     learner, coarse = setup.learner, setup.flexi_patch
-    model_cfg = small_model(data.tokenizer.vocab_size, learner.width, learner.depth,
-                            patch_size=learner.patch_size, text_width=learner.text_width,
-                            text_heads=learner.text_heads)
+    model_cfg = model_config(learner, data.tokenizer.vocab_size)
     model = DualEncoder(model_cfg, seed=seed).eval()
     images, tokens = data.pool.images, data.pool.tokens
     fine = model_cfg.patch_size
@@ -413,9 +409,7 @@ def run(args, setup: Setup) -> dict:
     vocab = data.tokenizer.vocab_size
     # Untrained reference: its speed does not depend on its weights.
     ref = setup.reference
-    reference = DualEncoder(small_model(vocab, ref.width, ref.depth, text_width=ref.text_width,
-                                        text_heads=ref.text_heads),
-                            seed=args.seed + 1000).eval()
+    reference = DualEncoder(model_config(ref, vocab), seed=args.seed + 1000).eval()
     tmp = tempfile.TemporaryDirectory(prefix="step_overhead_cache.")
     cache = build_reference_cache(reference, data.pool, tmp.name)
 

@@ -230,6 +230,26 @@ def test_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
     assert out.read_text() == "keep me"
 
 
+@pytest.mark.parametrize("block", ["learner", "reference"])
+def test_a_model_too_large_for_this_machine_is_refused_before_any_work(block, tmp_path,
+                                                                       capsys, monkeypatch):
+    # A width that cannot fit failed in a worker, in torch's allocator, after the reference
+    # (minutes, at real sizes) had trained. Now before anything is made or trained.
+    from jestkit import demo
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the demo started training before checking the model sizes")
+    monkeypatch.setattr(demo, "train_reference", must_not_run)
+    config = tmp_path / "big.json"
+    config.write_text(json.dumps({block: {"width": 2**20}}))
+    out = tmp_path / "out"
+    assert main(["demo", "--config", str(config), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"demo config: {block}.width={2**20}, {block}.depth=1" in err
+    assert "more than this machine's" in err
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
 def test_overwrite_replaces_only_a_run_directory(tmp_path, capsys, monkeypatch):
     # Found in review: --overwrite with a mistyped --out deleted any directory it named.
     data = tmp_path / "thesis"

@@ -25,7 +25,7 @@ from jestkit.models import (
     save_model,
     sigmoid_loss,
 )
-from jestkit.training import LearnerConfig, ReferenceConfig, small_model
+from jestkit.training import LearnerConfig, ReferenceConfig, model_config, small_model
 
 VOCAB = 50
 
@@ -224,8 +224,7 @@ def test_default_reference_is_smaller_than_default_learner() -> None:
     ref, lrn = ReferenceConfig(), LearnerConfig()
 
     def size(cfg) -> int:
-        model = DualEncoder(small_model(VOCAB, cfg.width, cfg.depth, text_width=cfg.text_width,
-                                        text_heads=cfg.text_heads))
+        model = DualEncoder(model_config(cfg, VOCAB))  # what training builds
         return sum(p.numel() for p in model.parameters())
 
     assert size(ref) < size(lrn)
@@ -373,6 +372,63 @@ def test_config_rejects_non_positive_sizes(field: str) -> None:
     for bad in (0, -1, 2.5):
         with pytest.raises(ValueError, match=field):
             tiny_config(**{field: bad})
+
+
+@pytest.mark.parametrize("config", [
+    tiny_config(),
+    small_model(100, 48, 1),
+    small_model(100, 16, 2, patch_size=4, text_width=8, text_heads=2),
+    DualEncoderConfig(vocab_size=11, embed_dim=5, image_width=12, image_depth=3, image_heads=3,
+                      patch_size=2, image_size=8, in_channels=3, text_width=6, text_depth=2,
+                      text_heads=2, max_text_len=5, mlp_ratio=3),
+])
+def test_parameter_count_is_what_the_model_holds(config) -> None:
+    assert models.parameter_count(config) == sum(p.numel() for p in
+                                                 DualEncoder(config).parameters())
+
+
+def test_a_model_larger_than_memory_is_refused_before_allocating(monkeypatch, tmp_path) -> None:
+    # width 2**16 once ended in torch's allocator ("can't allocate memory: you tried to
+    # allocate 51539607552 bytes"), naming no size. Now the sizes, the need and the memory.
+    # (2**20: terabytes, more than any machine has, so nothing is ever allocated.)
+    with pytest.raises(ValueError, match=r"DualEncoder: vocab_size=50, .*image_width=1048576, "
+                                         r"image_depth=1, .* parameters; its float32 weights "
+                                         r"need [\d.,]+ GiB, more than this machine's"):
+        DualEncoder(tiny_config(image_width=2**20, image_heads=1))
+    # A size from the vocabulary is named too (the message lists every size field).
+    with pytest.raises(ValueError, match=r"vocab_size=100000000000, "):
+        DualEncoder(tiny_config(vocab_size=10**11))
+    n = models.parameter_count(tiny_config())
+    monkeypatch.setattr(models, "memory_bytes", lambda: 4 * n - 1)
+    with pytest.raises(ValueError, match="more than this machine's"):
+        DualEncoder(tiny_config())
+    with pytest.raises(ValueError, match=r"training it \(float32 weights, gradients"):
+        models.check_fits_in_memory(tiny_config(), 4, "what")
+    monkeypatch.setattr(models, "memory_bytes", lambda: 4 * n)  # just fits
+    model = DualEncoder(tiny_config())
+    monkeypatch.setattr(models, "memory_bytes", lambda: None)  # the OS does not say
+    DualEncoder(tiny_config())
+    # A checkpoint too large to build is refused by name, before its tensors are read.
+    path = tmp_path / "model.safetensors"
+    save_model(model, path)
+    monkeypatch.setattr(models, "memory_bytes", lambda: 4 * n - 1)
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: pytest.fail("read"))
+    with pytest.raises(ValueError, match=rf"{path}: vocab_size=50, "):
+        load_model(path)
+
+
+def test_memory_is_what_the_os_says_or_unknown(monkeypatch) -> None:
+    total = models.memory_bytes()
+    assert total is None or total > 2**20
+    # /proc/meminfo unreadable: the page counts; a count the OS cannot tell (-1): unknown,
+    # not a negative total that would refuse every model.
+    monkeypatch.setattr(models.Path, "read_text", lambda self: "")
+    monkeypatch.setattr(models.os, "sysconf", lambda name: -1 if name == "SC_PHYS_PAGES"
+                        else 4096)
+    assert models.memory_bytes() is None
+    monkeypatch.setattr(models.os, "sysconf", lambda name: 1000 if name == "SC_PHYS_PAGES"
+                        else 4096)
+    assert models.memory_bytes() == 4096 * 1000
 
 
 def test_config_divisibility_and_round_trip() -> None:

@@ -573,6 +573,21 @@ def test_bad_run_arguments(data, reference):
         train_learner(data, TINY)
 
 
+def test_a_model_that_cannot_be_trained_here_is_refused_up_front(data, reference, tmp_path):
+    # 2**20 wide needs terabytes on any machine: the message names the config's own fields,
+    # and nothing (no run_dir) was made. It was a torch allocator error.
+    huge = 2**20
+    with pytest.raises(ValueError, match=rf"LearnerConfig: width={huge}, depth=1, "
+                                         rf"text_width=16 make a model of [\d,]+ parameters; "
+                                         rf"training it .* GiB, more than this machine's"):
+        train_learner(data, dataclasses.replace(TINY, width=huge), reference,
+                      run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match=rf"ReferenceConfig: width=16, depth=1, "
+                                         rf"text_width={huge}"):
+        train_reference(data, ReferenceConfig(steps=1, width=16, text_width=huge))
+
+
 def analytic_forward_flops(cfg, n, image_tokens, text_tokens):
     """FLOPs of embedding n pairs, counted by hand from the architecture: 2 per
     multiply-add of every matmul (what torch's counter counts)."""

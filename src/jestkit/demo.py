@@ -43,6 +43,7 @@ from jestkit.data import (
     MAX_SEED,
     NOISE_FRACTIONS,
     POOL_SIZE,
+    WordTokenizer,
     load_digits_web,
 )
 from jestkit.flops import count_flops
@@ -60,6 +61,7 @@ from jestkit.training import (
     LearnerConfig,
     ReferenceConfig,
     check_field_types,
+    check_trainable,
     train_learner,
     train_reference,
 )
@@ -518,6 +520,11 @@ def run_demo(cfg: DemoConfig, out_dir: str | os.PathLike, *, overwrite: bool = F
     `allow_other_code`.
     """
     out = Path(out_dir)
+    # Here, not in a worker after the reference has trained for minutes. One model at a time:
+    # workers training side by side can still run out of memory together.
+    vocab = WordTokenizer().vocab_size  # digits-web's: fixed, whatever the data seed
+    for block in ("learner", "reference"):
+        check_trainable(getattr(cfg, block), vocab, "demo config", prefix=f"{block}.")
     prepare_out_dir(out, overwrite)
     work = partial_dir(out)
     if work.exists() and not work.is_dir():

@@ -49,8 +49,11 @@ __all__ = [
     "TextTower",
     "attention_softmax",
     "bilinear_resize_matrix",
+    "check_fits_in_memory",
     "load_model",
+    "memory_bytes",
     "model_fingerprint",
+    "parameter_count",
     "pi_downsample_matrix",
     "pi_resize_matrix",
     "resize_pos_embed",
@@ -140,6 +143,67 @@ class DualEncoderConfig:
         if unknown:
             raise ValueError(f"unknown DualEncoderConfig fields: {unknown}")
         return cls(**data)
+
+
+def parameter_count(config: DualEncoderConfig) -> int:
+    """How many parameters a `DualEncoder` of `config` has, without building it."""
+    c = config
+
+    def block(w: int) -> int:  # `Block`: two LayerNorms, qkv, proj, fc1, fc2
+        hidden = c.mlp_ratio * w
+        return 2 * 2 * w + (3 * w * w + 3 * w) + (w * w + w) + (w * hidden + hidden) \
+            + (hidden * w + w)
+
+    wi, wt = c.image_width, c.text_width
+    image = (wi * c.in_channels * c.patch_size**2 + wi  # patch embedding
+             + (c.image_size // c.patch_size) ** 2 * wi  # positions
+             + c.image_depth * block(wi) + 2 * wi + wi * c.embed_dim)  # blocks, norm, head
+    text = (c.vocab_size * wt + c.max_text_len * wt
+            + c.text_depth * block(wt) + 2 * wt + wt * c.embed_dim)
+    return image + text + 2  # + log t and c
+
+
+def memory_bytes() -> int | None:
+    """This machine's memory and swap (what allocations can reach under Linux's default
+    overcommit), or None where the OS does not say."""
+    try:
+        fields_kb = {}
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            name, _, rest = line.partition(":")
+            fields_kb[name] = int(rest.split()[0])
+        total = 1024 * (fields_kb["MemTotal"] + fields_kb.get("SwapTotal", 0))
+    except (OSError, KeyError, ValueError, IndexError):
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):
+            return None
+    return total if total > 0 else None  # sysconf says -1 when it cannot tell
+
+
+def check_fits_in_memory(config: DualEncoderConfig, copies: int, what: str,
+                         sizes: str | None = None) -> None:
+    """Refuse, before any allocation, a model whose `copies` float32 copies of its parameters
+    (1 to build it; 4 to train it: weights, gradients and AdamW's two moments) exceed this
+    machine's memory and swap. Activations are not counted: a model that passes may still
+    not fit, one that fails cannot. The message starts with `what` (whose model) and names
+    `sizes` (the caller's own fields, e.g. "width=65536, depth=1"; default: every field of
+    the config that sets a size)."""
+    n = parameter_count(config)
+    need, total = 4 * copies * n, memory_bytes()
+    if total is not None and need > total:
+        c = config
+        sizes = sizes or ", ".join(
+            f"{name}={getattr(c, name)}" for name in (
+                "vocab_size", "embed_dim", "image_width", "image_depth", "patch_size",
+                "image_size", "in_channels", "text_width", "text_depth", "max_text_len",
+                "mlp_ratio"))
+        held = {1: "its float32 weights",
+                4: "training it (float32 weights, gradients and AdamW's two moments)"}.get(
+                    copies, f"{copies} float32 copies of its parameters")
+        raise ValueError(
+            f"{what}: {sizes} make a model of {n:,} parameters; {held} need "
+            f"{need / 2**30:,.1f} GiB, more than this machine's {total / 2**30:,.1f} GiB of "
+            f"memory and swap. Use a smaller model.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -492,6 +556,7 @@ class DualEncoder(nn.Module):
         super().__init__()
         if not isinstance(config, DualEncoderConfig):
             raise TypeError(f"config must be a DualEncoderConfig, got {type(config).__name__}")
+        check_fits_in_memory(config, 1, "DualEncoder")  # not an allocator error from torch
         self.config = config
         # nn.Linear & co. draw their default init from the global RNG; run that on a forked
         # copy so the caller's stream is untouched. The draws are overwritten just below.
@@ -628,6 +693,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> D
         raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint "
                          f"(metadata format={metadata.get('format')!r})")
     config = DualEncoderConfig.from_dict(json.loads(metadata["config"]))
+    check_fits_in_memory(config, 1, str(path))  # before reading its tensors
     state = safetensors.torch.load_file(str(path))
     model = DualEncoder(config)
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}

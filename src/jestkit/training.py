@@ -42,6 +42,7 @@ from jestkit.flops import FlopLedger, count_flops
 from jestkit.models import (
     DualEncoder,
     DualEncoderConfig,
+    check_fits_in_memory,
     load_model,
     model_fingerprint,
     patch_sizes,
@@ -76,6 +77,24 @@ def small_model(vocab_size: int, width: int, depth: int, patch_size: int = 8,
                              image_width=width, image_depth=depth, image_heads=IMAGE_HEADS,
                              text_width=text_width or width, text_depth=1,
                              text_heads=text_heads, mlp_ratio=2)
+
+
+def model_config(cfg: ReferenceConfig | LearnerConfig, vocab_size: int) -> DualEncoderConfig:
+    """The architecture `train_reference` / `train_learner` build for `cfg`."""
+    patch = {"patch_size": cfg.patch_size} if isinstance(cfg, LearnerConfig) else {}
+    return small_model(vocab_size, cfg.width, cfg.depth, text_width=cfg.text_width,
+                       text_heads=cfg.text_heads, **patch)
+
+
+def check_trainable(cfg: ReferenceConfig | LearnerConfig, vocab_size: int, what: str,
+                    prefix: str = "") -> None:
+    """Refuse, before anything runs, a config whose model cannot be trained on this machine:
+    its weights, gradients and AdamW's two moments exceed the memory and swap. The
+    ValueError starts with `what` and names the config's width, depth and text_width, each
+    after `prefix` (e.g. "learner." for a demo config's block)."""
+    sizes = ", ".join(f"{prefix}{name}={getattr(cfg, name)}"
+                      for name in ("width", "depth", "text_width"))
+    check_fits_in_memory(model_config(cfg, vocab_size), 4, what, sizes=sizes)
 
 
 @dataclass(frozen=True)
@@ -391,9 +410,8 @@ def train_reference(data: DigitsWeb, cfg: ReferenceConfig = ReferenceConfig(),
     if cfg.batch_size > len(data.curated):
         raise ValueError(f"reference batch_size must be in [1, {len(data.curated)}] (the "
                          f"curated split's size), got {cfg.batch_size}")
-    model = DualEncoder(small_model(data.tokenizer.vocab_size, cfg.width, cfg.depth,
-                                    text_width=cfg.text_width, text_heads=cfg.text_heads),
-                        seed=cfg.seed)
+    check_trainable(cfg, data.tokenizer.vocab_size, "ReferenceConfig")
+    model = DualEncoder(model_config(cfg, data.tokenizer.vocab_size), seed=cfg.seed)
     opt = _optimizer(model, cfg)
     sampler = SuperBatchSampler(data.curated, cfg.batch_size, seed=cfg.seed)
     ledger = FlopLedger()
@@ -539,9 +557,8 @@ def train_learner(
         raise ValueError(f"patch_size must divide the image size {image_size}: one of "
                          f"{list(patch_sizes(image_size))}, "
                          f"got {cfg.patch_size}")
-    model_cfg = small_model(data.tokenizer.vocab_size, cfg.width, cfg.depth,
-                            patch_size=cfg.patch_size, text_width=cfg.text_width,
-                            text_heads=cfg.text_heads)
+    check_trainable(cfg, data.tokenizer.vocab_size, "LearnerConfig")
+    model_cfg = model_config(cfg, data.tokenizer.vocab_size)
     model = DualEncoder(model_cfg, seed=cfg.seed)
     if cfg.score_patch_size and cfg.score_patch_size not in model_cfg.allowed_patch_sizes:
         raise ValueError(f"score_patch_size must be one of {model_cfg.allowed_patch_sizes}, "
@@ -856,7 +873,9 @@ __all__ = [
     "LearnerConfig",
     "ReferenceConfig",
     "RunResult",
+    "check_trainable",
     "evaluate",
+    "model_config",
     "small_model",
     "train_learner",
     "train_reference",
