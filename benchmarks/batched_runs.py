@@ -21,9 +21,13 @@ it, from an optimistic stand-in:
   rounding).
 - **left out, all in the batched route's favour**: at the best K, the selection (timed per
   run and counted at K = 1; the selector is not batched here, so the best K counts it as
-  free); at every K, sampling, the cache lookup, evaluation, the reference's training and
-  process start-up. So the best-K totals are lower bounds on what a batched demo's steps
-  would take, and their speed-ups upper bounds.
+  free), and in the demo's total all but one of each seed's live-reference forwards (the
+  methods that score with the live reference see the same super-batches, as the sampler
+  depends on the seed alone, so a batched demo could run that forward once per seed); at
+  every K, sampling, the cache lookup, evaluation, the reference's training and process
+  start-up. Each part is also taken at its own fastest K, whether or not that many runs
+  share it. So the best-K totals are lower bounds on what a batched demo's steps would
+  take, and their speed-ups upper bounds.
 
 Per component and K, the time per run (the K-batched call's time / K) is timed in rounds, all
 K in every round, so drifts of this machine's speed hit every K alike; K = 1 is today's
@@ -62,17 +66,11 @@ from jestkit.demo import DEMO_MAX_TEXT_LEN, DemoConfig, learner_configs
 from jestkit.models import DualEncoder
 from jestkit.scoring import USES_LEARNER
 from jestkit.selection import JointSelector, ModelEmbeddings
-from jestkit.training import _part_slices, _split_sizes, small_model
+from jestkit.training import _part_slices, _split_sizes, model_config
 
 DEFAULT_RUNS = (1, 3, 7, 21)  # one run; a method's 3 seeds; 7 methods; the demo's 21 runs
 DEFAULT_STEPS = (1000, 12000, 14000)  # the demo's T, and the T a plateaued uniform needs
 BUDGET_MIN = 10.0
-
-
-def _model(vocab: int, cfg, seed: int, **patch) -> DualEncoder:
-    """The model `cfg` (a learner or reference config) trains, built as training builds it."""
-    return DualEncoder(small_model(vocab, cfg.width, cfg.depth, text_width=cfg.text_width,
-                                   text_heads=cfg.text_heads, **patch), seed=seed)
 
 
 def _rows(split, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,8 +212,8 @@ def _measure(cfg: DemoConfig, args) -> dict:
     data = load_digits_web(cfg.data_seed, max_len=DEMO_MAX_TEXT_LEN)
     vocab = data.tokenizer.vocab_size
     # Untrained weights: a step's speed does not depend on them.
-    learner = _model(vocab, cfg.learner, seed=0, patch_size=cfg.learner.patch_size).train()
-    reference = _model(vocab, cfg.reference, seed=1).eval()
+    learner = DualEncoder(model_config(cfg.learner, vocab), seed=0).train()
+    reference = DualEncoder(model_config(cfg.reference, vocab), seed=1).eval()
     parts = method_parts(cfg)
     names = sorted({c for p in parts.values() for c in p["components"]})
     calls = {(c, k): _component(c, k, cfg, data, learner, reference)
@@ -264,9 +262,15 @@ def step_seconds(res: dict, method: str, best: bool) -> float:
 
 
 def demo_steps_seconds(res: dict, steps: int, workers: int, best: bool) -> float:
-    """The whole demo's learner steps (every method x seed, `steps` each) over `workers`."""
-    return res["seeds"] * steps * sum(step_seconds(res, m, best) for m in res["methods"]) \
-        / workers
+    """The whole demo's learner steps (every method x seed, `steps` each) over `workers`;
+    at the best K, the live reference's forward once per seed and step, however many of
+    that seed's methods score with it (they see the same super-batches)."""
+    per_step = sum(step_seconds(res, m, best) for m in res["methods"])
+    if best:
+        live = sum("reference_scoring" in p["components"] for p in res["methods"].values())
+        if live > 1:
+            per_step -= (live - 1) * min(res["per_run_s"]["reference_scoring"].values())
+    return res["seeds"] * steps * per_step / workers
 
 
 def markdown(res: dict, command: str) -> str:
@@ -303,7 +307,8 @@ def markdown(res: dict, command: str) -> str:
         one, best = step_seconds(res, name, False), step_seconds(res, name, True)
         lines.append(f"| {name} | {one * 1e3:.2f} | {best * 1e3:.2f} | {one / best:.2f}x |")
     lines += ["", f"The demo's learner steps alone ({len(res['methods'])} methods x "
-              f"{res['seeds']} seeds; no evaluation, sampling, reference or start-up) on "
+              f"{res['seeds']} seeds; no evaluation, sampling, reference training or "
+              f"start-up; at the best K, the live reference's forward once per seed) on "
               f"{res['workers']} one-thread workers, against a {res['budget_min']:g}-minute "
               f"budget:", "",
               "| T | K = 1, min | best K, min | fits the budget at the best K? |",
@@ -323,11 +328,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, nargs="+", default=list(DEFAULT_STEPS),
                    help="demo lengths T to price (default: 1000 12000 14000)")
     p.add_argument("--workers", type=int, default=2,
-                   help="learner processes at once, one thread each (default 2)")
+                   help="learner processes at once, one thread each (default 2; at most "
+                        "the machine's cores)")
     p.add_argument("--budget-min", type=float, default=BUDGET_MIN)
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="smoke test (< 20 s)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test (< 20 s): K = 1 2, 2 rounds, 1 warm-up (in place of "
+                        "--runs, --rounds, --warmup)")
     p.add_argument("--out", type=Path, help="write the markdown tables into this doc")
     p.add_argument("--json", type=Path, help="write the raw numbers as JSON here")
     args = p.parse_args(argv)
