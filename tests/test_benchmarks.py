@@ -110,6 +110,8 @@ def test_a_benchmark_refuses_its_out_file_before_timing_anything(script, tmp_pat
     ("selection_speed", ["--repeats", "0"], "--repeats must be >= 1, got 0"),
     ("selection_speed", ["--filter-ratios", "1.0"], "--filter-ratios must all be in (0, 1)"),
     ("selection_speed", ["--timeout", "0"], "--timeout must be > 0"),
+    ("reference_sizes", ["--folds", "5", "--jobs", str(10**11)],
+     "--jobs must be in [1, 256], got 100000000000"),
     ("batched_runs", ["--runs", "0", "3"], "--runs must all be in [1, 64], got [0, 3]"),
     ("batched_runs", ["--runs", "65"], "--runs must all be in [1, 64]"),
     ("batched_runs", ["--rounds", "0"], "--rounds must be >= 1, got 0"),

@@ -393,6 +393,12 @@ def test_stop_after_always_leaves_a_checkpoint_to_resume(data, reference, tmp_pa
     resumed = train_learner(data, TINY, reference, run_dir=tmp_path, resume=True)
     assert resumed.zero_shot_accuracy == pytest.approx(full.zero_shot_accuracy, abs=1e-6)
     assert resumed.cumulative_flops == full.cumulative_flops
+    # A stop_after the run is already past returned it silently, as if stopped there.
+    with pytest.warns(UserWarning, match=rf"stop_after=2, but the run resumed from step "
+                                         rf"{TINY.steps}: it is returned as it is"):
+        again = train_learner(data, TINY, reference, run_dir=tmp_path, resume=True,
+                              stop_after=2)
+    assert again.steps == resumed.steps
 
 
 def test_fresh_run_never_touches_another_runs_checkpoints(data, reference, tmp_path):

@@ -584,6 +584,9 @@ def train_learner(
 
     model.train()
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    if start > end:  # resumed past it: the run is not cut back, and the caller should know
+        warnings.warn(f"stop_after={stop_after}, but the run resumed from step {start}: it is "
+                      f"returned as it is, at step {start}", stacklevel=2)
     if ckpt_root is not None and start < end:  # now, not at the first save after training
         _check_writable(ckpt_root)
     for step in range(start, end):
