@@ -1,5 +1,6 @@
 """Process helpers for tests that check worker processes end (Linux: reads /proc)."""
 
+import time
 from pathlib import Path
 
 
@@ -33,3 +34,9 @@ def _cmdline(pid: int) -> bytes:
         return (Path("/proc") / str(pid) / "cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def touch_then_sleep(path: str, seconds: float) -> None:
+    """A worker task that says it is running (creates `path`), then blocks."""
+    Path(path).touch()
+    time.sleep(seconds)

@@ -436,7 +436,7 @@ def test_reference_cross_validation_never_reads_test_and_holds_out_each_fold_onc
     for argv, says in ((["--folds", "1"], "--folds must be in [2, 50]"),
                        (["--folds", "51"], "--folds must be in [2, 50]"),
                        (["--jobs", "2"], "--jobs needs --folds"),
-                       (["--folds", "2", "--jobs", "0"], "--jobs must be >= 1"),
+                       (["--folds", "2", "--jobs", "0"], "--jobs must be in [1, 256], got 0"),
                        (["--folds", "5", "--spec", '{"batch_size": 401}'],
                         "batch_size must be in [1, 400] (the pairs one fold trains on")):
         with pytest.raises(SystemExit) as err:

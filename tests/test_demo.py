@@ -463,18 +463,25 @@ def test_workers_end_when_their_parent_is_killed_with_sigkill(tmp_path):
     import time
 
     workers: list[int] = []
+    # Each worker runs a task that marks that it started, then blocks (so the second task
+    # goes to the other worker): both marks mean both workers are past their initializer,
+    # which starts the watch. (Killed earlier, under heavy load, a worker still importing
+    # torch ends only once the import is done: seen on a 16-process test run.)
+    marks = [tmp_path / f"running{i}" for i in range(2)]
     parent = subprocess.Popen([sys.executable, "-c", (
-        "import time\n"
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from procs import touch_then_sleep\n"
         "from jestkit.demo import worker_pool\n"
         "pool = worker_pool(2)\n"
-        "futures = [pool.submit(time.sleep, 600) for _ in range(2)]\n"
+        f"futures = [pool.submit(touch_then_sleep, m, 600) for m in {list(map(str, marks))!r}]\n"
         "time.sleep(600)\n")])
     try:
-        deadline = time.time() + 120
-        while len(workers := [p for p in _children(parent.pid)
-                              if b"spawn_main" in _cmdline(p)]) < 2 and time.time() < deadline:
+        deadline = time.time() + 300
+        while not all(m.exists() for m in marks) and time.time() < deadline:
             time.sleep(0.1)
-        assert len(workers) == 2, workers
+        workers = [p for p in _children(parent.pid) if b"spawn_main" in _cmdline(p)]
+        assert len(workers) == 2 and all(m.exists() for m in marks), workers
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait()
         deadline = time.time() + 20
