@@ -957,3 +957,14 @@ def test_batched_runs_prices_a_step_and_the_demo_from_its_parts(monkeypatch):
     # Per step: 5 + 20 + 11 today; 2.5 + 11.5 + 5.5 - 3 (b shares a's reference forward).
     assert module.demo_steps_seconds(res, steps=10, workers=2, best=False) == 36 * 2 * 10 / 2
     assert module.demo_steps_seconds(res, steps=10, workers=2, best=True) == 16.5 * 2 * 10 / 2
+
+
+def test_gpu_check_compares_devices_and_says_when_there_is_no_cuda(monkeypatch, capsys):
+    import torch
+    module = _benchmark(monkeypatch, "gpu_check")
+    # Its comparison, run CPU against CPU, finds no difference (and so would flag one).
+    assert module.agreement(torch.device("cpu")) == 0.0
+    assert "same selection on cpu and cuda in 5/5 draws" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert module.main([]) == 2
+    assert "needs CUDA" in capsys.readouterr().err

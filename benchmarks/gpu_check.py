@@ -1,0 +1,114 @@
+"""A short GPU check of jestkit (needs CUDA): the models and the selector on the device against
+the CPU, and the selector's time and peak GPU memory at large N, where it must never hold an
+N x N matrix. What a GPU machine lent for a few minutes can show; results:
+`docs/benchmarks.md` ("On a GPU").
+
+    python benchmarks/gpu_check.py                     # N = 4096 ... 262144 (~1 min on an H200)
+    python benchmarks/gpu_check.py --sizes 4096 16384
+
+Exits 1 if a forward or gradient differs from the CPU's by more than 1e-3, 2 without CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from jestkit.data import load_digits_web
+from jestkit.models import DualEncoder, sigmoid_loss
+from jestkit.selection import JointSelector, ModelEmbeddings
+from jestkit.training import LearnerConfig, model_config
+
+TOLERANCE = 1e-3
+
+
+def agreement(dev: torch.device) -> float:
+    """The demo's learner on the CPU and on `dev`: forwards at every patch size, one Flexi
+    multi-resolution training step's gradients, and selections on its embeddings. Prints each;
+    returns the largest difference."""
+    data = load_digits_web(0, max_len=12)
+    cfg = model_config(LearnerConfig(), data.tokenizer.vocab_size)
+    model, gpu = DualEncoder(cfg, seed=0), DualEncoder(cfg, seed=0).to(dev)
+    images, tokens = data.pool.images[:320], data.pool.tokens[:320]
+    worst = 0.0
+    with torch.no_grad():
+        for patch in (8, 16, 32, 4):
+            a = model(images, tokens, patch)
+            b = gpu(images.to(dev), tokens.to(dev), patch)
+            for x, y in zip(a[:2], b[:2], strict=True):
+                d = float((x - y.cpu()).abs().max())
+                worst = max(worst, d)
+                print(f"forward patch {patch}: max |cpu - cuda| = {d:.2e}", flush=True)
+    for m, dv in ((model, torch.device("cpu")), (gpu, dev)):
+        m.zero_grad()
+        emb = torch.cat([m.encode_image(images[:32].to(dv), 8),
+                         m.encode_image(images[32:64].to(dv), 16)])
+        sigmoid_loss(emb, m.encode_text(tokens[:64].to(dv)), m.logit_scale,
+                     m.logit_bias).backward()
+    grad = max(float((p.grad - q.grad.cpu()).abs().max() / (p.grad.abs().max() + 1e-12))
+               for p, q in zip(model.parameters(), gpu.parameters(), strict=True))
+    print(f"gradients, multires step: max relative |cpu - cuda| = {grad:.2e}", flush=True)
+    with torch.no_grad():  # the same CPU generator drives both devices' sampling
+        lc = ModelEmbeddings(*model(images, tokens))
+        lg = ModelEmbeddings(*gpu(images.to(dev), tokens.to(dev)))
+    same = sum(torch.equal(
+        JointSelector(batch_size=64)(lc, lc, generator=torch.Generator().manual_seed(s)),
+        JointSelector(batch_size=64)(lg, lg, generator=torch.Generator().manual_seed(s)).cpu())
+        for s in range(5))
+    print(f"selector on the model's embeddings: same selection on cpu and cuda in {same}/5 "
+          "draws (float rounding may flip a near-tie)", flush=True)
+    return max(worst, grad)
+
+
+def selection_table(dev: torch.device, sizes: list[int], dim: int = 64) -> None:
+    """JointSelector (learnability, f = 0.8, 16 chunks) on random unit embeddings of `dim`."""
+    print("| N | d | f | joint selection, ms (median of 5; of 2 from N = 262,144) | peak GPU "
+          "memory, MiB | N*N*4 bytes, MiB |\n|---|---|---|---|---|---|")
+    for n in sizes:
+        g = torch.Generator(device=dev).manual_seed(n)
+        image_l, text_l, image_r, text_r = (torch.nn.functional.normalize(
+            torch.randn(n, dim, device=dev, generator=g), dim=1) for _ in range(4))
+        lrn = ModelEmbeddings(image_l, text_l, 10.0, -10.0)
+        ref = ModelEmbeddings(image_r, text_r, 10.0, -10.0)
+        sel, gen = JointSelector(filter_ratio=0.8, n_chunks=16), torch.Generator().manual_seed(0)
+        sel(lrn, ref, generator=gen)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        times = []
+        for _ in range(5 if n < 262144 else 2):
+            t0 = time.perf_counter()
+            idx = sel(lrn, ref, generator=gen)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        assert idx.numel() == round(n * 0.2) and idx.unique().numel() == idx.numel()
+        print(f"| {n:,} | {dim} | 0.8 | {statistics.median(times) * 1e3:.1f} | {peak:.0f} | "
+              f"{n * n * 4 / 2**20:,.0f} |", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 65536, 262144],
+                   help="super-batch sizes N of the selection table")
+    args = p.parse_args(argv)
+    if min(args.sizes) < 5:
+        p.error(f"--sizes must all be >= 5 (f = 0.8 keeps N / 5), got {args.sizes}")
+    if not torch.cuda.is_available():
+        print("gpu_check.py: needs CUDA, and torch sees no CUDA device here", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 against float32
+    torch.backends.cudnn.allow_tf32 = False
+    dev = torch.device("cuda")
+    print("torch", torch.__version__, torch.cuda.get_device_name(0), flush=True)
+    worst = agreement(dev)
+    selection_table(dev, args.sizes)
+    return 0 if worst < TOLERANCE else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
