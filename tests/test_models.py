@@ -420,6 +420,10 @@ def test_a_model_larger_than_memory_is_refused_before_allocating(monkeypatch, tm
 def test_memory_is_what_the_os_says_or_unknown(monkeypatch) -> None:
     total = models.memory_bytes()
     assert total is None or total > 2**20
+    # Memory and swap (allocations can reach both), whatever other lines say.
+    meminfo = "MemTotal:   1000 kB\nHugepagesize: \nSwapTotal:  24 kB\nMemFree: 7 kB\n"
+    monkeypatch.setattr(models.Path, "read_text", lambda self: meminfo)
+    assert models.memory_bytes() == 1024 * 1024
     # /proc/meminfo unreadable: the page counts; a count the OS cannot tell (-1): unknown,
     # not a negative total that would refuse every model.
     monkeypatch.setattr(models.Path, "read_text", lambda self: "")

@@ -167,11 +167,10 @@ def memory_bytes() -> int | None:
     """This machine's memory and swap (what allocations can reach under Linux's default
     overcommit), or None where the OS does not say."""
     try:
-        fields_kb = {}
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            name, _, rest = line.partition(":")
-            fields_kb[name] = int(rest.split()[0])
-        total = 1024 * (fields_kb["MemTotal"] + fields_kb.get("SwapTotal", 0))
+        kib = {name: int(rest.split()[0]) for name, _, rest in (
+            line.partition(":") for line in Path("/proc/meminfo").read_text().splitlines())
+            if name in ("MemTotal", "SwapTotal")}
+        total = 1024 * (kib["MemTotal"] + kib.get("SwapTotal", 0))
     except (OSError, KeyError, ValueError, IndexError):
         try:
             total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
