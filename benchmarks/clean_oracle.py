@@ -33,7 +33,13 @@ import torch
 from _markdown import check_outputs, load_demo_config, replace_section, write_json
 
 from jestkit.data import load_digits_web
-from jestkit.demo import DEMO_MAX_TEXT_LEN, DemoConfig, stop_workers, worker_pool
+from jestkit.demo import (
+    DEMO_MAX_TEXT_LEN,
+    MAX_WORKERS,
+    DemoConfig,
+    stop_workers,
+    worker_pool,
+)
 from jestkit.models import load_model, save_model
 from jestkit.report import LEVELS, fmt_speedup, steps_to_reach, summarize_methods
 from jestkit.training import train_learner, train_reference
@@ -147,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                         "<!-- SECTION:end --> (default: clean_oracle)")
     p.add_argument("--json", type=Path, help="write the raw results as JSON here")
     args = p.parse_args(argv)
-    if args.workers < 1:
-        p.error(f"--workers must be >= 1, got {args.workers}")
+    if not 1 <= args.workers <= MAX_WORKERS:  # as the demo's --workers
+        p.error(f"--workers must be in [1, {MAX_WORKERS}], got {args.workers}")
     if args.quick and args.config:
         p.error("--quick runs its own tiny config; drop --config (or --quick)")
     # Before minutes of training, not after: where the results go must be writable.

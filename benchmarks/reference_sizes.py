@@ -66,9 +66,8 @@ import numpy as np
 import torch
 
 from jestkit.atomic import atomic_write
-from jestkit.cli import MAX_WORKERS
 from jestkit.data import DigitsWeb, load_digits_web
-from jestkit.demo import DEMO_MAX_TEXT_LEN, exit_with_parent, stop_workers
+from jestkit.demo import DEMO_MAX_TEXT_LEN, MAX_WORKERS, exit_with_parent, stop_workers
 from jestkit.training import ReferenceConfig, train_reference
 
 GRID = [
@@ -216,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also write every run's numbers here (a new file; rewritten "
                              "after each config)")
     args = parser.parse_args(argv)
-    if not 1 <= args.jobs <= MAX_WORKERS:  # 10**11 failed in the OS, after the data loaded
+    if not 1 <= args.jobs <= MAX_WORKERS:  # as the demo's --workers
         parser.error(f"--jobs must be in [1, {MAX_WORKERS}], got {args.jobs}")
     if args.jobs > 1 and args.folds is None:
         parser.error("--jobs needs --folds (the test-accuracy table trains one at a time)")

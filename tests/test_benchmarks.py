@@ -212,7 +212,8 @@ def test_clean_oracle_refuses_bad_arguments_before_training(tmp_path):
     for args, message in ((["--quick", "--config", "configs/demo.json"], "drop --config"),
                           (["--json", str(tmp_path / "missing" / "x.json")], "does not exist"),
                           (["--out", str(tmp_path / "missing" / "x.md")], "does not exist"),
-                          (["--workers", "0"], "--workers must be >= 1")):
+                          (["--workers", "0"], "--workers must be in [1, 256], got 0"),
+                          (["--workers", str(10**11)], "--workers must be in [1, 256]")):
         done = subprocess.run([sys.executable, str(script), *args], capture_output=True,
                               text=True, timeout=60)
         assert done.returncode == 2 and message in done.stderr, (args, done.stderr)
@@ -962,9 +963,38 @@ def test_batched_runs_prices_a_step_and_the_demo_from_its_parts(monkeypatch):
 def test_gpu_check_compares_devices_and_says_when_there_is_no_cuda(monkeypatch, capsys):
     import torch
     module = _benchmark(monkeypatch, "gpu_check")
-    # Its comparison, run CPU against CPU, finds no difference (and so would flag one).
-    assert module.agreement(torch.device("cpu")) == 0.0
-    assert "same selection on cpu and cuda in 5/5 draws" in capsys.readouterr().out
+    cpu = torch.device("cpu")
+    # CPU against CPU: no difference, the same learnability selections.
+    assert module.agreement(cpu) == 0.0
+    assert "learnability selection: the same on cpu and cuda in 5/5 draws" in \
+        capsys.readouterr().out
+    # A second copy that differs (one weight nudged) is found; so is a NaN, which max()
+    # would drop.
+    built = []
+
+    def nudged(cfg, seed=0):
+        model = module_dual_encoder(cfg, seed=seed)
+        built.append(model)
+        if len(built) == 2:  # the copy `agreement` moves to the device under test
+            with torch.no_grad():
+                model.image.head.weight[0, 0] += 0.5
+        return model
+    module_dual_encoder = module.DualEncoder
+    monkeypatch.setattr(module, "DualEncoder", nudged)
+    assert module.agreement(cpu) > module.TOLERANCE
+    monkeypatch.undo()
+    assert module._diff(torch.tensor([0.0]), torch.tensor([float("nan")])) == float("inf")
+    # Exit codes: 2 without CUDA (said), 1 when a check fails.
+    module = _benchmark(monkeypatch, "gpu_check")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert module.main([]) == 2
     assert "needs CUDA" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "fake")
+    monkeypatch.setattr(module, "selection_table", lambda dev, sizes: True)
+    monkeypatch.setattr(module, "agreement", lambda dev: 1.0)
+    assert module.main([]) == 1
+    monkeypatch.setattr(module, "agreement", lambda dev: 0.0)
+    assert module.main([]) == 0
+    monkeypatch.setattr(module, "selection_table", lambda dev, sizes: False)  # held N x N
+    assert module.main([]) == 1

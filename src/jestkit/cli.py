@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 from jestkit import __version__
-from jestkit.demo import DEMO_MAX_TEXT_LEN
+from jestkit.demo import DEMO_MAX_TEXT_LEN, MAX_WORKERS
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -108,9 +108,6 @@ def _positive_int(text: str) -> int:
 
 
 _positive_int.__name__ = "positive int"  # argparse names the type in its errors
-
-MAX_WORKERS = 256  # far above any machine's useful count; a typo's 10**11 fails in the OS
-
 
 def _workers(text: str) -> int:
     value = int(text)

@@ -282,6 +282,9 @@ def exit_with_parent(parent_pid: int, poll_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+MAX_WORKERS = 256  # far above any machine's useful count; a typo's 10**11 fails in the OS
+
+
 def worker_pool(workers: int) -> ProcessPoolExecutor:
     """Worker processes for learner runs: spawned (fork + torch threads is unsafe), and
     ending themselves if this process dies without stopping them."""

@@ -520,7 +520,8 @@ def train_learner(
             equals an uninterrupted run's. The checkpoint must come from the same config and
             the same reference (the same model, live or from a cache of it, by fingerprint).
         stop_after: stop once this many steps are done, after writing a checkpoint to
-            run_dir (required), to resume later.
+            run_dir (required), to resume later. A run resumed past it is returned as it is,
+            with a warning.
 
     Returns:
         RunResult with the evaluation curves and the cumulative FLOPs per phase.
