@@ -144,6 +144,12 @@ def test_summary_of_a_report_without_wall_time(quick_run, capsys):
     print_summary(report)
     out = capsys.readouterr().out
     assert "over its last quarter" in out and "wall time" not in out
+    # A baseline still improving is said to be one, with where the plateaued demo is.
+    for plateaued in (False, True):
+        report["plateau"].update(checkable=True, plateaued=plateaued)
+        print_summary(report)
+        hint = "configs/demo-T14000-all-methods.json" in capsys.readouterr().out
+        assert hint is not plateaued
 
 
 def test_existing_run_directory_is_not_overwritten(quick_run, capsys):

@@ -743,3 +743,9 @@ def print_summary(report: dict) -> None:
     wall = report["config"].get("wall_time_s")  # absent from reports of older versions
     print(f"\nuniform moved {p['moved_points']:+.2f} points over its last quarter: "
           f"{plateau_verdict(p)}" + (f"; wall time {wall} s" if wall is not None else ""))
+    if p.get("checkable", True) and not p["plateaued"]:
+        print("So these speed-ups compare with a uniform baseline still improving, where the "
+              "protocol's target assumes it has plateaued. On digits-web that takes T of about "
+              "14,000: `jestkit demo --config configs/demo-T14000-all-methods.json` in a "
+              "checkout of the repository (about an hour on 2 cores; its results are in "
+              "docs/results.md).")
