@@ -66,7 +66,7 @@ from jestkit.demo import DEMO_MAX_TEXT_LEN, DemoConfig, learner_configs
 from jestkit.models import DualEncoder
 from jestkit.scoring import USES_LEARNER
 from jestkit.selection import JointSelector, ModelEmbeddings
-from jestkit.training import _part_slices, _split_sizes, model_config
+from jestkit.training import _split_sizes, encode_image_parts, model_config
 
 DEFAULT_RUNS = (1, 3, 7, 21)  # one run; a method's 3 seeds; 7 methods; the demo's 21 runs
 DEFAULT_STEPS = (1000, 12000, 14000)  # the demo's T, and the T a plateaued uniform needs
@@ -139,12 +139,12 @@ def _component(name: str, k: int, cfg: DemoConfig, data, learner: DualEncoder,
         if "@" in name:
             coarse, fraction = name.split("@")[1].split("x")
             patches, fraction = (lc.patch_size, int(coarse)), float(fraction)
-        parts = _part_slices(_split_sizes(k * b, patches, fraction))
+        parts = _split_sizes(k * b, patches, fraction)
 
         def train():  # `training._train_step`'s forward_backward, at K*b rows
             learner.zero_grad(set_to_none=True)
-            image_emb = torch.cat([learner.encode_image(images[sl], p) for p, sl in parts])
-            batched_sigmoid_loss(image_emb, learner.encode_text(tokens), learner.logit_scale,
+            batched_sigmoid_loss(encode_image_parts(learner, images, parts),
+                                 learner.encode_text(tokens), learner.logit_scale,
                                  learner.logit_bias, k).backward()
         return train
     images, tokens = _rows(data.pool, k * n)

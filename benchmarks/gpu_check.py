@@ -25,7 +25,7 @@ from jestkit.data import load_digits_web
 from jestkit.demo import DEMO_MAX_TEXT_LEN
 from jestkit.models import DualEncoder, sigmoid_loss
 from jestkit.selection import JointSelector, ModelEmbeddings
-from jestkit.training import LearnerConfig, model_config
+from jestkit.training import LearnerConfig, _split_sizes, encode_image_parts, model_config
 
 TOLERANCE = 1e-3
 
@@ -56,8 +56,7 @@ def agreement(dev: torch.device) -> float:
                 print(f"forward patch {patch}: max |cpu - cuda| = {d:.2e}", flush=True)
     for m, dv in ((model, torch.device("cpu")), (gpu, dev)):
         m.zero_grad()
-        emb = torch.cat([m.encode_image(images[:32].to(dv), 8),
-                         m.encode_image(images[32:64].to(dv), 16)])
+        emb = encode_image_parts(m, images[:64].to(dv), _split_sizes(64, (8, 16), 0.5))
         sigmoid_loss(emb, m.encode_text(tokens[:64].to(dv)), m.logit_scale,
                      m.logit_bias).backward()
     grad = max(_diff(p.grad, q.grad) / (float(p.grad.abs().max()) + 1e-12)

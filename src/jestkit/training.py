@@ -362,10 +362,8 @@ def _train_step(model, opt, images, tokens, step, cfg, meter, patch_sizes=(None,
             # meets every caption of the sub-batch, so the contrastive loss keeps all b - 1
             # negatives per pair. (Separate losses per part would halve them; measured, that
             # learned slower: docs/results.md.)
-            image_emb = torch.cat([model.encode_image(images[sl], patch)
-                                   for patch, sl in _part_slices(parts)])
-            loss = sigmoid_loss(image_emb, model.encode_text(tokens), model.logit_scale,
-                                model.logit_bias)
+            loss = sigmoid_loss(encode_image_parts(model, images, parts),
+                                model.encode_text(tokens), model.logit_scale, model.logit_bias)
         loss.backward()
         return loss.item()
 
@@ -380,6 +378,15 @@ def _split_sizes(b: int, patch_sizes, coarse_fraction: float) -> list[tuple[int 
     fine, coarse = patch_sizes
     n_coarse = round(b * coarse_fraction)
     return [(fine, b - n_coarse), (coarse, n_coarse)]
+
+
+def encode_image_parts(model: DualEncoder, images: torch.Tensor,
+                       parts: list[tuple[int | None, int]]) -> torch.Tensor:
+    """Image embeddings [B, D] of images [B, C, S, S], each contiguous part at its own patch
+    size (`parts`: (patch size, rows) in order, as `_split_sizes` gives them): Flexi-JEST's
+    multi-resolution training forward."""
+    return torch.cat([model.encode_image(images[sl], patch)
+                      for patch, sl in _part_slices(parts)])
 
 
 def _part_slices(parts: list[tuple[int | None, int]]) -> list[tuple[int | None, slice]]:
@@ -878,6 +885,7 @@ __all__ = [
     "ReferenceConfig",
     "RunResult",
     "check_trainable",
+    "encode_image_parts",
     "evaluate",
     "model_config",
     "small_model",
