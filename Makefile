@@ -24,7 +24,7 @@ demo: install
 	$(BIN)/jestkit demo $(DEMO_ARGS)
 
 demo-quick: install
-	$(BIN)/jestkit demo --quick
+	$(BIN)/jestkit demo --quick $(DEMO_ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/selection_speed.py

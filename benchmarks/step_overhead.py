@@ -84,6 +84,7 @@ from jestkit.training import (
     ReferenceConfig,
     _FlopMeter,
     _optimizer,
+    _order_for_training,
     _select,
     _train_step,
     model_config,
@@ -233,6 +234,7 @@ class Runner:
         if self.selector is not None:
             idx = _select(batch, self.model, cfg, self.selector, self.select_gen, self.meter,
                           self.reference, self.embedder)
+            idx = _order_for_training(idx, cfg, self.train_patches, self.select_gen)
             batch = Batch(batch.images[idx], batch.tokens[idx], batch.ids[idx],
                           batch.indices[idx])
         self.clean_seen[0] += int(data.pool.is_clean[batch.indices].sum())  # as in the loop

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 
+import jestkit.cache as cache_mod
 from jestkit.cache import (
     CacheError,
     ReferenceCache,
@@ -259,6 +260,44 @@ def test_shards_without_a_manifest_are_refused_and_never_reused(cache_dir, confi
         assert torch.equal(text, other.encode_text(split.tokens))
 
 
+def test_a_directory_that_holds_no_cache_is_never_written_into(tmp_path, model, split, capsys):
+    # Found in review: a user's ids.npy was replaced without --overwrite, and --overwrite
+    # deleted any file named shard_* (webdataset's shard_000000.tar, say).
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    np.save(mine / "ids.npy", np.arange(5))
+    before = snapshot(mine)
+    expect_cache_error(lambda: build_reference_cache(model, split, mine, shard_size=SHARD),
+                       "holds cache files but no manifest.json", "overwrite")
+    assert snapshot(mine) == before
+    wds = tmp_path / "wds"
+    wds.mkdir()
+    for name in ("shard_000000.tar", "shard_000001.tar", "notes.txt"):
+        (wds / name).write_text("data")
+    before = snapshot(wds)
+    for overwrite in (False, True):
+        expect_cache_error(lambda o=overwrite: build_reference_cache(model, split, wds,
+                                                                     shard_size=SHARD,
+                                                                     overwrite=o),
+                           "holds no cache (no manifest.json): notes.txt, shard_000000.tar")
+    assert snapshot(wds) == before
+    # The command line says the same, by its own flags.
+    from jestkit.cli import main
+
+    ref = tmp_path / "reference.safetensors"
+    save_model(model, ref)
+    assert main(["cache-reference", "--reference", str(ref), "--out", str(wds),
+                 "--overwrite", "--no-progress"]) == 2
+    assert "holds no cache" in capsys.readouterr().err
+    assert snapshot(wds) == before
+    for flag, value, allowed in (("--data-seed", "4294967296", "[0, 4294967295]"),
+                                 ("--shard-size", "3000000000", "[1, 2147483647]")):
+        assert main(["cache-reference", "--reference", str(ref), "--out", str(tmp_path / "c"),
+                     flag, value, "--no-progress"]) == 2
+        assert f"{flag} must be in {allowed}, got {value}" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
 def test_a_shard_stamped_by_another_build_is_recomputed(tmp_path, built, config, split):
     # An interrupted build of model B finds a shard (with its checksum sidecar) of model A:
     # the checksum verifies, but the stamp names A's build, so it is recomputed.
@@ -308,7 +347,9 @@ def test_an_unreadable_manifest_is_named_and_kept_until_overwrite(cache_dir, bui
     assert shard_files(cache_dir) == shard_files(built)
 
 
-@pytest.mark.parametrize("damage", ["no ids checksum", "short shard list", "data not an object"])
+@pytest.mark.parametrize("damage", ["no ids checksum", "short shard list", "data not an object",
+                                    "data without its count", "model without embed_dim",
+                                    "n_shards not the count's"])
 def test_a_damaged_manifest_is_named_and_rebuilt_only_with_overwrite(cache_dir, built, model,
                                                                      split, damage):
     # Valid JSON that still matches the data and model, but lacks what a reader needs: a
@@ -319,8 +360,14 @@ def test_a_damaged_manifest_is_named_and_rebuilt_only_with_overwrite(cache_dir, 
         del manifest["ids_sha256_file"]
     elif damage == "short shard list":
         manifest["shards"] = manifest["shards"][:-1]
-    else:
+    elif damage == "data not an object":
         manifest["data"] = "pool"
+    elif damage == "data without its count":  # found in review: a KeyError at open
+        del manifest["data"]["count"]
+    elif damage == "model without embed_dim":
+        del manifest["model"]["embed_dim"]
+    else:
+        manifest["n_shards"] += 1
     path.write_text(json.dumps(manifest))
     before = snapshot(cache_dir)
     expect_cache_error(lambda: ReferenceCache.open(cache_dir, split=split), "manifest.json",
@@ -436,6 +483,91 @@ def test_truncated_shard_is_named_at_open(cache_dir, built, model, split, keep):
                        "shard_00002.npy", "truncated")
     expect_cache_error(lambda: ReferenceCache.open(cache_dir), "shard_00002.npy")
     rebuild_recomputes_only(cache_dir, 2, model, split, built)
+
+
+@pytest.mark.parametrize("edit", [(b"}", b" "), (b"'descr'", b"'descr "),
+                                  (b"'<f4'", b"'|O' ")])
+def test_damaged_shard_header_is_named_at_open_and_rebuilt(cache_dir, built, model, split,
+                                                           edit):
+    # A header numpy cannot parse makes it raise whatever its parser raised (tokenize's
+    # TokenError for the brace; found in review: a traceback, and the build could not repair
+    # it); an object dtype would need unpickling. Each is a CacheError naming the shard.
+    path = cache_dir / "shard_00001.npy"
+    raw = path.read_bytes()
+    header = raw[:data_offset(path)]
+    assert edit[0] in header and len(edit[0]) == len(edit[1])
+    path.write_bytes(header.replace(edit[0], edit[1], 1) + raw[len(header):])
+    expect_cache_error(lambda: ReferenceCache.open(cache_dir, split=split, model=model),
+                       "shard_00001.npy", "corrupt")
+    rebuild_recomputes_only(cache_dir, 1, model, split, built)
+
+
+@pytest.mark.parametrize("sidecar", ["not utf-8", "garbage", "empty"])
+def test_a_damaged_checksum_sidecar_only_means_recompute(tmp_path, built, model, split,
+                                                         sidecar):
+    # An interrupted build whose sidecar for shard 2 is damaged (found in review: invalid
+    # UTF-8 failed every later build, --overwrite included).
+    out = tmp_path / "ref"
+    shutil.copytree(built, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["complete"] = False
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "shard_00002.npy.sha256").write_bytes(
+        {"not utf-8": b"\xff\xfe\x00", "garbage": b"x y z", "empty": b""}[sidecar])
+    rebuild_recomputes_only(out, 2, model, split, built)
+
+
+def test_a_shard_renamed_over_after_its_check_is_not_served(cache_dir, tmp_path, config, model,
+                                                            split, built):
+    # Another process rebuilding the cache (another model, --overwrite) renames its shard
+    # into place between this reader's checksum and its memory map. The reader must serve
+    # the bytes it verified, not the new file (found in review: it mapped the path again).
+    other_dir = tmp_path / "other"
+    build_reference_cache(DualEncoder(config, seed=5), split, other_dir, shard_size=SHARD)
+    cache = ReferenceCache.open(cache_dir, split=split, model=model)
+    real = cache_mod._read_npy_header
+    swapped = []
+
+    def swap_then_read(f):  # runs after the checksum, before the map
+        if not swapped:
+            shutil.copyfile(other_dir / "shard_00000.npy", cache_dir / "incoming.npy")
+            os.replace(cache_dir / "incoming.npy", cache_dir / "shard_00000.npy")
+            swapped.append(True)
+        return real(f)
+
+    ids = split.ids[:5]
+    with mock.patch.object(cache_mod, "_read_npy_header", swap_then_read):
+        image, text = cache.lookup(ids)
+    assert swapped
+    want_image, want_text = ReferenceCache.open(built).lookup(ids)
+    assert torch.equal(image, want_image) and torch.equal(text, want_text)
+    other_image, _ = ReferenceCache.open(other_dir).lookup(ids)
+    assert not torch.equal(image, other_image)  # the swap would have been visible
+    expect_cache_error(lambda: ReferenceCache.open(cache_dir).verify(), "shard_00000.npy",
+                       "checksum")  # and a new reader sees the swapped file for what it is
+
+
+def test_a_build_removes_what_a_killed_build_left_and_nothing_else(tmp_path, built, model,
+                                                                   split):
+    out = tmp_path / "ref"
+    shutil.copytree(built, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["complete"] = False
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    debris = [".shard_00002.npy.k2j4_x9.tmp", ".shard_00002.npy.sha256.a8b7.tmp",
+              ".manifest.json.q1w2e3.tmp", ".ids.npy.zz_top.tmp"]
+    mine = ["shard_notes.txt", ".results.csv.abc.tmp", "shard_0001x.npy"]
+    for name in debris + mine:
+        (out / name).write_bytes(b"partial")
+    (out / "shard_backup").mkdir()
+    build_reference_cache(model, split, out, shard_size=SHARD).verify()
+    left = {p.name for p in out.iterdir()}
+    assert not left & set(debris)
+    assert set(mine) | {"shard_backup"} <= left  # a user's files are never touched
+    # --overwrite deletes shards, not every file named shard_*
+    build_reference_cache(DualEncoder(model.config, seed=9), split, out, shard_size=SHARD,
+                          overwrite=True)
+    assert set(mine) | {"shard_backup"} <= {p.name for p in out.iterdir()}
 
 
 def test_flipped_byte_is_named_on_use(cache_dir, built, model, split):
@@ -563,8 +695,9 @@ def test_sigkill_mid_build_resumes_to_identical_cache(tmp_path, data):
     assert len(a) == 70 and a.keys() == b.keys()
     for name in a:
         assert a[name] == b[name], name
-    visible = sorted(p.name for p in killed.iterdir() if not p.name.startswith("."))
-    assert visible == sorted(p.name for p in clean.iterdir())
+    # Every entry: the killed build's temp files are gone too (found in review: an earlier
+    # version of this test compared only names without a leading dot, and hid them).
+    assert sorted(p.name for p in killed.iterdir()) == sorted(p.name for p in clean.iterdir())
     ReferenceCache.open(killed, split=pool, model=load_model(ref)).verify()
 
 

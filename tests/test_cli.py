@@ -120,7 +120,8 @@ def test_allow_other_code_needs_resume(fake_demo, capsys):
         ('{"flexi_multires_fraction": "0.5"}', "flexi_multires_fraction must be a number"),
         ('{"flexi_score_patch_size": "16"}', "flexi_score_patch_size must be an int, got '16'"),
         ('{"data_seed": "x"}', "data_seed must be an int"),
-        ('{"data_seed": -1}', "data_seed must be >= 0, got -1"),
+        ('{"data_seed": -1}', r"data_seed must be in \[0, 4294967295\], got -1"),
+        ('{"data_seed": 4294967296}', r"data_seed must be in \[0, 4294967295\], got 4294967296"),
         ('{"flexi_multires_fraction": 2.0}', r"flexi_multires_fraction must be in \[0, 1\]"),
         ('{"methods": [["uniform"]]}', "methods must be a list of names"),
         # The learner block's method is set per run: one given there is refused, not ignored.
@@ -182,7 +183,7 @@ def test_cache_reference_flags(monkeypatch, tmp_path, capsys):
     assert main([*argv, "--max-len", "16"]) == 2 and seen["split"].tokens.shape[1] == 16
     capsys.readouterr()
     assert main([*argv, "--data-seed", "-1"]) == 2
-    assert "--data-seed must be >= 0, got -1" in capsys.readouterr().err
+    assert "--data-seed must be in [0, 4294967295], got -1" in capsys.readouterr().err
     seen.clear()
     assert main([*argv, "--max-len", "20"]) == 2  # longer than the reference takes
     assert "--max-len must be in [8, 16]" in capsys.readouterr().err and not seen
@@ -213,7 +214,7 @@ def test_cache_reference_flags(monkeypatch, tmp_path, capsys):
                tmp_path / "r.safetensors")
     assert main(["cache-reference", "--reference", str(tmp_path / "r.safetensors"), "--out",
                  str(tmp_path / "c"), "--shard-size", str(10**20), "--no-progress"]) == 2
-    assert "shard_size must be an int in [1, 2147483647]" in capsys.readouterr().err
+    assert "--shard-size must be in [1, 2147483647]" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()  # refused before anything was written
     with pytest.raises(SystemExit) as info:
         main([*argv, "--shard-size", "0"])

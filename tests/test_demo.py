@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,14 @@ def test_report_is_rebuilt_from_the_saved_runs(quick_run, tmp_path, capsys):
     assert after.pop("rebuilt_by") == before["config"]["code_version"]
     assert after == before  # same runs, same code: the same report
     assert "Did uniform plateau?" in (copy / "report.md").read_text()
+    # The reference cache's line only where a run used the cache (found in review: always).
+    assert "Reference cache (one reference forward" in (copy / "report.md").read_text()
+    only = ["uniform", "learnability-joint"]
+    (copy / "report.json").write_text(json.dumps({**before, "methods": only}))
+    assert main(["report", str(copy)]) == 0
+    assert "Reference cache (one reference forward" not in (copy / "report.md").read_text()
+    (copy / "report.json").write_bytes(rebuilt)
+    assert main(["report", str(copy)]) == 0
     # Not a run directory, or a run's curves missing: a clear error, nothing rewritten.
     assert main(["report", str(tmp_path)]) == 2
     assert "neither report.json nor runs/info.json" in capsys.readouterr().err
@@ -130,6 +139,13 @@ def test_report_is_rebuilt_from_the_saved_runs(quick_run, tmp_path, capsys):
     runs.unlink()
     assert main(["report", str(copy)]) == 2
     assert "uniform.json" in capsys.readouterr().err
+    runs.write_text(good)
+    # A report.json whose method list is not one (found in review: a TypeError traceback).
+    for methods in (5, [5], "uniform"):
+        (copy / "report.json").write_text(json.dumps({**after, "methods": methods}))
+        assert main(["report", str(copy)]) == 2
+        assert "methods must be the demo's method names" in capsys.readouterr().err
+    (copy / "report.json").write_bytes(rebuilt)
     assert (copy / "report.json").read_bytes() == rebuilt
     # Nothing was rewritten by the failed rebuilds: not the plots either.
     assert {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()} == files
@@ -150,6 +166,13 @@ def test_summary_of_a_report_without_wall_time(quick_run, capsys):
         print_summary(report)
         hint = "configs/demo-T14000-all-methods.json" in capsys.readouterr().out
         assert hint is not plateaued
+    # Which way it moved is said as it is (found in review: a fall was "still improving").
+    for moved, words in ((+2.5, "still improving"), (-1.5, "that fell over its last quarter")):
+        report["plateau"].update(checkable=True, plateaued=False, moved_points=moved)
+        print_summary(report)
+        out = capsys.readouterr().out
+        assert f"compare with a uniform baseline {words}" in out
+        assert ("still improving" in out) is (moved > 0)
 
 
 def test_existing_run_directory_is_not_overwritten(quick_run, capsys):
@@ -220,12 +243,17 @@ def test_bad_demo_config():
             DemoConfig.from_dict({"learner": {field: value}})
     assert DemoConfig.from_dict({"learner": {"seed": 0, "method": "learnability"}}) == DemoConfig()
     # In the learner block these would reach the live JEST runs too (and fail on uniform's).
-    with pytest.raises(ValueError, match=r"^learner.score_patch_size must be 0 in the demo.*"
-                                         "set flexi_score_patch_size"):
+    with pytest.raises(ValueError, match=r"^learner.score_patch_size must stay at its default "
+                                         r"in the demo.*set flexi_score_patch_size"):
         DemoConfig.from_dict({"learner": {"score_patch_size": 16}})
     with pytest.raises(ValueError, match="learner.score_patch_size and learner.multires_fraction "
-                                         "must be 0"):
+                                         "must stay at their defaults"):
         DemoConfig.from_dict({"learner": {"score_patch_size": 16, "multires_fraction": 0.5}})
+    with pytest.raises(ValueError, match="learner.multires_split must stay"):
+        DemoConfig.from_dict({"learner": {"multires_split": "first_drawn_fine"}})
+    with pytest.raises(ValueError, match=r"flexi_multires_split must be one of \['random', "
+                                         r"'first_drawn_fine'\], got 'fine_first'"):
+        DemoConfig.from_dict({"flexi_multires_split": "fine_first"})
 
 
 def test_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
@@ -271,6 +299,64 @@ def test_overwrite_replaces_only_a_run_directory(tmp_path, capsys, monkeypatch):
         assert main(["demo", "--quick", "--out", out, "--overwrite", "--no-progress"]) == 2
         assert "--out must name the run directory" in capsys.readouterr().err, out
     assert sorted(p.name for p in data.iterdir()) == ["thesis.tex"]
+
+
+def test_overwrite_needs_a_demos_own_run_directory(quick_run, tmp_path, capsys):
+    # Found in review: any file named report.json passed as a demo's mark, and --overwrite
+    # deleted the directory around it.
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "report.json").write_text('{"coverage": 81}')
+    (project / "thesis.tex").write_text("keep me")
+    assert main(["demo", "--quick", "--out", str(project), "--overwrite", "--no-progress"]) == 2
+    assert "no demo's report.json or demo_config.json" in capsys.readouterr().err
+    # A demo's run directory that someone has added their own files to is not replaced.
+    run = tmp_path / "run"
+    shutil.copytree(quick_run, run)
+    (run / "notes.txt").write_text("keep me")
+    assert main(["demo", "--quick", "--out", str(run), "--overwrite", "--no-progress"]) == 2
+    assert "also holds what a demo never writes: notes.txt" in capsys.readouterr().err
+    assert (run / "notes.txt").read_text() == "keep me"
+    assert (project / "thesis.tex").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project", "run"]
+
+
+def test_out_that_is_a_symlink_or_a_work_directory_is_refused_up_front(quick_run, tmp_path,
+                                                                       capsys):
+    # Found in review: a symlinked --out failed only when moved into place, after training.
+    link = tmp_path / "link"
+    link.symlink_to(quick_run, target_is_directory=True)
+    assert main(["demo", "--quick", "--out", str(link), "--overwrite", "--no-progress"]) == 2
+    assert f"--out {link} is a symbolic link; give the directory itself" in (
+        capsys.readouterr().err)
+    # The work directory an interrupted demo names is continued through its final --out.
+    work = tmp_path / "run.partial"
+    work.mkdir()
+    assert main(["demo", "--quick", "--out", str(work), "--resume", "--no-progress"]) == 2
+    assert f"pass --out {tmp_path / 'run'} --resume" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "run.partial"]
+
+
+def test_resume_of_a_finished_demo_says_there_is_nothing_to_do(quick_run, capsys):
+    before = (quick_run / "report.json").read_bytes()
+    assert main(["demo", "--quick", "--out", str(quick_run), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a finished demo and there is no interrupted one" in err
+    assert f"`jestkit report {quick_run}` rewrites its report" in err
+    assert (quick_run / "report.json").read_bytes() == before
+
+
+def test_a_diverging_run_is_named_by_method_and_seed(tmp_path, capsys):
+    config = tmp_path / "diverges.json"
+    config.write_text(json.dumps({"seeds": [0], "methods": ["uniform"],
+                                  "learner": {"steps": 20, "warmup_steps": 2, "lr": 1e6},
+                                  "reference": {"steps": 5, "warmup_steps": 1}}))
+    out = tmp_path / "out"
+    assert main(["demo", "--config", str(config), "--out", str(out), "--no-progress",
+                 "--workers", "1"]) == 2
+    assert ("learner run uniform seed 0: learner training diverged at step"
+            in capsys.readouterr().err)
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("failure", [KeyError("a report bug"), SystemExit(143)])

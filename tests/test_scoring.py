@@ -96,14 +96,29 @@ def test_criteria():
         (dict(image_emb=torch.ones(0, 2), text_emb=torch.ones(0, 2)), r"shape \[N, d\]"),
         (dict(logit_scale=float("nan")), "logit_scale must be finite"),
         (dict(logit_scale=torch.ones(2)), "logit_scale must be a scalar"),
+        (dict(logit_scale=0.0), "logit_scale must be > 0"),  # found in review: accepted
+        (dict(logit_scale=-10.0), "logit_scale must be > 0"),
     ],
 )
-def test_bad_input(kwargs, match):
+@pytest.mark.parametrize("loss", [pairwise_sigmoid_loss, pairwise_softmax_loss])
+def test_bad_input(kwargs, match, loss):
     args = dict(image_emb=torch.ones(3, 2), text_emb=torch.ones(3, 2), logit_scale=1.0,
                 logit_bias=0.0)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        pairwise_sigmoid_loss(**args)
+        loss(**args)
+
+
+def test_pair_losses_are_for_scoring_t_and_c_are_constants():
+    # What the docstrings promise: gradients reach the embeddings, never t or c (the
+    # selector scores under no-grad; training uses models.sigmoid_loss, which learns them).
+    gen = torch.Generator().manual_seed(0)
+    u = torch.nn.functional.normalize(torch.randn(4, 3, generator=gen)).requires_grad_()
+    t = torch.tensor(10.0, requires_grad=True)
+    c = torch.tensor(-10.0, requires_grad=True)
+    pairwise_sigmoid_loss(u, u, t, c).sum().backward()
+    assert u.grad is not None and u.grad.abs().sum() > 0
+    assert t.grad is None and c.grad is None
 
 
 def test_bias_is_required_and_bools_are_not_numbers():

@@ -151,6 +151,16 @@ def test_chunk_sizes_remainder():
             assert sum(sizes) == b and len(sizes) == k and max(sizes) - min(sizes) <= 1
 
 
+@pytest.mark.parametrize("args, match", [((3, 5), r"n_chunks must be in \[1, batch_size=3\]"),
+                                         ((4, 0), r"n_chunks must be in \[1, batch_size=4\]"),
+                                         ((-4, 2), "batch_size must be >= 1"),
+                                         ((4.0, 2), "batch_size must be an int")])
+def test_chunk_sizes_refuses_what_it_cannot_split(args, match):
+    # Public: found in review returning [1, 1, 1, 0, 0], [-2, -2] and a ZeroDivisionError.
+    with pytest.raises((ValueError, TypeError), match=match):
+        chunk_sizes(*args)
+
+
 def test_conditional_logits_equal_true_gain_by_brute_force():
     a = random_scores(9, seed=1)
     logs = []
@@ -462,6 +472,24 @@ def test_overflowing_losses_raise_instead_of_drawing_nan(loss, selection, block)
                              require_normalized=False)  # the norm check would refuse first
     with pytest.raises(ValueError, match="contain NaN"):
         selector(*emb, generator=g)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_infinite_logits_raise_instead_of_returning_duplicates(temperature):
+    """float32 gains can overflow from finite inputs: every remaining candidate at -inf ties
+    with the masked, already-chosen ones, and topk returned those again (found in review:
+    [3, 5, 3, 5]); at +inf ties were broken by index. Both must raise."""
+    g = torch.Generator().manual_seed(0)
+    for fill in (-3e38, 3e38):
+        with pytest.raises(ValueError, match="infinite"):
+            joint_select(torch.full((6, 6), fill), 4, n_chunks=2, generator=g,
+                         temperature=temperature)
+    # Through the selector: identical unit rows and a finite but absurd logit_scale.
+    e = torch.nn.functional.normalize(torch.ones(8, 4), dim=1)
+    selector = JointSelector("easy_reference", batch_size=6, n_chunks=3,
+                             temperature=temperature)
+    with pytest.raises(ValueError, match="infinite"):
+        selector(None, (e, e, 1e38, 0.0), generator=g)
 
 
 def test_nan_that_appears_only_in_a_middle_chunk_is_caught():

@@ -1,6 +1,8 @@
 """Training loop, evaluation, FLOP accounting, checkpoints and resume."""
 
 import dataclasses
+import hashlib
+import json
 import math
 
 import pytest
@@ -8,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from jestkit import training
 from jestkit.data import caption_digits, load_digits_web
 from jestkit.flops import FlopLedger, count_flops
 from jestkit.models import DualEncoder, load_model, sigmoid_loss
@@ -538,22 +541,99 @@ def test_text_heads_default_to_one_and_are_validated():
         assert ReferenceConfig(width=width).width == LearnerConfig(width=width).width == width
 
 
-@pytest.mark.parametrize("version", [None, 2])
-def test_multires_checkpoints_resume_from_this_and_the_last_version(data, reference, tmp_path,
-                                                                    version):
-    # Version 2 already had the whole-sub-batch multi-resolution loss: it resumes (with its
-    # 4 text heads), as does a checkpoint written now (version 4).
-    flexi = dataclasses.replace(TINY, width=48, score_patch_size=16, multires_fraction=0.5,
-                                text_heads=4)
+def test_multires_checkpoints_resume_from_this_version(data, reference, tmp_path):
+    flexi = dataclasses.replace(TINY, width=48, score_patch_size=16, multires_fraction=0.5)
     full = train_learner(data, flexi, reference)
     train_learner(data, flexi, reference, run_dir=tmp_path, stop_after=2)
     state_path = tmp_path / "checkpoints" / "step_0000002" / "state.pt"
-    assert torch.load(state_path, weights_only=True)["version"] == 4
-    if version == 2:
-        _as_written_before_state_versions(state_path, 2)
+    assert torch.load(state_path, weights_only=True)["version"] == 5
     resumed = train_learner(data, flexi, reference, run_dir=tmp_path, resume=True)
-    assert resumed.zero_shot_accuracy == pytest.approx(full.zero_shot_accuracy, abs=1e-6)
-    assert resumed.cumulative_flops == full.cumulative_flops
+    assert resumed.to_dict() == full.to_dict()
+
+
+@pytest.mark.parametrize("version", [2, 3, 4])
+def test_multires_checkpoints_from_before_the_split_option_resume_as_they_split(
+        data, reference, tmp_path, version):
+    # Versions 2-4 always trained the first-drawn part of the sub-batch at the fine patch
+    # size: such a checkpoint resumes as multires_split="first_drawn_fine", to the same
+    # result, and is refused (by name) for today's default "random" split.
+    then = dataclasses.replace(TINY, width=48, score_patch_size=16, multires_fraction=0.5,
+                               text_heads=4, multires_split="first_drawn_fine")
+    full = train_learner(data, then, reference)
+    train_learner(data, then, reference, run_dir=tmp_path, stop_after=2)
+    state_path = tmp_path / "checkpoints" / "step_0000002" / "state.pt"
+
+    def change(state):
+        del state["config"]["multires_split"]
+        state["version"] = version
+
+    if version == 4:  # it had checksums: rewrite them for the altered state
+        state = torch.load(state_path, weights_only=False)
+        change(state)
+        torch.save(state, state_path)
+        sums_path = state_path.parent / "checksums.json"
+        sums = json.loads(sums_path.read_text())
+        sums["sha256"]["state.pt"] = hashlib.sha256(state_path.read_bytes()).hexdigest()
+        sums_path.write_text(json.dumps(sums))
+    elif version == 3:
+        _as_written_by_version_3(state_path, change)
+    else:  # version 2 had no text_heads either (4 heads then)
+        _as_written_by_version_3(state_path, lambda state: (
+            change(state), state["config"].pop("text_heads")))
+    before = state_path.read_bytes()
+    with pytest.raises(ValueError, match="different config.*multires_split"):
+        train_learner(data, dataclasses.replace(then, multires_split="random"), reference,
+                      run_dir=tmp_path, resume=True)
+    assert state_path.read_bytes() == before
+    resumed = train_learner(data, then, reference, run_dir=tmp_path, resume=True)
+    assert resumed.to_dict() == full.to_dict()
+
+
+def test_multires_training_shuffles_the_selected_sub_batch(data, reference, monkeypatch):
+    """The selector returns its picks in the order drawn (first chunk first); the
+    multi-resolution step trains contiguous parts. Found in review: without a shuffle the
+    first-drawn examples always trained at the fine patch size; that is now the explicit
+    "first_drawn_fine" split, and the default "random" shuffles. Full-resolution training
+    keeps the order drawn (its loss does not depend on it, and its runs stay as they were)."""
+    picked, trained = [], []
+    real_select, real_step = training._select, training._train_step
+
+    def select(batch, *args):
+        idx = real_select(batch, *args)
+        picked.append(batch.tokens[idx])
+        return idx
+
+    def step(model, opt, images, tokens, *args, **kwargs):
+        trained.append(tokens)
+        return real_step(model, opt, images, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(training, "_select", select)
+    monkeypatch.setattr(training, "_train_step", step)
+    base = dataclasses.replace(TINY, width=48, score_patch_size=16, steps=6)
+    for fraction, split, shuffled in ((0.0, "random", False), (0.5, "random", True),
+                                      (0.5, "first_drawn_fine", False)):
+        picked.clear()
+        trained.clear()
+        train_learner(data, dataclasses.replace(base, multires_fraction=fraction,
+                                                multires_split=split), reference)
+        assert len(picked) == len(trained) == 6
+        same_order = [torch.equal(p, t) for p, t in zip(picked, trained, strict=True)]
+        assert not any(same_order) if shuffled else all(same_order)
+        for p, t in zip(picked, trained, strict=True):  # the same pairs, whatever the order
+            assert sorted(map(tuple, p.tolist())) == sorted(map(tuple, t.tolist()))
+
+
+@pytest.mark.parametrize("method", ["uniform", "learnability"])
+def test_a_diverging_run_is_an_error_naming_the_step_and_lr(data, reference, method):
+    # Found in review: a demo reported a run with NaN losses as a plateaued baseline, and a
+    # JEST run failed with "learner image_emb contains NaN or Inf".
+    cfg = dataclasses.replace(TINY, method=method, lr=1e6)
+    with pytest.raises(ValueError, match=r"learner training diverged (at|by) step \d+.*lower "
+                                         r"the learning rate \(lr=1000000.0"):
+        train_learner(data, cfg, reference)
+    with pytest.raises(ValueError, match=r"reference training diverged at step \d+: the loss "
+                                         r"is (nan|inf).*reference.lr"):
+        train_reference(data, ReferenceConfig(steps=10, batch_size=16, width=16, lr=1e6))
 
 
 def test_text_heads_reach_the_models(data, tmp_path):

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jestkit.atomic import atomic_write, sha256_file
+from jestkit.atomic import atomic_write, sha256_file, unfinished_write
 from jestkit.data import Batch, Split
 from jestkit.models import DualEncoder, model_fingerprint
 from jestkit.selection import ModelEmbeddings
@@ -112,6 +112,9 @@ def _check_split(split: object) -> None:
 _MANIFEST_KEYS = {"format": str, "data": dict, "model": dict, "logit_scale": float,
                   "logit_bias": float, "shard_size": int, "n_shards": int, "complete": bool}
 _COMPLETE_KEYS = {"shards": list, "ids_sha256_file": str}  # written when the build finishes
+# What `data_fingerprint` and `model_identity` write, which readers index by key.
+_SUB_KEYS = {"data": {"count": int, "ids_sha256": str, "content_sha256": str},
+             "model": {"fingerprint": str, "embed_dim": int, "dtype": str}}
 
 
 def _read_manifest(path: Path) -> dict:
@@ -127,8 +130,17 @@ def _read_manifest(path: Path) -> dict:
     bad = [k for k, kind in keys.items()  # bool is an int to isinstance: not here
            if not isinstance(manifest.get(k), kind)
            or (isinstance(manifest.get(k), bool) and kind is not bool)]
-    if not bad and manifest["complete"] and len(manifest["shards"]) != manifest["n_shards"]:
-        bad = ["shards"]
+    for block, sub in _SUB_KEYS.items():
+        if block not in bad:
+            bad += [f"{block}.{k}" for k, kind in sub.items()
+                    if not isinstance(manifest[block].get(k), kind)
+                    or isinstance(manifest[block].get(k), bool)]
+    if not bad:
+        count, size = manifest["data"]["count"], manifest["shard_size"]
+        if count < 0 or size < 1 or manifest["n_shards"] != -(-count // size):
+            bad = ["n_shards (not ceil(data.count / shard_size))"]
+        elif manifest["complete"] and len(manifest["shards"]) != manifest["n_shards"]:
+            bad = ["shards"]
     if bad:
         raise CacheError(f"{path} is damaged: {bad} missing or malformed")
     return manifest
@@ -147,6 +159,54 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 def _shard_name(k: int) -> str:
     return f"shard_{k:05d}.npy"
+
+
+def _is_shard_file(path: Path) -> bool:
+    """A shard or its checksum sidecar, by the names this module gives them
+    (``shard_00012.npy``, ``shard_00012.npy.sha256``): nothing else in a directory is ever
+    deleted as one."""
+    name = path.name.removesuffix(".sha256")
+    return (name.startswith("shard_") and name.endswith(".npy")
+            and name[len("shard_"):-len(".npy")].isdigit())
+
+
+def _delete_shards(out: Path) -> None:
+    for p in out.iterdir():
+        if _is_shard_file(p) and not p.is_dir():
+            p.unlink()
+
+
+def _delete_unfinished_writes(out: Path) -> None:
+    """Remove what a killed build left: `atomic_write` temp files of this cache's own files
+    (``.shard_00002.npy.<random>.tmp``, ``.manifest.json.<random>.tmp``, ...). Nothing ever
+    reads them, and a build never finishes them."""
+    for p in out.iterdir():
+        if not (unfinished_write(p) and p.is_file()):
+            continue
+        target = Path(p.name[1:].rsplit(".", 2)[0])  # ".NAME.<random>.tmp" -> NAME
+        if target.name in ("manifest.json", "ids.npy") or _is_shard_file(target):
+            p.unlink()
+
+
+def _read_npy_header(f) -> tuple[tuple, np.dtype, bool]:
+    """(shape, dtype, fortran_order) of the .npy file open at its start as `f`, which is
+    left at the first data byte. A damaged header is a CacheError, whatever numpy's parser
+    raised (a flipped byte can make it raise ValueError, EOFError, SyntaxError, TypeError,
+    tokenize's TokenError, ...)."""
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+    except Exception as err:  # noqa: BLE001 -- any parser failure means a damaged header
+        raise CacheError(f"bad .npy header: {type(err).__name__}: {err}") from None
+    if dtype.hasobject or not (isinstance(shape, tuple)
+                               and all(isinstance(n, int) and n >= 0 for n in shape)):
+        raise CacheError(f"bad .npy header: dtype {dtype}, shape {shape!r}")
+    return shape, dtype, bool(fortran)
 
 
 # --- building --------------------------------------------------------------------------------
@@ -180,6 +240,9 @@ def build_reference_cache(
     computed (missing, corrupt, or of another build), empty when all were reused.
     """
     _check_split(split)
+    if not isinstance(model, DualEncoder):
+        raise TypeError(f"model must be the frozen reference DualEncoder (load_model(path) for "
+                        f"a saved one), got {type(model).__name__}")
     if (isinstance(shard_size, bool) or not isinstance(shard_size, int)
             or not 1 <= shard_size <= MAX_SHARD_SIZE):  # lookups divide int64 positions by it
         raise ValueError(f"shard_size must be an int in [1, {MAX_SHARD_SIZE}], got "
@@ -231,8 +294,7 @@ def build_reference_cache(
                              f"overwrite=True (--overwrite) to replace it. Differences: "
                              + "; ".join(diffs))
         if diffs:
-            for p in out.glob("shard_*"):
-                p.unlink()
+            _delete_shards(out)
         elif old.get("complete"):
             try:  # already built: leave the complete cache (and its readers) alone
                 cache = ReferenceCache.open(out, split=split, model=model)
@@ -240,14 +302,23 @@ def build_reference_cache(
                 return cache  # computed_shards == []
             except CacheError:
                 pass  # a shard is bad: rebuild what is missing or corrupt below
-    elif any(out.glob("shard_*")):
-        # A build writes its manifest before any shard, so these were not made by a build
-        # this function can vouch for (a deleted manifest, copied files).
-        if not overwrite:
-            raise CacheError(f"{out} holds cache shards but no manifest.json; pass "
+    else:
+        # A build writes its manifest before anything else, so what is here was not made by a
+        # build this function can vouch for (a deleted manifest, copied files), or is not a
+        # cache at all: never overwritten without overwrite, and never deleted unless it is
+        # named as a cache's own (found in review: a user's ids.npy was replaced silently).
+        present = [p for p in out.iterdir() if not unfinished_write(p)]
+        foreign = sorted(p.name for p in present
+                         if not (_is_shard_file(p) or p.name == "ids.npy") or p.is_dir())
+        if foreign:
+            raise CacheError(f"{out} is not empty and holds no cache (no manifest.json): "
+                             f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}; "
+                             f"give a new or empty directory")
+        if present and not overwrite:
+            raise CacheError(f"{out} holds cache files but no manifest.json; pass "
                              f"overwrite=True (--overwrite) to delete them and rebuild")
-        for p in out.glob("shard_*"):
-            p.unlink()
+        _delete_shards(out)
+    _delete_unfinished_writes(out)
     atomic_write(manifest_path, json.dumps(manifest, indent=1).encode())
     atomic_write(out / "ids.npy", _npy_bytes(ids))
 
@@ -258,7 +329,10 @@ def build_reference_cache(
     for k in range(manifest["n_shards"]):
         path = out / _shard_name(k)
         sidecar = path.with_name(path.name + ".sha256")
-        stamp = sidecar.read_text().split() if sidecar.exists() else []
+        try:  # an unreadable or damaged sidecar only means "recompute this shard"
+            stamp = sidecar.read_text().split() if sidecar.exists() else []
+        except (OSError, UnicodeDecodeError):
+            stamp = []
         if (path.exists() and stamp[1:] == [build, str(k)]
                 and sha256_file(path) == stamp[0]):
             checksums.append(stamp[0])
@@ -397,28 +471,52 @@ class ReferenceCache:
         return min(size, len(self) - k * size)
 
     def _check_shape(self, k: int) -> None:
+        """CacheError unless shard k exists and its header says the expected shape (a cheap
+        check of every shard when the cache is opened; contents are checked on first use)."""
         path = self.root / _shard_name(k)
         if not path.exists():
             raise CacheError(f"shard {path.name} of the cache at {self.root} is missing")
         try:
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, EOFError) as err:  # np.load raises EOFError for an empty file
-            raise CacheError(f"shard {path.name} is truncated or corrupt ({err})") from None
-        if arr.shape != (self._shard_rows(k), 2, self.embed_dim):
-            raise CacheError(f"shard {path.name} has shape {arr.shape}, expected "
+            with open(path, "rb") as f:
+                shape, dtype, _ = _read_npy_header(f)
+                expected = f.tell() + int(np.prod(shape)) * dtype.itemsize
+                size = os.fstat(f.fileno()).st_size
+            if size != expected:
+                raise CacheError(f"{size} bytes where its header makes {expected}")
+        except (OSError, CacheError) as err:
+            raise CacheError(f"shard {path.name} of the cache at {self.root} is truncated or "
+                             f"corrupt ({err})") from None
+        self._check_rows(k, shape)
+
+    def _check_rows(self, k: int, shape: tuple) -> None:
+        if shape != (self._shard_rows(k), 2, self.embed_dim):
+            raise CacheError(f"shard {_shard_name(k)} has shape {shape}, expected "
                              f"{(self._shard_rows(k), 2, self.embed_dim)}")
 
     def _shard(self, k: int) -> np.ndarray:
+        """Shard k, memory-mapped, from the very file whose bytes were checked against the
+        manifest: one open for both, so a shard renamed into place between the check and
+        the map (a rebuild in another process) is never served as verified."""
         if k not in self._shards:
             path = self.root / _shard_name(k)
             if not path.exists():
                 raise CacheError(f"shard {path.name} of the cache at {self.root} is missing")
-            if sha256_file(path) != self.manifest["shards"][k]:
-                raise CacheError(f"shard {path.name} fails its checksum: altered or truncated "
-                                 f"since the cache was built; rebuild it with "
-                                 f"`jestkit cache-reference` (it recomputes only bad shards)")
-            self._check_shape(k)
-            self._shards[k] = np.load(path, mmap_mode="r", allow_pickle=False)
+            with open(path, "rb") as f:
+                h = hashlib.sha256()
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+                if h.hexdigest() != self.manifest["shards"][k]:
+                    raise CacheError(f"shard {path.name} fails its checksum: altered or "
+                                     f"truncated since the cache was built; rebuild it with "
+                                     f"`jestkit cache-reference` (it recomputes only bad "
+                                     f"shards)")
+                f.seek(0)
+                shape, dtype, fortran = _read_npy_header(f)  # checksum passed: well formed
+                self._check_rows(k, shape)
+                # The map holds its own reference to the file: it stays this file's bytes
+                # after the handle closes, whatever is renamed over the path later.
+                self._shards[k] = np.memmap(f, dtype=dtype, mode="r", shape=shape,
+                                            order="F" if fortran else "C", offset=f.tell())
         return self._shards[k]
 
     def verify(self) -> None:

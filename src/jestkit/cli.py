@@ -55,14 +55,16 @@ def _report(args: argparse.Namespace) -> int:
 def _cache_reference(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from jestkit.cache import build_reference_cache
-    from jestkit.data import CAPTION_MAX_WORDS, load_digits_web
+    from jestkit.cache import MAX_SHARD_SIZE, build_reference_cache
+    from jestkit.data import CAPTION_MAX_WORDS, MAX_SEED, load_digits_web
     from jestkit.models import load_model
 
     if args.data != "digits-web":
         raise ValueError(f"--data must be 'digits-web' (the built-in set), got {args.data!r}")
-    if args.data_seed < 0:
-        raise ValueError(f"--data-seed must be >= 0, got {args.data_seed}")
+    if not 0 <= args.data_seed <= MAX_SEED:
+        raise ValueError(f"--data-seed must be in [0, {MAX_SEED}], got {args.data_seed}")
+    if args.shard_size > MAX_SHARD_SIZE:
+        raise ValueError(f"--shard-size must be in [1, {MAX_SHARD_SIZE}], got {args.shard_size}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")

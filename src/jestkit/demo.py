@@ -58,6 +58,7 @@ from jestkit.report import (
     write_report,
 )
 from jestkit.training import (
+    MULTIRES_SPLITS,
     LearnerConfig,
     ReferenceConfig,
     check_field_types,
@@ -106,6 +107,10 @@ class DemoConfig:
     # full resolution; so by default the coarse size is for scoring only.
     flexi_score_patch_size: int = 16
     flexi_multires_fraction: float = 0.0
+    # Which part of each sub-batch trains coarse: "random" (the paper's recipe) or
+    # "first_drawn_fine" (the selector's last-drawn; the results measured before this option
+    # existed, docs/results.md). Its configs pin it.
+    flexi_multires_split: str = "random"
 
     @classmethod
     def quick(cls) -> DemoConfig:
@@ -146,8 +151,8 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        if self.data_seed < 0:
-            raise ValueError(f"data_seed must be >= 0, got {self.data_seed}")
+        if not 0 <= self.data_seed <= MAX_SEED:
+            raise ValueError(f"data_seed must be in [0, {MAX_SEED}], got {self.data_seed}")
         for key, block_cls in (("learner", LearnerConfig), ("reference", ReferenceConfig)):
             if not isinstance(getattr(self, key), block_cls):
                 raise ValueError(f"{key} must be a {block_cls.__name__}, got "
@@ -183,13 +188,16 @@ class DemoConfig:
                                  f"{getattr(self.learner, key)!r}")
         # In the learner block these would reach every run: the live JEST methods would no
         # longer be the full-resolution baseline Flexi is compared with.
-        flexi_fields = [key for key in ("score_patch_size", "multires_fraction")
-                        if getattr(self.learner, key)]
+        flexi_fields = [key for key in ("score_patch_size", "multires_fraction",
+                                        "multires_split")
+                        if getattr(self.learner, key) != getattr(defaults, key)]
         if flexi_fields:
             raise ValueError(" and ".join(f"learner.{key}" for key in flexi_fields)
-                             + " must be 0 in the demo (full resolution for every method but "
-                             "the -flexi one); set flexi_score_patch_size and "
-                             "flexi_multires_fraction for that one")
+                             + (" must stay at their defaults" if len(flexi_fields) > 1 else
+                                " must stay at its default")
+                             + " in the demo (full resolution for "
+                             "every method but the -flexi one); set flexi_score_patch_size, "
+                             "flexi_multires_fraction and flexi_multires_split for that one")
         # Checked here, not only at the first learner run, so a bad config fails before the
         # reference is trained.
         allowed = patch_sizes(IMAGE_SIZE)
@@ -202,6 +210,9 @@ class DemoConfig:
         if not 0 <= self.flexi_multires_fraction <= 1:  # NaN too
             raise ValueError(f"flexi_multires_fraction must be in [0, 1], got "
                              f"{self.flexi_multires_fraction}")
+        if self.flexi_multires_split not in MULTIRES_SPLITS:
+            raise ValueError(f"flexi_multires_split must be one of {list(MULTIRES_SPLITS)}, got "
+                             f"{self.flexi_multires_split!r}")
         scoring = {name: how for name, _, _, how in DEMO_METHODS}
         jest_runs = [m for m in self.methods if m != "uniform"]
         flexi_runs = [m for m in self.methods if scoring[m] == "flexi"]
@@ -235,7 +246,8 @@ def learner_configs(cfg: DemoConfig) -> list[tuple[str, bool, LearnerConfig]]:
         flexi = {}
         if scoring == "flexi":
             flexi = {"score_patch_size": cfg.flexi_score_patch_size,
-                     "multires_fraction": cfg.flexi_multires_fraction}
+                     "multires_fraction": cfg.flexi_multires_fraction,
+                     "multires_split": cfg.flexi_multires_split}
         for seed in cfg.seeds:
             runs.append((name, scoring in ("cached", "flexi"),
                          dataclasses.replace(cfg.learner, method=method, selection=selection,
@@ -334,28 +346,72 @@ def _still_running(processes: list, seconds: float) -> list:
     return running
 
 
-# What marks a directory as a demo's run directory, which --overwrite may replace.
+# What a demo writes into its run directory: a directory holding anything else is not one, and
+# --overwrite never replaces it (found in review: any report.json passed as the mark).
 RUN_DIR_MARKERS = ("report.json", "demo_config.json")
+_RUN_DIR_ENTRIES = {"report.md", "report.json", "demo_config.json", "code_version.json",
+                    "reference.json", "reference.safetensors", "reference_cache", "runs",
+                    ".lock"}
 
 
-def prepare_out_dir(out: Path, overwrite: bool) -> None:
+def _is_demo_run_dir(out: Path) -> tuple[bool, str]:
+    """(whether `out` is a demo's run directory, why not): a report.json that is a demo
+    report or a demo_config.json that is a demo config, and nothing a demo does not write
+    (its plots aside)."""
+    marked = False
+    for marker, keys in (("report.json", ("methods", "config", "reference_accuracy")),
+                         ("demo_config.json", ("learner", "reference", "methods"))):
+        path = out / marker
+        if path.is_file():
+            try:
+                content = read_json(path, dict)
+            except (OSError, ValueError):
+                continue
+            marked = marked or all(k in content for k in keys)
+    if not marked:
+        return False, (f"it has no demo's {' or '.join(RUN_DIR_MARKERS)} (a file of that name "
+                       f"that is not a demo's does not count)")
+    foreign = sorted(p.name for p in out.iterdir()
+                     if p.name not in _RUN_DIR_ENTRIES and p.suffix != ".png")
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5
+                                          else "")
+        return False, f"it also holds what a demo never writes: {shown}"
+    return True, ""
+
+
+def prepare_out_dir(out: Path, overwrite: bool, resume: bool = False) -> None:
     """Refuse to touch an existing, non-empty run directory unless overwrite is set, any other
     non-empty directory even then (a mistyped --out must not delete someone's data), and
-    anything that is not a directory at all."""
+    anything that is not a directory at all; all before any work starts."""
     if out.name in ("", ".."):  # ".", "/", "..": no run directory of its own
         raise ValueError(f"--out must name the run directory to create or replace, got "
                          f"{str(out)!r}")
+    if out.is_symlink():  # found in review: refused only when moved into place, after training
+        raise ValueError(f"--out {out} is a symbolic link; give the directory itself "
+                         f"({os.path.realpath(out)})")
+    if out.name.endswith(".partial"):
+        final = out.with_name(out.name.removesuffix(".partial"))
+        raise ValueError(f"--out {out} is the work directory of a demo into {final}; to continue "
+                         f"it, pass --out {final} --resume")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()):
+        is_run, why = _is_demo_run_dir(out)
         if not overwrite:
-            raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite to "
-                                  f"replace it (its contents are kept until the new run "
-                                  f"succeeds)")
-        if not any((out / marker).is_file() for marker in RUN_DIR_MARKERS):
-            raise FileExistsError(f"{out} is not empty and is not a demo run directory (it has "
-                                  f"no {' or '.join(RUN_DIR_MARKERS)}): --overwrite replaces "
-                                  f"only a run directory; give another --out")
+            if resume and not partial_dir(out).exists() and is_run:
+                raise FileExistsError(
+                    f"{out} holds a finished demo and there is no interrupted one "
+                    f"({partial_dir(out)}) to resume: nothing to do. `jestkit report {out}` "
+                    f"rewrites its report; --overwrite without --resume runs it again")
+            also = " too (a resumed demo also replaces it when it finishes)" if resume else ""
+            raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite"
+                                  f"{also} to replace it (its contents are kept until the new "
+                                  f"run succeeds)")
+        if not is_run:
+            raise FileExistsError(f"{out} is not empty and is not a demo run directory ({why}): "
+                                  f"--overwrite replaces only a run directory; give another "
+                                  f"--out")
 
 
 def partial_dir(out: str | os.PathLike) -> Path:
@@ -528,7 +584,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | os.PathLike, *, overwrite: bool = F
     vocab = WordTokenizer().vocab_size  # digits-web's: fixed, whatever the data seed
     for block in ("learner", "reference"):
         check_trainable(getattr(cfg, block), vocab, "demo config", prefix=f"{block}.")
-    prepare_out_dir(out, overwrite)
+    prepare_out_dir(out, overwrite, resume)
     work = partial_dir(out)
     if work.exists() and not work.is_dir():
         raise FileExistsError(f"{work} exists and is not a directory; move it away")
@@ -663,7 +719,10 @@ def _train_and_report(cfg: DemoConfig, work: Path, done: dict[str, dict], worker
     def save(fut) -> None:
         """Keep a finished run: in `results`, and on disk at once (--resume reuses it)."""
         name, lc = futures.pop(fut)
-        result = fut.result()
+        try:
+            result = fut.result()
+        except ValueError as err:  # say which run: the worker's message cannot
+            raise ValueError(f"learner run {name} seed {lc.seed}: {err}") from err
         atomic_write(finished_dir / f"{_run_key(name, lc.seed)}.json", json.dumps(result))
         results[name].append(result)
 
@@ -744,7 +803,10 @@ def print_summary(report: dict) -> None:
     print(f"\nuniform moved {p['moved_points']:+.2f} points over its last quarter: "
           f"{plateau_verdict(p)}" + (f"; wall time {wall} s" if wall is not None else ""))
     if p.get("checkable", True) and not p["plateaued"]:
-        print("So these speed-ups compare with a uniform baseline still improving, where the "
+        moving = ("still improving" if p["moved_points"] > 0 else
+                  "that fell over its last quarter (its target, the mean of its last "
+                  "evaluations, is below its own earlier accuracy)")
+        print(f"So these speed-ups compare with a uniform baseline {moving}, where the "
               "protocol's target assumes it has plateaued. On digits-web that takes T of about "
               "14,000: `jestkit demo --config configs/demo-T14000-all-methods.json` in a "
               "checkout of the repository (about an hour on 2 cores; its results are in "

@@ -448,13 +448,13 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
         f"{report['reference_training_flops_amortised_per_step'] / 1e9:.2f} GFLOP per learner "
         "step if amortised over one run (not included in the compute speed-ups above).",
         "",
-        f"Reference cache (one reference forward over the pool, built once and shared by the "
-        f"`-cached` and `-flexi` runs): "
-        f"{report['reference'].get('caching_flops', 0) / 1e9:.2f} GFLOP, "
-        f"{report['reference_caching_flops_amortised_per_step'] / 1e9:.3f} GFLOP per learner "
-        "step if charged to one run; not included above either, since it is paid once per pool "
-        "and reference, not per run.",
-        "",
+        *([f"Reference cache (one reference forward over the pool, built once and shared by "
+           f"the `-cached` and `-flexi` runs): "
+           f"{report['reference'].get('caching_flops', 0) / 1e9:.2f} GFLOP, "
+           f"{report['reference_caching_flops_amortised_per_step'] / 1e9:.3f} GFLOP per "
+           "learner step if charged to one run; not included above either, since it is paid "
+           "once per pool and reference, not per run.", ""]
+          if any(m.endswith(("-cached", "-flexi")) for m in report["methods"]) else []),
         "## Did uniform plateau?",
         f"Seed-averaged accuracy around step {plateau['step_three_quarters']} (mean of 3 "
         f"evaluations, one quarter of T before the last 3): "
@@ -538,6 +538,10 @@ def rebuild_report(run_dir: str | os.PathLike) -> dict:
     missing = [k for k in ("methods", "reference", "config") if not old.get(k)]
     if missing:
         raise ValueError(f"{old_path} lacks {missing}: not written by `jestkit demo`")
+    methods = old["methods"]
+    if not (isinstance(methods, dict | list) and all(isinstance(m, str) for m in methods)):
+        raise ValueError(f"{old_path}: methods must be the demo's method names (an object or "
+                         f"list), got {methods!r:.60}")
     runs = {}
     for name in old["methods"]:
         path = run_dir / "runs" / f"{name}.json"

@@ -83,6 +83,18 @@ def _as_scalar(value: float | Tensor, name: str, dtype: torch.dtype,
     return value
 
 
+def _positive_scale(logit_scale: float | Tensor, dtype: torch.dtype,
+                    device: torch.device) -> Tensor:
+    """`_as_scalar` for t, which must also be > 0: it is the temperature already
+    exponentiated (a t <= 0 would rank every pair backwards, silently)."""
+    t = _as_scalar(logit_scale, "logit_scale", dtype, device)
+    if t.item() <= 0:
+        raise ValueError(f"logit_scale must be > 0 (it is t, already exponentiated; "
+                         f"open_clip's model.logit_scale is log t: pass its .exp()), "
+                         f"got {t.item()}")
+    return t
+
+
 def all_finite(x: Tensor) -> bool:
     """Whether every entry of `x` is finite (no NaN, no Inf).
 
@@ -136,11 +148,13 @@ def pairwise_sigmoid_loss(
     Returns:
         [N, N] float32 (float64 for float64 input) matrix with
         ``out[i, j] = -log sigmoid(y_ij * (t * image_emb[i] . text_emb[j] + c))``,
-        ``y_ii = +1`` and ``y_ij = -1`` otherwise. ``out.sum() / N`` is the SigLIP loss.
+        ``y_ii = +1`` and ``y_ij = -1`` otherwise. ``out.sum() / N`` is the SigLIP loss's
+        value. For scoring: t and c enter as constants (detached; gradients reach only the
+        embeddings). To train a model use `jestkit.models.sigmoid_loss`, which learns t and c.
     """
     check_embeddings(image_emb, text_emb)
     dtype = compute_dtype(image_emb, text_emb)
-    t = _as_scalar(logit_scale, "logit_scale", dtype, image_emb.device)
+    t = _positive_scale(logit_scale, dtype, image_emb.device)
     c = _as_scalar(logit_bias, "logit_bias", dtype, image_emb.device)
     z = t * (image_emb.to(dtype) @ text_emb.to(dtype).T) + c
     # -log sigmoid(-z) = softplus(z) for negatives; -log sigmoid(z) = softplus(-z) on the diagonal.
@@ -168,11 +182,12 @@ def pairwise_softmax_loss(
     accepted so both losses share one signature.
 
     Returns:
-        [N, N] float32 (float64 for float64 input).
+        [N, N] float32 (float64 for float64 input). For scoring: t enters as a constant
+        (detached; gradients reach only the embeddings).
     """
     check_embeddings(image_emb, text_emb)
     dtype = compute_dtype(image_emb, text_emb)
-    t = _as_scalar(logit_scale, "logit_scale", dtype, image_emb.device)
+    t = _positive_scale(logit_scale, dtype, image_emb.device)
     _as_scalar(logit_bias, "logit_bias", dtype, image_emb.device)  # validated, cancels
     z = t * (image_emb.to(dtype) @ text_emb.to(dtype).T)
     return -(torch.log_softmax(z, dim=1) + torch.log_softmax(z, dim=0)) / 2

@@ -151,6 +151,10 @@ def chunk_sizes(batch_size: int, n_chunks: int) -> list[int]:
     The first ``batch_size % n_chunks`` chunks take one extra index, so sizes differ by at most
     one and sum to batch_size: ``chunk_sizes(10, 3) == [4, 3, 3]``.
     """
+    batch_size = _check_int(batch_size, "batch_size")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n_chunks = _check_n_chunks(n_chunks, batch_size)
     base, extra = divmod(batch_size, n_chunks)
     return [base + 1] * extra + [base] * (n_chunks - extra)
 
@@ -175,6 +179,17 @@ def _gumbel(shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generat
 
 _NAN_LOGITS = ("the conditional logits contain NaN: a logit_scale or score so large that "
                "the losses overflowed")
+_INF_LOGITS = ("a drawn logit is infinite: the summed losses overflowed (a logit_scale, "
+               "logit_bias or score near the float's range)")
+
+
+def _check_drawn(values: Tensor) -> None:
+    """ValueError unless every drawn logit + noise is finite. Inputs are finite, so any
+    infinity is an overflow: a NaN, or an -inf shared by every candidate left (topk would
+    return already-chosen ones again: duplicates), or a +inf (ties broken by index, not by
+    the law). One device sync."""
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(_NAN_LOGITS if bool(torch.isnan(values).any()) else _INF_LOGITS)
 
 
 def _top_k(logits: Tensor, k: int, noise: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -198,8 +213,7 @@ def _gumbel_top_k(logits: Tensor, k: int, generator: torch.Generator,
     """
     values, indices = _top_k(logits, k, _gumbel(logits.shape, logits.dtype, generator,
                                                 logits.device, temperature))
-    if torch.isnan(values[0]):
-        raise ValueError(_NAN_LOGITS)
+    _check_drawn(values)
     return indices
 
 
@@ -224,7 +238,7 @@ def _blocked_sample(state: _ConditionalLogits, n: int, sizes: list[int],
     # front): the chunks' draws are independent whatever the logits, and with few candidates
     # the per-call cost of K draws is a measurable share of the selector's time.
     noise = None
-    firsts: list[Tensor] = []  # each chunk's largest logit + noise: NaN iff a NaN was drawn
+    drawn_values: list[Tensor] = []  # every drawn logit + noise, checked once at the end
     for k, size in enumerate(sizes):
         logits = state.logits()
         if k == 0:
@@ -235,7 +249,7 @@ def _blocked_sample(state: _ConditionalLogits, n: int, sizes: list[int],
         if chunk_logits is not None:
             chunk_logits.append(logits.detach().clone())
         values, idx = _top_k(logits, size, None if noise is None else noise[k])
-        firsts.append(values[:1])
+        drawn_values.append(values)
         drawn.append(idx)
         if k + 1 < len(sizes):  # the last chunk's gains are never needed
             if chosen is None:
@@ -243,9 +257,8 @@ def _blocked_sample(state: _ConditionalLogits, n: int, sizes: list[int],
             chosen[idx] = True
             state.add(idx)
     # One check for all chunks (a per-chunk check costs a device sync each); nothing drawn
-    # is returned if a NaN logit was among any chunk's candidates.
-    if torch.isnan(torch.cat(firsts)).any():
-        raise ValueError(_NAN_LOGITS)
+    # is returned if a NaN logit was among any chunk's candidates, or an infinite one drawn.
+    _check_drawn(torch.cat(drawn_values))
     return torch.cat(drawn)
 
 
@@ -753,7 +766,10 @@ class JointSelector:
 
         Returns:
             LongTensor [b] of distinct indices into the super-batch, in the order drawn, on
-            the compute device.
+            the compute device. That order is not random (the first chunk, the most
+            learnable examples alone, comes first): shuffle before splitting the sub-batch
+            into parts that are treated differently (as `train_learner` does for
+            multi-resolution training).
         """
         if chunk_logits is not None and not isinstance(chunk_logits, list):
             raise TypeError(f"chunk_logits must be a list to append to (or None), got "

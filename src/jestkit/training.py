@@ -97,6 +97,10 @@ def check_trainable(cfg: ReferenceConfig | LearnerConfig, vocab_size: int, what:
     check_fits_in_memory(model_config(cfg, vocab_size), 4, what, sizes=sizes)
 
 
+#: How a multi-resolution step chooses the share of the sub-batch it trains coarse.
+MULTIRES_SPLITS = ("random", "first_drawn_fine")
+
+
 @dataclass(frozen=True)
 class ReferenceConfig:
     """How the reference model is trained on the curated split (smaller than the learner)."""
@@ -144,6 +148,10 @@ class LearnerConfig:
     checkpoint_every: int = 0  # 0: never
     score_patch_size: int = 0  # 0: the training patch size (live, full resolution)
     multires_fraction: float = 0.0  # share of each sub-batch trained at score_patch_size
+    # Which share: "random" (a random part of each sub-batch, the paper's recipe) or
+    # "first_drawn_fine" (the selector's first-drawn examples, the most learnable alone,
+    # train at the fine size and the last-drawn at the coarse one).
+    multires_split: str = "random"
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -164,6 +172,9 @@ class LearnerConfig:
                              f"got {self.n_chunks}")
         if not 0 <= self.multires_fraction <= 1:
             raise ValueError(f"multires_fraction must be in [0, 1], got {self.multires_fraction}")
+        if self.multires_split not in MULTIRES_SPLITS:
+            raise ValueError(f"multires_split must be one of {list(MULTIRES_SPLITS)}, got "
+                             f"{self.multires_split!r}")
         if self.multires_fraction > 0 and not self.score_patch_size:
             # Would silently train at one resolution only.
             raise ValueError("multires_fraction > 0 needs score_patch_size > 0 (the coarse "
@@ -372,6 +383,37 @@ def _train_step(model, opt, images, tokens, step, cfg, meter, patch_sizes=(None,
     return loss
 
 
+def _order_for_training(idx: torch.Tensor, cfg: LearnerConfig, train_patches: tuple,
+                       generator: torch.Generator) -> torch.Tensor:
+    """The selected indices idx [b] in the order the training step takes them.
+
+    The selector returns its picks in the order drawn (the first chunk, the most learnable
+    alone, first), and a multi-resolution step trains contiguous parts, the coarse one last.
+    So with ``multires_split="random"`` they are shuffled (from the selection's generator:
+    a resumed run shuffles alike); with "first_drawn_fine", and with one resolution, they
+    keep the order drawn."""
+    if len(train_patches) > 1 and cfg.multires_split == "random":
+        return idx[torch.randperm(len(idx), generator=generator)]
+    return idx
+
+
+def _diverged(model: DualEncoder) -> bool:
+    """Whether a weight, or the temperature t = exp(log t) the scores use, is not finite."""
+    with torch.no_grad():
+        return not (math.isfinite(float(model.logit_scale))
+                    and all(bool(torch.isfinite(p).all()) for p in model.parameters()))
+
+
+def _check_loss(loss: float, step: int, cfg, what: str) -> None:
+    """ValueError once a training loss is not finite: the run has diverged, and every later
+    step and evaluation would be NaN (found in review: a demo reported such a run as a
+    plateaued baseline)."""
+    if not math.isfinite(loss):
+        raise ValueError(f"{what} training diverged at step {step + 1}: the loss is {loss}; "
+                         f"lower the learning rate (lr={cfg.lr}; in a demo config "
+                         f"{what}.lr)")
+
+
 def _split_sizes(b: int, patch_sizes, coarse_fraction: float) -> list[tuple[int | None, int]]:
     if len(patch_sizes) == 1:
         return [(patch_sizes[0], b)]
@@ -426,7 +468,8 @@ def train_reference(data: DigitsWeb, cfg: ReferenceConfig = ReferenceConfig(),
     model.train()
     for step in range(cfg.steps):
         batch = sampler.next()
-        _train_step(model, opt, batch.images, batch.tokens, step, cfg, meter)
+        loss = _train_step(model, opt, batch.images, batch.tokens, step, cfg, meter)
+        _check_loss(loss, step, cfg, "reference")
         if progress:
             progress(step + 1, cfg.steps)
     model.eval()
@@ -600,14 +643,23 @@ def train_learner(
     for step in range(start, end):
         batch = sampler.next()
         if selector is not None:
-            idx = _select(batch, model, cfg, selector, select_gen, meter, reference,
-                          reference_embedder)
+            try:
+                idx = _select(batch, model, cfg, selector, select_gen, meter, reference,
+                              reference_embedder)
+            except ValueError as err:  # the selector's checks of the learner's embeddings
+                if not _diverged(model):
+                    raise
+                raise ValueError(f"learner training diverged by step {step}: its weights or "
+                                 f"temperature are no longer finite ({err}); lower the learning "
+                                 f"rate (lr={cfg.lr})") from None
+            idx = _order_for_training(idx, cfg, train_patches, select_gen)
             batch = Batch(batch.images[idx], batch.tokens[idx], batch.ids[idx],
                           batch.indices[idx])
         clean_seen[0] += int(data.pool.is_clean[batch.indices].sum())  # report only
         clean_seen[1] += len(batch.indices)
         loss = _train_step(model, opt, batch.images, batch.tokens, step, cfg, meter,
                            train_patches, cfg.multires_fraction)
+        _check_loss(loss, step, cfg, "learner")
         done = step + 1
         if done % cfg.eval_interval == 0 or done == cfg.steps:
             metrics = evaluate(model, data.test, data.tokenizer)
@@ -682,7 +734,9 @@ def _reference_identity(cfg, reference, reference_embedder) -> str | None:
 # sub-batch. State without a version (1) was written before both.
 # 3: LearnerConfig has text_heads (the text tower had 4 heads before).
 # 4: every checkpoint has checksums.json (a version-4 state without it is damaged).
-_STATE_VERSION = 4
+# 5: LearnerConfig has multires_split; before, multi-resolution training always trained the
+#    first-drawn examples at the fine patch size ("first_drawn_fine").
+_STATE_VERSION = 5
 _CHECKSUMS = "checksums.json"
 _CHECKPOINT_FILES = ("model.safetensors", "state.pt")
 _STEP_DIR = re.compile(r"step_(\d{7,})")  # f"{step:07d}": 8 digits from step 10**7
@@ -848,6 +902,12 @@ def _load_checkpoint(run_dir, cfg, model, opt, sampler, gen, ledger, result, cle
         saved.setdefault("patch_size", 8)  # the training patch was always 8 then
     if state.get("version", 1) < 3:
         saved.setdefault("text_heads", 4)  # always 4 then: resumable with text_heads=4
+    if state.get("version", 1) < 5:
+        # How those runs split a sub-batch; only a selected, multi-resolution run has a split.
+        multires = (saved.get("multires_fraction") and saved.get("score_patch_size")
+                    and saved.get("method") != "uniform")
+        saved.setdefault("multires_split", "first_drawn_fine" if multires else
+                         cfg.multires_split)
     if saved != asdict(cfg):
         diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
         raise ValueError(f"checkpoint {ckpt} was written by a different config; differing "
@@ -881,6 +941,7 @@ def _load_checkpoint(run_dir, cfg, model, opt, sampler, gen, ledger, result, cle
 
 __all__ = [
     "METHODS",
+    "MULTIRES_SPLITS",
     "LearnerConfig",
     "ReferenceConfig",
     "RunResult",
