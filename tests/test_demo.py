@@ -145,6 +145,12 @@ def test_report_is_rebuilt_from_the_saved_runs(quick_run, tmp_path, capsys):
         (copy / "report.json").write_text(json.dumps({**after, "methods": methods}))
         assert main(["report", str(copy)]) == 2
         assert "methods must be the demo's method names" in capsys.readouterr().err
+    for accuracy in ("a", None, 7.0):  # found in review: "Unknown format code 'f'"
+        reference = {**after["reference"], "metrics": {"zero_shot_accuracy": accuracy}}
+        (copy / "report.json").write_text(json.dumps({**after, "reference": reference}))
+        assert main(["report", str(copy)]) == 2
+        assert "reference.metrics.zero_shot_accuracy must be a number in [0, 1]" in (
+            capsys.readouterr().err)
     (copy / "report.json").write_bytes(rebuilt)
     assert (copy / "report.json").read_bytes() == rebuilt
     # Nothing was rewritten by the failed rebuilds: not the plots either.
@@ -261,6 +267,9 @@ def test_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
     out.write_text("keep me")
     assert main(["demo", "--quick", "--out", str(out), "--overwrite", "--no-progress"]) == 2
     assert "is not a directory" in capsys.readouterr().err
+    assert out.read_text() == "keep me"
+    assert main(["demo", "--quick", "--out", str(out / "run"), "--no-progress"]) == 2
+    assert f"--out {out / 'run'} cannot be made: {out} is a file" in capsys.readouterr().err
     assert out.read_text() == "keep me"
 
 

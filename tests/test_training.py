@@ -266,14 +266,17 @@ def test_hard_learner_needs_no_reference(data):
 
 def test_resume_equals_uninterrupted(data, reference, tmp_path):
     cfg = dataclasses.replace(TINY, checkpoint_every=3)
-    full = train_learner(data, cfg, reference)
-    train_learner(data, cfg, reference, run_dir=tmp_path, stop_after=3)
-    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_0000003"
-    resumed = train_learner(data, cfg, reference, run_dir=tmp_path, resume=True)
-    assert resumed.steps == full.steps
-    for key in ("zero_shot_accuracy", "i2t_recall", "train_loss", "clean_fraction"):
-        assert getattr(resumed, key) == pytest.approx(getattr(full, key), abs=1e-6), key
-    assert resumed.cumulative_flops == full.cumulative_flops
+    full = train_learner(data, cfg, reference, run_dir=tmp_path / "full")
+    train_learner(data, cfg, reference, run_dir=tmp_path / "cut", stop_after=3)
+    assert (tmp_path / "cut" / "checkpoints" / "latest").read_text() == "step_0000003"
+    resumed = train_learner(data, cfg, reference, run_dir=tmp_path / "cut", resume=True)
+    # Every step is deterministic, so "equal" is exact: every curve, loss and FLOP count,
+    # and the final weights (found in review: compared only to 1e-6, and no weights).
+    assert resumed.to_dict() == full.to_dict()
+    last = f"checkpoints/step_{TINY.steps:07d}/model.safetensors"
+    a = load_model(tmp_path / "full" / last).state_dict()
+    b = load_model(tmp_path / "cut" / last).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resuming_a_checkpoint_saved_without_foreach_runs_the_multi_tensor_optimizer(

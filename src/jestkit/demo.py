@@ -396,6 +396,10 @@ def prepare_out_dir(out: Path, overwrite: bool, resume: bool = False) -> None:
                          f"it, pass --out {final} --resume")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} exists and is not a directory")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:  # found in review: "[Errno 17] File exists", naming no flag
+        raise FileExistsError(f"--out {out} cannot be made: {blocking} is a file, not a "
+                              f"directory")
     if out.exists() and any(out.iterdir()):
         is_run, why = _is_demo_run_dir(out)
         if not overwrite:

@@ -494,12 +494,16 @@ _RUN_KEYS = ("config", "steps", "zero_shot_accuracy", "i2t_recall", "t2i_recall"
 _CURVE_KEYS = ("zero_shot_accuracy", "i2t_recall", "t2i_recall", "clean_fraction")
 
 
+def _is_number(value: object) -> bool:
+    """A finite int or float (a bool is not one)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
 def _is_curve(values: object, steps: object) -> bool:
     """A non-empty list of finite numbers, one per evaluated step."""
     return (isinstance(values, list) and isinstance(steps, list) and len(values) == len(steps)
-            and len(steps) > 0
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                    for v in values))
+            and len(steps) > 0 and all(_is_number(v) for v in values))
 
 
 def read_json(path: Path, kind: type) -> dict | list:
@@ -542,6 +546,12 @@ def rebuild_report(run_dir: str | os.PathLike) -> dict:
     if not (isinstance(methods, dict | list) and all(isinstance(m, str) for m in methods)):
         raise ValueError(f"{old_path}: methods must be the demo's method names (an object or "
                          f"list), got {methods!r:.60}")
+    reference = old["reference"]
+    accuracy = (reference.get("metrics") or {}).get("zero_shot_accuracy") if isinstance(
+        reference, dict) and isinstance(reference.get("metrics"), dict) else None
+    if not (_is_number(accuracy) and 0 <= accuracy <= 1):
+        raise ValueError(f"{old_path}: reference.metrics.zero_shot_accuracy must be a number in "
+                         f"[0, 1], got {accuracy!r:.40} (altered?)")
     runs = {}
     for name in old["methods"]:
         path = run_dir / "runs" / f"{name}.json"
