@@ -109,11 +109,13 @@ class Setup(NamedTuple):
     reference: ReferenceConfig
     flexi_patch: int  # the coarse scoring patch of the flexi variants
     multires: dict[str, float]  # flexi variant -> fraction of each sub-batch trained coarse
+    multires_split: str = "random"  # which part trains coarse (the demo config's)
 
     @classmethod
     def from_demo(cls, demo: DemoConfig) -> Setup:
         return cls(demo.learner, demo.reference, demo.flexi_score_patch_size,
-                   {"cached+flexi": demo.flexi_multires_fraction, "cached+flexi+multires": 0.5})
+                   {"cached+flexi": demo.flexi_multires_fraction, "cached+flexi+multires": 0.5},
+                   demo.flexi_multires_split)
 
 
 DEMO_SETUP = Setup.from_demo(DemoConfig())
@@ -131,7 +133,8 @@ def variant_config(kind: str, f: float | None, seed: int, setup: Setup) -> Learn
     if kind in setup.multires:
         return dataclasses.replace(base, method="learnability", filter_ratio=f,
                                    score_patch_size=setup.flexi_patch,
-                                   multires_fraction=setup.multires[kind])
+                                   multires_fraction=setup.multires[kind],
+                                   multires_split=setup.multires_split)
     return dataclasses.replace(base, method="learnability", filter_ratio=f)
 
 

@@ -281,6 +281,12 @@ def test_a_directory_that_holds_no_cache_is_never_written_into(tmp_path, model, 
                                                                      overwrite=o),
                            "holds no cache (no manifest.json): notes.txt, shard_000000.tar")
     assert snapshot(wds) == before
+    # Files a file manager or git leaves in any directory do not make it someone's data.
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / ".gitkeep").write_text("")
+    build_reference_cache(model, split, kept, shard_size=SHARD).verify()
+    assert (kept / ".gitkeep").exists()
     # The command line says the same, by its own flags.
     from jestkit.cli import main
 
@@ -568,6 +574,27 @@ def test_a_build_removes_what_a_killed_build_left_and_nothing_else(tmp_path, bui
     build_reference_cache(DualEncoder(model.config, seed=9), split, out, shard_size=SHARD,
                           overwrite=True)
     assert set(mine) | {"shard_backup"} <= {p.name for p in out.iterdir()}
+
+
+def test_one_build_at_a_time_in_a_directory(cache_dir, model, split):
+    # Found in review: a second build deleted the first one's unfinished writes (its temp
+    # files) while the first was still writing them.
+    import fcntl
+
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    manifest["complete"] = False  # an interrupted build, which the second build would resume
+    (cache_dir / "manifest.json").write_text(json.dumps(manifest))
+    before = snapshot(cache_dir)
+    fd = os.open(cache_dir / ".lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as a running build holds it
+        expect_cache_error(lambda: build_reference_cache(model, split, cache_dir,
+                                                         shard_size=SHARD),
+                           "another build is writing the cache")
+        assert snapshot(cache_dir) == before
+    finally:
+        os.close(fd)
+    build_reference_cache(model, split, cache_dir, shard_size=SHARD).verify()
 
 
 def test_flipped_byte_is_named_on_use(cache_dir, built, model, split):

@@ -327,6 +327,17 @@ def test_overwrite_needs_a_demos_own_run_directory(quick_run, tmp_path, capsys):
     assert "also holds what a demo never writes: notes.txt" in capsys.readouterr().err
     assert (run / "notes.txt").read_text() == "keep me"
     assert (project / "thesis.tex").read_text() == "keep me"
+    # What a killed write leaves, and macOS's .DS_Store, are no one's data (found in review:
+    # they made a run directory foreign).
+    from jestkit.demo import _is_demo_run_dir
+
+    (run / "notes.txt").unlink()
+    (run / ".report.md.k3j_2x.tmp").write_text("half a report")
+    (run / ".DS_Store").write_bytes(b"\0")
+    assert _is_demo_run_dir(run) == (True, "")
+    # With --resume as well, a directory that is not a run's is named as such at once.
+    assert main(["demo", "--quick", "--out", str(project), "--resume", "--no-progress"]) == 2
+    assert "is not a demo run directory" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["project", "run"]
 
 
@@ -888,6 +899,42 @@ def test_only_the_order_of_methods_and_seeds_may_change_on_resume():
          "learner": {"steps": 40}}))
     assert _config_differences(_order_free(saved), _order_free(
         {**saved, "seeds": [0, 1]})) == ["seeds: [0, 1, 2] then, [0, 1] now"]
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.0])
+def test_an_interrupted_demo_from_before_the_split_option_resumes(tmp_path, fraction):
+    # Found in review: its demo_config.json and finished runs lack the multires_split keys,
+    # and every such demo was refused as "another config". They resume by the rule old
+    # checkpoints follow: selected multi-resolution runs split first_drawn_fine, the rest
+    # never used the split.
+    from dataclasses import asdict
+
+    from jestkit import demo
+    from jestkit.provenance import code_version
+
+    def as_saved_before(config: dict, key: str, block: str | None = None) -> dict:
+        config = json.loads(json.dumps(config))
+        (config[block] if block else config).pop(key)
+        return config
+
+    split = "first_drawn_fine" if fraction else "random"
+    cfg = dataclasses.replace(DemoConfig.quick(), methods=("uniform", "learnability-joint-flexi"),
+                              flexi_multires_fraction=fraction, flexi_multires_split=split)
+    work = tmp_path / "run.partial"
+    (work / "runs" / "finished").mkdir(parents=True)
+    saved = as_saved_before(asdict(cfg), "flexi_multires_split")
+    (work / "demo_config.json").write_text(json.dumps(as_saved_before(saved, "multires_split",
+                                                                      "learner")))
+    (work / "code_version.json").write_text(json.dumps(code_version()))
+    for name, _, lc in demo.learner_configs(cfg):
+        run = {"config": as_saved_before(asdict(lc), "multires_split"),
+               "code_version": code_version()}
+        (work / "runs" / "finished" / f"{name}.seed{lc.seed}.json").write_text(json.dumps(run))
+    assert len(demo._check_resumable(work, cfg)) == 2
+    if fraction:  # the split mattered: today's default is another config
+        with pytest.raises(ValueError, match="flexi_multires_split: 'first_drawn_fine' then, "
+                                             "'random' now"):
+            demo._check_resumable(work, dataclasses.replace(cfg, flexi_multires_split="random"))
 
 
 def test_resume_with_nothing_to_resume_starts_afresh(tmp_path, capsys):

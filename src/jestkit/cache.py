@@ -31,6 +31,7 @@ Layout of a cache directory::
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -170,6 +171,28 @@ def _is_shard_file(path: Path) -> bool:
             and name[len("shard_"):-len(".npy")].isdigit())
 
 
+# Files a file manager, git or this module's lock put into any directory: they make no
+# directory someone's data (and are never deleted).
+_HARMLESS_NAMES = (".DS_Store", ".gitkeep", ".lock")
+
+
+def _check_without_manifest(out: Path, overwrite: bool) -> None:
+    """CacheError unless a build may write into `out`, a directory without a manifest: it
+    is empty, or holds only a cache's own files and `overwrite` is set (they are deleted).
+    Anything else is someone's data, never written into."""
+    present = [p for p in out.iterdir()
+               if not (unfinished_write(p) or p.name in _HARMLESS_NAMES)]
+    foreign = sorted(p.name for p in present
+                     if not (_is_shard_file(p) or p.name == "ids.npy") or p.is_dir())
+    if foreign:
+        raise CacheError(f"{out} is not empty and holds no cache (no manifest.json): "
+                         f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}; "
+                         f"give a new or empty directory")
+    if present and not overwrite:
+        raise CacheError(f"{out} holds cache files but no manifest.json; pass "
+                         f"overwrite=True (--overwrite) to delete them and rebuild")
+
+
 def _delete_shards(out: Path) -> None:
     for p in out.iterdir():
         if _is_shard_file(p) and not p.is_dir():
@@ -260,7 +283,30 @@ def build_reference_cache(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out_dir {out} exists and is not a directory")
+    if out.is_dir() and not (out / "manifest.json").exists():
+        _check_without_manifest(out, overwrite)  # before a lock file is made in it
     out.mkdir(parents=True, exist_ok=True)
+    # One build at a time in a directory: a second would delete the first's unfinished
+    # writes (`_delete_unfinished_writes`) while it is still writing them.
+    lock = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CacheError(f"another build is writing the cache at {out}; wait for it "
+                             f"(its result will be this one, if data and model match)") from None
+        except OSError:
+            pass  # a file system without locks: build anyway, as before locks were taken
+        return _build_locked(model, split, out, ids, shard_size, batch_size, overwrite,
+                             progress)
+    finally:
+        os.close(lock)
+
+
+def _build_locked(model: DualEncoder, split: Split, out: Path, ids: np.ndarray,
+                  shard_size: int, batch_size: int, overwrite: bool,
+                  progress: Callable[[int, int], None] | None) -> ReferenceCache:
+    """`build_reference_cache` once its arguments are checked and its lock taken."""
     model = model.eval()
     manifest = {
         "format": FORMAT,
@@ -307,16 +353,7 @@ def build_reference_cache(
         # build this function can vouch for (a deleted manifest, copied files), or is not a
         # cache at all: never overwritten without overwrite, and never deleted unless it is
         # named as a cache's own (found in review: a user's ids.npy was replaced silently).
-        present = [p for p in out.iterdir() if not unfinished_write(p)]
-        foreign = sorted(p.name for p in present
-                         if not (_is_shard_file(p) or p.name == "ids.npy") or p.is_dir())
-        if foreign:
-            raise CacheError(f"{out} is not empty and holds no cache (no manifest.json): "
-                             f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}; "
-                             f"give a new or empty directory")
-        if present and not overwrite:
-            raise CacheError(f"{out} holds cache files but no manifest.json; pass "
-                             f"overwrite=True (--overwrite) to delete them and rebuild")
+        _check_without_manifest(out, overwrite)
         _delete_shards(out)
     _delete_unfinished_writes(out)
     atomic_write(manifest_path, json.dumps(manifest, indent=1).encode())
@@ -515,8 +552,13 @@ class ReferenceCache:
                 self._check_rows(k, shape)
                 # The map holds its own reference to the file: it stays this file's bytes
                 # after the handle closes, whatever is renamed over the path later.
-                self._shards[k] = np.memmap(f, dtype=dtype, mode="r", shape=shape,
-                                            order="F" if fortran else "C", offset=f.tell())
+                try:
+                    self._shards[k] = np.memmap(f, dtype=dtype, mode="r", shape=shape,
+                                                order="F" if fortran else "C",
+                                                offset=f.tell())
+                except (ValueError, OSError) as err:  # cut short since it was read
+                    raise CacheError(f"shard {path.name} of the cache at {self.root} changed "
+                                     f"while it was read ({err})") from None
         return self._shards[k]
 
     def verify(self) -> None:

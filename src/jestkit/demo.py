@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from jestkit.atomic import atomic_write, move_into_place
+from jestkit.atomic import atomic_write, move_into_place, unfinished_write
 from jestkit.cache import ReferenceCache, build_reference_cache
 from jestkit.data import (
     CURATED_SIZE,
@@ -349,6 +349,8 @@ def _still_running(processes: list, seconds: float) -> list:
 # What a demo writes into its run directory: a directory holding anything else is not one, and
 # --overwrite never replaces it (found in review: any report.json passed as the mark).
 RUN_DIR_MARKERS = ("report.json", "demo_config.json")
+# Its plots (*.png) too; and what a killed write leaves (`unfinished_write`) and macOS's
+# .DS_Store are no one's data either.
 _RUN_DIR_ENTRIES = {"report.md", "report.json", "demo_config.json", "code_version.json",
                     "reference.json", "reference.safetensors", "reference_cache", "runs",
                     ".lock"}
@@ -372,7 +374,8 @@ def _is_demo_run_dir(out: Path) -> tuple[bool, str]:
         return False, (f"it has no demo's {' or '.join(RUN_DIR_MARKERS)} (a file of that name "
                        f"that is not a demo's does not count)")
     foreign = sorted(p.name for p in out.iterdir()
-                     if p.name not in _RUN_DIR_ENTRIES and p.suffix != ".png")
+                     if p.name not in _RUN_DIR_ENTRIES and p.suffix != ".png"
+                     and not unfinished_write(p) and p.name != ".DS_Store")
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5
                                           else "")
@@ -402,6 +405,10 @@ def prepare_out_dir(out: Path, overwrite: bool, resume: bool = False) -> None:
                               f"directory")
     if out.exists() and any(out.iterdir()):
         is_run, why = _is_demo_run_dir(out)
+        if not is_run:
+            raise FileExistsError(f"{out} is not empty and is not a demo run directory ({why}): "
+                                  f"--overwrite replaces only a run directory; give another "
+                                  f"--out")
         if not overwrite:
             if resume and not partial_dir(out).exists() and is_run:
                 raise FileExistsError(
@@ -412,10 +419,6 @@ def prepare_out_dir(out: Path, overwrite: bool, resume: bool = False) -> None:
             raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite"
                                   f"{also} to replace it (its contents are kept until the new "
                                   f"run succeeds)")
-        if not is_run:
-            raise FileExistsError(f"{out} is not empty and is not a demo run directory ({why}): "
-                                  f"--overwrite replaces only a run directory; give another "
-                                  f"--out")
 
 
 def partial_dir(out: str | os.PathLike) -> Path:
@@ -522,8 +525,11 @@ def _check_resumable(work: Path, cfg: DemoConfig, allow_other_code: bool = False
                                   f"config made them is unknown; move it away")
         return {}
     _check_code_version(work, done, allow_other_code)
-    diffs = _config_differences(_order_free(read_json(config_path, dict)),
-                                _order_free(_as_json(asdict(cfg))))
+    saved_config = _with_split_of_older_versions(read_json(config_path, dict))
+    for result in done.values():
+        if isinstance(result.get("config"), dict):
+            result["config"] = _with_split_of_older_versions(result["config"], run=True)
+    diffs = _config_differences(_order_free(saved_config), _order_free(_as_json(asdict(cfg))))
     if diffs:
         raise ValueError(f"--resume: the interrupted demo in {work} ran another config; give "
                          f"the same config to continue it, or delete {work} to start afresh. "
@@ -549,6 +555,27 @@ def _check_resumable(work: Path, cfg: DemoConfig, allow_other_code: bool = False
             raise ValueError(f"{work / 'reference.safetensors'} is not the reference this demo "
                              f"trained (its fingerprint differs); {retrain}")
     return done
+
+
+def _with_split_of_older_versions(config: dict, run: bool = False) -> dict:
+    """A demo config (or, with `run`, one learner run's config) saved before the multi-
+    resolution split was an option, as it would be saved now: those runs trained the
+    first-drawn picks at the fine patch size ("first_drawn_fine"); where no run trains at
+    two resolutions the split was never used and takes its default."""
+    config = dict(config)
+    learner = config if run else config.get("learner")
+    if run and "multires_split" not in config:
+        multires = (config.get("multires_fraction") and config.get("score_patch_size")
+                    and config.get("method") != "uniform")
+        config["multires_split"] = "first_drawn_fine" if multires else "random"
+    elif not run and isinstance(learner, dict):
+        if "multires_split" not in learner:
+            config["learner"] = {**learner, "multires_split": "random"}
+        if "flexi_multires_split" not in config:
+            multires = config.get("flexi_multires_fraction") and any(
+                name.endswith("-flexi") for name in config.get("methods") or [])
+            config["flexi_multires_split"] = "first_drawn_fine" if multires else "random"
+    return config
 
 
 def _lock(work: Path) -> int | None:

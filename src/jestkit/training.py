@@ -910,9 +910,13 @@ def _load_checkpoint(run_dir, cfg, model, opt, sampler, gen, ledger, result, cle
                          cfg.multires_split)
     if saved != asdict(cfg):
         diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
+        why = (" (checkpoints written before multires_split existed trained the first-drawn "
+               "picks at the fine patch size: resume them with "
+               "multires_split='first_drawn_fine')"
+               if "multires_split" in diff and state.get("version", 1) < 5 else "")
         raise ValueError(f"checkpoint {ckpt} was written by a different config; differing "
-                         f"fields (checkpoint, now): {diff}. If it is not this run's (copied "
-                         f"in?), move it away to resume from an earlier checkpoint")
+                         f"fields (checkpoint, now): {diff}{why}. If it is not this run's "
+                         f"(copied in?), move it away to resume from an earlier checkpoint")
     if set(state["ledger"]) != set(ledger.as_dict()):
         # e.g. written before the selector's FLOPs were a phase: resuming would undercount
         raise ValueError(f"checkpoint {ckpt} has FLOP phases {sorted(state['ledger'])}, this "
