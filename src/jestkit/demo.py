@@ -108,8 +108,9 @@ class DemoConfig:
     flexi_score_patch_size: int = 16
     flexi_multires_fraction: float = 0.0
     # Which part of each sub-batch trains coarse: "random" (the paper's recipe) or
-    # "first_drawn_fine" (the selector's last-drawn; the results measured before this option
-    # existed, docs/results.md). Its configs pin it.
+    # "first_drawn_fine" (the selector's last-drawn picks: how the multi-resolution results
+    # in docs/results.md were measured, and their configs pin it; the random split measured
+    # the same at T = 20000, a point or two lower at T = 1000).
     flexi_multires_split: str = "random"
 
     @classmethod
