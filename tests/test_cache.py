@@ -105,6 +105,16 @@ def shard_files(root: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted(root.glob("shard_*"))}
 
 
+def as_interrupted(built: Path, out: Path) -> Path:
+    """A copy of the cache `built` at `out` as an interrupted build leaves it: every shard
+    written, the manifest not yet marked complete."""
+    shutil.copytree(built, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["complete"] = False
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape and a.dtype == b.dtype
     return float((a - b).abs().max())
@@ -513,11 +523,7 @@ def test_a_damaged_checksum_sidecar_only_means_recompute(tmp_path, built, model,
                                                          sidecar):
     # An interrupted build whose sidecar for shard 2 is damaged (found in review: invalid
     # UTF-8 failed every later build, --overwrite included).
-    out = tmp_path / "ref"
-    shutil.copytree(built, out)
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest["complete"] = False
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    out = as_interrupted(built, tmp_path / "ref")
     (out / "shard_00002.npy.sha256").write_bytes(
         {"not utf-8": b"\xff\xfe\x00", "garbage": b"x y z", "empty": b""}[sidecar])
     rebuild_recomputes_only(out, 2, model, split, built)
@@ -555,11 +561,7 @@ def test_a_shard_renamed_over_after_its_check_is_not_served(cache_dir, tmp_path,
 
 def test_a_build_removes_what_a_killed_build_left_and_nothing_else(tmp_path, built, model,
                                                                    split):
-    out = tmp_path / "ref"
-    shutil.copytree(built, out)
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest["complete"] = False
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    out = as_interrupted(built, tmp_path / "ref")
     debris = [".shard_00002.npy.k2j4_x9.tmp", ".shard_00002.npy.sha256.a8b7.tmp",
               ".manifest.json.q1w2e3.tmp", ".ids.npy.zz_top.tmp"]
     mine = ["shard_notes.txt", ".results.csv.abc.tmp", "shard_0001x.npy"]
