@@ -22,6 +22,7 @@ from jestkit.models import (
     model_fingerprint,
     pi_downsample_matrix,
     pi_resize_matrix,
+    resize_pos_embed,
     save_model,
     sigmoid_loss,
 )
@@ -476,6 +477,33 @@ def test_construction_is_deterministic_and_leaves_global_rng_alone() -> None:
 # ------------------------------------------------------------------------------ checkpoints
 
 
+@pytest.mark.parametrize("grid, new_grid", [(4, 2), (4, 1), (4, 8), (4, 16), (2, 32),
+                                            (4, 4)])
+def test_resize_pos_embed_keeps_the_grid_oriented(grid, new_grid) -> None:
+    # Each token's embedding is its own (row, column) centre in [0, 1]. Resized, channel 0
+    # must still vary down the rows only and channel 1 across the columns only, both
+    # increasing: a transposed or flipped grid fails (found in review: a transposing permute
+    # passed every test). Growing, bilinear resizing of these linear functions is exact,
+    # held at the edge values beyond the outer centres.
+    centers = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid
+    pos = torch.stack(torch.meshgrid(centers, centers, indexing="ij"), dim=-1)
+    out = resize_pos_embed(pos.reshape(1, grid * grid, 2), new_grid)
+    assert out.shape == (1, new_grid * new_grid, 2)
+    if new_grid == grid:
+        assert torch.equal(out, pos.reshape(1, grid * grid, 2))
+        return
+    rows, cols = out.reshape(new_grid, new_grid, 2).unbind(-1)
+    torch.testing.assert_close(rows, rows[:, :1].expand_as(rows), atol=1e-9, rtol=0)
+    torch.testing.assert_close(cols, cols[:1, :].expand_as(cols), atol=1e-9, rtol=0)
+    torch.testing.assert_close(rows, cols.T, atol=1e-9, rtol=0)
+    if new_grid > 1:  # increasing down the rows (held flat at the edges when growing)
+        assert (rows[1:, 0] >= rows[:-1, 0]).all() and rows[-1, 0] > rows[0, 0]
+    if new_grid > grid:
+        new_centers = (torch.arange(new_grid, dtype=torch.float64) + 0.5) / new_grid
+        want = new_centers.clamp(0.5 / grid, 1 - 0.5 / grid)
+        torch.testing.assert_close(rows[:, 0], want, atol=1e-9, rtol=0)
+
+
 def test_save_load_round_trip(tmp_path) -> None:
     model = DualEncoder(tiny_config(), seed=3)
     with torch.no_grad():
@@ -530,11 +558,32 @@ def test_load_rejects_foreign_safetensors(tmp_path) -> None:
         load_model(tmp_path / "missing.safetensors")
 
 
+@pytest.mark.parametrize("config", ["[]", "{\"nope\": 1}", "{not json"])
+def test_load_names_a_damaged_config_in_the_metadata(tmp_path, config) -> None:
+    # Found in review: a TypeError ("argument after ** must be a mapping") or a
+    # JSONDecodeError naming no file, past the CLI's handlers.
+    model = DualEncoder(tiny_config(), seed=0)
+    path = tmp_path / "model.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                                str(path), metadata={"format": "jestkit.dual_encoder.v1",
+                                                     "config": config})
+    with pytest.raises(ValueError, match=r"model.safetensors: the model config in its metadata "
+                                         r"is damaged"):
+        load_model(path)
+
+
 def test_fingerprint_tracks_weights_and_config() -> None:
     model = DualEncoder(tiny_config(), seed=0)
     fp = model_fingerprint(model)
     assert fp == model_fingerprint(DualEncoder(tiny_config(), seed=0))
     assert len(fp) == 64
+    # Every tensor counts, the 0-d temperature and bias included (found in review: one weight
+    # was the only one tested).
+    for name in DualEncoder(tiny_config(), seed=0).state_dict():
+        changed = DualEncoder(tiny_config(), seed=0)
+        with torch.no_grad():
+            changed.state_dict()[name].view(-1)[0] += 1e-3
+        assert model_fingerprint(changed) != fp, name
     with torch.no_grad():
         model.text.blocks[0].fc1.weight[3, 5] += 1e-6
     assert model_fingerprint(model) != fp

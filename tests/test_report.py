@@ -200,6 +200,27 @@ def test_a_curve_exactly_on_the_target_or_a_level_reaches_it():
     assert steps_to_reach(methods, levels=(0.7,))["methods"]["m"]["steps"] == [12]
 
 
+def test_rebuild_refuses_runs_cut_short(tmp_path):
+    # Found in review: a truncated runs/*.json gave a final accuracy from the wrong steps.
+    from jestkit.report import rebuild_report
+
+    runs = {"uniform": [run(UNIFORM)], "learnability-joint": [run(UNIFORM)]}
+    ref = {"metrics": {"zero_shot_accuracy": 0.5}, "flops": 1}
+    write_report(build_report(runs, ref, {"steps": 40}), tmp_path)
+    (tmp_path / "runs").mkdir()
+    for name, method_runs in runs.items():
+        (tmp_path / "runs" / f"{name}.json").write_text(json.dumps(method_runs))
+    rebuild_report(tmp_path)  # as saved: fine
+    cut = run(UNIFORM)
+    for key in ("steps", "zero_shot_accuracy", "i2t_recall", "t2i_recall", "cumulative_flops",
+                "clean_fraction"):
+        cut[key] = cut[key][:-2]
+    (tmp_path / "runs" / "uniform.json").write_text(json.dumps([cut]))
+    with pytest.raises(ValueError, match=r"uniform.json: run 0's curves end at step 32, not at "
+                                         r"its config's steps=40"):
+        rebuild_report(tmp_path)
+
+
 def test_runs_of_another_t_or_b_are_refused():
     ref = {"metrics": {"zero_shot_accuracy": 0.5}, "flops": 1000, "config": {}}
     base = [run(UNIFORM, seed=s) for s in range(3)]
@@ -281,6 +302,14 @@ def test_caveats_say_when_speed_ups_mean_little():
     # (the quick demo's 40 steps), so every method "reaches" the target at once.
     (only,) = caveats(report(3, [0.52, 0.49, 0.5]))
     assert "at its first evaluation (step 10)" in only and "meaningless" in only
+    # A method at the target by its first evaluation: T / that step is a lower bound (found
+    # in review: reported as if exact).
+    fast = report(3, [0.1, 0.3, 0.5])
+    fast["methods"]["learnability-joint"] = {**fast["methods"]["uniform"],
+                                             "step_reaching_target": 10}
+    (only,) = caveats(fast)
+    assert only.startswith("learnability-joint already reaches the target at the first "
+                           "evaluation: its speed-ups are lower bounds")
 
 
 def test_flops_are_printed_in_a_unit_that_shows_them():

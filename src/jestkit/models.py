@@ -691,7 +691,14 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> D
     if metadata.get("format") != CHECKPOINT_FORMAT or "config" not in metadata:
         raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint "
                          f"(metadata format={metadata.get('format')!r})")
-    config = DualEncoderConfig.from_dict(json.loads(metadata["config"]))
+    try:
+        raw = json.loads(metadata["config"])
+        if not isinstance(raw, dict):
+            raise TypeError(f"a JSON {type(raw).__name__}, not an object")
+        config = DualEncoderConfig.from_dict(raw)
+    except (ValueError, TypeError) as err:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: the model config in its metadata is damaged or not this "
+                         f"version's ({type(err).__name__}: {err})") from None
     check_fits_in_memory(config, 1, str(path))  # before reading its tensors
     state = safetensors.torch.load_file(str(path))
     model = DualEncoder(config)

@@ -250,6 +250,12 @@ def caveats(report: dict) -> list[str]:
                    "no spread and mean little.")
     uniform = report["methods"]["uniform"]
     curve = uniform["curves"]["zero_shot_accuracy"]
+    early = [name for name, m in report["methods"].items() if name != "uniform"
+             and m.get("step_reaching_target") == m["curves"]["steps"][0]]
+    if early and _first_reaching(curve, uniform["target_accuracy"]) != 0:
+        out.append(f"{', '.join(early)} already reach{'es' if len(early) == 1 else ''} the "
+                   f"target at the first evaluation: {'its' if len(early) == 1 else 'their'} "
+                   f"speed-ups are lower bounds (no earlier step was evaluated).")
     if _first_reaching(curve, uniform["target_accuracy"]) == 0:
         out.append(f"Uniform's seed-averaged curve already reaches its final accuracy "
                    f"({100 * uniform['target_accuracy']:.1f}%) at its first evaluation "
@@ -565,6 +571,12 @@ def rebuild_report(run_dir: str | os.PathLike) -> dict:
             if lacking:
                 raise ValueError(f"{path}: run {i} lacks {lacking}: not curves saved by "
                                  f"`jestkit demo`")
+            steps, total = run["steps"], (run["config"] or {}).get("steps") if isinstance(
+                run["config"], dict) else None
+            if not (isinstance(steps, list) and steps and steps[-1] == total):
+                raise ValueError(f"{path}: run {i}'s curves end at step "
+                                 f"{steps[-1] if isinstance(steps, list) and steps else None}, "
+                                 f"not at its config's steps={total} (cut short or altered?)")
             bad = [k for k in _CURVE_KEYS if not _is_curve(run[k], run["steps"])]
             if bad:
                 raise ValueError(f"{path}: run {i}'s {bad} are not lists of finite numbers, "
