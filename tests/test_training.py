@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jestkit import training
-from jestkit.data import caption_digits, load_digits_web
+from jestkit.data import caption_digits, class_prompts, load_digits_web
 from jestkit.flops import FlopLedger, count_flops
 from jestkit.models import DualEncoder, load_model, sigmoid_loss
 from jestkit.selection import JointSelector
@@ -109,6 +109,57 @@ def test_evaluate_perfect_and_random_models(data):
     assert abs(chance["zero_shot_accuracy"] - 0.1) < 0.045
     assert abs(chance["i2t_recall@1"] - 0.1) < 0.045
     assert abs(chance["t2i_recall@1"] - 0.1) < 0.045
+
+
+def slow_evaluate(model, split, tokenizer) -> dict:
+    """`evaluate` the obvious way: one example at a time, a loop over classes and templates
+    (CLIP's ensembling: mean of the normalised prompt embeddings, renormalised), recall by
+    explicit loops, ties to the lowest index (as argmax)."""
+    model.eval()
+    with torch.no_grad():
+        length = split.tokens.shape[1]
+        images = [model.encode_image(split.images[i:i + 1])[0] for i in range(len(split))]
+        texts = [model.encode_text(split.tokens[i:i + 1])[0] for i in range(len(split))]
+        classes = []
+        for prompts in class_prompts(tokenizer):
+            rows = [model.encode_text(tokenizer.encode([p], max_len=length))[0]
+                    for p in prompts]
+            mean = sum(F.normalize(r, dim=0) for r in rows) / len(rows)
+            classes.append(F.normalize(mean, dim=0))
+
+    def best(query, keys):
+        scores = [float(query @ k) for k in keys]
+        return scores.index(max(scores))
+
+    labels = split.labels.tolist()
+    n = len(labels)
+    return {"zero_shot_accuracy": sum(best(u, classes) == y
+                                      for u, y in zip(images, labels, strict=True)) / n,
+            "i2t_recall@1": sum(labels[best(u, texts)] == y
+                                for u, y in zip(images, labels, strict=True)) / n,
+            "t2i_recall@1": sum(labels[best(v, images)] == y
+                                for v, y in zip(texts, labels, strict=True)) / n}
+
+
+def test_evaluate_equals_a_slow_evaluation_of_a_trained_model(data):
+    # Found in review: the oracle and random-model tests passed with a broken ensemble
+    # (first template only) or images encoded at another patch size.
+    model, info = train_reference(data, ReferenceConfig(steps=200))
+    fast = evaluate(model, data.test, data.tokenizer)
+    assert fast == slow_evaluate(model, data.test, data.tokenizer) == info["metrics"]
+    assert 0.3 < fast["zero_shot_accuracy"] < 0.95  # trained: neither chance nor perfect
+
+
+def test_evaluate_refuses_noisy_splits_and_diverged_models(data):
+    model = DualEncoder(small_model(data.tokenizer.vocab_size, 16, 1), seed=3)
+    with pytest.raises(ValueError, match=r"evaluate needs a clean split .* pool has \d+ noisy "
+                                         r"pairs"):
+        evaluate(model, data.pool, data.tokenizer)
+    with torch.no_grad():
+        model.image.head.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match="embeddings contain NaN or Inf: its weights have "
+                                         "diverged"):
+        evaluate(model, data.test, data.tokenizer)
 
 
 class LopsidedOracle(OracleModel):

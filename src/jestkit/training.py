@@ -276,15 +276,23 @@ def evaluate(model: DualEncoder, split: Split, tokenizer, batch_size: int = 500)
     """Zero-shot accuracy and retrieval on a clean split, at the model's full resolution.
 
     - zero_shot_accuracy: each image against the 10 class embeddings, each the mean of the
-      normalised embeddings of that class's caption under every template (prompt ensembling).
+      normalised embeddings of that class's caption under every template, renormalised
+      (CLIP's prompt ensembling).
     - i2t_recall@1 / t2i_recall@1 over the split's (image, caption) pairs: a retrieval counts
       as correct when the retrieved item shows / names the pair's digit. Captions describe
       only the digit, so many pairs share a caption text; exact-pair recall would reward
       arbitrary tie-breaking among identical captions.
 
     Returns a dict of floats in [0, 1], each an exact count / len(split) (a Python float, not
-    a float32 mean, so a curve that lands on a level compares equal to it).
+    a float32 mean, so a curve that lands on a level compares equal to it). A split with noisy
+    pairs (is_clean not all true) is refused: a wrong caption would be scored by its image's
+    digit. So are embeddings that are not finite (diverged weights), which argmax would turn
+    into a chance-level score.
     """
+    if split.is_clean is not None and not bool(split.is_clean.all()):
+        raise ValueError(f"evaluate needs a clean split (every caption names its image's "
+                         f"digit); {split.name or 'this split'} has "
+                         f"{int((~split.is_clean).sum())} noisy pairs: evaluate on data.test")
     was_training = model.training
     model.eval()
     try:
@@ -297,6 +305,9 @@ def evaluate(model: DualEncoder, split: Split, tokenizer, batch_size: int = 500)
                                 max_len=split.tokens.shape[1])
         class_emb = model.encode_text(flat).reshape(len(prompts), n_templates, -1).mean(1)
         class_emb = torch.nn.functional.normalize(class_emb, dim=-1)
+        if not all(bool(torch.isfinite(e).all()) for e in (images, texts, class_emb)):
+            raise ValueError("evaluate: the model's embeddings contain NaN or Inf: its "
+                             "weights have diverged (lower the learning rate)")
         labels = split.labels
         n = len(labels)
         zero_shot = int((images @ class_emb.T).argmax(1).eq(labels).sum()) / n
