@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 from jestkit import __version__
+from jestkit.data import CAPTION_MAX_WORDS
 from jestkit.demo import DEMO_MAX_TEXT_LEN, MAX_WORKERS
 
 
@@ -56,7 +57,7 @@ def _cache_reference(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from jestkit.cache import MAX_SHARD_SIZE, build_reference_cache
-    from jestkit.data import CAPTION_MAX_WORDS, MAX_SEED, load_digits_web
+    from jestkit.data import MAX_SEED, load_digits_web
     from jestkit.models import load_model
 
     if args.data != "digits-web":
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "every version)")
     demo.add_argument("--config", help="a JSON demo config (see configs/demo.json)")
     demo.add_argument("--workers", type=_workers, default=2,
-                      help="parallel learner runs (default 2, one per core)")
+                      help="parallel learner runs (default 2, sized for a 2-core machine; 1-256)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
 
@@ -161,15 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "the command says which shards it computed.")
     cache.add_argument("--reference", required=True, help="reference checkpoint (.safetensors)")
     cache.add_argument("--out", required=True, help="cache directory (resumed if interrupted)")
-    cache.add_argument("--data", default="digits-web", help="data set (default digits-web)")
+    cache.add_argument("--data", default="digits-web",
+                       help="the data set: only digits-web, the built-in one")
     cache.add_argument("--split", default="pool", choices=("pool", "curated", "test"),
                        help="which split to embed (default pool, the one JEST selects from)")
     cache.add_argument("--data-seed", type=int, default=0,
                        help="the data set's seed, as the demo config's data_seed (default 0)")
     cache.add_argument("--max-len", type=_positive_int, default=DEMO_MAX_TEXT_LEN,
                        help=f"caption length in tokens (default {DEMO_MAX_TEXT_LEN}, as the "
-                            f"demo pads them; at most the reference's max_text_len; a cache "
-                            f"is made for one length)")
+                            f"demo pads them; at least {CAPTION_MAX_WORDS}, the longest "
+                            f"caption, and at most the reference's max_text_len; a cache is "
+                            f"made for one length)")
     cache.add_argument("--shard-size", type=_positive_int, default=512,
                        help="examples per shard file (default 512)")
     cache.add_argument("--overwrite", action="store_true",
