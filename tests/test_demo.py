@@ -258,9 +258,12 @@ def test_bad_demo_config():
     from jestkit.demo import run_demo
 
     with pytest.raises(ValueError, match=r"learner.eval_every=5 gives 2 evaluations in 10 "
-                                         r"steps; .*mean of the last 3"):
+                                         r"steps; .*mean of the last 3.*give learner.eval_every "
+                                         r"at most 4, or 0"):
         run_demo(DemoConfig.from_dict({"learner": {"steps": 10, "eval_every": 5}}),
                  "/nonexistent/never-made")
+    with pytest.raises(ValueError, match="learner.steps must be at least 3"):
+        run_demo(DemoConfig.from_dict({"learner": {"steps": 2}}), "/nonexistent/never-made")
     with pytest.raises(ValueError, match="learner.multires_split must stay"):
         DemoConfig.from_dict({"learner": {"multires_split": "first_drawn_fine"}})
     with pytest.raises(ValueError, match=r"flexi_multires_split must be one of \['random', "

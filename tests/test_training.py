@@ -146,7 +146,13 @@ def test_evaluate_equals_a_slow_evaluation_of_a_trained_model(data):
     # (first template only) or images encoded at another patch size.
     model, info = train_reference(data, ReferenceConfig(steps=200))
     fast = evaluate(model, data.test, data.tokenizer)
-    assert fast == slow_evaluate(model, data.test, data.tokenizer) == info["metrics"]
+    assert fast == info["metrics"]
+    # Batched and one-at-a-time float32 products may differ in the last bits, which can flip
+    # a near-tie (the closest wrong-digit match here is 2e-6 behind): one example of 1,000.
+    slow = slow_evaluate(model, data.test, data.tokenizer)
+    assert fast.keys() == slow.keys()
+    for key in fast:
+        assert abs(fast[key] - slow[key]) <= 1 / len(data.test), key
     assert 0.3 < fast["zero_shot_accuracy"] < 0.95  # trained: neither chance nor perfect
 
 
@@ -692,6 +698,15 @@ def test_a_diverging_run_is_an_error_naming_the_step_and_lr(data, reference, met
     with pytest.raises(ValueError, match=r"reference training diverged at step \d+: the loss "
                                          r"is (nan|inf).*reference.lr"):
         train_reference(data, ReferenceConfig(steps=10, batch_size=16, width=16, lr=1e6))
+    # An update that breaks the weights after the last finite loss: found in review, a
+    # chance-level result (no error), then an evaluation error naming no step or lr.
+    for run in (lambda: train_reference(data, ReferenceConfig(steps=1, lr=1e2, warmup_steps=0,
+                                                              batch_size=32, width=16)),
+                lambda: train_learner(data, dataclasses.replace(
+                    TINY, method="uniform", steps=1, eval_every=1, lr=1e6, warmup_steps=0))):
+        with pytest.raises(ValueError, match=r"training diverged at step 1: its weights or "
+                                             r"temperature are no longer finite; lower"):
+            run()
 
 
 def test_text_heads_reach_the_models(data, tmp_path):

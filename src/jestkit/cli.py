@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "every version)")
     demo.add_argument("--config", help="a JSON demo config (see configs/demo.json)")
     demo.add_argument("--workers", type=_workers, default=2,
-                      help="parallel learner runs (default 2, sized for a 2-core machine; 1-256)")
+                      help=f"parallel learner runs (default 2, sized for a 2-core machine; "
+                           f"1-{MAX_WORKERS})")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
 

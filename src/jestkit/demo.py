@@ -618,11 +618,13 @@ def run_demo(cfg: DemoConfig, out_dir: str | os.PathLike, *, overwrite: bool = F
         check_trainable(getattr(cfg, block), vocab, "demo config", prefix=f"{block}.")
     evaluations = -(-cfg.learner.steps // cfg.learner.eval_interval)
     if evaluations < 3:  # found in review: the mean of 1 or 2 evaluations, silently
+        fix = ("learner.steps must be at least 3" if cfg.learner.steps < 3 else
+               f"give learner.eval_every at most {(cfg.learner.steps - 1) // 2}, or 0 for "
+               f"steps // 40")
         raise ValueError(f"demo config: learner.eval_every={cfg.learner.eval_every} gives "
                          f"{evaluations} evaluations in {cfg.learner.steps} steps; the "
                          f"protocol's final accuracy is the mean of the last 3 (the plateau "
-                         f"check needs 10): give at most {max(1, cfg.learner.steps // 3)} "
-                         f"(at least 3 steps), or 0 for steps // 40")
+                         f"check needs 10): {fix}")
     prepare_out_dir(out, overwrite, resume)
     work = partial_dir(out)
     if work.exists() and not work.is_dir():

@@ -571,16 +571,14 @@ def rebuild_report(run_dir: str | os.PathLike) -> dict:
             if lacking:
                 raise ValueError(f"{path}: run {i} lacks {lacking}: not curves saved by "
                                  f"`jestkit demo`")
-            steps, total = run["steps"], (run["config"] or {}).get("steps") if isinstance(
-                run["config"], dict) else None
-            if not (isinstance(steps, list) and steps and steps[-1] == total):
-                raise ValueError(f"{path}: run {i}'s curves end at step "
-                                 f"{steps[-1] if isinstance(steps, list) and steps else None}, "
-                                 f"not at its config's steps={total} (cut short or altered?)")
             bad = [k for k in _CURVE_KEYS if not _is_curve(run[k], run["steps"])]
             if bad:
                 raise ValueError(f"{path}: run {i}'s {bad} are not lists of finite numbers, "
                                  f"one per evaluated step (altered?)")
+            total = run["config"].get("steps") if isinstance(run["config"], dict) else None
+            if _is_number(total) and run["steps"][-1] != total:
+                raise ValueError(f"{path}: run {i}'s curves end at step {run['steps'][-1]}, "
+                                 f"not at its config's steps={total} (cut short or altered?)")
     try:
         report = build_report(runs, old["reference"], old["config"])
     except (KeyError, TypeError, IndexError, AttributeError) as err:

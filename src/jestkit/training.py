@@ -415,6 +415,17 @@ def _diverged(model: DualEncoder) -> bool:
                     and all(bool(torch.isfinite(p).all()) for p in model.parameters()))
 
 
+def _evaluate_run(model: DualEncoder, data: DigitsWeb, step: int, cfg, what: str) -> dict:
+    """`evaluate` on test during a run, once the weights and temperature are checked finite:
+    an update that broke them (the loss before it was still finite) is the run diverging,
+    said so, rather than an evaluation error or a chance-level score."""
+    if _diverged(model):
+        raise ValueError(f"{what} training diverged at step {step + 1}: its weights or "
+                         f"temperature are no longer finite; lower the learning rate "
+                         f"(lr={cfg.lr}; in a demo config {what}.lr)")
+    return evaluate(model, data.test, data.tokenizer)
+
+
 def _check_loss(loss: float, step: int, cfg, what: str) -> None:
     """ValueError once a training loss is not finite: the run has diverged, and every later
     step and evaluation would be NaN (found in review: a demo reported such a run as a
@@ -484,7 +495,7 @@ def train_reference(data: DigitsWeb, cfg: ReferenceConfig = ReferenceConfig(),
         if progress:
             progress(step + 1, cfg.steps)
     model.eval()
-    return model, {"metrics": evaluate(model, data.test, data.tokenizer),
+    return model, {"metrics": _evaluate_run(model, data, cfg.steps - 1, cfg, "reference"),
                    "flops": ledger.train,
                    "config": asdict(cfg)}
 
@@ -673,7 +684,7 @@ def train_learner(
         _check_loss(loss, step, cfg, "learner")
         done = step + 1
         if done % cfg.eval_interval == 0 or done == cfg.steps:
-            metrics = evaluate(model, data.test, data.tokenizer)
+            metrics = _evaluate_run(model, data, step, cfg, "learner")
             result.steps.append(done)
             result.zero_shot_accuracy.append(metrics["zero_shot_accuracy"])
             result.i2t_recall.append(metrics["i2t_recall@1"])
