@@ -545,6 +545,28 @@ def test_failed_save_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch) ->
     assert model_fingerprint(load_model(path)) == model_fingerprint(old)
 
 
+def test_a_weight_altered_on_disk_is_refused_and_old_files_still_load(tmp_path) -> None:
+    # Found in review: safetensors has no checksum, so a flipped bit in the tensor data
+    # loaded silently as another model. The fingerprint is saved with the tensors.
+    model = DualEncoder(tiny_config(), seed=3)
+    path = tmp_path / "model.safetensors"
+    save_model(model, path)
+    raw = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(raw[:8], "little")  # safetensors: u64 header size, header
+    assert safetensors.torch.load(bytes(raw)).keys() == model.state_dict().keys()
+    raw[header + (len(raw) - header) // 2] ^= 0x04  # one bit of one weight
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="model.safetensors: its tensors do not match the "
+                                         "fingerprint saved with them"):
+        load_model(path)
+    # A file written before the fingerprint was saved loads as it did.
+    old = tmp_path / "old.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                                str(old), metadata={"format": "jestkit.dual_encoder.v1",
+                                                    "config": model.config.to_json()})
+    assert model_fingerprint(load_model(old)) == model_fingerprint(model)
+
+
 def test_load_rejects_foreign_safetensors(tmp_path) -> None:
     path = tmp_path / "other.safetensors"
     safetensors.torch.save_file({"w": torch.zeros(2)}, str(path))

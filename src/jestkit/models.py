@@ -674,8 +674,12 @@ def save_model(model: DualEncoder, path: str | os.PathLike) -> None:
     leaves no partial checkpoint under the final name (`jestkit.atomic.atomic_write`).
     """
     path = Path(path)
-    metadata = {"format": CHECKPOINT_FORMAT, "config": model.config.to_json()}
-    data = safetensors.torch.save(_cpu_state(model), metadata=metadata)
+    state = _cpu_state(model)
+    # The fingerprint goes with the tensors: safetensors has no checksum of its own, and a
+    # flipped bit in a weight would otherwise load as a (silently) different model.
+    metadata = {"format": CHECKPOINT_FORMAT, "config": model.config.to_json(),
+                "fingerprint": _fingerprint(model.config, state)}
+    data = safetensors.torch.save(state, metadata=metadata)
     atomic_write(path, data)
 
 
@@ -711,6 +715,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> D
         what = "; ".join(line.strip() for line in str(err).splitlines()[1:])
         raise ValueError(f"{path}: its tensors do not fit the model its metadata describes "
                          f"(altered?): {what}") from None
+    saved = metadata.get("fingerprint")  # absent from files written before it was saved
+    if saved is not None and model_fingerprint(model) != saved:
+        raise ValueError(f"{path}: its tensors do not match the fingerprint saved with them: "
+                         f"altered or damaged since it was written")
     return model.to(device)
 
 
@@ -721,6 +729,10 @@ def model_fingerprint(model: DualEncoder) -> str:
     is independent of device and of dict order, and no two different models collide by
     concatenation. Used to tie cached embeddings to the exact model that made them.
     """
+    return _fingerprint(model.config, _cpu_state(model))
+
+
+def _fingerprint(config: DualEncoderConfig, state: dict[str, Tensor]) -> str:
     h = hashlib.sha256()
 
     def put(data: bytes) -> None:
@@ -728,8 +740,7 @@ def model_fingerprint(model: DualEncoder) -> str:
         h.update(data)
 
     put(CHECKPOINT_FORMAT.encode())
-    put(model.config.to_json().encode())
-    state = _cpu_state(model)
+    put(config.to_json().encode())
     for name in sorted(state):
         t = state[name]
         put(name.encode())
