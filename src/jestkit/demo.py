@@ -63,6 +63,7 @@ from jestkit.training import (
     ReferenceConfig,
     check_field_types,
     check_trainable,
+    multires_split_of_older_run,
     train_learner,
     train_reference,
 )
@@ -526,11 +527,9 @@ def _check_resumable(work: Path, cfg: DemoConfig, allow_other_code: bool = False
                                   f"config made them is unknown; move it away")
         return {}
     _check_code_version(work, done, allow_other_code)
-    saved_config = _with_split_of_older_versions(read_json(config_path, dict))
-    for result in done.values():
-        if isinstance(result.get("config"), dict):
-            result["config"] = _with_split_of_older_versions(result["config"], run=True)
-    diffs = _config_differences(_order_free(saved_config), _order_free(_as_json(asdict(cfg))))
+    now = _as_json(asdict(cfg))
+    saved_config = _with_split_of_older_versions(read_json(config_path, dict), now)
+    diffs = _config_differences(_order_free(saved_config), _order_free(now))
     if diffs:
         raise ValueError(f"--resume: the interrupted demo in {work} ran another config; give "
                          f"the same config to continue it, or delete {work} to start afresh. "
@@ -538,6 +537,11 @@ def _check_resumable(work: Path, cfg: DemoConfig, allow_other_code: bool = False
     expected = {_run_key(name, lc.seed): _as_json(asdict(lc))
                 for name, _, lc in learner_configs(cfg)}
     for key, result in done.items():
+        run = result.get("config")
+        if isinstance(run, dict) and "multires_split" not in run and key in expected:
+            # Saved before the split was an option: the split it ran with.
+            result["config"] = {**run, "multires_split": multires_split_of_older_run(
+                run, expected[key]["multires_split"])}
         if expected.get(key) != result.get("config"):
             raise ValueError(f"{work / 'runs' / 'finished' / (key + '.json')} is not a run of "
                              f"this demo's config; delete that file to train the run again")
@@ -558,25 +562,20 @@ def _check_resumable(work: Path, cfg: DemoConfig, allow_other_code: bool = False
     return done
 
 
-def _with_split_of_older_versions(config: dict, run: bool = False) -> dict:
-    """A demo config (or, with `run`, one learner run's config) saved before the multi-
-    resolution split was an option, as it would be saved now: those runs trained the
-    first-drawn picks at the fine patch size ("first_drawn_fine"); where no run trains at
-    two resolutions the split was never used and takes its default."""
-    config = dict(config)
-    learner = config if run else config.get("learner")
-    if run and "multires_split" not in config:
-        multires = (config.get("multires_fraction") and config.get("score_patch_size")
-                    and config.get("method") != "uniform")
-        config["multires_split"] = "first_drawn_fine" if multires else "random"
-    elif not run and isinstance(learner, dict):
-        if "multires_split" not in learner:
-            config["learner"] = {**learner, "multires_split": "random"}
-        if "flexi_multires_split" not in config:
-            multires = config.get("flexi_multires_fraction") and any(
-                name.endswith("-flexi") for name in config.get("methods") or [])
-            config["flexi_multires_split"] = "first_drawn_fine" if multires else "random"
-    return config
+def _with_split_of_older_versions(saved: dict, now: dict) -> dict:
+    """A demo config saved before the multi-resolution split was an option, as it would be
+    saved now (`now`: this demo's): the -flexi runs of a multi-resolution demo trained their
+    first-drawn picks at the fine patch size; in any other demo the split was never used."""
+    saved = dict(saved)
+    if isinstance(saved.get("learner"), dict) and "multires_split" not in saved["learner"]:
+        saved["learner"] = {**saved["learner"],
+                            "multires_split": now["learner"]["multires_split"]}
+    if "flexi_multires_split" not in saved:
+        multires = saved.get("flexi_multires_fraction") and any(
+            name.endswith("-flexi") for name in saved.get("methods") or [])
+        saved["flexi_multires_split"] = ("first_drawn_fine" if multires
+                                         else now["flexi_multires_split"])
+    return saved
 
 
 def _lock(work: Path) -> int | None:

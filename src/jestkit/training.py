@@ -912,6 +912,15 @@ def _newest_checkpoint(run_dir) -> tuple[Path, dict]:
     raise ValueError(f"no checkpoint in {root} can be resumed: " + "; ".join(damaged))
 
 
+def multires_split_of_older_run(config: dict, default: str) -> str:
+    """The multires_split a learner run saved before the option existed ran with (its
+    config, as a dict): a selected multi-resolution run trained its first-drawn picks at the
+    fine patch size, "first_drawn_fine"; any other run never split, so `default` fits it."""
+    multires = (config.get("multires_fraction") and config.get("score_patch_size")
+                and config.get("method") != "uniform")
+    return "first_drawn_fine" if multires else default
+
+
 def _load_checkpoint(run_dir, cfg, model, opt, sampler, gen, ledger, result, clean_seen,
                      reference_id) -> int:
     ckpt, state = _newest_checkpoint(run_dir)
@@ -925,11 +934,8 @@ def _load_checkpoint(run_dir, cfg, model, opt, sampler, gen, ledger, result, cle
     if state.get("version", 1) < 3:
         saved.setdefault("text_heads", 4)  # always 4 then: resumable with text_heads=4
     if state.get("version", 1) < 5:
-        # How those runs split a sub-batch; only a selected, multi-resolution run has a split.
-        multires = (saved.get("multires_fraction") and saved.get("score_patch_size")
-                    and saved.get("method") != "uniform")
-        saved.setdefault("multires_split", "first_drawn_fine" if multires else
-                         cfg.multires_split)
+        saved.setdefault("multires_split", multires_split_of_older_run(saved,
+                                                                       cfg.multires_split))
     if saved != asdict(cfg):
         diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
         why = (" (checkpoints written before multires_split existed trained the first-drawn "
