@@ -998,3 +998,24 @@ def test_gpu_check_compares_devices_and_says_when_there_is_no_cuda(monkeypatch, 
     assert module.main([]) == 0
     monkeypatch.setattr(module, "selection_table", lambda dev, sizes: False)  # held N x N
     assert module.main([]) == 1
+
+
+def test_corruption_readability_reads_each_kind_as_it_is_made(monkeypatch, capsys):
+    # The pool's corrupted pairs count as noise; how readable each corruption leaves the
+    # digit is measured, not assumed (docs/results.md, "How noisy is a corrupted image?").
+    module = _benchmark(monkeypatch, "corruption_readability")
+    assert module.main(["--seeds", "0"]) == 0
+    rows = {}
+    for line in capsys.readouterr().out.splitlines()[2:]:
+        name, seed0, mean = [cell.strip() for cell in line.strip("|").split("|")]
+        assert seed0 == mean  # one seed: its mean is itself
+        rows[name] = float(seed0.rstrip("%"))
+    assert list(rows) == ["test clean", "test gaussian_noise", "test blank", "test occlusion",
+                          "pool clean", "pool corrupt_image"]
+    assert rows["test blank"] == 10.0  # every blank image is the same: one class of ten
+    assert rows["test clean"] > 75 and rows["pool clean"] > 75
+    assert 10 < rows["test occlusion"] < rows["test gaussian_noise"] < rows["test clean"] - 15
+    assert rows["pool corrupt_image"] < rows["pool clean"] - 40
+    with pytest.raises(SystemExit):
+        module.main(["--seeds", "-1"])
+    assert "--seeds must be in [0, 4294967295]" in capsys.readouterr().err
