@@ -14,9 +14,10 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 __all__ = ["atomic_write", "move_into_place", "replacing_directory", "set_aside_copy_of",
-           "sha256_file", "unfinished_write"]
+           "sha256_file", "sha256_stream", "unfinished_write"]
 
 
 @contextlib.contextmanager
@@ -105,10 +106,16 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
 
 def sha256_file(path: str | os.PathLike) -> str:
     """The SHA-256 hex digest of a file's bytes, read in 1 MiB blocks (any size)."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+        return sha256_stream(f)
+
+
+def sha256_stream(f: BinaryIO) -> str:
+    """The SHA-256 hex digest of what is left to read in the binary file `f` (1 MiB blocks):
+    for a caller that must go on using the very file it hashed."""
+    h = hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
     return h.hexdigest()
 
 

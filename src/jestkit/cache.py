@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jestkit.atomic import atomic_write, sha256_file, unfinished_write
+from jestkit.atomic import atomic_write, sha256_file, sha256_stream, unfinished_write
 from jestkit.data import Batch, Split
 from jestkit.models import DualEncoder, model_fingerprint
 from jestkit.selection import ModelEmbeddings
@@ -539,10 +539,7 @@ class ReferenceCache:
             if not path.exists():
                 raise CacheError(f"shard {path.name} of the cache at {self.root} is missing")
             with open(path, "rb") as f:
-                h = hashlib.sha256()
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-                if h.hexdigest() != self.manifest["shards"][k]:
+                if sha256_stream(f) != self.manifest["shards"][k]:
                     raise CacheError(f"shard {path.name} fails its checksum: altered or "
                                      f"truncated since the cache was built; rebuild it with "
                                      f"`jestkit cache-reference` (it recomputes only bad "

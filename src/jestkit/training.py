@@ -420,9 +420,8 @@ def _evaluate_run(model: DualEncoder, data: DigitsWeb, step: int, cfg, what: str
     an update that broke them (the loss before it was still finite) is the run diverging,
     said so, rather than an evaluation error or a chance-level score."""
     if _diverged(model):
-        raise ValueError(f"{what} training diverged at step {step + 1}: its weights or "
-                         f"temperature are no longer finite; lower the learning rate "
-                         f"(lr={cfg.lr}; in a demo config {what}.lr)")
+        raise _divergence(what, cfg, f"at step {step + 1}: its weights or temperature are no "
+                                     f"longer finite")
     return evaluate(model, data.test, data.tokenizer)
 
 
@@ -431,9 +430,14 @@ def _check_loss(loss: float, step: int, cfg, what: str) -> None:
     step and evaluation would be NaN (found in review: a demo reported such a run as a
     plateaued baseline)."""
     if not math.isfinite(loss):
-        raise ValueError(f"{what} training diverged at step {step + 1}: the loss is {loss}; "
-                         f"lower the learning rate (lr={cfg.lr}; in a demo config "
-                         f"{what}.lr)")
+        raise _divergence(what, cfg, f"at step {step + 1}: the loss is {loss}")
+
+
+def _divergence(what: str, cfg, when: str) -> ValueError:
+    """The error of a diverged run: `what` ("learner"/"reference") diverged `when`, and the
+    field to change (its own, and a demo config's)."""
+    return ValueError(f"{what} training diverged {when}; lower the learning rate "
+                      f"(lr={cfg.lr}; in a demo config {what}.lr)")
 
 
 def _split_sizes(b: int, patch_sizes, coarse_fraction: float) -> list[tuple[int | None, int]]:
@@ -671,9 +675,8 @@ def train_learner(
             except ValueError as err:  # the selector's checks of the learner's embeddings
                 if not _diverged(model):
                     raise
-                raise ValueError(f"learner training diverged by step {step}: its weights or "
-                                 f"temperature are no longer finite ({err}); lower the learning "
-                                 f"rate (lr={cfg.lr})") from None
+                raise _divergence("learner", cfg, f"by step {step}: its weights or temperature "
+                                                  f"are no longer finite ({err})") from None
             idx = _order_for_training(idx, cfg, train_patches, select_gen)
             batch = Batch(batch.images[idx], batch.tokens[idx], batch.ids[idx],
                           batch.indices[idx])
