@@ -176,6 +176,15 @@ def test_modified_image_is_refused(cache_dir, split):
                        "captions padded to another length")
 
 
+def test_same_ids_with_each_others_content_are_refused(cache_dir, split):
+    # Found in review: no test bound an example's content to its id. Same ids, same order,
+    # every image and caption moved to the next id: the same set of examples, but a lookup
+    # by id would return another example's embedding.
+    roll = torch.roll(torch.arange(len(split)), 1)
+    moved = dataclasses.replace(split, images=split.images[roll], tokens=split.tokens[roll])
+    expect_cache_error(lambda: ReferenceCache.open(cache_dir, split=moved), "content_sha256")
+
+
 def test_same_data_other_order_is_refused(cache_dir, split):
     perm = torch.randperm(SUBSET, generator=torch.Generator().manual_seed(1))
     message = expect_cache_error(
@@ -291,6 +300,19 @@ def test_a_directory_that_holds_no_cache_is_never_written_into(tmp_path, model, 
                                                                      overwrite=o),
                            "holds no cache (no manifest.json): notes.txt, shard_000000.tar")
     assert snapshot(wds) == before
+    # Six-digit .npy shards are someone else's too (found in review: "holds cache files",
+    # and --overwrite deleted them).
+    npy = tmp_path / "npy"
+    npy.mkdir()
+    for k in range(3):
+        np.save(npy / f"shard_{k:06d}.npy", np.arange(4))
+    npy_before = snapshot(npy)
+    for overwrite in (False, True):
+        expect_cache_error(lambda o=overwrite: build_reference_cache(model, split, npy,
+                                                                     shard_size=SHARD,
+                                                                     overwrite=o),
+                           "holds no cache (no manifest.json): shard_000000.npy")
+    assert snapshot(npy) == npy_before
     # Files a file manager or git leaves in any directory do not make it someone's data.
     kept = tmp_path / "kept"
     kept.mkdir()
@@ -329,6 +351,19 @@ def test_a_shard_stamped_by_another_build_is_recomputed(tmp_path, built, config,
     assert shard_files(mine)["shard_00002.npy"] != want["shard_00002.npy"]
     build_reference_cache(other, split, mine, shard_size=SHARD).verify()
     assert shard_files(mine) == want
+
+
+def test_a_shard_stamped_with_another_index_is_recomputed(tmp_path, built, model, split):
+    # Found in review: no test read the index in the stamp. Shard 1 and its sidecar copied
+    # to index 3 in an interrupted build verify by checksum and build; only the index says
+    # they hold rows 100-199, not 300-399.
+    out = as_interrupted(built, tmp_path / "ref")
+    want = shard_files(built)
+    for suffix in ("", ".sha256"):
+        shutil.copy(built / f"shard_00001.npy{suffix}", out / f"shard_00003.npy{suffix}")
+    cache = build_reference_cache(model, split, out, shard_size=SHARD)
+    assert cache.computed_shards == [3]
+    assert shard_files(out) == want
 
 
 def test_building_a_complete_cache_again_leaves_it_alone(cache_dir, model, split):
@@ -564,7 +599,10 @@ def test_a_build_removes_what_a_killed_build_left_and_nothing_else(tmp_path, bui
     out = as_interrupted(built, tmp_path / "ref")
     debris = [".shard_00002.npy.k2j4_x9.tmp", ".shard_00002.npy.sha256.a8b7.tmp",
               ".manifest.json.q1w2e3.tmp", ".ids.npy.zz_top.tmp"]
-    mine = ["shard_notes.txt", ".results.csv.abc.tmp", "shard_0001x.npy"]
+    # A user's shard_000001.npy (six digits) is not a name this module gives (found in
+    # review: any shard_<digits>.npy was deleted by --overwrite).
+    mine = ["shard_notes.txt", ".results.csv.abc.tmp", "shard_0001x.npy", "shard_000001.npy",
+            "shard_7.npy", "shard_000001.npy.sha256"]
     for name in debris + mine:
         (out / name).write_bytes(b"partial")
     (out / "shard_backup").mkdir()
@@ -650,6 +688,27 @@ def test_deleted_ids_file_is_named_and_a_build_repairs_it(cache_dir, split, mode
     cache = build_reference_cache(model, split, cache_dir, shard_size=SHARD)
     assert cache.computed_shards == []  # the shards were fine: only the ids are rewritten
     np.testing.assert_array_equal(np.load(cache_dir / "ids.npy"), split.ids.numpy())
+
+
+def test_an_ids_file_that_repeats_an_id_is_refused_at_open(cache_dir):
+    # Builds refuse repeated ids; a cache whose ids.npy repeats one (its checksum updated
+    # to match, as a hand-made cache would be) must not open: a lookup would return one
+    # row for two examples.
+    ids = np.load(cache_dir / "ids.npy")
+    ids[1] = ids[0]
+    np.save(cache_dir / "ids.npy", ids)
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    manifest["ids_sha256_file"] = hashlib.sha256((cache_dir / "ids.npy").read_bytes()).hexdigest()
+    (cache_dir / "manifest.json").write_text(json.dumps(manifest))
+    expect_cache_error(lambda: ReferenceCache.open(cache_dir), "ids.npy repeats example ids")
+
+
+def test_an_empty_split_is_refused(tmp_path, model, split):
+    # Found in review: it built a cache of nothing, whose every lookup failed unhelpfully.
+    with pytest.raises(ValueError, match="split is empty"):
+        build_reference_cache(model, split.subset(torch.tensor([], dtype=torch.long)),
+                              tmp_path / "ref")
+    assert not (tmp_path / "ref").exists()
 
 
 def test_altered_ids_file_is_refused(cache_dir, split):

@@ -600,6 +600,17 @@ def test_tokenizer_and_shift_refuse_what_they_would_misread(web: DigitsWeb) -> N
         tok.decode(torch.tensor([[2, -1]]))  # -1 read the last word
     with pytest.raises(ValueError, match="tokens must be ids"):
         tok.decode(torch.tensor([tok.vocab_size]))
+    # Found in review: bare TypeErrors from inside decode, and an allocator error for a
+    # max_len of 10**12.
+    for bad, what in ((torch.tensor(3), "a 0-D torch.int64 tensor"),
+                      (torch.ones(1, 2, 3, dtype=torch.long), "a 3-D torch.int64 tensor"),
+                      (torch.tensor([2.0, 3.0]), "a 1-D torch.float32 tensor"),
+                      ([2, 3], "list")):
+        with pytest.raises(TypeError, match=rf"tokens must be an integer tensor \[n, L\] or "
+                                            rf"\[L\] of ids, got {what}"):
+            tok.decode(bad)
+    with pytest.raises(ValueError, match=r"max_len must be in \[1, 4096\]"):
+        tok.encode(["seven"], max_len=10**12)
     images = web.pool.images[:4]
     for bad, error in ((2.0, TypeError), (True, TypeError), (32, ValueError), (-1, ValueError)):
         with pytest.raises(error, match="max_shift must be"):

@@ -116,11 +116,16 @@ def test_measuring_train_flops_leaves_grads_alone(tiny) -> None:
         p.grad = None
     measure_train_step_flops(model, images, tokens)
     assert all(p.grad is None for p in model.parameters())
-    marker = torch.ones_like(model.logit_bias)
-    model.logit_bias.grad = marker
+    # Every parameter holds a gradient (as mid-accumulation in a training loop): measuring
+    # must give each back as it was, the same tensor with the same values, not add into it.
+    markers = {name: torch.full_like(p, 0.5) for name, p in model.named_parameters()}
+    for name, p in model.named_parameters():
+        p.grad = markers[name]
     measure_train_step_flops(model, images, tokens)
-    assert model.logit_bias.grad is marker
-    model.logit_bias.grad = None
+    for name, p in model.named_parameters():
+        assert p.grad is markers[name], name
+        assert torch.equal(p.grad, torch.full_like(p, 0.5)), name
+        p.grad = None
 
 
 def test_attention_is_counted(model) -> None:

@@ -673,3 +673,158 @@ def test_sigmoid_loss_refuses_what_would_broadcast_or_be_parsed() -> None:
     assert loss.item() == pytest.approx(sigmoid_loss(u, u, 10.0, -10.0).item(), rel=1e-4)
     assert sigmoid_loss(u, u, np.float32(10.0), -10).item() == pytest.approx(loss.item(),
                                                                                rel=1e-4)
+
+
+# --- found in review -------------------------------------------------------------------------
+
+
+def _slow_antialiased_resize_1d(old: int, new: int) -> torch.Tensor:
+    """[new, old] weights of shrinking by s = old / new the way jax.image.resize('linear')
+    does (FlexiViT): a triangle kernel stretched to half-width s, centred at each output
+    pixel's centre in input coordinates, normalised over the input pixels it covers."""
+    s = old / new
+    m = torch.zeros(new, old, dtype=torch.float64)
+    for j in range(new):
+        centre = (j + 0.5) * s - 0.5
+        for i in range(old):
+            m[j, i] = max(0.0, 1 - abs(i - centre) / s)
+        m[j] /= m[j].sum()
+    return m
+
+
+@pytest.mark.parametrize("grid, new_grid", [(8, 2), (4, 2), (8, 3), (6, 4), (4, 1)])
+def test_shrinking_pos_embed_is_antialiased(grid, new_grid) -> None:
+    # Every coarse forward shrinks the positional grid (4x4 -> 2x2 at Flexi's scoring
+    # patch). Without antialiasing a 4x shrink reads 2 of every 4 rows and drops the rest;
+    # the orientation test's linear grids cannot tell (found in review).
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randn(1, grid * grid, 3, generator=g, dtype=torch.float64)
+    m = _slow_antialiased_resize_1d(grid, new_grid)
+    want = torch.einsum("ai,bj,ijc->abc", m, m, pos.reshape(grid, grid, 3))
+    out = resize_pos_embed(pos, new_grid).reshape(new_grid, new_grid, 3)
+    torch.testing.assert_close(out, want, atol=1e-12, rtol=0)
+
+
+def _slow_attention(block, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """Multi-head self-attention written out head by head and query by query."""
+    batch, length, width = x.shape
+    heads, head_dim = block.heads, width // block.heads
+    q, k, v = block.qkv(x).split(width, dim=-1)
+    out = torch.zeros_like(x)
+    for b in range(batch):
+        for h in range(heads):
+            cols = slice(h * head_dim, (h + 1) * head_dim)
+            for i in range(length):
+                logits = torch.stack([q[b, i, cols] @ k[b, j, cols] / math.sqrt(head_dim)
+                                      for j in range(length)])
+                if key_mask is not None:
+                    logits = logits.masked_fill(~key_mask[b], float("-inf"))
+                weights = torch.exp(logits - logits.max())
+                weights = weights / weights.sum()
+                out[b, i, cols] = sum(weights[j] * v[b, j, cols] for j in range(length))
+    return block.proj(out)
+
+
+@pytest.mark.parametrize("heads, length", [(1, 5), (2, 4), (4, 20)])
+def test_attention_equals_a_slow_head_by_head_version(heads, length) -> None:
+    # Found in review: the 1 / sqrt(head_dim) scale could be 1 / sqrt(width), or gone, and
+    # the heads merged back in the wrong order, with every test passing.
+    block = models.Block(width=16, heads=heads).double()
+    g = torch.Generator().manual_seed(heads)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5)
+    x = torch.randn(2, length, 16, generator=g, dtype=torch.float64)
+    key_mask = torch.ones(2, length, dtype=torch.bool)
+    key_mask[1, length // 2:] = False  # padding in the second sequence
+    for mask in (None, key_mask):
+        torch.testing.assert_close(block.attention(x, mask), _slow_attention(block, x, mask),
+                                   atol=1e-10, rtol=1e-10)
+
+
+def test_pi_resize_to_a_finer_patch_is_the_least_squares_kernel() -> None:
+    # Shrinking a patch (new < old) has no exact inverse: PI-resize promises the kernel w'
+    # minimising |B^T w' - w| (unique: B^T has full column rank), i.e. the one solving the
+    # normal equations B (B^T w' - w) = 0. A plainly resized kernel fails them.
+    g = torch.Generator().manual_seed(0)
+    for old, new in [(8, 4), (8, 2), (6, 4)]:
+        b = bilinear_resize_matrix(old, new)  # [new^2, old^2]
+        w = torch.randn(5, old * old, generator=g, dtype=torch.float64)
+        w_new = w @ pi_resize_matrix(old, new)  # [5, new^2]
+        residual = w_new @ b - w  # (B^T w' - w) per kernel row
+        torch.testing.assert_close(residual @ b.T, torch.zeros(5, new * new, dtype=torch.float64),
+                                   atol=1e-10, rtol=0)
+        plain = w @ b.T  # the kernel bilinearly resized, as a naive FlexiViT would
+        assert ((plain @ b - w) @ b.T).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.uint8, torch.float16])
+def test_images_of_another_dtype_are_refused_by_name(dtype) -> None:
+    # Found in review: a float64 or uint8 batch failed 9 frames deep in a matmul.
+    model = DualEncoder(tiny_config())
+    images = (torch.rand(2, 1, 32, 32) * 255).to(dtype)
+    with pytest.raises(ValueError, match=f"images must be torch.float32 like the model's "
+                                         f"weights, got {dtype}"):
+        model.encode_image(images)
+    with pytest.raises(ValueError, match="images must be"):
+        model.image.patch_embed(images, 8)
+
+
+def test_patch_embed_refuses_images_its_patch_does_not_cut() -> None:
+    # Found in review: 30 x 30 failed in a reshape. (Other sizes the patch divides are
+    # fine: test_pi_resize_upsampled_image_reproduces_tokens embeds 64 x 64 images.)
+    embed = DualEncoder(tiny_config()).image.patch_embed
+    for shape in ((2, 1, 30, 30), (2, 1, 32, 16), (2, 3, 32, 32), (1, 32, 32)):
+        with pytest.raises(ValueError, match=r"images must have shape \[B, 1, S, S\] with S "
+                                             r"a multiple of patch_size=8"):
+            embed(torch.rand(*shape), 8)
+    assert embed(torch.rand(2, 1, 16, 16), 8).shape == (2, 4, 32)
+    with pytest.raises(TypeError, match="images must be a Tensor"):
+        embed(np.zeros((2, 1, 32, 32), dtype=np.float32), 8)
+
+
+def test_images_of_another_float_dtype_run_under_autocast() -> None:
+    model = DualEncoder(tiny_config())
+    images, _ = batch(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.encode_image(images.to(torch.bfloat16))
+    assert out.shape == (2, 16) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(seed=1.5), ValueError,
+         r"seed must be an int in \[0, 9223372036854775807\], got 1\.5"),
+        (dict(seed=True), ValueError, "seed must be an int"),
+        (dict(seed=-1), ValueError, "seed must be an int"),
+        (dict(seed=2**64), ValueError, "seed must be an int"),
+        (dict(generator=5), TypeError, "generator must be a torch.Generator or None, got int"),
+    ],
+)
+def test_bad_seed_or_generator_is_named(kwargs, error, match) -> None:
+    with pytest.raises(error, match=match):
+        DualEncoder(tiny_config(), **kwargs)
+
+
+def test_load_model_names_a_bad_device(tmp_path) -> None:
+    path = tmp_path / "m.safetensors"
+    save_model(DualEncoder(tiny_config()), path)
+    with pytest.raises(ValueError, match=r"device must be a torch device.*'gpu'"):
+        load_model(path, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device='cuda:7', but CUDA is not available"):
+            load_model(path, device="cuda:7")
+
+
+def test_a_mixed_precision_model_loads_as_saved(tmp_path) -> None:
+    # Found in review: a bfloat16 image tower with a float32 text tower saved fine, then
+    # loaded into float32 and was refused as "altered or damaged".
+    model = DualEncoder(tiny_config(), seed=2)
+    model.image.to(torch.bfloat16)
+    path = tmp_path / "mixed.safetensors"
+    save_model(model, path)
+    back = load_model(path)
+    assert model_fingerprint(back) == model_fingerprint(model)
+    for (name, p), q in zip(model.named_parameters(), back.parameters(), strict=True):
+        assert q.dtype == p.dtype and torch.equal(q, p), name

@@ -46,3 +46,18 @@ def test_describe_version():
     assert text == "jestkit 1.2 (source abababababab, torch 2.0, Python 3.11.0)"
     for unrecorded in (None, [1], "x"):
         assert describe_version(unrecorded) == "a jestkit that did not record its version"
+
+
+def test_this_jestkit_is_hashed_once_per_process(monkeypatch):
+    # Found in review: the promise (a process reports the code it imported, whatever is on
+    # disk later) had no test; hashing on every call passed.
+    import jestkit.provenance as provenance
+
+    first = code_version()
+    calls = []
+    monkeypatch.setattr(provenance, "_hash", lambda folder: calls.append(folder) or {})
+    assert code_version() == first and not calls
+    monkeypatch.setattr(provenance, "_THIS_PROCESS", None)  # a fresh process hashes once
+    code_version()
+    code_version()
+    assert len(calls) == 1

@@ -84,6 +84,31 @@ def test_criteria():
         get_criterion("learnabilty")
     with pytest.raises(ValueError, match="reference_loss"):
         learnability(lrn, None)
+    # Found in review: shapes that broadcast gave the outer difference l_i - r_j (BRIEF 6),
+    # or [N, N] - [N], silently.
+    l_vec, r_vec = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.25])
+    with pytest.raises(ValueError, match=r"same shape, got \(2, 1\) and \(1, 2\)"):
+        learnability(l_vec[:, None], r_vec[None, :])
+    with pytest.raises(ValueError, match="same shape"):
+        learnability(lrn, r_vec)
+
+
+@pytest.mark.parametrize("loss", [pairwise_sigmoid_loss, pairwise_softmax_loss])
+def test_pair_losses_take_unnormalised_embeddings_when_told(loss):
+    gen = torch.Generator().manual_seed(0)
+    u, v = torch.randn(5, 4, generator=gen), torch.randn(5, 4, generator=gen)
+    with pytest.raises(TypeError, match="require_normalized must be a bool"):
+        loss(u, v, 10.0, -10.0, require_normalized="no")
+    # Opting out scores the raw embeddings: the same as the normalised ones scaled back in.
+    raw = loss(u, v, 10.0, -10.0, require_normalized=False)
+    nu, nv = torch.nn.functional.normalize(u, dim=1), torch.nn.functional.normalize(v, dim=1)
+    scaled = loss(nu * u.norm(dim=1, keepdim=True), nv * v.norm(dim=1, keepdim=True), 10.0,
+                  -10.0, require_normalized=False)
+    torch.testing.assert_close(raw, scaled)
+    assert not torch.allclose(raw, loss(nu, nv, 10.0, -10.0))
+
+
+UNIT = torch.full((3, 2), 2**-0.5)  # rows of norm 1
 
 
 @pytest.mark.parametrize(
@@ -98,12 +123,14 @@ def test_criteria():
         (dict(logit_scale=torch.ones(2)), "logit_scale must be a scalar"),
         (dict(logit_scale=0.0), "logit_scale must be > 0"),  # found in review: accepted
         (dict(logit_scale=-10.0), "logit_scale must be > 0"),
+        # Found in review: accepted, while the selector refuses the same embeddings.
+        (dict(image_emb=10 * UNIT), "image embeddings must be L2-normalised"),
+        (dict(text_emb=torch.ones(3, 2)), r"text embeddings must be L2-normalised.*1\.414"),
     ],
 )
 @pytest.mark.parametrize("loss", [pairwise_sigmoid_loss, pairwise_softmax_loss])
 def test_bad_input(kwargs, match, loss):
-    args = dict(image_emb=torch.ones(3, 2), text_emb=torch.ones(3, 2), logit_scale=1.0,
-                logit_bias=0.0)
+    args = dict(image_emb=UNIT, text_emb=UNIT, logit_scale=1.0, logit_bias=0.0)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         loss(**args)

@@ -943,3 +943,66 @@ def test_unused_embeddings_are_ignored_and_bad_types_named():
         JointSelector(batch_size=8, n_chunks=2)((lrn.image.tolist(), lrn.text, 10.0), lrn)
     with pytest.raises(ValueError, match="criterion must be one of"):
         JointSelector(["learnability"], batch_size=8)
+
+
+@pytest.mark.parametrize("selection", ["joint", "independent"])
+def test_selector_temperature_scales_the_law(selection):
+    """Found in review: JointSelector's temperature was tested only at 0 (greedy), so a
+    selector that ignored every other temperature passed. One pick from N = 6: P(i) is
+    softmax(score_i / T), score = A_ii for the joint sampler's first chunk and the example's
+    share (A_i. + A_.i) / 2 for independent selection."""
+    lrn, ref = model_embeddings(6, seed=3), model_embeddings(6, seed=4)
+    a = dense_learnability(lrn, ref)
+    score = a.diagonal() if selection == "joint" else (a.sum(1) + a.sum(0)) / 2
+    assert float(score.max() - score.min()) > 1.0  # laws at T and 2T far apart
+    tau, draws = 0.5, 6000
+    sel = JointSelector(batch_size=1, n_chunks=1, selection=selection, temperature=tau)
+    gen = torch.Generator().manual_seed(5)
+    counts = Counter(sel(lrn, ref, generator=gen).item() for _ in range(draws))
+
+    def law(logits):
+        return {i: p.item() for i, p in enumerate(torch.softmax(logits, 0))}
+
+    assert chi_square_pvalue(counts, law(score / tau), draws) > 1e-3
+    assert chi_square_pvalue(counts, law(score), draws) < 1e-6  # temperature ignored
+
+
+@pytest.mark.parametrize("temperature", [1e39, 1e300])
+def test_huge_temperature_is_uniform_not_a_tie_at_the_float_max(temperature):
+    """Found in review: the noise was scaled by T and clamped to the float's range, so for
+    T > ~4e36 most candidates tied at the maximum and ties went by index: counts like
+    [78, 930, 542, 1241, 133, 76] where the law, softmax(A_ii / T), is uniform."""
+    a = random_scores(6, seed=0, scale=3.0).float()
+    draws = 6000
+    gen = torch.Generator().manual_seed(1)
+    uniform_law = {i: 1 / 6 for i in range(6)}
+    for draw in (lambda: joint_select(a, 1, n_chunks=1, generator=gen, temperature=temperature),
+                 lambda: independent_select(a.diagonal(), 1, generator=gen,
+                                            temperature=temperature)):
+        counts = Counter(draw().item() for _ in range(draws))
+        assert chi_square_pvalue(counts, uniform_law, draws) > 1e-3
+
+
+def test_joint_select_checks_chunk_logits_before_any_work():
+    with pytest.raises(TypeError, match="chunk_logits must be a list"):
+        joint_select(random_scores(8, seed=0), 4, n_chunks=2, chunk_logits=())
+
+
+@pytest.mark.parametrize(
+    "device, match",
+    [
+        ("gpu", r"device must be a torch device such as 'cpu' or 'cuda:0'.*'gpu'"),
+        (1.5, r"device must be a torch device.*1\.5"),
+        ("meta", "device='meta' holds no values"),
+    ],
+)
+def test_bad_devices_are_named(device, match):
+    # Found in review: torch's own errors, one 7 frames deep in torch (meta).
+    with pytest.raises(ValueError, match=match):
+        JointSelector(batch_size=4, n_chunks=2, device=device)
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="checks a machine without MPS")
+def test_a_backend_this_torch_lacks_is_refused_up_front():
+    with pytest.raises(ValueError, match=r"device='mps' is not usable here"):
+        JointSelector(batch_size=4, n_chunks=2, device="mps")

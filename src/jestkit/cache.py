@@ -167,8 +167,10 @@ def _is_shard_file(path: Path) -> bool:
     (``shard_00012.npy``, ``shard_00012.npy.sha256``): nothing else in a directory is ever
     deleted as one."""
     name = path.name.removesuffix(".sha256")
-    return (name.startswith("shard_") and name.endswith(".npy")
-            and name[len("shard_"):-len(".npy")].isdigit())
+    digits = name.removeprefix("shard_").removesuffix(".npy")
+    # Exactly the name `_shard_name` gives: a user's shard_000001.npy (six digits) or
+    # shard_7.npy is not this module's, and is never deleted as one.
+    return digits.isdigit() and digits.isascii() and name == _shard_name(int(digits))
 
 
 # Files a file manager, git or this module's lock put into any directory: they make no
@@ -275,6 +277,8 @@ def build_reference_cache(
     if split.tokens.shape[1] > model.config.max_text_len:  # before anything is written
         raise ValueError(f"the split's captions have {split.tokens.shape[1]} tokens, more than "
                          f"the model takes (max_text_len={model.config.max_text_len})")
+    if len(split) == 0:  # a cache of nothing: every later lookup would fail, unhelpfully
+        raise ValueError("split is empty: there is nothing to cache")
     ids = split.ids.numpy().astype(np.int64)
     repeats = len(ids) - len(np.unique(ids))
     if repeats:

@@ -138,6 +138,9 @@ def caption_digits(caption: str) -> set[int]:
     return found
 
 
+MAX_TOKENS = 4096  # encode's longest max_len: far past any caption; the rest is padding
+
+
 class WordTokenizer:
     """Word-level tokenizer with a fixed, deterministic vocabulary.
 
@@ -173,7 +176,7 @@ class WordTokenizer:
         if isinstance(captions, str):  # would be encoded letter by letter
             raise TypeError("captions must be a sequence of strings, got one string; wrap it "
                             "in a list")
-        max_len = _check_int(max_len, "max_len", 1)
+        max_len = _check_int(max_len, "max_len", 1, MAX_TOKENS)
         bad = [c for c in captions if not isinstance(c, str)]
         if bad:
             raise TypeError(f"captions must be strings, got {bad[0]!r}")
@@ -185,6 +188,12 @@ class WordTokenizer:
 
     def decode(self, tokens: Tensor) -> list[str]:
         """Inverse of ``encode`` for ``[n, L]`` (or ``[L]``) ids; pads dropped, unknowns "<unk>"."""
+        if not isinstance(tokens, Tensor) or tokens.ndim not in (1, 2) or (
+                tokens.dtype.is_floating_point or tokens.dtype.is_complex
+                or tokens.dtype == torch.bool):
+            what = (f"a {tokens.ndim}-D {tokens.dtype} tensor" if isinstance(tokens, Tensor)
+                    else type(tokens).__name__)
+            raise TypeError(f"tokens must be an integer tensor [n, L] or [L] of ids, got {what}")
         rows = tokens[None] if tokens.ndim == 1 else tokens
         if rows.numel() and not (0 <= int(rows.min()) and int(rows.max()) < self.vocab_size):
             # -1 would read the last word, a large id fail as a bare IndexError

@@ -348,9 +348,31 @@ class FlexiPatchEmbed(nn.Module):
             cache[key] = m
         return m
 
+    def check_images(self, images: object, patch_size: int) -> None:
+        """ValueError unless `images` is a [B, C, S, S] floating tensor of this embedding's
+        channels and weight dtype, with S a multiple of `patch_size` (a float64 or uint8
+        batch would fail deep in a matmul; a size the patch does not divide, in a reshape).
+        S may differ from image_size: the embedding cuts any such image into patches (an
+        image upsampled k times, at k times the patch, gives the same tokens). Under
+        autocast any floating dtype is let through: autocast casts the matmuls itself."""
+        if not isinstance(images, Tensor):
+            raise TypeError(f"images must be a Tensor [B, {self.in_channels}, S, S], got "
+                            f"{type(images).__name__}")
+        if (images.ndim != 4 or images.shape[1] != self.in_channels
+                or images.shape[2] != images.shape[3] or images.shape[2] % patch_size):
+            raise ValueError(f"images must have shape [B, {self.in_channels}, S, S] with S a "
+                             f"multiple of patch_size={patch_size}, got {tuple(images.shape)}")
+        dtype = self.weight.dtype
+        if images.dtype != dtype and not (
+                images.is_floating_point() and torch.is_autocast_enabled(images.device.type)):
+            raise ValueError(f"images must be {dtype} like the model's weights, got "
+                             f"{images.dtype}: convert them (images.to({dtype}); pixels as "
+                             f"floats, e.g. uint8 / 255), or the model (model.to(dtype))")
+
     def forward(self, images: Tensor, patch_size: int | None = None) -> Tensor:
         p = self.base_patch if patch_size is None else patch_size
         self.check_patch_size(p)
+        self.check_images(images, p)
         batch, chans, size, _ = images.shape
         grid = size // p
         if self.uses_downsample(p):
@@ -476,11 +498,12 @@ class ImageTower(nn.Module):
     def forward(self, images: Tensor, patch_size: int | None = None) -> Tensor:
         c = self.config
         expected = (c.in_channels, c.image_size, c.image_size)
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+        if isinstance(images, Tensor) and (images.ndim != 4
+                                           or tuple(images.shape[1:]) != expected):
             raise ValueError(f"images must have shape [B, {', '.join(map(str, expected))}], "
                              f"got {tuple(images.shape)}")
         p = c.patch_size if patch_size is None else patch_size
-        x = self.patch_embed(images, p)  # [B, (S/p)^2, width]; validates p
+        x = self.patch_embed(images, p)  # [B, (S/p)^2, width]; validates p, type and dtype
         x = x + resize_pos_embed(self.pos_embed, c.image_size // p)
         for block in self.blocks:
             x = block(x)
@@ -537,6 +560,9 @@ class TextTower(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
+MAX_MODEL_SEED = 2**63 - 1  # torch.Generator.manual_seed's range (a negative one wraps)
+
+
 class DualEncoder(nn.Module):
     """SigLIP dual encoder with a FlexiViT image tower.
 
@@ -555,6 +581,12 @@ class DualEncoder(nn.Module):
         super().__init__()
         if not isinstance(config, DualEncoderConfig):
             raise TypeError(f"config must be a DualEncoderConfig, got {type(config).__name__}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got "
+                            f"{type(generator).__name__}")
+        if generator is None and (isinstance(seed, bool) or not isinstance(seed, int)
+                                  or not 0 <= seed <= MAX_MODEL_SEED):
+            raise ValueError(f"seed must be an int in [0, {MAX_MODEL_SEED}], got {seed!r}")
         check_fits_in_memory(config, 1, "DualEncoder")  # not an allocator error from torch
         self.config = config
         # nn.Linear & co. draw their default init from the global RNG; run that on a forked
@@ -684,7 +716,15 @@ def save_model(model: DualEncoder, path: str | os.PathLike) -> None:
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> DualEncoder:
-    """Rebuild a `DualEncoder` from a `save_model` checkpoint (config from its metadata)."""
+    """Rebuild a `DualEncoder` from a `save_model` checkpoint (config from its metadata),
+    every tensor in the dtype it was saved in, on `device`."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got "
+                         f"{device!r} ({err})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}, but CUDA is not available here")
     if not Path(path).is_file():
         raise FileNotFoundError(f"no model checkpoint at {path}")
     try:
@@ -706,9 +746,14 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> D
     check_fits_in_memory(config, 1, str(path))  # before reading its tensors
     state = safetensors.torch.load_file(str(path))
     model = DualEncoder(config)
-    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
-    if len(dtypes) == 1:  # keep the saved precision (and so the fingerprint)
-        model = model.to(dtypes.pop())
+    # Keep each tensor's saved precision (and so the fingerprint): load_state_dict would
+    # cast them all into the new model's float32, a bfloat16 tower included.
+    with torch.no_grad():
+        for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+            stored = state.get(name)
+            if (stored is not None and stored.is_floating_point()
+                    and tensor.is_floating_point() and stored.dtype != tensor.dtype):
+                tensor.data = tensor.data.to(stored.dtype)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:  # missing, unexpected or misshaped tensors

@@ -43,6 +43,8 @@ __all__ = [
     "uniform",
     "compute_dtype",
     "scalar_tensor",
+    "check_unit_rows",
+    "NORM_TOLERANCE",
 ]
 
 LOSSES = ("sigmoid", "softmax")
@@ -129,11 +131,49 @@ def check_embeddings(image_emb: Tensor, text_emb: Tensor, what: str = "",
             raise ValueError(f"{prefix}{name} contains NaN or Inf")
 
 
+# Unit rows stored in bfloat16 are within ~4e-3 of norm 1, and stay so when cast up to
+# float32 afterwards (open_clip under bf16 autocast); a norm 2% off still scales every logit
+# by 4% at most, while the mistake this catches, unnormalised features, is off by ~10x.
+NORM_TOLERANCE = 2e-2
+
+
+def check_unit_rows(x: Tensor, what: str, opt_out: str) -> None:
+    """ValueError unless every row of the [N, d] tensor `x` is finite and of L2 norm within
+    NORM_TOLERANCE of 1. t and c were learned for t u . v with |u| = |v| = 1: open_clip's
+    encode_image without normalize=True gives norms of ~10, which multiplies every logit by
+    ~100, a silently wrong score rather than an error. `what` names the tensor ("learner
+    image"), `opt_out` says how to skip the check. One read of the norms' range."""
+    norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.promote_types(x.dtype, torch.float32))
+    low, high = torch.stack(torch.aminmax(norms)).tolist()  # one read
+    if not (math.isfinite(low) and math.isfinite(high)) and not all_finite(x):
+        # A NaN or Inf entry makes its row's norm one too: the check_embeddings error,
+        # without a second pass over every tensor when all is well.
+        raise ValueError(f"{what}_emb contains NaN or Inf")
+    if max(high - 1, 1 - low) > NORM_TOLERANCE:
+        raise ValueError(
+            f"{what} embeddings must be L2-normalised (every row, one example of the [N, d] "
+            f"tensor, of norm within {NORM_TOLERANCE:g} of 1), got norms in [{low:.4g}, "
+            f"{high:.4g}] over {len(norms)} rows: normalise them (F.normalize(x, dim=-1); "
+            f"open_clip: encode_image/encode_text(..., normalize=True)), or {opt_out} if "
+            f"your model's loss is defined on unnormalised embeddings")
+
+
+def _check_pair_inputs(image_emb: Tensor, text_emb: Tensor, require_normalized: bool) -> None:
+    check_embeddings(image_emb, text_emb)
+    if not isinstance(require_normalized, bool):
+        raise TypeError(f"require_normalized must be a bool, got {require_normalized!r}")
+    if require_normalized:
+        for part, x in (("image", image_emb), ("text", text_emb)):
+            check_unit_rows(x, part, "pass require_normalized=False")
+
+
 def pairwise_sigmoid_loss(
     image_emb: Tensor,
     text_emb: Tensor,
     logit_scale: float | Tensor,
     logit_bias: float | Tensor,
+    *,
+    require_normalized: bool = True,
 ) -> Tensor:
     """Per-pair sigmoid (SigLIP) loss terms of a batch.
 
@@ -144,6 +184,9 @@ def pairwise_sigmoid_loss(
             convention), a float or a one-element tensor.
         logit_bias: the learned bias c; required, as by the selector: a SigLIP score with
             c = 0 in place of the model's (init -10) is a silently different loss.
+        require_normalized: refuse embeddings whose rows are not unit vectors (norms within
+            2e-2 of 1), as `JointSelector` does; False for a model whose loss is defined on
+            unnormalised embeddings.
 
     Returns:
         [N, N] float32 (float64 for float64 input) matrix with
@@ -152,7 +195,7 @@ def pairwise_sigmoid_loss(
         value. For scoring: t and c enter as constants (detached; gradients reach only the
         embeddings). To train a model use `jestkit.models.sigmoid_loss`, which learns t and c.
     """
-    check_embeddings(image_emb, text_emb)
+    _check_pair_inputs(image_emb, text_emb, require_normalized)
     dtype = compute_dtype(image_emb, text_emb)
     t = _positive_scale(logit_scale, dtype, image_emb.device)
     c = _as_scalar(logit_bias, "logit_bias", dtype, image_emb.device)
@@ -169,6 +212,8 @@ def pairwise_softmax_loss(
     text_emb: Tensor,
     logit_scale: float | Tensor,
     logit_bias: float | Tensor = 0.0,
+    *,
+    require_normalized: bool = True,
 ) -> Tensor:
     """Per-pair softmax (CLIP) loss matrix of a batch.
 
@@ -179,13 +224,14 @@ def pairwise_softmax_loss(
     CLIP batch loss. Unlike the sigmoid matrix, the loss of a sub-batch is *not* a block sum
     of this matrix (the log-sum-exp runs over the batch), which is why `JointSelector` uses a
     conditional score for softmax (see `selection`). The bias cancels in a softmax; it is
-    accepted so both losses share one signature.
+    accepted so both losses share one signature. `require_normalized` as in
+    `pairwise_sigmoid_loss`.
 
     Returns:
         [N, N] float32 (float64 for float64 input). For scoring: t enters as a constant
         (detached; gradients reach only the embeddings).
     """
-    check_embeddings(image_emb, text_emb)
+    _check_pair_inputs(image_emb, text_emb, require_normalized)
     dtype = compute_dtype(image_emb, text_emb)
     t = _positive_scale(logit_scale, dtype, image_emb.device)
     _as_scalar(logit_bias, "logit_bias", dtype, image_emb.device)  # validated, cancels
@@ -205,6 +251,12 @@ def learnability(learner_loss: Tensor, reference_loss: Tensor) -> Tensor:
     Shapes: both any one shape ([N, N], a block, [N]); returns that shape."""
     if learner_loss is None or reference_loss is None:
         raise ValueError("learnability needs both learner_loss and reference_loss")
+    if learner_loss.shape != reference_loss.shape:
+        # Broadcasting [N, 1] against [1, N] would build A_ij = l_i - r_j, an outer
+        # difference with no pairwise terms, on which the joint sampler is independent
+        # selection (BRIEF 6); [N, N] against [N] would be as silent.
+        raise ValueError(f"learner_loss and reference_loss must have the same shape, got "
+                         f"{tuple(learner_loss.shape)} and {tuple(reference_loss.shape)}")
     return learner_loss - reference_loss
 
 

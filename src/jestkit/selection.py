@@ -51,6 +51,7 @@ from jestkit.scoring import (
     _as_scalar,
     all_finite,
     check_embeddings,
+    check_unit_rows,
     compute_dtype,
     get_criterion,
 )
@@ -104,10 +105,22 @@ def _check_device(device: torch.device | str | None) -> torch.device | None:
     comes from deep inside a generator or a copy)."""
     if device is None:
         return None
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0' (or None), "
+                         f"got {device!r} ({err})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r}, but CUDA is not available here; pass "
                          f"device=None to compute where the inputs are")
+    if device.type == "meta":  # shapes without values: nothing to score
+        raise ValueError("device='meta' holds no values to score; pass a real device")
+    if device.type not in ("cpu", "cuda"):
+        try:  # mps, xpu, ...: torch's own error for a missing backend is an assert or deep
+            torch.empty(1, device=device)
+        except (RuntimeError, AssertionError) as err:
+            raise ValueError(f"device={str(device)!r} is not usable here ({err}); pass "
+                             f"device=None to compute where the inputs are") from None
     return device
 
 
@@ -161,19 +174,20 @@ def chunk_sizes(batch_size: int, n_chunks: int) -> list[int]:
 
 def _gumbel(shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator,
             device: torch.device, temperature: float) -> Tensor | None:
-    """temperature x standard Gumbel noise -log(Exp(1)) of `shape`, every entry finite, drawn
-    on the generator's device; None for temperature 0 (the greedy limit needs no noise)."""
+    """Gumbel noise -log(Exp(1)) of `shape`, every entry finite, drawn on the generator's
+    device: times the temperature when it is below 1, standard above (`_top_k` then divides
+    the logits by it instead, which cannot overflow however large it is); None for
+    temperature 0 (the greedy limit needs no noise)."""
     if temperature == 0:
         return None
     exp_noise = torch.empty(shape, dtype=dtype, device=generator.device)
     exp_noise.exponential_(generator=generator)
     # Finite noise keeps excluded entries at -inf (-inf + inf would be NaN, which topk picks
     # first): a draw of exactly 0 is clamped to the smallest normal number (it changes a draw
-    # only where the law has probability ~1e-38), an absurd temperature to the dtype's range.
+    # only where the law has probability ~1e-38).
     noise = -torch.log(exp_noise.clamp_min_(torch.finfo(dtype).tiny))
-    if temperature != 1:
-        big = torch.finfo(dtype).max
-        noise = noise.mul_(temperature).clamp_(-big, big)
+    if temperature < 1:
+        noise = noise.mul_(temperature)
     return noise.to(device)
 
 
@@ -192,13 +206,19 @@ def _check_drawn(values: Tensor) -> None:
         raise ValueError(_NAN_LOGITS if bool(torch.isnan(values).any()) else _INF_LOGITS)
 
 
-def _top_k(logits: Tensor, k: int, noise: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(values, indices) of the k largest logits + noise (from `_gumbel`; None: greedy).
+def _top_k(logits: Tensor, k: int, noise: Tensor | None,
+           temperature: float) -> tuple[Tensor, Tensor]:
+    """(values, indices) of the k largest logits + noise (from `_gumbel` at `temperature`;
+    None: greedy). Below temperature 1 the noise is scaled (logits + T * noise), above it
+    the logits (logits / T + noise): the same ranking, and neither can overflow, where
+    T * noise would for a huge T and tie most candidates at the float's maximum.
 
     topk ranks NaN above every number, and the noise is finite, so a NaN logit among the
     candidates always comes out first: ``values[0]`` is NaN exactly when one was drawn.
     """
-    return torch.topk(logits if noise is None else logits + noise, k)
+    if noise is None:
+        return torch.topk(logits, k)
+    return torch.topk((logits / temperature if temperature > 1 else logits) + noise, k)
 
 
 def _gumbel_top_k(logits: Tensor, k: int, generator: torch.Generator,
@@ -212,7 +232,7 @@ def _gumbel_top_k(logits: Tensor, k: int, generator: torch.Generator,
     same generator state gives the same draw on any path that produces the same logits.
     """
     values, indices = _top_k(logits, k, _gumbel(logits.shape, logits.dtype, generator,
-                                                logits.device, temperature))
+                                                logits.device, temperature), temperature)
     _check_drawn(values)
     return indices
 
@@ -248,7 +268,7 @@ def _blocked_sample(state: _ConditionalLogits, n: int, sizes: list[int],
             logits = logits.masked_fill_(chosen, float("-inf"))  # logits() returns a new tensor
         if chunk_logits is not None:
             chunk_logits.append(logits.detach().clone())
-        values, idx = _top_k(logits, size, None if noise is None else noise[k])
+        values, idx = _top_k(logits, size, None if noise is None else noise[k], temperature)
         drawn_values.append(values)
         drawn.append(idx)
         if k + 1 < len(sizes):  # the last chunk's gains are never needed
@@ -302,6 +322,9 @@ def joint_select(
     Returns:
         LongTensor [batch_size] of distinct indices into the super-batch, in the order drawn.
     """
+    if chunk_logits is not None and not isinstance(chunk_logits, list):
+        raise TypeError(f"chunk_logits must be a list to append to (or None), got "
+                        f"{type(chunk_logits).__name__}")
     scores = _check_scores(scores)
     batch_size = _check_batch_size(batch_size, scores.shape[0])
     n_chunks = _check_n_chunks(n_chunks, batch_size)
@@ -602,36 +625,13 @@ class _SoftmaxState:
         return self.criterion(*losses)
 
 
-# Unit rows stored in bfloat16 are within ~4e-3 of norm 1, and stay so when cast up to
-# float32 afterwards (open_clip under bf16 autocast); a norm 2% off still scales every logit
-# by 4% at most, while the mistake this catches, unnormalised features, is off by ~10x.
-NORM_TOLERANCE = 2e-2
-
-
 def _check_normalized(given: list[tuple[str, ModelEmbeddings]]) -> None:
-    """Refuse embeddings with a NaN or Inf, or whose rows are not unit vectors (shapes,
-    dtypes and devices already checked). t and c were learned for
-    t u . v with |u| = |v| = 1: open_clip's encode_image without normalize=True gives norms
-    of ~10, which multiplies every logit by ~100 and makes the draw near-greedy on
-    meaningless scores, a silently wrong selection rather than an error."""
+    """Refuse embeddings with a NaN or Inf, or whose rows are not unit vectors
+    (`check_unit_rows`; shapes, dtypes and devices already checked). Each tensor is checked
+    on its own device (learner and reference may differ: device=)."""
     for name, e in given:
         for part, x in (("image", e.image), ("text", e.text)):
-            # Each tensor on its own device (learner and reference may differ: device=).
-            norms = torch.linalg.vector_norm(
-                x, dim=1, dtype=torch.promote_types(x.dtype, torch.float32))
-            low, high = torch.stack(torch.aminmax(norms)).tolist()  # one read
-            if not (math.isfinite(low) and math.isfinite(high)) and not all_finite(x):
-                # A NaN or Inf entry makes its row's norm one too: the check_embeddings
-                # error, without a second pass over every tensor when all is well.
-                raise ValueError(f"{name} {part}_emb contains NaN or Inf")
-            if max(high - 1, 1 - low) > NORM_TOLERANCE:
-                raise ValueError(
-                    f"{name} {part} embeddings must be L2-normalised (every row, one example "
-                    f"of the [N, d] tensor, of norm within {NORM_TOLERANCE:g} of 1), got "
-                    f"norms in [{low:.4g}, {high:.4g}] over {len(norms)} rows: normalise them "
-                    f"(F.normalize(x, dim=-1); open_clip: encode_image/encode_text(..., "
-                    f"normalize=True)), or pass JointSelector(require_normalized=False) if "
-                    f"your model's loss is defined on unnormalised embeddings")
+            check_unit_rows(x, f"{name} {part}", "pass JointSelector(require_normalized=False)")
 
 
 def _as_model_embeddings(value: object, name: str) -> ModelEmbeddings | None:

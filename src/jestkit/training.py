@@ -179,6 +179,14 @@ class LearnerConfig:
             # Would silently train at one resolution only.
             raise ValueError("multires_fraction > 0 needs score_patch_size > 0 (the coarse "
                              "patch size to train that share at)")
+        n_coarse = round(self.batch_size * self.multires_fraction)
+        if 0 < self.multires_fraction < 1 and not 0 < n_coarse < self.batch_size:
+            # round(b * f) rows train coarse: 0 or all b would be one resolution, silently.
+            raise ValueError(f"multires_fraction={self.multires_fraction} trains round("
+                             f"batch_size * multires_fraction) = {n_coarse} of batch_size="
+                             f"{self.batch_size} rows at the coarse patch size: give a "
+                             f"fraction in [{1 / self.batch_size:.3g}, "
+                             f"{1 - 1 / self.batch_size:.3g}] (or 0 or 1)")
         if (self.score_patch_size and not self.multires_fraction
                 and not USES_LEARNER[self.method]):
             # Would be silently ignored: nothing is scored with the learner.
@@ -289,6 +297,9 @@ def evaluate(model: DualEncoder, split: Split, tokenizer, batch_size: int = 500)
     digit. So are embeddings that are not finite (diverged weights), which argmax would turn
     into a chance-level score.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"evaluate's batch_size must be an int >= 1 (images encoded at "
+                         f"once), got {batch_size!r}")
     if split.is_clean is not None and not bool(split.is_clean.all()):
         raise ValueError(f"evaluate needs a clean split (every caption names its image's "
                          f"digit); {split.name or 'this split'} has "
@@ -970,6 +981,9 @@ def _load_checkpoint(run_dir, cfg, model, opt, sampler, gen, ledger, result, cle
         setattr(ledger, k, v)
     for f in dataclasses.fields(result):
         setattr(result, f.name, state["result"][f.name])
+    # An older checkpoint's result holds its config as written then; the fields filled in
+    # above (defaults of later versions) are the run's too, as an uninterrupted run reports.
+    result.config = asdict(cfg)
     clean_seen[:] = state["clean_seen"]
     return state["step"]
 
