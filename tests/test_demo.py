@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -344,10 +345,40 @@ def test_overwrite_needs_a_demos_own_run_directory(quick_run, tmp_path, capsys):
     (run / ".report.md.k3j_2x.tmp").write_text("half a report")
     (run / ".DS_Store").write_bytes(b"\0")
     assert _is_demo_run_dir(run) == (True, "")
+    # So are the finished runs a crash right after the move into place leaves.
+    (run / "runs" / "finished").mkdir()
+    (run / "runs" / "finished" / "uniform.seed0.json").write_text("{}")
+    assert _is_demo_run_dir(run) == (True, "")
+    # Found in review: only top-level names were checked, and any *.png passed, so a user's
+    # plot, and files in runs/ or reference_cache/, were deleted by --overwrite.
+    for mine in ("figure_final.png", "runs/notes/results.csv", "runs/finished/table.json",
+                 "runs/uniform.seedX.json", "reference_cache/thesis.tex"):
+        path = run / mine
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("keep me")
+        is_run, why = _is_demo_run_dir(run)
+        named = "runs/notes" if "notes" in mine else mine  # a folder is named, not its files
+        assert not is_run and why.endswith(f"what a demo never writes: {named}"), why
+        assert main(["demo", "--quick", "--out", str(run), "--overwrite", "--no-progress"]) == 2
+        assert "also holds what a demo never writes" in capsys.readouterr().err
+        assert path.read_text() == "keep me"
+        path.unlink()
+        if path.parent.name == "notes":
+            path.parent.rmdir()
+    assert _is_demo_run_dir(run) == (True, "")
+    # A marker must be a demo's in full: one demo key in someone's JSON does not make it one
+    # (found in review: any() in place of all() passed).
+    for content in ('{"config": {}, "tests": 3}', '{"methods": ["a"]}',
+                    '{"config": {}, "methods": {}}'):
+        other = tmp_path / "other"
+        other.mkdir(exist_ok=True)
+        (other / "report.json").write_text(content)
+        (other / "demo_config.json").write_text('{"learner": {}, "reference": {}}')
+        assert _is_demo_run_dir(other)[0] is False
     # With --resume as well, a directory that is not a run's is named as such at once.
     assert main(["demo", "--quick", "--out", str(project), "--resume", "--no-progress"]) == 2
     assert "is not a demo run directory" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["project", "run"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "project", "run"]
 
 
 def test_out_that_is_a_symlink_or_a_work_directory_is_refused_up_front(quick_run, tmp_path,
@@ -955,3 +986,36 @@ def test_resume_with_nothing_to_resume_starts_afresh(tmp_path, capsys):
     assert "no interrupted demo" in capsys.readouterr().err
     assert (tmp_path / "run" / "report.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_reader_that_stops_reading_does_not_fail_a_finished_command(quick_run, tmp_path):
+    # Found in review: `jestkit report DIR | head -1` (and the same after a demo) exited 2
+    # with "error: [Errno 32] Broken pipe" although the report was complete, and a script
+    # retrying the demo was then refused with "already exists".
+    import subprocess
+
+    run = tmp_path / "run"
+    shutil.copytree(quick_run, run)
+    proc = subprocess.Popen([sys.executable, "-m", "jestkit.cli", "report", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert "Broken pipe" not in err and "Traceback" not in err
+    assert json.loads((run / "report.json").read_text())["methods"]
+
+
+def test_a_demo_that_fails_before_anything_finished_leaves_no_debris(tmp_path, monkeypatch,
+                                                                      capsys):
+    # Found in review: the clean-up of a work directory with nothing worth keeping had no
+    # test (the SIGTERM test accepts either outcome).
+    import jestkit.demo as demo
+
+    def fail(*args, **kwargs):
+        raise ValueError("reference training diverged at step 3")
+
+    monkeypatch.setattr(demo, "train_reference", fail)
+    out = tmp_path / "run"
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 2
+    assert "reference training diverged at step 3" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # neither run nor run.partial

@@ -173,6 +173,12 @@ def _is_shard_file(path: Path) -> bool:
     return digits.isdigit() and digits.isascii() and name == _shard_name(int(digits))
 
 
+def is_cache_file(path: Path) -> bool:
+    """Whether `path` is, by its name, one of the files a build writes: manifest.json,
+    ids.npy, a shard or a shard's checksum sidecar (its lock and killed writes aside)."""
+    return path.name in ("manifest.json", "ids.npy") or _is_shard_file(path)
+
+
 # Files a file manager, git or this module's lock put into any directory: they make no
 # directory someone's data (and are never deleted).
 _HARMLESS_NAMES = (".DS_Store", ".gitkeep", ".lock")

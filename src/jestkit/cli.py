@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import signal
 import sys
 import threading
@@ -15,7 +17,7 @@ from jestkit.demo import DEMO_MAX_TEXT_LEN, MAX_WORKERS
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from jestkit.demo import DemoConfig, print_summary, run_demo
+    from jestkit.demo import DemoConfig, run_demo
 
     if args.quick and args.config:
         raise ValueError("give either --quick or --config, not both")
@@ -38,19 +40,37 @@ def _demo(args: argparse.Namespace) -> int:
     report = run_demo(cfg, out, overwrite=args.overwrite, resume=args.resume,
                       allow_other_code=args.allow_other_code, workers=args.workers,
                       show_progress=not args.no_progress)
-    print_summary(report)
-    print(f"\nreport: {out / 'report.md'}  (machine-readable: {out / 'report.json'})")
+    return _show(report, f"\nreport: {out / 'report.md'}  (machine-readable: "
+                         f"{out / 'report.json'})")
+
+
+def _show(report: dict, last_line: str) -> int:
+    """Print a finished report's summary and `last_line`; 0 even if the reader stops reading
+    (`jestkit demo | head`): the run is complete and on disk, and an error exit would have a
+    script retry it into "already exists". Ctrl-C while printing still says interrupted."""
+    from jestkit.demo import print_summary
+
+    try:
+        print_summary(report)
+        print(last_line)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        try:  # Python flushes stdout again at exit: point it at nothing, as its docs advise
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, io.UnsupportedOperation):
+            pass  # not a real file (captured): nothing will be flushed to a closed pipe
+    except KeyboardInterrupt:
+        print(f"interrupted while printing the summary; the report is complete: "
+              f"{last_line.strip()}", file=sys.stderr)
+        return 130
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from jestkit.demo import print_summary
     from jestkit.report import rebuild_report
 
     report = rebuild_report(args.run_dir)
-    print_summary(report)
-    print(f"\nreport rewritten: {Path(args.run_dir) / 'report.md'}")
-    return 0
+    return _show(report, f"\nreport rewritten: {Path(args.run_dir) / 'report.md'}")
 
 
 def _cache_reference(args: argparse.Namespace) -> int:

@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from jestkit.atomic import atomic_write, move_into_place, unfinished_write
-from jestkit.cache import ReferenceCache, build_reference_cache
+from jestkit.cache import ReferenceCache, build_reference_cache, is_cache_file
 from jestkit.data import (
     CURATED_SIZE,
     IMAGE_SIZE,
@@ -50,6 +50,7 @@ from jestkit.flops import count_flops
 from jestkit.models import load_model, model_fingerprint, patch_sizes, save_model
 from jestkit.provenance import code_version, describe_version
 from jestkit.report import (
+    PLOT_FILES,
     build_report,
     caveats,
     plateau_verdict,
@@ -349,19 +350,55 @@ def _still_running(processes: list, seconds: float) -> list:
 
 
 # What a demo writes into its run directory: a directory holding anything else is not one, and
-# --overwrite never replaces it (found in review: any report.json passed as the mark).
+# --overwrite never replaces it (found in review: any report.json passed as the mark; later,
+# any *.png and anything inside runs/ or reference_cache/ went unchecked).
 RUN_DIR_MARKERS = ("report.json", "demo_config.json")
-# Its plots (*.png) too; and what a killed write leaves (`unfinished_write`) and macOS's
-# .DS_Store are no one's data either.
-_RUN_DIR_ENTRIES = {"report.md", "report.json", "demo_config.json", "code_version.json",
-                    "reference.json", "reference.safetensors", "reference_cache", "runs",
-                    ".lock"}
+_RUN_DIR_FILES = {"report.md", "report.json", "demo_config.json", "code_version.json",
+                  "reference.json", "reference.safetensors", ".lock", *PLOT_FILES}
+
+
+def _not_a_demos(out: Path) -> list[str]:
+    """Paths under `out` (relative) that no demo writes: everything but its own files, its
+    runs (runs/METHOD.json, runs/info.json, runs/finished/METHOD.seedK.json), its reference
+    cache's files, what a killed write leaves (`unfinished_write`) and macOS's .DS_Store."""
+    methods = {name for name, *_ in DEMO_METHODS}
+
+    def ours(p: Path) -> bool:
+        return unfinished_write(p) or p.name == ".DS_Store"
+
+    def is_run_file(p: Path, finished: bool) -> bool:
+        if not p.is_file() or p.suffix != ".json":
+            return False
+        if finished:  # METHOD.seedK
+            method, _, seed = p.stem.rpartition(".seed")
+            return method in methods and seed.isdigit()
+        return p.stem in methods or p.name == "info.json"
+
+    foreign = []
+    for p in sorted(out.iterdir()):
+        if ours(p) or (p.name in _RUN_DIR_FILES and p.is_file()):
+            continue
+        if p.name == "reference_cache" and p.is_dir():
+            foreign += [f"{p.name}/{q.name}" for q in sorted(p.iterdir())
+                        if not (ours(q) or q.is_file() and (
+                            is_cache_file(q) or q.name == ".lock"))]
+        elif p.name == "runs" and p.is_dir():
+            for q in sorted(p.iterdir()):
+                if ours(q) or is_run_file(q, finished=False):
+                    continue
+                if q.name == "finished" and q.is_dir():
+                    foreign += [f"runs/finished/{r.name}" for r in sorted(q.iterdir())
+                                if not (ours(r) or is_run_file(r, finished=True))]
+                else:
+                    foreign.append(f"runs/{q.name}")
+        else:
+            foreign.append(p.name)
+    return foreign
 
 
 def _is_demo_run_dir(out: Path) -> tuple[bool, str]:
     """(whether `out` is a demo's run directory, why not): a report.json that is a demo
-    report or a demo_config.json that is a demo config, and nothing a demo does not write
-    (its plots aside)."""
+    report or a demo_config.json that is a demo config, and nothing a demo does not write."""
     marked = False
     for marker, keys in (("report.json", ("methods", "config", "reference_accuracy")),
                          ("demo_config.json", ("learner", "reference", "methods"))):
@@ -375,9 +412,7 @@ def _is_demo_run_dir(out: Path) -> tuple[bool, str]:
     if not marked:
         return False, (f"it has no demo's {' or '.join(RUN_DIR_MARKERS)} (a file of that name "
                        f"that is not a demo's does not count)")
-    foreign = sorted(p.name for p in out.iterdir()
-                     if p.name not in _RUN_DIR_ENTRIES and p.suffix != ".png"
-                     and not unfinished_write(p) and p.name != ".DS_Store")
+    foreign = _not_a_demos(out)
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5
                                           else "")

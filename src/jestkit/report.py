@@ -288,6 +288,10 @@ def summary_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+#: The plots a report writes beside report.md.
+PLOT_FILES = ("accuracy_vs_steps.png", "accuracy_vs_flops.png", "clean_fraction.png")
+
+
 def _plots(report: dict) -> dict[str, bytes]:
     """The PNG plots, rendered in memory (file name -> bytes): nothing is written until the
     whole report is built."""
@@ -299,7 +303,7 @@ def _plots(report: dict) -> dict[str, bytes]:
     import matplotlib.pyplot as plt
 
     files = {}
-    specs = [
+    specs = [  # their names are PLOT_FILES
         ("accuracy_vs_steps.png", "steps", "zero_shot_accuracy", "training step",
          "zero-shot accuracy (test)"),
         ("accuracy_vs_flops.png", "cumulative_flops", "zero_shot_accuracy",
