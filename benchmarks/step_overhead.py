@@ -202,7 +202,8 @@ class Runner:
         model_cfg = model_config(cfg, data.tokenizer.vocab_size)  # as train_learner
         self.model = DualEncoder(model_cfg, seed=cfg.seed)
         self.opt = _optimizer(self.model, cfg)
-        self.sampler = SuperBatchSampler(data.pool, cfg.super_batch_size, seed=cfg.seed)
+        self.sampler = SuperBatchSampler(data.pool, cfg.super_batch_size, seed=cfg.seed,
+                                         epoch_boundary=cfg.epoch_boundary)
         self.select_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 1)
         self.selector = None  # timed, and its FLOPs counted, by the meter's "selection" phase
         if cfg.method != "uniform":

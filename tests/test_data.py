@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import re
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -338,9 +340,11 @@ def test_random_shift_seeded_and_no_global_rng() -> None:
 # ----------------------------------------------------------------------------- sampler
 
 
-def test_sampler_covers_each_item_once_per_epoch(web: DigitsWeb) -> None:
+@pytest.mark.parametrize("epoch_boundary", ["random", "tail_last"])
+def test_sampler_covers_each_item_once_per_epoch(web: DigitsWeb, epoch_boundary) -> None:
     split, size = web.curated, 128  # 500 % 128 != 0: batches straddle epoch boundaries
-    sampler = SuperBatchSampler(split, size, seed=0, augment=False)
+    sampler = SuperBatchSampler(split, size, seed=0, augment=False,
+                                epoch_boundary=epoch_boundary)
     batches = [next(sampler) for _ in range(20)]
     for b in batches:
         assert len(b) == size and len(set(b.indices.tolist())) == size  # no duplicates
@@ -673,3 +677,72 @@ def test_training_refuses_a_pool_without_clean_flags(web: DigitsWeb) -> None:
     data = dataclasses.replace(web, pool=pool)
     with pytest.raises(ValueError, match="data.pool.is_clean is None"):
         train_learner(data, LearnerConfig(method="uniform", steps=1, batch_size=8))
+
+
+# --- the epoch boundary (found in review) ------------------------------------------------------
+
+
+def test_a_new_epoch_is_uniform_among_orders_whose_head_avoids_the_tail(web: DigitsWeb) -> None:
+    """A batch of 4 from 6 rows that straddles the boundary holds the old epoch's tail T (2
+    rows) and the new epoch's first 2, which must avoid T. "random" draws the new epoch
+    uniformly from the 4 * 3 * 4! = 288 orders that allow: chi-square over all 288, 28,800
+    draws (100 expected each). The old "tail_last" rule reaches only the 48 with T last."""
+    from scipy import stats
+
+    split = web.curated.subset(torch.arange(6))
+    tail = torch.tensor([4, 1])
+    valid = [p for p in itertools.permutations(range(6)) if not {p[0], p[1]} & {4, 1}]
+    assert len(valid) == 288
+    draws = 28800
+    for rule, should_fit in (("random", True), ("tail_last", False)):
+        sampler = SuperBatchSampler(split, 4, seed=7, augment=False, epoch_boundary=rule)
+        counts = Counter(tuple(sampler._new_epoch(tail).tolist()) for _ in range(draws))
+        assert set(counts) <= set(valid)  # never a duplicate in the straddling batch
+        observed = [counts.get(p, 0) for p in valid]
+        pvalue = stats.chisquare(observed).pvalue
+        assert (pvalue > 1e-3) if should_fit else (pvalue < 1e-12), (rule, pvalue)
+
+
+def test_boundary_batches_share_what_random_draws_share(web: DigitsWeb) -> None:
+    """Two random 320-row draws from the 3,500-pair pool share 320^2 / 3500 = 29 rows on
+    average. Under "tail_last" consecutive boundary batches shared 281, 261, 240, ...: one
+    group of examples met in every boundary batch."""
+    shared = {}
+    for rule in ("random", "tail_last"):
+        sampler = SuperBatchSampler(web.pool, 320, seed=0, augment=False, epoch_boundary=rule)
+        boundary = []
+        for _ in range(120):  # 10 epoch boundaries
+            epoch = sampler.epoch
+            rows = set(sampler.next().indices.tolist())
+            if sampler.epoch != epoch:
+                boundary.append(rows)
+        shared[rule] = [len(a & b) for a, b in zip(boundary[:-1], boundary[1:], strict=True)]
+        assert len(shared[rule]) >= 9
+    # Mean of 9 overlaps, each ~ hypergeometric with mean <= 29 and sd ~5: far below 60.
+    assert sum(shared["random"]) / len(shared["random"]) < 60, shared
+    assert min(shared["tail_last"][:5]) > 150, shared
+
+
+def test_sampler_state_keeps_its_epoch_boundary_and_data(web: DigitsWeb) -> None:
+    sampler = SuperBatchSampler(web.curated, 96, seed=3, epoch_boundary="tail_last")
+    sampler.next()
+    state = sampler.state_dict()
+    expected = [sampler.next().indices for _ in range(6)]  # across a boundary
+    with pytest.raises(ValueError, match="epoch_boundary='tail_last', this sampler 'random'"):
+        SuperBatchSampler(web.curated, 96, seed=3).load_state_dict(state)
+    # A state saved before the option (no epoch_boundary, no content_digest) drew
+    # "tail_last": it resumes so, to the same stream.
+    old = {k: v for k, v in state.items() if k not in ("epoch_boundary", "content_digest")}
+    with pytest.raises(ValueError, match="epoch_boundary='tail_last', this sampler 'random'"):
+        SuperBatchSampler(web.curated, 96, seed=3).load_state_dict(old)
+    resumed = SuperBatchSampler(web.curated, 96, seed=3, epoch_boundary="tail_last")
+    resumed.load_state_dict(old)
+    assert all(torch.equal(resumed.next().indices, want) for want in expected)
+    # Found in review: the same ids with other captions (another max_len) resumed silently.
+    short = load_digits_web(0, max_len=8).curated
+    assert torch.equal(short.ids, web.curated.ids)
+    with pytest.raises(ValueError, match="other data with the same ids"):
+        SuperBatchSampler(short, 96, seed=3, epoch_boundary="tail_last").load_state_dict(state)
+    with pytest.raises(ValueError, match=r"epoch_boundary must be one of \['random', "
+                                         r"'tail_last'\], got 'last'"):
+        SuperBatchSampler(web.curated, 96, seed=3, epoch_boundary="last")

@@ -1019,3 +1019,36 @@ def test_a_demo_that_fails_before_anything_finished_leaves_no_debris(tmp_path, m
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 2
     assert "reference training diverged at step 3" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # neither run nor run.partial
+
+
+def test_an_interrupted_demo_from_before_the_epoch_boundary_option_resumes_as_it_drew(
+        tmp_path):
+    # Its demo_config.json and finished runs lack epoch_boundary: every sampler then drew
+    # "tail_last", so it continues under a config that pins it, and is another config for
+    # today's default.
+    from dataclasses import asdict
+
+    from jestkit import demo
+    from jestkit.provenance import code_version
+
+    quick = DemoConfig.quick()
+    cfg = dataclasses.replace(
+        quick, methods=("uniform", "learnability-joint"),
+        learner=dataclasses.replace(quick.learner, epoch_boundary="tail_last"),
+        reference=dataclasses.replace(quick.reference, epoch_boundary="tail_last"))
+    work = tmp_path / "run.partial"
+    (work / "runs" / "finished").mkdir(parents=True)
+    saved = json.loads(json.dumps(asdict(cfg)))
+    for block in ("learner", "reference"):
+        saved[block].pop("epoch_boundary")
+    (work / "demo_config.json").write_text(json.dumps(saved))
+    (work / "code_version.json").write_text(json.dumps(code_version()))
+    for name, _, lc in demo.learner_configs(cfg):
+        run = {"config": {k: v for k, v in asdict(lc).items() if k != "epoch_boundary"},
+               "code_version": code_version()}
+        (work / "runs" / "finished" / f"{name}.seed{lc.seed}.json").write_text(json.dumps(run))
+    assert len(demo._check_resumable(work, cfg)) == 2
+    with pytest.raises(ValueError, match="learner.epoch_boundary: 'tail_last' then, 'random' "
+                                         "now"):
+        demo._check_resumable(work, dataclasses.replace(cfg, learner=quick.learner,
+                                                        reference=quick.reference))

@@ -346,7 +346,7 @@ def test_resuming_a_checkpoint_saved_without_foreach_runs_the_multi_tensor_optim
     # take the old checkpoint's foreach=None (the same numbers on CPU, only slower).
     import jestkit.training as training
 
-    cfg = dataclasses.replace(TINY, checkpoint_every=3)
+    cfg = dataclasses.replace(OLD_TINY, checkpoint_every=3)
     train_learner(data, cfg, reference, run_dir=tmp_path, stop_after=3)
     state_path = tmp_path / "checkpoints" / "step_0000003" / "state.pt"
 
@@ -383,7 +383,7 @@ def test_checkpoint_from_other_config_is_refused(data, reference, tmp_path):
 def test_checkpoint_with_other_flop_phases_is_refused(data, reference, tmp_path):
     """A checkpoint whose FLOP ledger lacks a phase (e.g. written before the selector's FLOPs
     were counted) would resume into an undercounted run: refused, and left as it was."""
-    cfg = dataclasses.replace(TINY, checkpoint_every=2)
+    cfg = dataclasses.replace(OLD_TINY, checkpoint_every=2)
     train_learner(data, cfg, reference, run_dir=tmp_path, stop_after=2)
     state_path = tmp_path / "checkpoints" / "step_0000002" / "state.pt"
     _as_written_by_version_3(state_path, lambda state: state["ledger"].pop("selection"))
@@ -404,10 +404,26 @@ def _as_written_by_version_3(state_path, change=None):
     # config was rewritten, which hid a resumed result missing the field).
     for config in (state["config"], state["result"]["config"]):
         config.pop("multires_split")
+    _as_before_epoch_boundary(state)
     if change is not None:
         change(state)
     torch.save(state, state_path)
     (state_path.parent / "checksums.json").unlink()
+
+
+# Runs as code before version 6 ran them: its sampler knew only the "tail_last" rule.
+OLD_TINY = dataclasses.replace(TINY, epoch_boundary="tail_last")
+
+
+def _as_before_epoch_boundary(state):
+    """A state as versions before 6 wrote it: no epoch_boundary in the config (the sampler
+    drew "tail_last"), no epoch_boundary or content_digest in the sampler's state. Made from
+    a run of an OLD_TINY-like config, so its stream is the old rule's."""
+    assert state["sampler"]["epoch_boundary"] == "tail_last", "run it as older code did"
+    for config in (state["config"], state["result"]["config"]):
+        config.pop("epoch_boundary")
+    for key in ("epoch_boundary", "content_digest"):
+        state["sampler"].pop(key)
 
 
 def _as_written_before_state_versions(state_path, version: int | None = None):
@@ -431,7 +447,7 @@ def _as_written_before_state_versions(state_path, version: int | None = None):
 def test_checkpoints_from_older_versions_resume_faithfully(data, reference, tmp_path, version):
     # Full-resolution training is unchanged since then (patch 8 was the only one; the text
     # tower had 4 heads): with those settings a run resumes to the uninterrupted result.
-    then = dataclasses.replace(TINY, text_heads=4)
+    then = dataclasses.replace(OLD_TINY, text_heads=4)
     full = train_learner(data, then, reference)
     train_learner(data, then, reference, run_dir=tmp_path / "a", stop_after=4)
     state_path = tmp_path / "a" / "checkpoints" / "step_0000004" / "state.pt"
@@ -439,7 +455,7 @@ def test_checkpoints_from_older_versions_resume_faithfully(data, reference, tmp_
     before = state_path.read_bytes()
     # Today's default (1 text head) would continue another model: refused, by name.
     with pytest.raises(ValueError, match="different config.*text_heads"):
-        train_learner(data, TINY, reference, run_dir=tmp_path / "a", resume=True)
+        train_learner(data, OLD_TINY, reference, run_dir=tmp_path / "a", resume=True)
     assert state_path.read_bytes() == before
     resumed = train_learner(data, then, reference, run_dir=tmp_path / "a", resume=True)
     assert resumed.to_dict() == full.to_dict()  # every curve, and the config in full
@@ -448,8 +464,8 @@ def test_checkpoints_from_older_versions_resume_faithfully(data, reference, tmp_
 def test_multires_checkpoints_from_before_the_whole_sub_batch_loss_are_refused(
         data, reference, tmp_path):
     # Multi-resolution training had another loss then: resuming would switch it mid-run.
-    flexi = dataclasses.replace(TINY, width=48, score_patch_size=16, multires_fraction=0.5,
-                                text_heads=4)
+    flexi = dataclasses.replace(OLD_TINY, width=48, score_patch_size=16,
+                                multires_fraction=0.5, text_heads=4)
     train_learner(data, flexi, reference, run_dir=tmp_path / "b", stop_after=2)
     state_path = tmp_path / "b" / "checkpoints" / "step_0000002" / "state.pt"
     _as_written_before_state_versions(state_path)
@@ -622,7 +638,7 @@ def test_multires_checkpoints_resume_from_this_version(data, reference, tmp_path
     full = train_learner(data, flexi, reference)
     train_learner(data, flexi, reference, run_dir=tmp_path, stop_after=2)
     state_path = tmp_path / "checkpoints" / "step_0000002" / "state.pt"
-    assert torch.load(state_path, weights_only=True)["version"] == 5
+    assert torch.load(state_path, weights_only=True)["version"] == 6
     resumed = train_learner(data, flexi, reference, run_dir=tmp_path, resume=True)
     assert resumed.to_dict() == full.to_dict()
 
@@ -633,7 +649,7 @@ def test_multires_checkpoints_from_before_the_split_option_resume_as_they_split(
     # Versions 2-4 always trained the first-drawn part of the sub-batch at the fine patch
     # size: such a checkpoint resumes as multires_split="first_drawn_fine", to the same
     # result, and is refused (by name) for today's default "random" split.
-    then = dataclasses.replace(TINY, width=48, score_patch_size=16, multires_fraction=0.5,
+    then = dataclasses.replace(OLD_TINY, width=48, score_patch_size=16, multires_fraction=0.5,
                                text_heads=4, multires_split="first_drawn_fine")
     full = train_learner(data, then, reference)
     train_learner(data, then, reference, run_dir=tmp_path, stop_after=2)
@@ -643,6 +659,8 @@ def test_multires_checkpoints_from_before_the_split_option_resume_as_they_split(
         for config in (state["config"], state["result"]["config"]):
             config.pop("multires_split", None)
         state["version"] = version
+        if version == 4:  # (the version-3 helper does this itself)
+            _as_before_epoch_boundary(state)
 
     if version == 4:  # it had checksums: rewrite them for the altered state
         state = torch.load(state_path, weights_only=False)
@@ -1013,16 +1031,17 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_one_before_resumed(
 def test_a_state_torch_cannot_read_is_named(data, tmp_path):
     # Version 3 checkpoints have no checksums: torch's own errors for a torn or foreign
     # state.pt named no file.
-    train_learner(data, UNIFORM, run_dir=tmp_path, stop_after=2)
+    old_uniform = dataclasses.replace(UNIFORM, epoch_boundary="tail_last")
+    train_learner(data, old_uniform, run_dir=tmp_path, stop_after=2)
     state = tmp_path / "checkpoints" / "step_0000002" / "state.pt"
     _as_written_by_version_3(state)
     for content in (b"", b"not a torch file", state.read_bytes()[:200]):
         state.write_bytes(content)
         with pytest.raises(ValueError, match=r"step_0000002/state.pt cannot be read"):
-            train_learner(data, UNIFORM, run_dir=tmp_path, resume=True)
+            train_learner(data, old_uniform, run_dir=tmp_path, resume=True)
     torch.save({"config": {}}, state)
     with pytest.raises(ValueError, match=r"state.pt lacks \['step', 'optimizer'"):
-        train_learner(data, UNIFORM, run_dir=tmp_path, resume=True)
+        train_learner(data, old_uniform, run_dir=tmp_path, resume=True)
 
 
 def test_an_unwritable_run_dir_is_refused_before_training(data, tmp_path, monkeypatch):
@@ -1085,3 +1104,36 @@ def test_a_run_dir_that_cannot_be_written_is_refused_before_training(data, tmp_p
                                          r"\(Permission denied\)"):
         train_learner(data, UNIFORM, run_dir=tmp_path / "ro")
     assert not steps
+
+
+def test_checkpoints_from_before_the_epoch_boundary_option_resume_as_they_drew(
+        data, reference, tmp_path):
+    # Version 5 drew every epoch "tail_last" and stored neither the rule nor the data's
+    # content: such a checkpoint resumes as tail_last, to the same result, and is refused,
+    # by name, for today's default "random".
+    full = train_learner(data, OLD_TINY, reference)
+    train_learner(data, OLD_TINY, reference, run_dir=tmp_path, stop_after=2)
+    state_path = tmp_path / "checkpoints" / "step_0000002" / "state.pt"
+    state = torch.load(state_path, weights_only=False)
+    state["version"] = 5
+    _as_before_epoch_boundary(state)
+    torch.save(state, state_path)
+    sums_path = state_path.parent / "checksums.json"
+    sums = json.loads(sums_path.read_text())
+    sums["sha256"]["state.pt"] = hashlib.sha256(state_path.read_bytes()).hexdigest()
+    sums_path.write_text(json.dumps(sums))
+    with pytest.raises(ValueError, match="different config.*epoch_boundary.*resume them with "
+                                         "epoch_boundary='tail_last'"):
+        train_learner(data, TINY, reference, run_dir=tmp_path, resume=True)
+    resumed = train_learner(data, OLD_TINY, reference, run_dir=tmp_path, resume=True)
+    assert resumed.to_dict() == full.to_dict()
+
+
+def test_a_checkpoint_does_not_continue_on_other_data_with_the_same_ids(data, tmp_path):
+    # Found in review: only the pool's ids were checked; a run of 16-token captions resumed
+    # on 8-token ones and mixed the two in its FLOP counts.
+    cfg = dataclasses.replace(UNIFORM, steps=4)
+    train_learner(data, cfg, run_dir=tmp_path, stop_after=2)
+    short = load_digits_web(0, max_len=8)
+    with pytest.raises(ValueError, match="other data with the same ids"):
+        train_learner(short, cfg, run_dir=tmp_path, resume=True)

@@ -563,7 +563,7 @@ def _check_resumable(work: Path, cfg: DemoConfig, allow_other_code: bool = False
         return {}
     _check_code_version(work, done, allow_other_code)
     now = _as_json(asdict(cfg))
-    saved_config = _with_split_of_older_versions(read_json(config_path, dict), now)
+    saved_config = _with_options_of_older_versions(read_json(config_path, dict), now)
     diffs = _config_differences(_order_free(saved_config), _order_free(now))
     if diffs:
         raise ValueError(f"--resume: the interrupted demo in {work} ran another config; give "
@@ -575,8 +575,10 @@ def _check_resumable(work: Path, cfg: DemoConfig, allow_other_code: bool = False
         run = result.get("config")
         if isinstance(run, dict) and "multires_split" not in run and key in expected:
             # Saved before the split was an option: the split it ran with.
-            result["config"] = {**run, "multires_split": multires_split_of_older_run(
+            run = result["config"] = {**run, "multires_split": multires_split_of_older_run(
                 run, expected[key]["multires_split"])}
+        if isinstance(run, dict) and "epoch_boundary" not in run:
+            result["config"] = {**run, "epoch_boundary": "tail_last"}  # the rule then
         if expected.get(key) != result.get("config"):
             raise ValueError(f"{work / 'runs' / 'finished' / (key + '.json')} is not a run of "
                              f"this demo's config; delete that file to train the run again")
@@ -597,11 +599,15 @@ def _check_resumable(work: Path, cfg: DemoConfig, allow_other_code: bool = False
     return done
 
 
-def _with_split_of_older_versions(saved: dict, now: dict) -> dict:
-    """A demo config saved before the multi-resolution split was an option, as it would be
-    saved now (`now`: this demo's): the -flexi runs of a multi-resolution demo trained their
-    first-drawn picks at the fine patch size; in any other demo the split was never used."""
+def _with_options_of_older_versions(saved: dict, now: dict) -> dict:
+    """A demo config saved before later options existed, as it would be saved now (`now`:
+    this demo's): the -flexi runs of a multi-resolution demo trained their first-drawn picks
+    at the fine patch size, in any other demo the split was never used; and every sampler
+    drew its epochs "tail_last"."""
     saved = dict(saved)
+    for block in ("learner", "reference"):
+        if isinstance(saved.get(block), dict) and "epoch_boundary" not in saved[block]:
+            saved[block] = {**saved[block], "epoch_boundary": "tail_last"}
     if isinstance(saved.get("learner"), dict) and "multires_split" not in saved["learner"]:
         saved["learner"] = {**saved["learner"],
                             "multires_split": now["learner"]["multires_split"]}

@@ -37,7 +37,15 @@ from jestkit.atomic import (
     unfinished_write,
 )
 from jestkit.cache import ReferenceCache
-from jestkit.data import MAX_SEED, Batch, DigitsWeb, Split, SuperBatchSampler, class_prompts
+from jestkit.data import (
+    EPOCH_BOUNDARIES,
+    MAX_SEED,
+    Batch,
+    DigitsWeb,
+    Split,
+    SuperBatchSampler,
+    class_prompts,
+)
 from jestkit.flops import FlopLedger, count_flops
 from jestkit.models import (
     DualEncoder,
@@ -115,6 +123,9 @@ class ReferenceConfig:
     text_heads: int = 1
     depth: int = 1
     seed: int = 0
+    # How the curated sampler starts each epoch (`SuperBatchSampler`): "random", or
+    # "tail_last", the rule before the option, which results measured with it pin.
+    epoch_boundary: str = "random"
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -123,6 +134,7 @@ class ReferenceConfig:
         _check_heads(self)
         _check_seed(self)
         _check_lr(self)
+        _check_epoch_boundary(self)
 
 
 @dataclass(frozen=True)
@@ -152,6 +164,9 @@ class LearnerConfig:
     # "first_drawn_fine" (the selector's first-drawn examples, the most learnable alone,
     # train at the fine size and the last-drawn at the coarse one).
     multires_split: str = "random"
+    # How the pool sampler starts each epoch (`SuperBatchSampler`): "random", or
+    # "tail_last", the rule before the option, which results measured with it pin.
+    epoch_boundary: str = "random"
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -175,6 +190,7 @@ class LearnerConfig:
         if self.multires_split not in MULTIRES_SPLITS:
             raise ValueError(f"multires_split must be one of {list(MULTIRES_SPLITS)}, got "
                              f"{self.multires_split!r}")
+        _check_epoch_boundary(self)
         if self.multires_fraction > 0 and not self.score_patch_size:
             # Would silently train at one resolution only.
             raise ValueError("multires_fraction > 0 needs score_patch_size > 0 (the coarse "
@@ -247,6 +263,12 @@ def _check_positive(cfg, names) -> None:
 def _check_seed(cfg) -> None:
     if not 0 <= cfg.seed <= MAX_SEED:
         raise ValueError(f"seed must be in [0, {MAX_SEED}], got {cfg.seed}")
+
+
+def _check_epoch_boundary(cfg) -> None:
+    if cfg.epoch_boundary not in EPOCH_BOUNDARIES:
+        raise ValueError(f"epoch_boundary must be one of {list(EPOCH_BOUNDARIES)}, got "
+                         f"{cfg.epoch_boundary!r}")
 
 
 def _check_heads(cfg) -> None:
@@ -499,7 +521,8 @@ def train_reference(data: DigitsWeb, cfg: ReferenceConfig = ReferenceConfig(),
     check_trainable(cfg, data.tokenizer.vocab_size, "ReferenceConfig")
     model = DualEncoder(model_config(cfg, data.tokenizer.vocab_size), seed=cfg.seed)
     opt = _optimizer(model, cfg)
-    sampler = SuperBatchSampler(data.curated, cfg.batch_size, seed=cfg.seed)
+    sampler = SuperBatchSampler(data.curated, cfg.batch_size, seed=cfg.seed,
+                                epoch_boundary=cfg.epoch_boundary)
     ledger = FlopLedger()
     meter = _FlopMeter(ledger)
     model.train()
@@ -652,7 +675,8 @@ def train_learner(
         raise ValueError(f"score_patch_size must be one of {model_cfg.allowed_patch_sizes}, "
                          f"got {cfg.score_patch_size}")
     opt = _optimizer(model, cfg)
-    sampler = SuperBatchSampler(data.pool, cfg.super_batch_size, seed=cfg.seed)
+    sampler = SuperBatchSampler(data.pool, cfg.super_batch_size, seed=cfg.seed,
+                                epoch_boundary=cfg.epoch_boundary)
     select_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 1)
     selector = None
     if cfg.method != "uniform":
@@ -772,7 +796,9 @@ def _reference_identity(cfg, reference, reference_embedder) -> str | None:
 # 4: every checkpoint has checksums.json (a version-4 state without it is damaged).
 # 5: LearnerConfig has multires_split; before, multi-resolution training always trained the
 #    first-drawn examples at the fine patch size ("first_drawn_fine").
-_STATE_VERSION = 5
+# 6: LearnerConfig has epoch_boundary; before, the sampler always drew "tail_last". The
+#    sampler's state holds the data's content digest.
+_STATE_VERSION = 6
 _CHECKSUMS = "checksums.json"
 _CHECKPOINT_FILES = ("model.safetensors", "state.pt")
 _STEP_DIR = re.compile(r"step_(\d{7,})")  # f"{step:07d}": 8 digits from step 10**7
@@ -950,12 +976,17 @@ def _load_checkpoint(run_dir, cfg, model, opt, sampler, gen, ledger, result, cle
     if state.get("version", 1) < 5:
         saved.setdefault("multires_split", multires_split_of_older_run(saved,
                                                                        cfg.multires_split))
+    if state.get("version", 1) < 6:
+        saved.setdefault("epoch_boundary", "tail_last")  # the only rule then
     if saved != asdict(cfg):
         diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
         why = (" (checkpoints written before multires_split existed trained the first-drawn "
                "picks at the fine patch size: resume them with "
                "multires_split='first_drawn_fine')"
                if "multires_split" in diff and state.get("version", 1) < 5 else "")
+        if "epoch_boundary" in diff and state.get("version", 1) < 6:
+            why += (" (checkpoints written before epoch_boundary existed drew their super-"
+                    "batches by the old rule: resume them with epoch_boundary='tail_last')")
         raise ValueError(f"checkpoint {ckpt} was written by a different config; differing "
                          f"fields (checkpoint, now): {diff}{why}. If it is not this run's "
                          f"(copied in?), move it away to resume from an earlier checkpoint")
