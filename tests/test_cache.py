@@ -294,11 +294,14 @@ def test_a_directory_that_holds_no_cache_is_never_written_into(tmp_path, model, 
     for name in ("shard_000000.tar", "shard_000001.tar", "notes.txt"):
         (wds / name).write_text("data")
     before = snapshot(wds)
-    for overwrite in (False, True):
-        expect_cache_error(lambda o=overwrite: build_reference_cache(model, split, wds,
-                                                                     shard_size=SHARD,
-                                                                     overwrite=o),
-                           "holds no cache (no manifest.json): notes.txt, shard_000000.tar")
+
+    def refused_with_or_without_overwrite(folder, listed):
+        for overwrite in (False, True):
+            expect_cache_error(lambda o=overwrite: build_reference_cache(
+                model, split, folder, shard_size=SHARD, overwrite=o),
+                f"holds no cache (no manifest.json): {listed}")
+
+    refused_with_or_without_overwrite(wds, "notes.txt, shard_000000.tar")
     assert snapshot(wds) == before
     # Six-digit .npy shards are someone else's too (found in review: "holds cache files",
     # and --overwrite deleted them).
@@ -307,11 +310,7 @@ def test_a_directory_that_holds_no_cache_is_never_written_into(tmp_path, model, 
     for k in range(3):
         np.save(npy / f"shard_{k:06d}.npy", np.arange(4))
     npy_before = snapshot(npy)
-    for overwrite in (False, True):
-        expect_cache_error(lambda o=overwrite: build_reference_cache(model, split, npy,
-                                                                     shard_size=SHARD,
-                                                                     overwrite=o),
-                           "holds no cache (no manifest.json): shard_000000.npy")
+    refused_with_or_without_overwrite(npy, "shard_000000.npy")
     assert snapshot(npy) == npy_before
     # Files a file manager or git leaves in any directory do not make it someone's data.
     kept = tmp_path / "kept"

@@ -411,6 +411,18 @@ def _as_written_by_version_3(state_path, change=None):
     (state_path.parent / "checksums.json").unlink()
 
 
+def _rewrite_state(state_path, change):
+    """Change a version-4-or-later checkpoint's state.pt by `change(state)`, with its
+    checksum rewritten to match (as the code that wrote such a state would have)."""
+    state = torch.load(state_path, weights_only=False)
+    change(state)
+    torch.save(state, state_path)
+    sums_path = state_path.parent / "checksums.json"
+    sums = json.loads(sums_path.read_text())
+    sums["sha256"]["state.pt"] = hashlib.sha256(state_path.read_bytes()).hexdigest()
+    sums_path.write_text(json.dumps(sums))
+
+
 # Runs as code before version 6 ran them: its sampler knew only the "tail_last" rule.
 OLD_TINY = dataclasses.replace(TINY, epoch_boundary="tail_last")
 
@@ -663,13 +675,7 @@ def test_multires_checkpoints_from_before_the_split_option_resume_as_they_split(
             _as_before_epoch_boundary(state)
 
     if version == 4:  # it had checksums: rewrite them for the altered state
-        state = torch.load(state_path, weights_only=False)
-        change(state)
-        torch.save(state, state_path)
-        sums_path = state_path.parent / "checksums.json"
-        sums = json.loads(sums_path.read_text())
-        sums["sha256"]["state.pt"] = hashlib.sha256(state_path.read_bytes()).hexdigest()
-        sums_path.write_text(json.dumps(sums))
+        _rewrite_state(state_path, change)
     elif version == 3:
         _as_written_by_version_3(state_path, change)
     else:  # version 2 had no text_heads either (4 heads then)
@@ -1114,14 +1120,8 @@ def test_checkpoints_from_before_the_epoch_boundary_option_resume_as_they_drew(
     full = train_learner(data, OLD_TINY, reference)
     train_learner(data, OLD_TINY, reference, run_dir=tmp_path, stop_after=2)
     state_path = tmp_path / "checkpoints" / "step_0000002" / "state.pt"
-    state = torch.load(state_path, weights_only=False)
-    state["version"] = 5
-    _as_before_epoch_boundary(state)
-    torch.save(state, state_path)
-    sums_path = state_path.parent / "checksums.json"
-    sums = json.loads(sums_path.read_text())
-    sums["sha256"]["state.pt"] = hashlib.sha256(state_path.read_bytes()).hexdigest()
-    sums_path.write_text(json.dumps(sums))
+    _rewrite_state(state_path, lambda state: (state.update(version=5),
+                                              _as_before_epoch_boundary(state)))
     with pytest.raises(ValueError, match="different config.*epoch_boundary.*resume them with "
                                          "epoch_boundary='tail_last'"):
         train_learner(data, TINY, reference, run_dir=tmp_path, resume=True)

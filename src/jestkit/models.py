@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jestkit.atomic import atomic_write
-from jestkit.scoring import check_embeddings, scalar_tensor
+from jestkit.scoring import check_device, check_embeddings, scalar_tensor
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -718,13 +718,7 @@ def save_model(model: DualEncoder, path: str | os.PathLike) -> None:
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> DualEncoder:
     """Rebuild a `DualEncoder` from a `save_model` checkpoint (config from its metadata),
     every tensor in the dtype it was saved in, on `device`."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got "
-                         f"{device!r} ({err})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r}, but CUDA is not available here")
+    device = check_device(device, instead="load it on device='cpu'")
     if not Path(path).is_file():
         raise FileNotFoundError(f"no model checkpoint at {path}")
     try:

@@ -44,10 +44,38 @@ __all__ = [
     "compute_dtype",
     "scalar_tensor",
     "check_unit_rows",
+    "check_device",
     "NORM_TOLERANCE",
 ]
 
 LOSSES = ("sigmoid", "softmax")
+
+
+def check_device(device: torch.device | str | None,
+                 instead: str = "pass device=None to compute where the inputs are"
+                 ) -> torch.device | None:
+    """The device, refused up front with a ValueError naming `device=` if it is not one, is
+    CUDA on a machine without it, is 'meta' or is a backend this torch lacks (torch's own
+    errors come from deep inside a generator or a copy, or as an assert); `instead` says what
+    to pass instead."""
+    if device is None:
+        return None
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0' (or None), "
+                         f"got {device!r} ({err})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}, but CUDA is not available here; {instead}")
+    if device.type == "meta":  # shapes without values: nothing to compute
+        raise ValueError(f"device='meta' holds no values; {instead}")
+    if device.type not in ("cpu", "cuda"):
+        try:  # mps, xpu, ...: torch's own error for a missing backend is an assert or deep
+            torch.empty(1, device=device)
+        except (RuntimeError, AssertionError) as err:
+            raise ValueError(f"device={str(device)!r} is not usable here ({err}); "
+                             f"{instead}") from None
+    return device
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:

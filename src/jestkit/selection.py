@@ -50,6 +50,7 @@ from jestkit.scoring import (
     USES_REFERENCE,
     _as_scalar,
     all_finite,
+    check_device,
     check_embeddings,
     check_unit_rows,
     compute_dtype,
@@ -98,30 +99,6 @@ def _check_temperature(temperature: object) -> float:
     if not (math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be a finite float >= 0, got {temperature}")
     return float(temperature)
-
-
-def _check_device(device: torch.device | str | None) -> torch.device | None:
-    """The device, refused up front if it is CUDA on a machine without it (torch's own error
-    comes from deep inside a generator or a copy)."""
-    if device is None:
-        return None
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0' (or None), "
-                         f"got {device!r} ({err})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r}, but CUDA is not available here; pass "
-                         f"device=None to compute where the inputs are")
-    if device.type == "meta":  # shapes without values: nothing to score
-        raise ValueError("device='meta' holds no values to score; pass a real device")
-    if device.type not in ("cpu", "cuda"):
-        try:  # mps, xpu, ...: torch's own error for a missing backend is an assert or deep
-            torch.empty(1, device=device)
-        except (RuntimeError, AssertionError) as err:
-            raise ValueError(f"device={str(device)!r} is not usable here ({err}); pass "
-                             f"device=None to compute where the inputs are") from None
-    return device
 
 
 def _generator(generator: object, device: torch.device) -> torch.Generator:
@@ -383,7 +360,7 @@ def uniform_select(
     if n < 1:
         raise ValueError(f"super_batch_size must be >= 1, got {n}")
     batch_size = _check_batch_size(batch_size, n)
-    device = _check_device(device)
+    device = check_device(device)
     generator = _generator(generator, device if device is not None else torch.device("cpu"))
     idx = torch.randperm(n, generator=generator, device=generator.device)[:batch_size]
     return idx.to(device) if device is not None else idx
@@ -724,7 +701,7 @@ class JointSelector:
         self.loss = loss
         self.selection = selection
         self.temperature = _check_temperature(temperature)
-        self.device = _check_device(device)
+        self.device = check_device(device)
         self.max_block_elements = max_block_elements
         if not isinstance(require_normalized, bool):
             raise TypeError(f"require_normalized must be a bool, got {require_normalized!r}")
