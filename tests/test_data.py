@@ -682,25 +682,48 @@ def test_training_refuses_a_pool_without_clean_flags(web: DigitsWeb) -> None:
 # --- the epoch boundary (found in review) ------------------------------------------------------
 
 
-def test_a_new_epoch_is_uniform_among_orders_whose_head_avoids_the_tail(web: DigitsWeb) -> None:
-    """A batch of 4 from 6 rows that straddles the boundary holds the old epoch's tail T (2
-    rows) and the new epoch's first 2, which must avoid T. "random" draws the new epoch
-    uniformly from the 4 * 3 * 4! = 288 orders that allow: chi-square over all 288, 28,800
-    draws (100 expected each). The old "tail_last" rule reaches only the 48 with T last."""
+@pytest.mark.parametrize("tail", [[4, 1], [3]])
+def test_a_new_epoch_is_uniform_among_orders_whose_head_avoids_the_tail(web: DigitsWeb,
+                                                                        tail) -> None:
+    """A batch of 4 from 6 rows that straddles the boundary holds the old epoch's tail T and
+    the new epoch's first 4 - |T| rows, which must avoid T. "random" draws the new epoch
+    uniformly from the orders that allow: 4 * 3 * 4! = 288 for |T| = 2, 5 * 4 * 3 * 3! = 360
+    for |T| = 1 (a head longer than the tail: a head of |T| rows passed the first case
+    alone, found in review); chi-square over all of them, ~100 draws expected in each. The
+    old "tail_last" rule reaches only the orders with T last."""
     from scipy import stats
 
     split = web.curated.subset(torch.arange(6))
-    tail = torch.tensor([4, 1])
-    valid = [p for p in itertools.permutations(range(6)) if not {p[0], p[1]} & {4, 1}]
-    assert len(valid) == 288
-    draws = 28800
+    head = 4 - len(tail)
+    valid = [p for p in itertools.permutations(range(6)) if not set(p[:head]) & set(tail)]
+    assert len(valid) == {2: 288, 1: 360}[len(tail)]
+    draws = 100 * len(valid)
     for rule, should_fit in (("random", True), ("tail_last", False)):
         sampler = SuperBatchSampler(split, 4, seed=7, augment=False, epoch_boundary=rule)
-        counts = Counter(tuple(sampler._new_epoch(tail).tolist()) for _ in range(draws))
+        counts = Counter(tuple(sampler._new_epoch(torch.tensor(tail)).tolist())
+                         for _ in range(draws))
         assert set(counts) <= set(valid)  # never a duplicate in the straddling batch
         observed = [counts.get(p, 0) for p in valid]
         pvalue = stats.chisquare(observed).pvalue
         assert (pvalue > 1e-3) if should_fit else (pvalue < 1e-12), (rule, pvalue)
+
+
+@pytest.mark.parametrize("epoch_boundary", ["random", "tail_last"])
+def test_no_super_batch_repeats_a_row_at_any_size(web: DigitsWeb, epoch_boundary) -> None:
+    # Every split size 1-9 and batch size up to it, so tails of every length meet heads of
+    # every length (the digits-web sizes only give tails of half a batch or more).
+    for n in range(1, 10):
+        split = web.curated.subset(torch.arange(n))
+        for size in range(1, n + 1):
+            sampler = SuperBatchSampler(split, size, seed=n * 10 + size, augment=False,
+                                        epoch_boundary=epoch_boundary)
+            stream = []
+            for _ in range(12):
+                rows = sampler.next().indices.tolist()
+                assert len(set(rows)) == size, (n, size, rows)
+                stream += rows
+            for e in range(len(stream) // n):  # each epoch a permutation of the split
+                assert sorted(stream[e * n:(e + 1) * n]) == list(range(n)), (n, size)
 
 
 def test_boundary_batches_share_what_random_draws_share(web: DigitsWeb) -> None:
