@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import itertools
@@ -764,6 +765,10 @@ def test_sampler_state_keeps_its_epoch_boundary_and_data(web: DigitsWeb) -> None
     # Found in review: the same ids with other captions (another max_len) resumed silently.
     short = load_digits_web(0, max_len=8).curated
     assert torch.equal(short.ids, web.curated.ids)
+    same = dataclasses.replace(web.curated, tokens=web.curated.tokens.to(torch.int32))
+    same_sampler = SuperBatchSampler(same, 96, seed=3, epoch_boundary="tail_last")
+    same_sampler.load_state_dict(state)  # the same captions in another int dtype: the same
+    assert torch.equal(same_sampler.next().indices, expected[0])
     with pytest.raises(ValueError, match="other data with the same ids"):
         SuperBatchSampler(short, 96, seed=3, epoch_boundary="tail_last").load_state_dict(state)
     with pytest.raises(ValueError, match=r"epoch_boundary must be one of \['random', "

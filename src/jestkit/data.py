@@ -679,7 +679,9 @@ class SuperBatchSampler:
         continues on another with the same ids)."""
         if self._content_digest is None:
             h = hashlib.sha256()
-            for t in (self.split.images, self.split.tokens):
+            # Token ids as int64 whatever their integer dtype (the cache's fingerprint does
+            # the same): the same captions are the same data.
+            for t in (self.split.images, self.split.tokens.to(torch.int64)):
                 t = t.detach().cpu().contiguous()
                 h.update(f"{t.dtype}{tuple(t.shape)}".encode())
                 h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
