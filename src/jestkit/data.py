@@ -33,6 +33,7 @@ __all__ = [
     "CORRUPTIONS",
     "DIGIT_WORDS",
     "EPOCH_BOUNDARIES",
+    "EPOCH_BOUNDARY_BEFORE_OPTION",
     "MAX_SHIFT",
     "NOISE_FRACTIONS",
     "NOISE_KINDS",
@@ -573,6 +574,9 @@ def _ids_digest(ids: Tensor) -> str:
 #: How a super-batch that straddles an epoch boundary starts the new epoch (see
 #: `SuperBatchSampler`): "random" (the default), or "tail_last", the rule before it.
 EPOCH_BOUNDARIES = ("random", "tail_last")
+#: The rule of every sampler, checkpoint and demo saved before the option existed: what a
+#: saved state or config without `epoch_boundary` ran with.
+EPOCH_BOUNDARY_BEFORE_OPTION = "tail_last"
 
 
 class SuperBatchSampler:
@@ -721,8 +725,7 @@ class SuperBatchSampler:
         if "content_digest" in d and d["content_digest"] != self.content_digest():
             raise ValueError("sampler state was saved for other data with the same ids (the "
                              "images or captions differ: another data seed or caption length?)")
-        # States saved before the option drew every new epoch "tail_last".
-        saved_boundary = d.get("epoch_boundary", "tail_last")
+        saved_boundary = d.get("epoch_boundary", EPOCH_BOUNDARY_BEFORE_OPTION)
         if saved_boundary != self.epoch_boundary:
             raise ValueError(f"sampler state has epoch_boundary={saved_boundary!r}, this "
                              f"sampler {self.epoch_boundary!r}: the stream would differ from "

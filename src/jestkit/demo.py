@@ -39,6 +39,7 @@ from jestkit.atomic import atomic_write, move_into_place, unfinished_write
 from jestkit.cache import ReferenceCache, build_reference_cache, is_cache_file
 from jestkit.data import (
     CURATED_SIZE,
+    EPOCH_BOUNDARY_BEFORE_OPTION,
     IMAGE_SIZE,
     MAX_SEED,
     NOISE_FRACTIONS,
@@ -578,7 +579,7 @@ def _check_resumable(work: Path, cfg: DemoConfig, allow_other_code: bool = False
             run = result["config"] = {**run, "multires_split": multires_split_of_older_run(
                 run, expected[key]["multires_split"])}
         if isinstance(run, dict) and "epoch_boundary" not in run:
-            result["config"] = {**run, "epoch_boundary": "tail_last"}  # the rule then
+            result["config"] = {**run, "epoch_boundary": EPOCH_BOUNDARY_BEFORE_OPTION}
         if expected.get(key) != result.get("config"):
             raise ValueError(f"{work / 'runs' / 'finished' / (key + '.json')} is not a run of "
                              f"this demo's config; delete that file to train the run again")
@@ -607,7 +608,7 @@ def _with_options_of_older_versions(saved: dict, now: dict) -> dict:
     saved = dict(saved)
     for block in ("learner", "reference"):
         if isinstance(saved.get(block), dict) and "epoch_boundary" not in saved[block]:
-            saved[block] = {**saved[block], "epoch_boundary": "tail_last"}
+            saved[block] = {**saved[block], "epoch_boundary": EPOCH_BOUNDARY_BEFORE_OPTION}
     if isinstance(saved.get("learner"), dict) and "multires_split" not in saved["learner"]:
         saved["learner"] = {**saved["learner"],
                             "multires_split": now["learner"]["multires_split"]}

@@ -39,6 +39,7 @@ from jestkit.atomic import (
 from jestkit.cache import ReferenceCache
 from jestkit.data import (
     EPOCH_BOUNDARIES,
+    EPOCH_BOUNDARY_BEFORE_OPTION,
     MAX_SEED,
     Batch,
     DigitsWeb,
@@ -977,7 +978,7 @@ def _load_checkpoint(run_dir, cfg, model, opt, sampler, gen, ledger, result, cle
         saved.setdefault("multires_split", multires_split_of_older_run(saved,
                                                                        cfg.multires_split))
     if state.get("version", 1) < 6:
-        saved.setdefault("epoch_boundary", "tail_last")  # the only rule then
+        saved.setdefault("epoch_boundary", EPOCH_BOUNDARY_BEFORE_OPTION)
     if saved != asdict(cfg):
         diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
         why = (" (checkpoints written before multires_split existed trained the first-drawn "
