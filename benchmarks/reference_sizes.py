@@ -12,7 +12,9 @@ cross-validation on the curated pairs.
 
 Every reference is `jestkit.training.train_reference` on digits-web's curated split (data seed
 0, captions padded as in the demo), one thread, fields not given taken from
-`ReferenceConfig()`; each run is deterministic, so the table reproduces. One seed per size:
+`ReferenceConfig()` (patch 16 since it became the default; the tables in docs/results.md
+measured before that reproduce with ``--patch-size 8 --epoch-boundary tail_last``); each run
+is deterministic, so the table reproduces. One seed per size:
 differences of a point or so are within what another seed would move.
 
 Why: learnability is learner loss minus reference loss, so once the learner passes its
@@ -66,8 +68,9 @@ import numpy as np
 import torch
 
 from jestkit.atomic import atomic_write
-from jestkit.data import EPOCH_BOUNDARIES, DigitsWeb, load_digits_web
+from jestkit.data import EPOCH_BOUNDARIES, IMAGE_SIZE, DigitsWeb, load_digits_web
 from jestkit.demo import DEMO_MAX_TEXT_LEN, MAX_WORKERS, exit_with_parent, stop_workers
+from jestkit.models import patch_sizes
 from jestkit.training import ReferenceConfig, train_reference
 
 GRID = [
@@ -218,7 +221,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="how the curated sampler starts each epoch, for every config "
                              "without its own (default: random; the results in "
                              "docs/results.md were measured with tail_last)")
+    parser.add_argument("--patch-size", type=int, default=None,
+                        help="the references' patch size, for every config without its own "
+                             "(default: ReferenceConfig's, 16; the tables in docs/results.md "
+                             "before the default became 16 were measured with 8)")
     args = parser.parse_args(argv)
+    if args.patch_size is not None and args.patch_size not in patch_sizes(IMAGE_SIZE):
+        parser.error(f"--patch-size must be one of {list(patch_sizes(IMAGE_SIZE))} (divisors "
+                     f"of the image size {IMAGE_SIZE}), got {args.patch_size}")
     if not 1 <= args.jobs <= MAX_WORKERS:  # as the demo's --workers
         parser.error(f"--jobs must be in [1, {MAX_WORKERS}], got {args.jobs}")
     if args.jobs > 1 and args.folds is None:
@@ -232,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     specs = args.spec or (QUICK if args.quick else GRID)
     if args.epoch_boundary != "random":  # named in each row: a config unlike the default
         specs = [{**spec, "epoch_boundary": spec.get("epoch_boundary", args.epoch_boundary)}
+                 for spec in specs]
+    if args.patch_size is not None:  # named in each row, like the epoch rule
+        specs = [{**spec, "patch_size": spec.get("patch_size", args.patch_size)}
                  for spec in specs]
     torch.set_num_threads(1)
     data = load_digits_web(0, max_len=DEMO_MAX_TEXT_LEN)

@@ -368,6 +368,18 @@ def test_reference_sizes_checks_every_spec_before_training_and_prints_what_it_me
     assert module.main(["--quick"]) == 0
     assert [dict(steps=c.steps, batch_size=c.batch_size) for c in trained] == [
         dict(steps=q["steps"], batch_size=q["batch_size"]) for q in module.QUICK]
+    # --patch-size reaches every config without its own (the tables measured at patch 8
+    # before the default became 16 reproduce with it), and a bad one stops before training.
+    assert {c.patch_size for c in trained} == {16}
+    trained.clear()
+    assert module.main(["--patch-size", "8", "--spec", "{}", "--spec", '{"patch_size": 4}']) == 0
+    assert [c.patch_size for c in trained] == [8, 4]
+    assert "| patch_size=8 |" in capsys.readouterr().out
+    trained.clear()
+    with pytest.raises(SystemExit) as err:
+        module.main(["--patch-size", "5"])
+    assert err.value.code == 2 and trained == []
+    assert "--patch-size must be one of [1, 2, 4, 8, 16, 32]" in capsys.readouterr().err
 
 
 @pytest.fixture

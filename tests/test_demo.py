@@ -171,7 +171,9 @@ def test_summary_of_a_report_without_wall_time(quick_run, capsys):
     for plateaued in (False, True):
         report["plateau"].update(checkable=True, plateaued=plateaued)
         print_summary(report)
-        hint = "configs/demo-T14000-all-methods.json" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        hint = "give more steps (learner.steps)" in out
+        assert hint is ("configs/demo-T14000-all-methods-random-boundary.json" in out)
         assert hint is not plateaued
     # Which way it moved is said as it is (found in review: a fall was "still improving").
     for moved, words in ((+2.5, "still improving"), (-1.5, "that fell over its last quarter")):
@@ -215,6 +217,9 @@ def test_bad_demo_config():
     with pytest.raises(ValueError, match=r"learner.patch_size must be one of \[1, 2, 4, 8, 16, "
                                          r"32\] \(divisors of the image size 32\), got 5"):
         DemoConfig.from_dict({"learner": {"patch_size": 5}})
+    with pytest.raises(ValueError, match=r"reference.patch_size must be one of \[1, 2, 4, 8, "
+                                         r"16, 32\] \(divisors of the image size 32\), got 3"):
+        DemoConfig.from_dict({"reference": {"patch_size": 3}})
     # What only the JEST or Flexi runs need is checked only when they are in `methods`, under
     # the field the user set.
     coarse = {"learner": {"patch_size": 16}, "flexi_score_patch_size": 8}
@@ -1035,12 +1040,14 @@ def test_an_interrupted_demo_from_before_the_epoch_boundary_option_resumes_as_it
     cfg = dataclasses.replace(
         quick, methods=("uniform", "learnability-joint"),
         learner=dataclasses.replace(quick.learner, epoch_boundary="tail_last"),
-        reference=dataclasses.replace(quick.reference, epoch_boundary="tail_last"))
+        reference=dataclasses.replace(quick.reference, epoch_boundary="tail_last",
+                                      patch_size=8))
     work = tmp_path / "run.partial"
     (work / "runs" / "finished").mkdir(parents=True)
     saved = json.loads(json.dumps(asdict(cfg)))
     for block in ("learner", "reference"):
         saved[block].pop("epoch_boundary")
+    saved["reference"].pop("patch_size")  # the reference's patch was always 8 then
     (work / "demo_config.json").write_text(json.dumps(saved))
     (work / "code_version.json").write_text(json.dumps(code_version()))
     for name, _, lc in demo.learner_configs(cfg):
@@ -1052,3 +1059,6 @@ def test_an_interrupted_demo_from_before_the_epoch_boundary_option_resumes_as_it
                                          "now"):
         demo._check_resumable(work, dataclasses.replace(cfg, learner=quick.learner,
                                                         reference=quick.reference))
+    with pytest.raises(ValueError, match=r"reference.patch_size: 8 then, 16 now"):
+        demo._check_resumable(work, dataclasses.replace(
+            cfg, reference=dataclasses.replace(cfg.reference, patch_size=16)))

@@ -286,6 +286,21 @@ def test_attention_softmax_gradcheck_and_double_backward() -> None:
     torch.testing.assert_close(grads[0], grads[1], atol=1e-10, rtol=0)
 
 
+def test_attention_softmax_works_under_torch_func_transforms() -> None:
+    # vmap over stacked weights (benchmarks/batched_runs.py) failed on a 4-token image tower
+    # once the short path was taken: an autograd.Function needs setup_context for functorch.
+    x = torch.randn(5, 3, 4, 4, dtype=torch.float64)
+    w = torch.randn(5, 3, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(torch.func.vmap(models.attention_softmax)(x), x.softmax(-1))
+
+    def loss(f):
+        return lambda xi, wi: (f(xi) * wi).sum()
+
+    per_row = torch.func.vmap(torch.func.grad(loss(models.attention_softmax)))(x, w)
+    expected = torch.func.vmap(torch.func.grad(loss(lambda t: t.softmax(-1))))(x, w)
+    torch.testing.assert_close(per_row, expected, atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("keys, dtype, ours", [(15, torch.float32, True),
                                                (16, torch.float32, False),
                                                (8, torch.float64, True),

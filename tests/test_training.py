@@ -41,8 +41,10 @@ def reference(data):
     return model
 
 
+# Patch 8 (16 image tokens), not the default 16: Flexi's tests need a coarser patch that
+# still has tokens to drop (16: 4 tokens), and checkpoints before state version 2 had patch 8.
 TINY = LearnerConfig(steps=6, batch_size=16, n_chunks=4, width=16, depth=1, eval_every=2,
-                     warmup_steps=2)
+                     warmup_steps=2, patch_size=8)
 
 
 class OracleModel(nn.Module):
@@ -249,8 +251,8 @@ def test_multiresolution_step_keeps_the_whole_sub_batch_loss(data):
     def model_where_negatives_count():
         # At the initial bias c = -10 the negative pairs' gradients are ~e^-10 of the
         # positives'; at c = 0 (as later in training) they weigh as much.
-        model = DualEncoder(small_model(data.tokenizer.vocab_size, 48, 1, text_width=16),
-                            seed=0)
+        model = DualEncoder(small_model(data.tokenizer.vocab_size, 48, 1, patch_size=8,
+                                        text_width=16), seed=0)
         with torch.no_grad():
             model.logit_bias.zero_()
         return model
@@ -744,8 +746,26 @@ def test_a_diverging_run_is_an_error_naming_the_step_and_lr(data, reference, met
                 lambda: train_learner(data, dataclasses.replace(
                     TINY, method="uniform", steps=1, eval_every=1, lr=1e6, warmup_steps=0))):
         with pytest.raises(ValueError, match=r"training diverged at step 1: its weights or "
-                                             r"temperature are no longer finite; lower"):
+                                             r"temperature are no longer finite \(or t "
+                                             r"underflowed to 0\); lower"):
             run()
+
+
+def test_a_temperature_that_underflowed_to_zero_is_divergence(data):
+    # Found when the reference's patch changed: a huge step drove the learner's log t so low
+    # that t = exp(log t) was 0.0, finite, so the run went on and the selector failed with
+    # "logit_scale must be > 0", naming neither the step nor the lr.
+    from jestkit import training
+
+    model = DualEncoder(small_model(data.tokenizer.vocab_size, 16, 1), seed=0)
+    assert not training._diverged(model)
+    with torch.no_grad():
+        model.logit_scale_log.fill_(-1e4)
+    assert float(model.logit_scale.detach()) == 0.0 and training._diverged(model)
+    with pytest.raises(ValueError, match=r"learner training diverged at step 3: its weights or "
+                                         r"temperature are no longer finite \(or t underflowed "
+                                         r"to 0\); lower the learning rate \(lr=0.001"):
+        training._evaluate_run(model, data, 2, TINY, "learner")
 
 
 def test_text_heads_reach_the_models(data, tmp_path):
@@ -758,6 +778,20 @@ def test_text_heads_reach_the_models(data, tmp_path):
     train_learner(data, cfg, run_dir=tmp_path, stop_after=1)
     saved = load_model(tmp_path / "checkpoints" / "step_0000001" / "model.safetensors")
     assert saved.config.text_heads == 4 and LearnerConfig().text_heads == 1
+
+
+def test_reference_patch_size_reaches_the_model(data):
+    # The reference trains, evaluates and scores at its own patch size (16: four tokens).
+    model, info = train_reference(data, ReferenceConfig(steps=1, batch_size=16, width=16,
+                                                        patch_size=16))
+    assert model.config.patch_size == 16 and info["config"]["patch_size"] == 16
+    tokens = model.image.patch_embed(data.test.images[:2], None)
+    assert tokens.shape[1] == (32 // 16) ** 2
+    with pytest.raises(ValueError, match=r"patch_size must be a positive int, got 0"):
+        ReferenceConfig(patch_size=0)
+    with pytest.raises(ValueError, match=r"reference patch_size must divide the image size 32: "
+                                         r"one of \[1, 2, 4, 8, 16, 32\], got 5"):
+        train_reference(data, ReferenceConfig(steps=1, batch_size=16, width=16, patch_size=5))
 
 
 def test_bad_run_arguments(data, reference):
@@ -812,7 +846,7 @@ def analytic_forward_flops(cfg, n, image_tokens, text_tokens):
 def test_flexi_scoring_flops_match_the_expected_fraction(data):
     from jestkit.flops import measure_forward_flops
 
-    cfg = small_model(data.tokenizer.vocab_size, 48, 1)
+    cfg = small_model(data.tokenizer.vocab_size, 48, 1, patch_size=8)
     model = DualEncoder(cfg, seed=0)
     images, tokens = data.pool.images[:320], data.pool.tokens[:320, :8]
     full = measure_forward_flops(model, images, tokens)
@@ -843,7 +877,8 @@ def test_multiresolution_training_is_deterministic_and_cheaper(data, reference):
     # Half of every sub-batch at 4 image tokens instead of 16: exactly a forward + backward
     # of 8 pairs at patch 8 plus one of 8 pairs at patch 16, per step.
     model = DualEncoder(small_model(data.tokenizer.vocab_size, base.width, base.depth,
-                                    text_width=base.text_width), seed=0)
+                                    patch_size=base.patch_size, text_width=base.text_width),
+                        seed=0)
     images, tokens = data.pool.images[:16], data.pool.tokens[:16]
 
     def fwd_bwd(n, patch):

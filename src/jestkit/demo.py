@@ -101,14 +101,13 @@ class DemoConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     methods: tuple[str, ...] = tuple(name for name, *_ in DEMO_METHODS)
-    # Flexi-JEST (the "-flexi" method): score at patch 16 (2x the training patch 8: 4 tokens
-    # instead of 16). Training part of each sub-batch at patch 16 too is the paper's recipe,
-    # but in these short runs it costs much of JEST's gain: measured against live
-    # full-resolution JEST at T = 1000, half of each sub-batch there cost 15 points and 43%
-    # of the iteration speed-up, and 6 points and a third with a 64-token learner whose
-    # coarse half has 16 tokens (docs/results.md), while scoring there selects as well as
-    # full resolution; so by default the coarse size is for scoring only.
-    flexi_score_patch_size: int = 16
+    # Flexi-JEST (the "-flexi" method): score at patch 32, 2x the training patch 16 (one
+    # token instead of four). Training part of each sub-batch at the coarse size too is the
+    # paper's recipe, but it cost much of JEST's gain in every setting measured (with the
+    # 16-token learner at T = 1000, half of each sub-batch coarse cost 15 points and 43% of
+    # the iteration speed-up; docs/results.md), so by default the coarse size is for scoring
+    # only.
+    flexi_score_patch_size: int = 32
     flexi_multires_fraction: float = 0.0
     # Which part of each sub-batch trains coarse: "random" (the paper's recipe) or
     # "first_drawn_fine" (the selector's last-drawn picks: how the multi-resolution results
@@ -208,6 +207,9 @@ class DemoConfig:
         if self.learner.patch_size not in allowed:
             raise ValueError(f"learner.patch_size must be one of {list(allowed)} (divisors of "
                              f"the image size {IMAGE_SIZE}), got {self.learner.patch_size}")
+        if self.reference.patch_size not in allowed:
+            raise ValueError(f"reference.patch_size must be one of {list(allowed)} (divisors of "
+                             f"the image size {IMAGE_SIZE}), got {self.reference.patch_size}")
         if self.flexi_score_patch_size not in allowed:
             raise ValueError(f"flexi_score_patch_size must be one of {list(allowed)} (divisors "
                              f"of the image size), got {self.flexi_score_patch_size}")
@@ -603,12 +605,14 @@ def _check_resumable(work: Path, cfg: DemoConfig, allow_other_code: bool = False
 def _with_options_of_older_versions(saved: dict, now: dict) -> dict:
     """A demo config saved before later options existed, as it would be saved now (`now`:
     this demo's): the -flexi runs of a multi-resolution demo trained their first-drawn picks
-    at the fine patch size, in any other demo the split was never used; and every sampler
-    drew its epochs "tail_last"."""
+    at the fine patch size, in any other demo the split was never used; every sampler
+    drew its epochs "tail_last"; and the reference's patch was 8."""
     saved = dict(saved)
     for block in ("learner", "reference"):
         if isinstance(saved.get(block), dict) and "epoch_boundary" not in saved[block]:
             saved[block] = {**saved[block], "epoch_boundary": EPOCH_BOUNDARY_BEFORE_OPTION}
+    if isinstance(saved.get("reference"), dict) and "patch_size" not in saved["reference"]:
+        saved["reference"] = {**saved["reference"], "patch_size": 8}  # always 8 then
     if isinstance(saved.get("learner"), dict) and "multires_split" not in saved["learner"]:
         saved["learner"] = {**saved["learner"],
                             "multires_split": now["learner"]["multires_split"]}
@@ -889,7 +893,8 @@ def print_summary(report: dict) -> None:
                   "that fell over its last quarter (its target, the mean of its last "
                   "evaluations, is below its own earlier accuracy)")
         print(f"So these speed-ups compare with a uniform baseline {moving}, where the "
-              "protocol's target assumes it has plateaued. On digits-web that takes T of about "
-              "14,000: `jestkit demo --config configs/demo-T14000-all-methods.json` in a "
-              "checkout of the repository (about an hour on 2 cores; its results are in "
-              "docs/results.md).")
+              "protocol's target assumes it has plateaued: give more steps (learner.steps). "
+              "On digits-web the default demo (4 image tokens, T = 6000) plateaus; a 16-token "
+              "learner (learner.patch_size 8) needs T of about 14,000: `jestkit demo --config "
+              "configs/demo-T14000-all-methods-random-boundary.json` in a checkout of the "
+              "repository (results in docs/results.md).")

@@ -417,14 +417,20 @@ class _ShortSoftmax(torch.autograd.Function):
     """softmax(x, dim=-1) from a few whole-tensor ops: subtract the row max, exp, divide by
     the row sum (the same algorithm as torch's kernel). Backward: y * (g - sum(g * y)), from
     differentiable ops on the saved output, so double backward (gradient penalties) is right
-    too."""
+    too. In the form torch.func's transforms accept (forward without ctx, setup_context), so
+    models that use it can be vmapped (as benchmarks/batched_runs.py does over stacked
+    weights)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
+    def forward(x: Tensor) -> Tensor:
         y = (x - x.amax(dim=-1, keepdim=True)).exp_()
-        y = y.div_(y.sum(dim=-1, keepdim=True))
-        ctx.save_for_backward(y)
-        return y
+        return y.div_(y.sum(dim=-1, keepdim=True))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(output)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:

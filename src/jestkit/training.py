@@ -70,10 +70,11 @@ METHODS = tuple(CRITERIA)  # learnability, hard_learner, easy_reference, uniform
 IMAGE_HEADS = 4  # attention heads of small_model's image tower: `width` must be a multiple
 
 
-def small_model(vocab_size: int, width: int, depth: int, patch_size: int = 8,
+def small_model(vocab_size: int, width: int, depth: int, patch_size: int = 16,
                 text_width: int | None = None, text_heads: int = 1) -> DualEncoderConfig:
-    """A dual encoder sized for a 2-core CPU: 32x32 images at patch 8 are 16 tokens; captions
-    are a few words from a ~100-word vocabulary, so one narrow text block suffices.
+    """A dual encoder sized for a 2-core CPU: 32x32 images at patch 16 are 4 tokens (at 8,
+    16); captions are a few words from a ~100-word vocabulary, so one narrow text block
+    suffices.
 
     `text_width` defaults to `width`. A narrow text tower keeps the image tower the bulk of
     the compute, which is what makes Flexi's coarse scoring cheap (BRIEF 4): the text tower
@@ -90,9 +91,8 @@ def small_model(vocab_size: int, width: int, depth: int, patch_size: int = 8,
 
 def model_config(cfg: ReferenceConfig | LearnerConfig, vocab_size: int) -> DualEncoderConfig:
     """The architecture `train_reference` / `train_learner` build for `cfg`."""
-    patch = {"patch_size": cfg.patch_size} if isinstance(cfg, LearnerConfig) else {}
-    return small_model(vocab_size, cfg.width, cfg.depth, text_width=cfg.text_width,
-                       text_heads=cfg.text_heads, **patch)
+    return small_model(vocab_size, cfg.width, cfg.depth, patch_size=cfg.patch_size,
+                       text_width=cfg.text_width, text_heads=cfg.text_heads)
 
 
 def check_trainable(cfg: ReferenceConfig | LearnerConfig, vocab_size: int, what: str,
@@ -123,6 +123,9 @@ class ReferenceConfig:
     text_width: int = 16
     text_heads: int = 1
     depth: int = 1
+    # The reference's patch size: the learner's by default (4 tokens; see LearnerConfig). It
+    # scores at this size always: Flexi's coarse scoring is the learner's.
+    patch_size: int = 16
     seed: int = 0
     # How the curated sampler starts each epoch (`SuperBatchSampler`): "random", or
     # "tail_last", the rule before the option, which results measured with it pin.
@@ -131,7 +134,7 @@ class ReferenceConfig:
     def __post_init__(self) -> None:
         check_field_types(self)
         _check_positive(self, ("steps", "batch_size", "width", "text_width", "text_heads",
-                                "depth"))
+                                "depth", "patch_size"))
         _check_heads(self)
         _check_seed(self)
         _check_lr(self)
@@ -147,7 +150,9 @@ class LearnerConfig:
     filter_ratio: float = 0.8
     n_chunks: int = 16
     batch_size: int = 64
-    steps: int = 1000
+    # Long enough for uniform to plateau with the default model (its accuracy moves < 1 point
+    # over the last quarter; docs/results.md), which the speed-up protocol assumes.
+    steps: int = 6000
     seed: int = 0
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -156,7 +161,10 @@ class LearnerConfig:
     text_width: int = 16
     text_heads: int = 1
     depth: int = 1
-    patch_size: int = 8  # the training (fine) patch: 32x32 images at 8 are 16 tokens
+    # The training (fine) patch: 32x32 images at 16 are 4 tokens. At 8 (16 tokens) this
+    # one-block ViT learns ~3x slower per step on digits-web, for ~3x the FLOPs, and uniform
+    # needs T ~ 14,000 to plateau instead of ~6,000 (docs/results.md).
+    patch_size: int = 16
     eval_every: int = 0  # 0: steps // 40
     checkpoint_every: int = 0  # 0: never
     score_patch_size: int = 0  # 0: the training patch size (live, full resolution)
@@ -443,9 +451,12 @@ def _order_for_training(idx: torch.Tensor, cfg: LearnerConfig, train_patches: tu
 
 
 def _diverged(model: DualEncoder) -> bool:
-    """Whether a weight, or the temperature t = exp(log t) the scores use, is not finite."""
+    """Whether a weight is not finite, or the temperature t = exp(log t) the scores use is
+    not finite and positive: a huge step can drive log t so low that t underflows to 0,
+    which leaves every logit at the bias (chance-level scores, and a selector error)."""
     with torch.no_grad():
-        return not (math.isfinite(float(model.logit_scale))
+        t = float(model.logit_scale)
+        return not (math.isfinite(t) and t > 0
                     and all(bool(torch.isfinite(p).all()) for p in model.parameters()))
 
 
@@ -455,7 +466,7 @@ def _evaluate_run(model: DualEncoder, data: DigitsWeb, step: int, cfg, what: str
     said so, rather than an evaluation error or a chance-level score."""
     if _diverged(model):
         raise _divergence(what, cfg, f"at step {step + 1}: its weights or temperature are no "
-                                     f"longer finite")
+                                     f"longer finite (or t underflowed to 0)")
     return evaluate(model, data.test, data.tokenizer)
 
 
@@ -519,6 +530,10 @@ def train_reference(data: DigitsWeb, cfg: ReferenceConfig = ReferenceConfig(),
     if cfg.batch_size > len(data.curated):
         raise ValueError(f"reference batch_size must be in [1, {len(data.curated)}] (the "
                          f"curated split's size), got {cfg.batch_size}")
+    image_size = data.curated.images.shape[-1]
+    if image_size % cfg.patch_size:
+        raise ValueError(f"reference patch_size must divide the image size {image_size}: one "
+                         f"of {list(patch_sizes(image_size))}, got {cfg.patch_size}")
     check_trainable(cfg, data.tokenizer.vocab_size, "ReferenceConfig")
     model = DualEncoder(model_config(cfg, data.tokenizer.vocab_size), seed=cfg.seed)
     opt = _optimizer(model, cfg)
@@ -712,7 +727,8 @@ def train_learner(
                 if not _diverged(model):
                     raise
                 raise _divergence("learner", cfg, f"by step {step}: its weights or temperature "
-                                                  f"are no longer finite ({err})") from None
+                                                  f"are no longer finite (or t underflowed to "
+                                                  f"0: {err})") from None
             idx = _order_for_training(idx, cfg, train_patches, select_gen)
             batch = Batch(batch.images[idx], batch.tokens[idx], batch.ids[idx],
                           batch.indices[idx])
