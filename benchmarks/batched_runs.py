@@ -37,7 +37,8 @@ learner steps at each T of ``--steps`` on ``--workers`` one-thread workers.
 
 Run from the repository root::
 
-    python benchmarks/batched_runs.py              # the default demo, K = 1 3 7 21 (~45 s)
+    python benchmarks/batched_runs.py              # the default demo at its T, K = 1 3 7 21
+    python benchmarks/batched_runs.py --config configs/demo-16-tokens.json --steps 1000 12000 14000
     python benchmarks/batched_runs.py --quick      # smoke test (< 20 s)
 
 ``--out FILE`` writes the tables between ``<!-- batched_runs:start -->`` and
@@ -69,7 +70,6 @@ from jestkit.selection import JointSelector, ModelEmbeddings
 from jestkit.training import _split_sizes, encode_image_parts, model_config
 
 DEFAULT_RUNS = (1, 3, 7, 21)  # one run; a method's 3 seeds; 7 methods; the demo's 21 runs
-DEFAULT_STEPS = (1000, 12000, 14000)  # the demo's T, and the T a plateaued uniform needs
 BUDGET_MIN = 10.0
 
 
@@ -325,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, help="a demo config (JSON); default: the demo's")
     p.add_argument("--runs", type=int, nargs="+", default=list(DEFAULT_RUNS),
                    help="batch sizes K, in runs (default: 1 3 7 21; 1 is always measured)")
-    p.add_argument("--steps", type=int, nargs="+", default=list(DEFAULT_STEPS),
-                   help="demo lengths T to price (default: 1000 12000 14000)")
+    p.add_argument("--steps", type=int, nargs="+", default=None,
+                   help="demo lengths T to price (default: the config's own, learner.steps)")
     p.add_argument("--workers", type=int, default=2,
                    help="learner processes at once, one thread each (default 2; at most "
                         "the machine's cores)")
@@ -344,12 +344,14 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--{name} must be >= {least}, got {getattr(args, name)}")
     if not 1 <= min(args.runs) <= max(args.runs) <= 64:
         p.error(f"--runs must all be in [1, 64], got {args.runs}")
-    if min(args.steps) < 1:
+    if args.steps is not None and min(args.steps) < 1:
         p.error(f"--steps must all be >= 1, got {args.steps}")
     if not args.budget_min > 0:
         p.error(f"--budget-min must be > 0, got {args.budget_min}")
     check_outputs(p, args.out, "batched_runs", args.json)  # before any timing
     cfg = load_demo_config(p, args.config) if args.config else DemoConfig()
+    if args.steps is None:
+        args.steps = [cfg.learner.steps]
     if args.quick:
         args.runs, args.rounds, args.warmup = [1, 2], 2, 1
     args.runs = sorted({1, *args.runs})

@@ -30,7 +30,8 @@ config at T steps, their evaluations, the reference and the cache) in FLOPs, and
 
 Run from the repository root::
 
-    python benchmarks/demo_budget.py            # the default demo at T = 1000, 12000, 14000
+    python benchmarks/demo_budget.py            # the default demo at its own T (6000)
+    python benchmarks/demo_budget.py --config configs/demo-16-tokens.json --steps 1000 12000 14000
     python benchmarks/demo_budget.py --config configs/demo-64-tokens.json --steps 1000 20000
     python benchmarks/demo_budget.py --quick    # smoke test (< 15 s)
 
@@ -61,7 +62,6 @@ from jestkit.flops import count_flops
 from jestkit.models import DualEncoder
 from jestkit.training import LearnerConfig, ReferenceConfig, evaluate, train_reference
 
-DEFAULT_STEPS = (1000, 12000, 14000)  # the demo's T, and the T a plateaued uniform needs
 BUDGET_MIN = 10.0  # issue 3: the whole demo in <= 10 minutes
 MATMUL_SIZE = 2048
 
@@ -239,8 +239,8 @@ def markdown(res: dict, command: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=Path, help="a demo config (JSON); default: the demo's")
-    p.add_argument("--steps", type=int, nargs="+", default=list(DEFAULT_STEPS),
-                   help="demo lengths T to price (default: 1000 12000 14000)")
+    p.add_argument("--steps", type=int, nargs="+", default=None,
+                   help="demo lengths T to price (default: the config's own, learner.steps)")
     p.add_argument("--workers", type=int, default=2,
                    help="learner runs at once, as `jestkit demo --workers` (default 2)")
     p.add_argument("--budget-min", type=float, default=BUDGET_MIN)
@@ -261,12 +261,14 @@ def main(argv: list[str] | None = None) -> int:
                         ("check_steps", 0), ("reference_steps", 1), ("matmul_repeats", 1)):
         if getattr(args, name) < least:
             p.error(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
-    if min(args.steps) < 1:
+    if args.steps is not None and min(args.steps) < 1:
         p.error(f"--steps must all be >= 1, got {args.steps}")
     if not args.budget_min > 0:
         p.error(f"--budget-min must be > 0, got {args.budget_min}")
     check_outputs(p, args.out, "demo_budget", args.json)  # before minutes of timing
     cfg = load_demo_config(p, args.config) if args.config else DemoConfig()
+    if args.steps is None:
+        args.steps = [cfg.learner.steps]
     if args.quick:
         args.rounds, args.steps_per_round, args.warmup, args.check_steps = 2, 2, 1, 2
         args.reference_steps, args.matmul_repeats = 10, 2

@@ -56,7 +56,8 @@ def agreement(dev: torch.device) -> float:
                 print(f"forward patch {patch}: max |cpu - cuda| = {d:.2e}", flush=True)
     for m, dv in ((model, torch.device("cpu")), (gpu, dev)):
         m.zero_grad()
-        emb = encode_image_parts(m, images[:64].to(dv), _split_sizes(64, (8, 16), 0.5))
+        fine = cfg.patch_size  # the demo's Flexi step: half of 64 at twice the patch
+        emb = encode_image_parts(m, images[:64].to(dv), _split_sizes(64, (fine, 2 * fine), 0.5))
         sigmoid_loss(emb, m.encode_text(tokens[:64].to(dv)), m.logit_scale,
                      m.logit_bias).backward()
     grad = max(_diff(p.grad, q.grad) / (float(p.grad.abs().max()) + 1e-12)

@@ -106,6 +106,12 @@ def _spec(text: str) -> dict:
         ReferenceConfig(**spec)  # validates the values; the message names the field
     except (TypeError, ValueError) as err:
         raise argparse.ArgumentTypeError(f"--spec {text}: {err}") from None
+    if "patch_size" in spec and spec["patch_size"] not in patch_sizes(IMAGE_SIZE):
+        # ReferenceConfig knows no image size; train_reference would refuse it only after
+        # the specs before it had trained.
+        raise argparse.ArgumentTypeError(
+            f"--spec {text}: patch_size must be one of {list(patch_sizes(IMAGE_SIZE))} "
+            f"(divisors of the image size {IMAGE_SIZE}), got {spec['patch_size']}")
     return spec
 
 

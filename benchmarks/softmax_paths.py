@@ -3,9 +3,12 @@ the demo, forward and backward, one thread, in the same process.
 
     python benchmarks/softmax_paths.py          # ~10 s; prints a markdown table
 
-The shapes are [batch, heads, queries, keys]: the text tower's attention over a 320-caption
-super-batch (8 tokens), the coarse image tower's (4 tokens at patch 16), and the training
-step's text (64 captions) and image (16 tokens: torch's kernel, above SHORT_SOFTMAX_MAX).
+The shapes are [batch, heads, queries, keys] of the 16-token learner the demo had when this
+was measured (patch 8; `configs/demo-16-tokens.json`): the text tower's attention over a
+320-caption super-batch (8 tokens), the coarse image tower's (4 tokens at patch 16), and the
+training step's text (64 captions) and image (16 tokens: torch's kernel, above
+SHORT_SOFTMAX_MAX). Today's default learner (patch 16) trains on 4 image tokens, one of the
+short shapes measured here, and scores at one token.
 """
 
 from __future__ import annotations

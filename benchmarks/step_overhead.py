@@ -1,18 +1,20 @@
 """Per-step cost of JEST against uniform training: FLOPs by phase and measured wall time.
 
-Variants (all with the demo's model sizes, taken from ``LearnerConfig()`` / ``ReferenceConfig()``:
-learner image width 48, text width 16, at patch 8; reference image width 32, text width 16;
-sub-batch b = 64, one thread):
+Variants (all with the demo's model sizes, taken from ``DemoConfig()`` or ``--config``: by
+default learner image width 48, text width 16, at patch 16 (4 image tokens); reference image
+width 32, text width 16, at patch 16; ``--config configs/demo-16-tokens.json``: both at patch
+8, 16 tokens; sub-batch b = 64, one thread; "coarse" below is the config's
+``flexi_score_patch_size``: 32 by default, 16 for the 16-token config):
 
   uniform             b = 64, no scoring (N = b);
   live                learnability, joint, K = 16: learner and reference score the super-batch
                       of N = b / (1 - f) at full resolution;
   cached              the reference's embeddings come from a ``ReferenceCache`` (looked up by
                       example id); the learner scores live at full resolution;
-  cached+flexi        cached, and the learner scores at ``score_patch_size=16`` (the demo's
-                      Flexi setting: ``multires_fraction`` from ``DemoConfig()``, 0);
-  cached+flexi+multires  as cached+flexi, and half of each sub-batch is trained at patch 16
-                      (``multires_fraction=0.5``, the paper's recipe);
+  cached+flexi        cached, and the learner scores at the coarse patch (the demo's Flexi
+                      setting: ``multires_fraction`` from the config, 0 by default);
+  cached+flexi+multires  as cached+flexi, and half of each sub-batch is trained at the coarse
+                      patch (``multires_fraction=0.5``, the paper's recipe);
 
 each JEST variant at f = 0.5, 0.8, 0.9.
 

@@ -337,6 +337,7 @@ def test_reference_sizes_trains_each_spec_and_refuses_bad_ones(capsys):
         assert 0 <= float(row.split(" | ")[1].rstrip("%")) <= 100
     for bad, says in (('{"widht": 3}', "ReferenceConfig fields"),
                       ('{"width": 30}', "width must be a multiple of 4"),
+                      ('{"patch_size": 5}', "patch_size must be one of [1, 2, 4, 8, 16, 32]"),
                       ("{", "must be a JSON object")):
         with pytest.raises(SystemExit) as err:
             module.main(["--spec", bad])
@@ -800,6 +801,30 @@ def test_demo_budget_refuses_bad_arguments_before_measuring(demo_budget, monkeyp
     with pytest.raises(SystemExit):
         demo_budget.main(args)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["demo_budget", "batched_runs"])
+def test_pricing_benchmarks_price_the_configs_own_T_by_default(script, monkeypatch, tmp_path):
+    # Found in review: both priced T = 1000, 12000 and 14000 whatever the config, the 16-token
+    # demo's lengths, after the default demo became T = 6000.
+    module = _benchmark(monkeypatch, script)
+    priced = []
+
+    class Stop(Exception):
+        pass
+
+    def measure(cfg, args):
+        priced.append(list(args.steps))
+        raise Stop
+
+    monkeypatch.setattr(module, "measure", measure)
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"learner": {"steps": 250}}))
+    for argv, expected in (([], [6000]), (["--config", str(config)], [250]),
+                           (["--steps", "7", "9"], [7, 9])):
+        with pytest.raises(Stop):
+            module.main(argv)
+        assert priced.pop() == expected
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")

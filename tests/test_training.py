@@ -781,12 +781,14 @@ def test_text_heads_reach_the_models(data, tmp_path):
 
 
 def test_reference_patch_size_reaches_the_model(data):
-    # The reference trains, evaluates and scores at its own patch size (16: four tokens).
+    # The reference trains, evaluates and scores at its own patch size.
+    # Patch 8, not the default: a reference built at the default whatever its config says
+    # would pass a test at 16.
     model, info = train_reference(data, ReferenceConfig(steps=1, batch_size=16, width=16,
-                                                        patch_size=16))
-    assert model.config.patch_size == 16 and info["config"]["patch_size"] == 16
+                                                        patch_size=8))
+    assert model.config.patch_size == 8 and info["config"]["patch_size"] == 8
     tokens = model.image.patch_embed(data.test.images[:2], None)
-    assert tokens.shape[1] == (32 // 16) ** 2
+    assert tokens.shape[1] == (32 // 8) ** 2 and ReferenceConfig().patch_size == 16
     with pytest.raises(ValueError, match=r"patch_size must be a positive int, got 0"):
         ReferenceConfig(patch_size=0)
     with pytest.raises(ValueError, match=r"reference patch_size must divide the image size 32: "

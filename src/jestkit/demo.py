@@ -179,7 +179,7 @@ class DemoConfig:
                 raise ValueError(f"{key} must not repeat, got {values}")
         if self.learner.checkpoint_every:
             raise ValueError("learner.checkpoint_every must be 0 in the demo (its learner runs "
-                             "keep no checkpoints; each takes well under a minute)")
+                             "keep no checkpoints; each takes a minute or two)")
         # Set per run from `methods` and `seeds`: a learner block's own would be ignored, yet
         # saved in report.json as if it had been used.
         per_run = {"method": "methods", "selection": "methods", "seed": "seeds"}

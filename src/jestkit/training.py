@@ -123,8 +123,10 @@ class ReferenceConfig:
     text_width: int = 16
     text_heads: int = 1
     depth: int = 1
-    # The reference's patch size: the learner's by default (4 tokens; see LearnerConfig). It
-    # scores at this size always: Flexi's coarse scoring is the learner's.
+    # The reference's patch size, set apart from the learner's (a demo config that changes
+    # learner.patch_size leaves this one as it is). The default is the default learner's, 16
+    # (4 tokens; see LearnerConfig). It scores at this size always: Flexi's coarse scoring is
+    # the learner's.
     patch_size: int = 16
     seed: int = 0
     # How the curated sampler starts each epoch (`SuperBatchSampler`): "random", or
