@@ -61,6 +61,7 @@ from jestkit.report import (
 )
 from jestkit.training import (
     MULTIRES_SPLITS,
+    PATCH_SIZE_BEFORE_OPTION,
     LearnerConfig,
     ReferenceConfig,
     check_field_types,
@@ -612,7 +613,7 @@ def _with_options_of_older_versions(saved: dict, now: dict) -> dict:
         if isinstance(saved.get(block), dict) and "epoch_boundary" not in saved[block]:
             saved[block] = {**saved[block], "epoch_boundary": EPOCH_BOUNDARY_BEFORE_OPTION}
     if isinstance(saved.get("reference"), dict) and "patch_size" not in saved["reference"]:
-        saved["reference"] = {**saved["reference"], "patch_size": 8}  # always 8 then
+        saved["reference"] = {**saved["reference"], "patch_size": PATCH_SIZE_BEFORE_OPTION}
     if isinstance(saved.get("learner"), dict) and "multires_split" not in saved["learner"]:
         saved["learner"] = {**saved["learner"],
                             "multires_split": now["learner"]["multires_split"]}

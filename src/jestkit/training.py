@@ -109,6 +109,10 @@ def check_trainable(cfg: ReferenceConfig | LearnerConfig, vocab_size: int, what:
 #: How a multi-resolution step chooses the share of the sub-batch it trains coarse.
 MULTIRES_SPLITS = ("random", "first_drawn_fine")
 
+#: The patch size of configs and states saved before it was a field: the learner's before
+#: checkpoint state version 2, the reference's before ReferenceConfig.patch_size.
+PATCH_SIZE_BEFORE_OPTION = 8
+
 
 @dataclass(frozen=True)
 class ReferenceConfig:
@@ -989,7 +993,7 @@ def _load_checkpoint(run_dir, cfg, model, opt, sampler, gen, ledger, result, cle
             raise ValueError(f"checkpoint {ckpt} was written before multi-resolution training "
                              f"computed one loss over the whole sub-batch (it had one per part);"
                              f" resuming would change the loss mid-run: start the run afresh")
-        saved.setdefault("patch_size", 8)  # the training patch was always 8 then
+        saved.setdefault("patch_size", PATCH_SIZE_BEFORE_OPTION)
     if state.get("version", 1) < 3:
         saved.setdefault("text_heads", 4)  # always 4 then: resumable with text_heads=4
     if state.get("version", 1) < 5:
