@@ -106,13 +106,19 @@ def _spec(text: str) -> dict:
         ReferenceConfig(**spec)  # validates the values; the message names the field
     except (TypeError, ValueError) as err:
         raise argparse.ArgumentTypeError(f"--spec {text}: {err}") from None
-    if "patch_size" in spec and spec["patch_size"] not in patch_sizes(IMAGE_SIZE):
+    if "patch_size" in spec and (problem := _patch_problem(spec["patch_size"])):
         # ReferenceConfig knows no image size; train_reference would refuse it only after
         # the specs before it had trained.
-        raise argparse.ArgumentTypeError(
-            f"--spec {text}: patch_size must be one of {list(patch_sizes(IMAGE_SIZE))} "
-            f"(divisors of the image size {IMAGE_SIZE}), got {spec['patch_size']}")
+        raise argparse.ArgumentTypeError(f"--spec {text}: patch_size {problem}")
     return spec
+
+
+def _patch_problem(patch_size: int) -> str | None:
+    """What is wrong with a reference patch size for digits-web's images, or None."""
+    if patch_size in patch_sizes(IMAGE_SIZE):
+        return None
+    return (f"must be one of {list(patch_sizes(IMAGE_SIZE))} (divisors of the image size "
+            f"{IMAGE_SIZE}), got {patch_size}")
 
 
 def curated_folds(labels: torch.Tensor, k: int, seed: int = 0) -> list[np.ndarray]:
@@ -232,9 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: ReferenceConfig's, 16; the tables in docs/results.md "
                              "before the default became 16 were measured with 8)")
     args = parser.parse_args(argv)
-    if args.patch_size is not None and args.patch_size not in patch_sizes(IMAGE_SIZE):
-        parser.error(f"--patch-size must be one of {list(patch_sizes(IMAGE_SIZE))} (divisors "
-                     f"of the image size {IMAGE_SIZE}), got {args.patch_size}")
+    if args.patch_size is not None and (problem := _patch_problem(args.patch_size)):
+        parser.error(f"--patch-size {problem}")
     if not 1 <= args.jobs <= MAX_WORKERS:  # as the demo's --workers
         parser.error(f"--jobs must be in [1, {MAX_WORKERS}], got {args.jobs}")
     if args.jobs > 1 and args.folds is None:

@@ -205,12 +205,11 @@ class DemoConfig:
         # Checked here, not only at the first learner run, so a bad config fails before the
         # reference is trained.
         allowed = patch_sizes(IMAGE_SIZE)
-        if self.learner.patch_size not in allowed:
-            raise ValueError(f"learner.patch_size must be one of {list(allowed)} (divisors of "
-                             f"the image size {IMAGE_SIZE}), got {self.learner.patch_size}")
-        if self.reference.patch_size not in allowed:
-            raise ValueError(f"reference.patch_size must be one of {list(allowed)} (divisors of "
-                             f"the image size {IMAGE_SIZE}), got {self.reference.patch_size}")
+        for key in ("learner", "reference"):
+            patch = getattr(self, key).patch_size
+            if patch not in allowed:
+                raise ValueError(f"{key}.patch_size must be one of {list(allowed)} (divisors "
+                                 f"of the image size {IMAGE_SIZE}), got {patch}")
         if self.flexi_score_patch_size not in allowed:
             raise ValueError(f"flexi_score_patch_size must be one of {list(allowed)} (divisors "
                              f"of the image size), got {self.flexi_score_patch_size}")

@@ -521,6 +521,13 @@ def _part_slices(parts: list[tuple[int | None, int]]) -> list[tuple[int | None, 
 # --- the reference ---------------------------------------------------------------------------
 
 
+def _check_patch_divides(patch_size: int, image_size: int, prefix: str = "") -> None:
+    """ValueError unless the patch tiles the image (the config knows no image size)."""
+    if image_size % patch_size:
+        raise ValueError(f"{prefix}patch_size must divide the image size {image_size}: one "
+                         f"of {list(patch_sizes(image_size))}, got {patch_size}")
+
+
 def train_reference(data: DigitsWeb, cfg: ReferenceConfig = ReferenceConfig(),
                     progress: Callable[[int, int], None] | None = None) -> tuple[DualEncoder, dict]:
     """Train the reference on the curated split (uniform minibatches, sigmoid loss).
@@ -536,10 +543,7 @@ def train_reference(data: DigitsWeb, cfg: ReferenceConfig = ReferenceConfig(),
     if cfg.batch_size > len(data.curated):
         raise ValueError(f"reference batch_size must be in [1, {len(data.curated)}] (the "
                          f"curated split's size), got {cfg.batch_size}")
-    image_size = data.curated.images.shape[-1]
-    if image_size % cfg.patch_size:
-        raise ValueError(f"reference patch_size must divide the image size {image_size}: one "
-                         f"of {list(patch_sizes(image_size))}, got {cfg.patch_size}")
+    _check_patch_divides(cfg.patch_size, data.curated.images.shape[-1], "reference ")
     check_trainable(cfg, data.tokenizer.vocab_size, "ReferenceConfig")
     model = DualEncoder(model_config(cfg, data.tokenizer.vocab_size), seed=cfg.seed)
     opt = _optimizer(model, cfg)
@@ -685,11 +689,7 @@ def train_learner(
                               f"continue that run, or use another run_dir")
     reference_id = _reference_identity(cfg, reference, reference_embedder)
 
-    image_size = data.pool.images.shape[-1]
-    if image_size % cfg.patch_size:
-        raise ValueError(f"patch_size must divide the image size {image_size}: one of "
-                         f"{list(patch_sizes(image_size))}, "
-                         f"got {cfg.patch_size}")
+    _check_patch_divides(cfg.patch_size, data.pool.images.shape[-1])
     check_trainable(cfg, data.tokenizer.vocab_size, "LearnerConfig")
     model_cfg = model_config(cfg, data.tokenizer.vocab_size)
     model = DualEncoder(model_cfg, seed=cfg.seed)
