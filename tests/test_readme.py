@@ -27,3 +27,24 @@ def test_readme_loop_example_runs():
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["idx"].shape == (32,)  # b = 20% of N = 160
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+
+DOCS = [README, *sorted((README.parent / "docs").glob("*.md")),
+        README.parent / "benchmarks" / "README.md"]
+CONFIGS = README.parent / "configs"
+
+
+def test_docs_and_shipped_configs_name_each_other():
+    # A command in the docs that names a config not shipped fails for whoever copies it; a
+    # shipped config no doc names is a result nobody can find. Both directions, by file name:
+    # `configs/NAME.json` in commands, and `demo-NAME` or `demo-NAME.json` in table cells.
+    named = set()
+    for doc in DOCS:
+        text = doc.read_text()
+        named |= set(re.findall(r"\bconfigs/([\w.-]+\.json)", text))
+        named |= {f"{m}.json" for m in re.findall(r"`(demo-[\w.-]+?)(?:\.json)?`", text)}
+    shipped = {path.name for path in CONFIGS.glob("*.json")}
+    assert len(shipped) > 2, CONFIGS
+    assert not named - shipped, "docs name configs that are not shipped"
+    assert not shipped - named - {"demo.json"}, "shipped configs that no doc names"
