@@ -1,4 +1,5 @@
-"""The README's loop example runs as written, in an ordinary training loop."""
+"""The README's loop example runs as written, in an ordinary training loop; the docs and
+`configs/` name each other."""
 
 import re
 from pathlib import Path
@@ -27,7 +28,6 @@ def test_readme_loop_example_runs():
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["idx"].shape == (32,)  # b = 20% of N = 160
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
-
 
 
 DOCS = [README, *sorted((README.parent / "docs").glob("*.md")),
