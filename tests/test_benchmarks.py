@@ -1056,3 +1056,135 @@ def test_corruption_readability_reads_each_kind_as_it_is_made(monkeypatch, capsy
     with pytest.raises(SystemExit):
         module.main(["--seeds", "-1"])
     assert "--seeds must be in [0, 4294967295]" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    """A finished tiny demo (24 steps evaluated every 8, two seeds, cached and Flexi runs):
+    what benchmarks/first_crossing.py retrains parts of."""
+    monkeypatch = pytest.MonkeyPatch()
+    try:
+        module = _benchmark(monkeypatch, "first_crossing", "bench_first_crossing_fixture")
+        return module._quick_run(tmp_path_factory.mktemp("first_crossing"))
+    finally:
+        monkeypatch.undo()
+
+
+def test_first_crossing_retrains_the_saved_runs_prefix_and_finds_the_first_crossing(
+        tiny_demo, monkeypatch):
+    module = _benchmark(monkeypatch, "first_crossing")
+    report = json.loads((tiny_demo / "report.json").read_text())
+    target = report["methods"]["uniform"]["target_accuracy"]
+    methods = ["learnability-joint-cached", "learnability-joint-flexi"]
+    res = module.run(tiny_demo, methods, 20, 2, workers=1)
+    uniform = json.loads((tiny_demo / "runs" / "uniform.json").read_text())
+    uniform_flops = statistics.fmean(sum(r["cumulative_flops"][-1].values()) for r in uniform)
+    for name in methods:
+        r = res["methods"][name]
+        saved = json.loads((tiny_demo / "runs" / f"{name}.json").read_text())
+        assert r["steps"] == list(range(2, 21, 2)) and r["seeds"] == [0, 1]
+        # The demo's grid (8, 16, 24) up to step 20: two shared steps per seed, all equal.
+        assert r["shared_evaluations_checked"] == 4
+        for i, step in enumerate(r["steps"]):  # the seed mean of what was retrained
+            if step in (8, 16):
+                j = saved[0]["steps"].index(step)
+                assert r["zero_shot_accuracy"][i] == pytest.approx(statistics.fmean(
+                    s["zero_shot_accuracy"][j] for s in saved), abs=1e-12)
+        # Slow version of the crossing: the first grid step whose seed mean reaches the target.
+        per_seed = r["per_seed_zero_shot_accuracy"]
+        slow = [step for i, step in enumerate(r["steps"])
+                if sum(seed[i] for seed in per_seed) / len(per_seed) >= target - 1e-6]
+        assert r["step"] == (slow[0] if slow else None)
+        if r["demo_step"] is not None and r["demo_step"] <= 20:
+            assert r["step"] is not None and r["step"] <= r["demo_step"]  # finer: never later
+        if r["step"] is not None:
+            assert r["iteration_speedup"] == pytest.approx(24 / r["step"])
+            assert 0 < r["compute_speedup"] < uniform_flops  # a ratio, not a count
+        assert r["demo_iteration_speedup"] == report["methods"][name]["iteration_speedup"]
+    text = module.markdown(res, "cmd", compare_to="learnability-joint-cached")
+    assert "| learnability-joint-flexi | " in text and "(8 in all)" in text
+    assert "- learnability-joint-flexi, every 2: " in text
+
+
+def test_first_crossing_refuses_a_retraining_that_is_not_the_saved_run(tiny_demo, tmp_path,
+                                                                        monkeypatch):
+    import shutil
+
+    module = _benchmark(monkeypatch, "first_crossing")
+    run = tmp_path / "demo"
+    shutil.copytree(tiny_demo, run)
+    path = run / "runs" / "learnability-joint-cached.json"
+    saved = json.loads(path.read_text())
+    saved[1]["zero_shot_accuracy"][1] += 0.001  # seed 1 at step 16
+    path.write_text(json.dumps(saved))
+    with pytest.raises(SystemExit, match="learnability-joint-cached seed 1 at step 16: "):
+        module.run(run, ["learnability-joint-cached"], 16, 4, workers=1)
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "give --run DIR (a finished demo) or --quick"),
+    (["--quick", "--run", "x"], "give --run DIR (a finished demo) or --quick"),
+    (["--run", "no-such-dir"], "--run no-such-dir: not a directory"),
+    (["--run", "empty"], "no demo_config.json; give a finished `jestkit demo` directory"),
+    (["--eval-every", "3"], "--eval-every must divide the demo's evaluation interval (8 steps)"),
+    (["--eval-every", "0"], "--eval-every must divide"),
+    (["--steps", "25", "--eval-every", "1"], "--steps must be a multiple of --eval-every (1) "
+                                             "in [1, 24] (T), got 25"),
+    (["--steps", "6"], "--steps must be a multiple of --eval-every (4)"),
+    (["--methods", "uniform"], "--methods ['uniform']: not learner methods of"),
+    (["--workers", "0"], "--workers must be in [1, 256], got 0"),
+])
+def test_first_crossing_refuses_bad_arguments_before_training(argv, message, tiny_demo,
+                                                              tmp_path, monkeypatch, capsys):
+    module = _benchmark(monkeypatch, "first_crossing")
+    monkeypatch.setattr(module, "_run_one", lambda *a: pytest.fail("trained"))
+    (tmp_path / "empty").mkdir()
+    argv = [{"x": str(tiny_demo), "empty": str(tmp_path / "empty")}.get(a, a) for a in argv]
+    if "--run" not in argv and "--quick" not in argv and argv:
+        argv = ["--run", str(tiny_demo), "--eval-every", "4", *argv]
+    with pytest.raises(SystemExit) as info:
+        module.main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_first_crossing_needs_steps_for_a_method_that_never_crossed(tiny_demo, tmp_path,
+                                                                    monkeypatch):
+    import shutil
+
+    module = _benchmark(monkeypatch, "first_crossing")
+    run = tmp_path / "demo"
+    shutil.copytree(tiny_demo, run)
+    report = json.loads((run / "report.json").read_text())
+    report["methods"]["learnability-joint-flexi"]["step_reaching_target"] = None
+    (run / "report.json").write_text(json.dumps(report))
+    with pytest.raises(SystemExit, match=r"never reached the target on the demo's grid; give "
+                                         r"--steps \(up to T = 24\)"):
+        module.run(run, ["learnability-joint-flexi"], None, 4, workers=1)
+
+
+def test_first_crossing_checks_where_its_results_go_before_training(tiny_demo, tmp_path,
+                                                                    monkeypatch, capsys):
+    module = _benchmark(monkeypatch, "first_crossing")
+    monkeypatch.setattr(module, "run", lambda *a: pytest.fail("trained before the check"))
+    doc, earlier = tmp_path / "results.md", tmp_path / "earlier.json"
+    doc.write_text("hand-written results, no markers\n")
+    earlier.write_text("{}")
+    for argv, message in ((["--out", str(doc)], "without the markers"),
+                          (["--json", str(earlier)], "it exists; give a new path")):
+        with pytest.raises(SystemExit) as info:
+            module.main(["--run", str(tiny_demo), *argv])
+        assert info.value.code == 2 and message in capsys.readouterr().err
+    assert doc.read_text() == "hand-written results, no markers\n"
+    assert earlier.read_text() == "{}"
+
+
+def test_first_crossing_names_a_missing_runs_file(tiny_demo, tmp_path, monkeypatch):
+    import shutil
+
+    module = _benchmark(monkeypatch, "first_crossing")
+    run = tmp_path / "demo"
+    shutil.copytree(tiny_demo, run)
+    (run / "runs" / "learnability-joint-flexi.json").unlink()
+    with pytest.raises(SystemExit, match=r"no runs/learnability-joint-flexi.json, the saved "
+                                         r"runs of learnability-joint-flexi"):
+        module.run(run, ["learnability-joint-cached"], 16, 4, workers=1)
