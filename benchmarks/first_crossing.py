@@ -1,8 +1,8 @@
-"""Where between two of the demo's evaluations does a method first reach the target?
+"""Where does a method first reach the target on a finer evaluation grid than the demo's?
 
 The demo evaluates every T / 40 steps (500 at T = 20000), so its iteration speed-up, T / the
 first evaluated step at which the seed-averaged curve reaches uniform's final accuracy, can
-only take the values T / (a grid step): near step 4,000 two neighbouring values are 11%
+only take the values T / (a grid step): near step 4,000 two neighbouring values are 11–14%
 apart, more than issue 4's "within 10% of live". This benchmark measures the same crossing on
 a finer grid without retraining whole runs:
 
@@ -10,17 +10,20 @@ a finer grid without retraining whole runs:
   reference cache) only up to `--steps`, evaluating every `--eval-every` steps. The learning
   rate is constant after warm-up and nothing else in a run reads T, so the shorter run is the
   first `--steps` steps of the saved one;
-- which it checks: at every evaluation the two grids share, the accuracy and every FLOP
-  count must equal the saved run's, or it stops and names the run and step (other code, or
-  another processor: 64-token runs differ between the two used here, docs/results.md);
+- which it checks: at every evaluation the two grids share, the accuracy and the FLOP count
+  of every phase the retraining's ledger lists must equal the saved run's, or it stops and
+  names the run and step (other code, or another processor: 64-token runs differ between the
+  two used here, docs/results.md);
 - then it reports each method's first step on the finer grid at which its seed-averaged
   curve reaches the demo's target (from report.json), T / that step, and the compute
-  speed-up there (uniform's total FLOPs from report.json), beside the demo's own numbers.
+  speed-up there (uniform's total FLOPs, the seed mean of its saved runs, as the report
+  computes it), beside the demo's own numbers.
 
-On the finer grid a first crossing can only come earlier than on the demo's (it holds every
-point of the demo's grid up to the crossing), so `--steps` defaults to the latest of the
-chosen methods' crossings on the demo's grid. More evaluations also give a noisy curve more
-chances to touch the target early; every method gets the same grid.
+On the finer grid a first crossing comes earlier than on the demo's or at the same step (the
+finer grid holds every point of the demo's up to the crossing), so `--steps` defaults to the
+latest of the chosen methods' crossings on the demo's grid. More evaluations also give a noisy
+curve more chances to touch the target early, so a finer grid can only raise a speed-up;
+compare methods on one grid.
 
     python benchmarks/first_crossing.py --run runs/demo-T20000 \\
         --methods learnability-joint learnability-joint-flexi --eval-every 100
@@ -62,7 +65,7 @@ def _total(ledger: dict) -> float:
 
 def load_run(run: Path) -> tuple[DemoConfig, dict, dict[str, list[dict]]]:
     """A finished demo directory's config, report and saved learner runs (by method)."""
-    for name in ("demo_config.json", "report.json", "reference.safetensors"):
+    for name in ("demo_config.json", "report.json", "reference.safetensors"):  # the cache: in run()
         if not (run / name).is_file():
             raise SystemExit(f"--run {run}: no {name}; give a finished `jestkit demo` "
                              f"directory")
@@ -139,6 +142,9 @@ def run(path: Path, methods: list[str], steps: int | None, eval_every: int,
             for name, cached, lc in learner_configs(cfg) if name in methods]
     reference = str(path / "reference.safetensors")
     cache = str(path / "reference_cache")
+    if any(cached for _, cached, _ in jobs) and not (path / "reference_cache").is_dir():
+        raise SystemExit(f"--run {path}: no reference_cache/, which its cached and Flexi runs "
+                         f"read; give a finished `jestkit demo` directory")
     pool = worker_pool(workers)
     fine: dict[str, list[dict]] = {m: [] for m in methods}
     try:

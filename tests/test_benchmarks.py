@@ -1188,3 +1188,15 @@ def test_first_crossing_names_a_missing_runs_file(tiny_demo, tmp_path, monkeypat
     with pytest.raises(SystemExit, match=r"no runs/learnability-joint-flexi.json, the saved "
                                          r"runs of learnability-joint-flexi"):
         module.run(run, ["learnability-joint-cached"], 16, 4, workers=1)
+
+
+def test_first_crossing_names_a_missing_reference_cache(tiny_demo, tmp_path, monkeypatch):
+    import shutil
+
+    module = _benchmark(monkeypatch, "first_crossing")
+    run = tmp_path / "demo"
+    shutil.copytree(tiny_demo, run)
+    shutil.rmtree(run / "reference_cache")
+    with pytest.raises(SystemExit, match=r"no reference_cache/, which its cached and Flexi runs "
+                                         r"read"):
+        module.run(run, ["learnability-joint-cached"], 16, 4, workers=1)
