@@ -53,14 +53,8 @@ from jestkit.demo import (
     stop_workers,
     worker_pool,
 )
-from jestkit.report import REACH_TOLERANCE
+from jestkit.report import _first_reaching, _total_flops  # the report's own rules
 from jestkit.training import LearnerConfig
-
-PHASES = ("train", "learner_scoring", "reference_scoring", "selection")
-
-
-def _total(ledger: dict) -> float:
-    return sum(ledger.get(p, 0) for p in PHASES)  # as the report's compute speed-up
 
 
 def load_run(run: Path) -> tuple[DemoConfig, dict, dict[str, list[dict]]]:
@@ -83,8 +77,8 @@ def load_run(run: Path) -> tuple[DemoConfig, dict, dict[str, list[dict]]]:
 
 def first_reaching(steps: list[int], curve: list[float], target: float) -> int | None:
     """The first step whose accuracy is at or above `target` (the report's rule), or None."""
-    return next((s for s, a in zip(steps, curve, strict=True)
-                 if a >= target - REACH_TOLERANCE), None)
+    i = _first_reaching(curve, target)
+    return None if i is None else steps[i]
 
 
 def _mean(runs: list[dict], i: int) -> float:
@@ -106,8 +100,8 @@ def check_prefix(method: str, fine: dict, saved: dict) -> int:
         if ours != theirs:
             raise SystemExit(
                 f"{method} seed {fine['config']['seed']} at step {step}: accuracy "
-                f"{ours[0]} and FLOPs {_total(ours[1]):.0f} here, {theirs[0]} and "
-                f"{_total(theirs[1]):.0f} in the saved run: this retraining is not the saved "
+                f"{ours[0]} and FLOPs {_total_flops(ours[1]):.0f} here, {theirs[0]} and "
+                f"{_total_flops(theirs[1]):.0f} in the saved run: this retraining is not the saved "
                 f"run (other code, torch or processor), so its finer grid would not say where "
                 f"that run crossed")
         shared += 1
@@ -157,7 +151,7 @@ def run(path: Path, methods: list[str], steps: int | None, eval_every: int,
         stop_workers(pool)
         raise
     pool.shutdown()
-    uniform_flops = statistics.fmean(_total(r["cumulative_flops"][-1])
+    uniform_flops = statistics.fmean(_total_flops(r["cumulative_flops"][-1])
                                      for r in saved["uniform"])
     results = {}
     for m in methods:
@@ -167,7 +161,7 @@ def run(path: Path, methods: list[str], steps: int | None, eval_every: int,
         curve = [_mean(fine[m], i) for i in range(len(grid))]
         step = first_reaching(grid, curve, target)
         flops = (None if step is None else
-                 statistics.fmean(_total(r["cumulative_flops"][grid.index(step)])
+                 statistics.fmean(_total_flops(r["cumulative_flops"][grid.index(step)])
                                   for r in fine[m]))
         results[m] = {
             "demo_step": coarse_step[m],

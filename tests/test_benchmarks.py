@@ -1099,8 +1099,13 @@ def test_first_crossing_retrains_the_saved_runs_prefix_and_finds_the_first_cross
             assert r["step"] is not None and r["step"] <= r["demo_step"]  # finer: never later
         if r["step"] is not None:
             assert r["iteration_speedup"] == pytest.approx(24 / r["step"])
-            assert 0 < r["compute_speedup"] < uniform_flops  # a ratio, not a count
+            # Every step of a run costs the same FLOPs, so by the crossing it has spent
+            # step / T of what the saved run spent in all.
+            spent = statistics.fmean(sum(s["cumulative_flops"][-1].values()) for s in saved)
+            assert r["compute_speedup"] == pytest.approx(uniform_flops / (spent * r["step"] / 24),
+                                                         rel=1e-9)
         assert r["demo_iteration_speedup"] == report["methods"][name]["iteration_speedup"]
+    assert all(res["methods"][name]["step"] is not None for name in methods)  # checked above
     text = module.markdown(res, "cmd", compare_to="learnability-joint-cached")
     assert "| learnability-joint-flexi | " in text and "(8 in all)" in text
     assert "- learnability-joint-flexi, every 2: " in text
