@@ -25,8 +25,23 @@ latest of the chosen methods' crossings on the demo's grid. More evaluations als
 curve more chances to touch the target early, so a finer grid can only raise a speed-up;
 compare methods on one grid.
 
+Seeds differ a lot (at width 96 one seed of live JEST first reaches the target at step 2,700,
+another at 3,900), so three or five seeds cannot say whether one method's speed-up is within
+10% of another's. `--extra-seeds N` trains N more seeds than the demo ran (the next seed
+numbers, the same config otherwise; nothing saved to check them against, so the saved seeds
+retrained beside them are what vouches for the code and processor; the target stays the
+demo's, uniform's final accuracy over the demo's seeds), and every method is set
+against `--compare-to` with a paired bootstrap over seeds: resample the seeds with
+replacement (the same resample for both methods, since a seed fixes the learner's
+initialisation and its super-batch stream for both), recompute both seed-averaged curves, their
+first crossings and the ratio of the speed-ups, and report the percentile interval. The same is
+done for the ratio of the mean of the seeds' own first crossings, a measure less tied to one
+evaluation of a noisy average curve.
+
     python benchmarks/first_crossing.py --run runs/demo-T20000 \\
         --methods learnability-joint learnability-joint-flexi --eval-every 100
+    python benchmarks/first_crossing.py --run runs/demo-T20000-5-seeds \\
+        --methods learnability-joint learnability-joint-flexi --steps 4500 --extra-seeds 7
     python benchmarks/first_crossing.py --quick    # a tiny demo, then this on it: < 1 minute
 """
 
@@ -42,6 +57,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from _markdown import check_outputs, replace_section, write_json
 
 from jestkit.demo import (
@@ -53,8 +69,10 @@ from jestkit.demo import (
     stop_workers,
     worker_pool,
 )
-from jestkit.report import _first_reaching, _total_flops  # the report's own rules
+from jestkit.report import REACH_TOLERANCE, _first_reaching, _total_flops  # the report's rules
 from jestkit.training import LearnerConfig
+
+MAX_EXTRA_SEEDS = 100
 
 
 def load_run(run: Path) -> tuple[DemoConfig, dict, dict[str, list[dict]]]:
@@ -85,6 +103,73 @@ def _mean(runs: list[dict], i: int) -> float:
     return statistics.fmean(r["zero_shot_accuracy"][i] for r in runs)
 
 
+def first_crossings(curves: torch.Tensor, target: float) -> torch.Tensor:
+    """Index of each row's first evaluation at or above `target` (the report's rule, with
+    its tolerance), or -1 where a row never reaches it. curves: [R, E] -> [R] int64."""
+    reached = curves >= target - REACH_TOLERANCE
+    first = reached.int().argmax(dim=1)  # argmax: the first maximum, i.e. the first True
+    return torch.where(reached.any(dim=1), first, torch.full_like(first, -1))
+
+
+def paired_bootstrap(steps: list[int], curves: list[list[float]],
+                     base_curves: list[list[float]], target: float, *, n_boot: int = 10_000,
+                     level: float = 0.9, seed: int = 0) -> dict:
+    """Paired bootstrap over seeds of a method's iteration speed-up relative to a baseline's.
+
+    `curves` and `base_curves` are [S, E] accuracies of the same S seeds (row s of each is
+    seed s) at the evaluation `steps` [E]. Each of `n_boot` resamples draws S seeds with
+    replacement, the same draw for both methods, and computes two ratios, each minus 1 (so
+    -0.1 is "10% below the baseline"):
+
+    - ``curve``: (speed-up of the method) / (speed-up of the baseline) by the demo's rule, the
+      first step at which the seed-averaged curve reaches `target`: base step / method step;
+    - ``mean_seed_step``: mean over seeds of the baseline's own first crossings / the method's.
+
+    A resample in which a curve never reaches the target within `steps` counts as crossing one
+    evaluation after the last (its speed-up a bound); how many did is reported, and the
+    interval is None where the estimate itself never crossed. Returns, for each ratio, the
+    estimate on all seeds, the percentile interval at `level` and that count.
+    """
+    if not 0 < level < 1 or n_boot < 1:
+        raise ValueError(f"level must be in (0, 1) and n_boot >= 1, got {level}, {n_boot}")
+    a = torch.tensor(curves, dtype=torch.float64)
+    b = torch.tensor(base_curves, dtype=torch.float64)
+    if a.shape != b.shape or a.ndim != 2 or a.shape[1] != len(steps) or a.shape[0] < 2:
+        raise ValueError(f"curves {tuple(a.shape)} and base_curves {tuple(b.shape)} must both "
+                         f"be [seeds >= 2, {len(steps)} evaluations]")
+    grid = torch.tensor([*steps, steps[-1] + (steps[-1] - steps[-2] if len(steps) > 1
+                                              else steps[-1])], dtype=torch.float64)
+    n_seeds = a.shape[0]
+    g = torch.Generator().manual_seed(seed)  # its own generator: never the global RNG
+    idx = torch.cat([torch.arange(n_seeds)[None], torch.randint(n_seeds, (n_boot, n_seeds),
+                                                                 generator=g)])
+
+    def step_of(first: torch.Tensor) -> torch.Tensor:  # -1 (never) -> one evaluation later
+        return grid[torch.where(first < 0, torch.full_like(first, len(steps)), first)]
+
+    per_seed_a, per_seed_b = first_crossings(a, target), first_crossings(b, target)
+    ratios, never = {}, {}
+    fa, fb = first_crossings(a[idx].mean(dim=1), target), first_crossings(b[idx].mean(dim=1),
+                                                                           target)
+    ratios["curve"] = step_of(fb) / step_of(fa) - 1
+    never["curve"] = (fa < 0) | (fb < 0)
+    sa, sb = step_of(per_seed_a)[idx].mean(dim=1), step_of(per_seed_b)[idx].mean(dim=1)
+    ratios["mean_seed_step"] = sb / sa - 1
+    never["mean_seed_step"] = ((per_seed_a < 0)[idx] | (per_seed_b < 0)[idx]).any(dim=1)
+    out = {"n_boot": n_boot, "level": level, "seed": seed, "n_seeds": n_seeds}
+    lo, hi = (1 - level) / 2, (1 + level) / 2
+    for key, r in ratios.items():
+        boot = r[1:]
+        out[key] = {
+            "estimate": None if never[key][0] else r[0].item(),
+            "interval": None if never[key][0] else
+            [torch.quantile(boot, lo).item(), torch.quantile(boot, hi).item()],
+            "share_below_minus_10pct": (boot < -0.1).double().mean().item(),
+            "resamples_not_reaching": int(never[key][1:].sum()),
+        }
+    return out
+
+
 def check_prefix(method: str, fine: dict, saved: dict) -> int:
     """Raise SystemExit unless `fine` (a shortened, finer-evaluated run) equals `saved` at
     every step both evaluated; returns how many such steps there were."""
@@ -109,7 +194,8 @@ def check_prefix(method: str, fine: dict, saved: dict) -> int:
 
 
 def run(path: Path, methods: list[str], steps: int | None, eval_every: int,
-        workers: int) -> dict:
+        workers: int, extra_seeds: int = 0, compare_to: str | None = None,
+        n_boot: int = 10_000) -> dict:
     started = time.time()
     cfg, report, saved = load_run(path)
     target = report["methods"]["uniform"]["target_accuracy"]
@@ -132,8 +218,16 @@ def run(path: Path, methods: list[str], steps: int | None, eval_every: int,
     if not 1 <= steps <= total_steps or steps % eval_every:
         raise SystemExit(f"--steps must be a multiple of --eval-every ({eval_every}) in "
                          f"[1, {total_steps}] (T), got {steps}")
+    if not 0 <= extra_seeds <= MAX_EXTRA_SEEDS:
+        raise SystemExit(f"--extra-seeds must be in [0, {MAX_EXTRA_SEEDS}], got {extra_seeds}")
+    if compare_to is not None and compare_to not in methods:
+        raise SystemExit(f"--compare-to {compare_to}: not among --methods {methods}")
+    # The extra seeds are the next numbers after the demo's: the same config otherwise.
+    seeds = (*cfg.seeds, *range(max(cfg.seeds) + 1, max(cfg.seeds) + 1 + extra_seeds))
+    every = dataclasses.replace(cfg, seeds=seeds)
     jobs = [(name, cached, dataclasses.replace(lc, steps=steps, eval_every=eval_every))
-            for name, cached, lc in learner_configs(cfg) if name in methods]
+            for name in methods  # method by method, seeds in order within each
+            for n, cached, lc in learner_configs(every) if n == name]
     reference = str(path / "reference.safetensors")
     cache = str(path / "reference_cache")
     if any(cached for _, cached, _ in jobs) and not (path / "reference_cache").is_dir():
@@ -156,7 +250,8 @@ def run(path: Path, methods: list[str], steps: int | None, eval_every: int,
     results = {}
     for m in methods:
         by_seed = {r["config"]["seed"]: r for r in saved[m]}
-        shared = sum(check_prefix(m, r, by_seed[r["config"]["seed"]]) for r in fine[m])
+        shared = sum(check_prefix(m, r, by_seed[r["config"]["seed"]]) for r in fine[m]
+                     if r["config"]["seed"] in by_seed)  # extra seeds: nothing saved
         grid = fine[m][0]["steps"]
         curve = [_mean(fine[m], i) for i in range(len(grid))]
         step = first_reaching(grid, curve, target)
@@ -173,14 +268,54 @@ def run(path: Path, methods: list[str], steps: int | None, eval_every: int,
             "per_seed_step": [first_reaching(r["steps"], r["zero_shot_accuracy"], target)
                               for r in fine[m]],
             "seeds": [r["config"]["seed"] for r in fine[m]],
+            "saved_seeds": sorted(by_seed),
             "shared_evaluations_checked": shared,
             "steps": grid,
             "zero_shot_accuracy": curve,
             "per_seed_zero_shot_accuracy": [r["zero_shot_accuracy"] for r in fine[m]],
         }
+    if compare_to is not None and len(seeds) >= 2:
+        base = results[compare_to]["per_seed_zero_shot_accuracy"]
+        for m in methods:
+            if m != compare_to:
+                results[m]["bootstrap"] = {"compare_to": compare_to, **paired_bootstrap(
+                    results[m]["steps"], results[m]["per_seed_zero_shot_accuracy"], base,
+                    target, n_boot=n_boot)}
     return {"run": str(path), "target_accuracy": target, "T": total_steps,
             "demo_eval_every": coarse, "eval_every": eval_every, "steps": steps,
             "methods": results, "wall_s": round(time.time() - started, 1)}
+
+
+def _extra_seeds_line(m: dict) -> str:
+    extra = sorted({s for r in m.values() for s in r["seeds"] if s not in r["saved_seeds"]})
+    if not extra:
+        return ""
+    seeds = (f"seed {extra[0]} was" if len(extra) == 1 else
+             f"seeds {extra[0]}–{extra[-1]} were")
+    return (f"; {seeds} trained here only (--extra-seeds: the demo did not run them, so "
+            f"nothing is saved to check them against)")
+
+
+def _pct(x: float | None) -> str:
+    return "never reached" if x is None else f"{100 * x:+.1f}%"
+
+
+def _bootstrap_lines(name: str, b: dict, eval_every: int) -> str:
+    """One paragraph: the paired bootstrap's estimates and intervals, in words."""
+    out = [f"{name} against {b['compare_to']}, paired bootstrap over {b['n_seeds']} seeds "
+           f"({b['n_boot']} resamples, {100 * b['level']:.0f}% percentile intervals; "
+           f"evaluated every {eval_every} steps):"]
+    for key, what in (("curve", "speed-up by the seed-averaged curve (the demo's rule)"),
+                      ("mean_seed_step", "by the mean of the seeds' own first crossings")):
+        r = b[key]
+        interval = ("" if r["interval"] is None else
+                    f", interval [{_pct(r['interval'][0])}, {_pct(r['interval'][1])}]")
+        missing = (f"; {r['resamples_not_reaching']} resamples had a seed or curve not "
+                   f"reaching the target (counted one evaluation after the last)"
+                   if r["resamples_not_reaching"] else "")
+        out.append(f"- {what}: {_pct(r['estimate'])}{interval}; "
+                   f"{100 * r['share_below_minus_10pct']:.0f}% of resamples below −10%{missing}")
+    return "\n".join(out)
 
 
 def _x(value: float | None) -> str:
@@ -196,7 +331,7 @@ def markdown(res: dict, command: str, compare_to: str = "learnability-joint") ->
         "",
         "Check: at every evaluation the two grids share "
         f"({sum(r['shared_evaluations_checked'] for r in m.values())} in all), accuracy and "
-        "FLOPs equal the saved runs'.",
+        "FLOPs equal the saved runs'" + _extra_seeds_line(m) + ".",
         "",
         f"| method | demo grid: step | iteration | compute | every {res['eval_every']}: "
         "step | iteration | compute | per seed (step) |",
@@ -222,6 +357,9 @@ def markdown(res: dict, command: str, compare_to: str = "learnability-joint") ->
                 else:
                     lines.append(f"- {name}, {grid}: {r[key]:.2f}x against {base[key]:.2f}x, "
                                  f"{100 * (r[key] / base[key] - 1):+.0f}%")
+    for name, r in m.items():
+        if "bootstrap" in r:
+            lines += ["", _bootstrap_lines(name, r["bootstrap"], res["eval_every"])]
     return "\n".join(lines) + "\n"
 
 
@@ -248,8 +386,15 @@ def main(argv: list[str] | None = None) -> int:
                         "crossings on the demo's grid)")
     p.add_argument("--eval-every", type=int, default=100,
                    help="evaluate every this many steps; must divide the demo's interval")
-    p.add_argument("--compare-to", default="learnability-joint",
-                   help="the method the others' iteration speed-ups are set against")
+    p.add_argument("--compare-to",
+                   help="the method the others' iteration speed-ups are set against "
+                        "(default: learnability-joint, where it is among --methods)")
+    p.add_argument("--extra-seeds", type=int, default=0,
+                   help="also train this many more seeds than the demo ran (the next seed "
+                        "numbers), and set each method against --compare-to with a paired "
+                        "bootstrap over all the seeds")
+    p.add_argument("--bootstrap", type=int, default=10_000,
+                   help="resamples of the paired bootstrap (default 10000)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--quick", action="store_true",
                    help="smoke test: a tiny demo in a temporary directory, then this on it")
@@ -261,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not 1 <= args.workers <= MAX_WORKERS:
         p.error(f"--workers must be in [1, {MAX_WORKERS}], got {args.workers}")
+    if not 100 <= args.bootstrap <= 1_000_000:
+        p.error(f"--bootstrap must be in [100, 1000000], got {args.bootstrap}")
     if args.quick == (args.run is not None):
         p.error("give --run DIR (a finished demo) or --quick, one of them")
     check_outputs(p, args.out, args.section, args.json)
@@ -275,12 +422,16 @@ def main(argv: list[str] | None = None) -> int:
         try:
             methods = args.methods or [m for m in load_run(args.run)[0].methods
                                        if m != "uniform"]
-            res = run(args.run, methods, args.steps, args.eval_every, args.workers)
+            compare_to = args.compare_to
+            if compare_to is None and "learnability-joint" in methods:
+                compare_to = "learnability-joint"
+            res = run(args.run, methods, args.steps, args.eval_every, args.workers,
+                      args.extra_seeds, compare_to, args.bootstrap)
         except SystemExit as err:
             p.error(str(err))
     if args.json:  # the raw numbers first: they are what a failed --out would lose
         write_json(args.json, res)
-    md = markdown(res, command.strip(), args.compare_to)
+    md = markdown(res, command.strip(), compare_to)
     print(md)
     if args.out:
         replace_section(args.out, md, args.section, "First crossings on a finer grid")

@@ -1205,3 +1205,147 @@ def test_first_crossing_names_a_missing_reference_cache(tiny_demo, tmp_path, mon
     with pytest.raises(SystemExit, match=r"no reference_cache/, which its cached and Flexi runs "
                                          r"read"):
         module.run(run, ["learnability-joint-cached"], 16, 4, workers=1)
+
+
+def _slow_paired_bootstrap(module, steps, curves, base, target, n_boot, seed):
+    """The bootstrap written out one resample at a time with the report's own crossing rule
+    (the same seed draw as the benchmark's: torch.randint on a generator seeded `seed`)."""
+    import torch
+
+    from jestkit.report import _first_reaching
+
+    n = len(curves)
+    g = torch.Generator().manual_seed(seed)
+    draws = [list(range(n))] + torch.randint(n, (n_boot, n), generator=g).tolist()
+    after = steps[-1] + (steps[-1] - steps[-2])
+
+    def step(curve):
+        i = _first_reaching(curve, target)
+        return after if i is None else steps[i]
+
+    def mean_curve(rows, pick):
+        return [sum(rows[s][e] for s in pick) / len(pick) for e in range(len(steps))]
+
+    curve_ratio, seed_ratio = [], []
+    for pick in draws:
+        curve_ratio.append(step(mean_curve(base, pick)) / step(mean_curve(curves, pick)) - 1)
+        seed_ratio.append(statistics.fmean(step(base[s]) for s in pick)
+                          / statistics.fmean(step(curves[s]) for s in pick) - 1)
+    return curve_ratio, seed_ratio
+
+
+def test_first_crossing_paired_bootstrap_matches_a_slow_one_resample_at_a_time(monkeypatch):
+    module = _benchmark(monkeypatch, "first_crossing")
+    rng = np.random.default_rng(3)
+    steps = list(range(100, 2100, 100))
+    # Noisy rising curves, 7 seeds, the method a little slower than the baseline.
+    ramp = np.linspace(0.3, 0.95, len(steps))
+    base = (ramp + rng.normal(0, 0.03, (7, len(steps)))).tolist()
+    curves = (ramp - 0.02 + rng.normal(0, 0.03, (7, len(steps)))).tolist()
+    out = module.paired_bootstrap(steps, curves, base, 0.85, n_boot=300, level=0.8, seed=5)
+    slow_curve, slow_seed = _slow_paired_bootstrap(module, steps, curves, base, 0.85, 300, 5)
+    for key, slow in (("curve", slow_curve), ("mean_seed_step", slow_seed)):
+        r = out[key]
+        assert r["estimate"] == pytest.approx(slow[0], abs=1e-12)
+        lo, hi = np.quantile(slow[1:], [0.1, 0.9])  # numpy's default: torch.quantile's linear
+        assert r["interval"] == pytest.approx([lo, hi], abs=1e-12)
+        assert r["share_below_minus_10pct"] == pytest.approx(
+            np.mean(np.array(slow[1:]) < -0.1), abs=1e-12)
+    assert out["n_seeds"] == 7 and out["n_boot"] == 300
+
+
+def test_first_crossing_paired_bootstrap_exact_cases(monkeypatch):
+    module = _benchmark(monkeypatch, "first_crossing")
+    steps = [100, 200, 300, 400, 500, 600, 700, 800]
+
+    def step_curve(cross):  # 0 before the crossing, 1 from it on
+        return [1.0 if s >= cross else 0.0 for s in steps]
+
+    base = [step_curve(c) for c in (200, 300, 400, 200)]
+    # The same curves: every resample gives exactly +0%.
+    same = module.paired_bootstrap(steps, base, base, 0.5, n_boot=500)
+    for key in ("curve", "mean_seed_step"):
+        assert same[key]["estimate"] == 0 and same[key]["interval"] == [0, 0]
+        assert same[key]["resamples_not_reaching"] == 0
+    # Every seed crossing at twice the step: the mean crossing is exactly 2x later in every
+    # resample (-50%), whatever seeds it draws.
+    twice = [step_curve(2 * c) for c in (200, 300, 400, 200)]
+    r = module.paired_bootstrap(steps, twice, base, 0.5, n_boot=500)["mean_seed_step"]
+    assert r["estimate"] == pytest.approx(-0.5) and r["interval"] == pytest.approx([-0.5, -0.5])
+    assert r["share_below_minus_10pct"] == 1
+    # A seed that never reaches the target: no estimate, and the resamples that drew it are
+    # counted (about 1 - (3/4)^4 = 68% of them).
+    never = [step_curve(c) for c in (200, 300, 400)] + [[0.0] * len(steps)]
+    r = module.paired_bootstrap(steps, never, base, 0.5, n_boot=4000, seed=1)["mean_seed_step"]
+    assert r["estimate"] is None and r["interval"] is None
+    assert 0.64 < r["resamples_not_reaching"] / 4000 < 0.72
+    with pytest.raises(ValueError, match=r"must both be \[seeds >= 2, 8 evaluations\]"):
+        module.paired_bootstrap(steps, base[:3], base, 0.5)
+    with pytest.raises(ValueError, match="level must be in"):
+        module.paired_bootstrap(steps, base, base, 0.5, level=1.0)
+
+
+def test_first_crossing_paired_bootstrap_interval_covers_the_true_ratio(monkeypatch):
+    """Statistical check of the interval: per-seed first crossings drawn from known
+    distributions, 15 seeds (what the docs' run used), 90% percentile intervals of the ratio
+    of mean crossings. Over 400 repeats the interval holds the true ratio (the ratio of the
+    two distributions' means) in 0.84-0.95 of them: a percentile bootstrap of a ratio of means
+    at 15 draws under-covers a little (~0.88 expected), and 400 repeats give a standard error
+    of 1.5 points."""
+    module = _benchmark(monkeypatch, "first_crossing")
+    steps = list(range(100, 6100, 100))
+    rng = np.random.default_rng(0)
+    base_choices, method_choices = np.arange(2400, 4100, 100), np.arange(2600, 4700, 100)
+    truth = base_choices.mean() / method_choices.mean() - 1  # uniform on each grid
+    covered = 0
+    for repeat in range(400):
+        b = rng.choice(base_choices, 15)
+        m = rng.choice(method_choices, 15)
+        curves = [[1.0 if s >= c else 0.0 for s in steps] for c in m]
+        base = [[1.0 if s >= c else 0.0 for s in steps] for c in b]
+        lo, hi = module.paired_bootstrap(steps, curves, base, 0.5, n_boot=1000,
+                                         seed=repeat)["mean_seed_step"]["interval"]
+        covered += lo <= truth <= hi
+    assert 0.84 <= covered / 400 <= 0.95
+
+
+def test_first_crossing_extra_seeds_are_the_demos_config_at_the_next_seeds(
+        tiny_demo, tmp_path, monkeypatch):
+    """--extra-seeds trains seed 2 of the tiny two-seed demo: the very run a demo of that seed
+    saves, and the saved seeds are still the only ones checked."""
+    module = _benchmark(monkeypatch, "first_crossing")
+    methods = ["learnability-joint-cached", "learnability-joint-flexi"]
+    res = module.run(tiny_demo, methods, 24, 8, workers=1, extra_seeds=1,
+                     compare_to="learnability-joint-cached", n_boot=200)
+    cfg = module.DemoConfig.from_dict(json.loads((tiny_demo / "demo_config.json").read_text()))
+    seed2 = tmp_path / "seed2"
+    module.run_demo(dataclasses.replace(cfg, seeds=(2,)), seed2, workers=1,
+                    show_progress=False)
+    for name in methods:
+        r = res["methods"][name]
+        assert r["seeds"] == [0, 1, 2] and r["saved_seeds"] == [0, 1]
+        assert r["shared_evaluations_checked"] == 6  # 3 evaluations x the 2 saved seeds
+        demo2 = json.loads((seed2 / "runs" / f"{name}.json").read_text())[0]
+        assert r["per_seed_zero_shot_accuracy"][2] == demo2["zero_shot_accuracy"]
+    flexi = res["methods"]["learnability-joint-flexi"]
+    assert flexi["bootstrap"]["compare_to"] == "learnability-joint-cached"
+    assert flexi["bootstrap"]["n_seeds"] == 3
+    assert "bootstrap" not in res["methods"]["learnability-joint-cached"]
+    md = module.markdown(res, "cmd", "learnability-joint-cached")
+    assert "seed 2 was trained here only" in md
+    assert "paired bootstrap over 3 seeds (200 resamples" in md
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--extra-seeds", "-1"], "--extra-seeds must be in [0, 100], got -1"),
+    (["--compare-to", "learnability-joint"], "--compare-to learnability-joint: not among "
+                                              "--methods"),
+    (["--bootstrap", "10"], "--bootstrap must be in [100, 1000000], got 10"),
+])
+def test_first_crossing_refuses_bad_seed_and_bootstrap_arguments_before_training(
+        argv, message, tiny_demo, monkeypatch, capsys):
+    module = _benchmark(monkeypatch, "first_crossing")
+    monkeypatch.setattr(module, "_run_one", lambda *a: pytest.fail("trained"))
+    with pytest.raises(SystemExit) as info:
+        module.main(["--run", str(tiny_demo), "--eval-every", "4", *argv])
+    assert info.value.code == 2 and message in capsys.readouterr().err
