@@ -1244,6 +1244,10 @@ def test_first_crossing_paired_bootstrap_matches_a_slow_one_resample_at_a_time(m
     curves = (ramp - 0.02 + rng.normal(0, 0.03, (7, len(steps)))).tolist()
     out = module.paired_bootstrap(steps, curves, base, 0.85, n_boot=300, level=0.8, seed=5)
     slow_curve, slow_seed = _slow_paired_bootstrap(module, steps, curves, base, 0.85, 300, 5)
+    # Averaged curves in blocks of 10 resamples instead of one block: the same numbers.
+    monkeypatch.setattr(module, "BOOTSTRAP_BLOCK", 7 * len(steps) * 10)
+    assert module.paired_bootstrap(steps, curves, base, 0.85, n_boot=300, level=0.8,
+                                   seed=5) == out
     for key, slow in (("curve", slow_curve), ("mean_seed_step", slow_seed)):
         r = out[key]
         assert r["estimate"] == pytest.approx(slow[0], abs=1e-12)
@@ -1286,27 +1290,33 @@ def test_first_crossing_paired_bootstrap_exact_cases(monkeypatch):
 
 
 def test_first_crossing_paired_bootstrap_interval_covers_the_true_ratio(monkeypatch):
-    """Statistical check of the interval: per-seed first crossings drawn from known
-    distributions, 15 seeds (what the docs' run used), 90% percentile intervals of the ratio
-    of mean crossings. Over 400 repeats the interval holds the true ratio (the ratio of the
-    two distributions' means) in 0.84-0.95 of them: a percentile bootstrap of a ratio of means
-    at 15 draws under-covers a little (~0.88 expected), and 400 repeats give a standard error
-    of 1.5 points."""
+    """Statistical check of the interval: 15 seeds (what the docs' run used), each seed's
+    first crossings for the two methods sharing a per-seed offset (as a seed's initialisation
+    and data order would), plus each method's own noise, all from known distributions; 90%
+    percentile intervals of the ratio of mean crossings. Over 2,000 repeats the interval holds
+    the true ratio (the ratio of the two distributions' means) in 0.84-0.89 of them: a
+    percentile bootstrap of a ratio of means at 15 draws under-covers a little (0.86-0.87
+    measured in 2,000-repeat runs), and the band is about +-3 standard errors (0.0075). A 95%
+    interval (~0.92) or a bootstrap that resampled the two methods' seeds independently
+    (~0.997 here, since it ignores the shared offset) would fail it."""
     module = _benchmark(monkeypatch, "first_crossing")
     steps = list(range(100, 6100, 100))
     rng = np.random.default_rng(0)
-    base_choices, method_choices = np.arange(2400, 4100, 100), np.arange(2600, 4700, 100)
-    truth = base_choices.mean() / method_choices.mean() - 1  # uniform on each grid
-    covered = 0
-    for repeat in range(400):
-        b = rng.choice(base_choices, 15)
-        m = rng.choice(method_choices, 15)
+    offsets = np.arange(-600, 700, 100)
+    base_noise, method_noise = np.arange(-200, 300, 100), np.arange(-300, 400, 100)
+    truth = ((2800 + offsets.mean() + base_noise.mean())
+             / (3300 + offsets.mean() + method_noise.mean()) - 1)
+    covered, repeats = 0, 2000
+    for repeat in range(repeats):
+        shared = rng.choice(offsets, 15)
+        b = 2800 + shared + rng.choice(base_noise, 15)
+        m = 3300 + shared + rng.choice(method_noise, 15)
         curves = [[1.0 if s >= c else 0.0 for s in steps] for c in m]
         base = [[1.0 if s >= c else 0.0 for s in steps] for c in b]
         lo, hi = module.paired_bootstrap(steps, curves, base, 0.5, n_boot=1000,
                                          seed=repeat)["mean_seed_step"]["interval"]
         covered += lo <= truth <= hi
-    assert 0.84 <= covered / 400 <= 0.95
+    assert 0.84 <= covered / repeats <= 0.89
 
 
 def test_first_crossing_extra_seeds_are_the_demos_config_at_the_next_seeds(
@@ -1340,7 +1350,7 @@ def test_first_crossing_extra_seeds_are_the_demos_config_at_the_next_seeds(
     (["--extra-seeds", "-1"], "--extra-seeds must be in [0, 100], got -1"),
     (["--compare-to", "learnability-joint"], "--compare-to learnability-joint: not among "
                                               "--methods"),
-    (["--bootstrap", "10"], "--bootstrap must be in [100, 1000000], got 10"),
+    (["--bootstrap", "10"], "--bootstrap must be in [100, 100000], got 10"),
 ])
 def test_first_crossing_refuses_bad_seed_and_bootstrap_arguments_before_training(
         argv, message, tiny_demo, monkeypatch, capsys):
