@@ -232,10 +232,14 @@ def run(path: Path, methods: list[str], steps: int | None, eval_every: int,
         raise SystemExit(f"--compare-to {compare_to}: not among --methods {methods}")
     # The extra seeds are the next numbers after the demo's: the same config otherwise.
     seeds = (*cfg.seeds, *range(max(cfg.seeds) + 1, max(cfg.seeds) + 1 + extra_seeds))
-    every = dataclasses.replace(cfg, seeds=seeds)
+    try:  # a seed past the learner's range is refused here, not in a worker
+        every = learner_configs(dataclasses.replace(cfg, seeds=seeds))
+    except ValueError as err:
+        raise SystemExit(f"--extra-seeds {extra_seeds} after the demo's seeds "
+                         f"{list(cfg.seeds)}: {err}") from None
     jobs = [(name, cached, dataclasses.replace(lc, steps=steps, eval_every=eval_every))
             for name in methods  # method by method, seeds in order within each
-            for n, cached, lc in learner_configs(every) if n == name]
+            for n, cached, lc in every if n == name]
     reference = str(path / "reference.safetensors")
     cache = str(path / "reference_cache")
     if any(cached for _, cached, _ in jobs) and not (path / "reference_cache").is_dir():

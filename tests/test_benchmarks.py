@@ -1359,3 +1359,22 @@ def test_first_crossing_refuses_bad_seed_and_bootstrap_arguments_before_training
     with pytest.raises(SystemExit) as info:
         module.main(["--run", str(tiny_demo), "--eval-every", "4", *argv])
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_first_crossing_refuses_extra_seeds_past_the_learners_range(tiny_demo, tmp_path,
+                                                                    monkeypatch):
+    import shutil
+
+    from jestkit.training import MAX_SEED
+
+    module = _benchmark(monkeypatch, "first_crossing")
+    monkeypatch.setattr(module, "_run_one", lambda *a: pytest.fail("trained"))
+    run = tmp_path / "demo"
+    shutil.copytree(tiny_demo, run)
+    cfg = json.loads((run / "demo_config.json").read_text())
+    cfg["seeds"] = [MAX_SEED - 1, MAX_SEED]
+    (run / "demo_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SystemExit, match=rf"--extra-seeds 1 after the demo's seeds "
+                                         rf"\[{MAX_SEED - 1}, {MAX_SEED}\]: seeds must be "
+                                         rf"ints in \[0, {MAX_SEED}\]"):
+        module.run(run, ["learnability-joint-cached"], 16, 4, workers=1, extra_seeds=1)
