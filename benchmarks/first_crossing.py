@@ -77,6 +77,7 @@ from jestkit.training import LearnerConfig
 
 MAX_EXTRA_SEEDS = 100
 BOOTSTRAP_BLOCK = 2**22  # accuracies per block of resampled curves (32 MiB of float64)
+TARGET_SHIFTS = (-0.005, -0.002, 0.002, 0.005)  # accuracy; the estimates are also given there
 
 
 def load_run(run: Path) -> tuple[DemoConfig, dict, dict[str, list[dict]]]:
@@ -132,7 +133,8 @@ def paired_bootstrap(steps: list[int], curves: list[list[float]],
     A resample in which a curve never reaches the target within `steps` counts as crossing one
     evaluation after the last (its speed-up a bound); how many did is reported, and the
     interval is None where the estimate itself never crossed. Returns, for each ratio, the
-    estimate on all seeds, the percentile interval at `level` and that count.
+    estimate on all seeds, the percentile interval at `level`, the resamples' median and that
+    count; and both estimates at the target moved by each of TARGET_SHIFTS.
     """
     if not 0 < level < 1 or n_boot < 1:
         raise ValueError(f"level must be in (0, 1) and n_boot >= 1, got {level}, {n_boot}")
@@ -151,19 +153,24 @@ def paired_bootstrap(steps: list[int], curves: list[list[float]],
     def step_of(first: torch.Tensor) -> torch.Tensor:  # -1 (never) -> one evaluation later
         return grid[torch.where(first < 0, torch.full_like(first, len(steps)), first)]
 
-    per_seed_a, per_seed_b = first_crossings(a, target), first_crossings(b, target)
-    curve, curve_never = [], []
-    # Averaged curves of a block of resamples at a time: [rows, E] each, never [n_boot, S, E].
-    for rows in idx.split(max(1, BOOTSTRAP_BLOCK // (n_seeds * len(steps)))):
-        fa = first_crossings(a[rows].mean(dim=1), target)
-        fb = first_crossings(b[rows].mean(dim=1), target)
-        curve.append(step_of(fb) / step_of(fa) - 1)
-        curve_never.append((fa < 0) | (fb < 0))
-    ratios = {"curve": torch.cat(curve)}
-    never = {"curve": torch.cat(curve_never)}
-    sa, sb = step_of(per_seed_a)[idx].mean(dim=1), step_of(per_seed_b)[idx].mean(dim=1)
-    ratios["mean_seed_step"] = sb / sa - 1
-    never["mean_seed_step"] = ((per_seed_a < 0)[idx] | (per_seed_b < 0)[idx]).any(dim=1)
+    def ratios_at(level_: float, draws: torch.Tensor) -> tuple[dict, dict]:
+        """Both ratios, and which draws never reached `level_`, for each row of `draws`."""
+        per_seed_a, per_seed_b = first_crossings(a, level_), first_crossings(b, level_)
+        curve, curve_never = [], []
+        # Averaged curves of a block of resamples at a time: [rows, E], never [n_boot, S, E].
+        for rows in draws.split(max(1, BOOTSTRAP_BLOCK // (n_seeds * len(steps)))):
+            fa = first_crossings(a[rows].mean(dim=1), level_)
+            fb = first_crossings(b[rows].mean(dim=1), level_)
+            curve.append(step_of(fb) / step_of(fa) - 1)
+            curve_never.append((fa < 0) | (fb < 0))
+        sa = step_of(per_seed_a)[draws].mean(dim=1)
+        sb = step_of(per_seed_b)[draws].mean(dim=1)
+        return ({"curve": torch.cat(curve), "mean_seed_step": sb / sa - 1},
+                {"curve": torch.cat(curve_never),
+                 "mean_seed_step": ((per_seed_a < 0)[draws]
+                                    | (per_seed_b < 0)[draws]).any(dim=1)})
+
+    ratios, never = ratios_at(target, idx)
     out = {"n_boot": n_boot, "level": level, "seed": seed, "n_seeds": n_seeds}
     lo, hi = (1 - level) / 2, (1 + level) / 2
     for key, r in ratios.items():
@@ -172,9 +179,17 @@ def paired_bootstrap(steps: list[int], curves: list[list[float]],
             "estimate": None if never[key][0] else r[0].item(),
             "interval": None if never[key][0] else
             [torch.quantile(boot, lo).item(), torch.quantile(boot, hi).item()],
+            "median": torch.quantile(boot, 0.5).item(),
             "share_below_minus_10pct": (boot < -0.1).double().mean().item(),
             "resamples_not_reaching": int(never[key][1:].sum()),
         }
+    # How much each estimate moves with the target, which is itself a noisy mean of seeds.
+    out["estimate_at_other_targets"] = []
+    for shift in TARGET_SHIFTS:
+        r, n = ratios_at(target + shift, idx[:1])
+        out["estimate_at_other_targets"].append(
+            {"target": target + shift,
+             **{k: None if n[k][0] else r[k][0].item() for k in r}})
     return out
 
 
@@ -327,8 +342,11 @@ def _bootstrap_lines(name: str, b: dict, eval_every: int) -> str:
         missing = (f"; {r['resamples_not_reaching']} resamples had a seed or curve not "
                    f"reaching the target (counted one evaluation after the last)"
                    if r["resamples_not_reaching"] else "")
-        out.append(f"- {what}: {_pct(r['estimate'])}{interval}; "
+        out.append(f"- {what}: {_pct(r['estimate'])}{interval}, median {_pct(r['median'])}; "
                    f"{100 * r['share_below_minus_10pct']:.0f}% of resamples below −10%{missing}")
+    shifted = "; ".join(f"{100 * t['target']:.1f}%: {_pct(t['curve'])} and "
+                        f"{_pct(t['mean_seed_step'])}" for t in b["estimate_at_other_targets"])
+    out.append(f"- the two estimates at other targets: {shifted}")
     return "\n".join(out)
 
 

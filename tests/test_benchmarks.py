@@ -1207,7 +1207,7 @@ def test_first_crossing_names_a_missing_reference_cache(tiny_demo, tmp_path, mon
         module.run(run, ["learnability-joint-cached"], 16, 4, workers=1)
 
 
-def _slow_paired_bootstrap(module, steps, curves, base, target, n_boot, seed):
+def _slow_paired_bootstrap(steps, curves, base, target, n_boot, seed):
     """The bootstrap written out one resample at a time with the report's own crossing rule
     (the same seed draw as the benchmark's: torch.randint on a generator seeded `seed`)."""
     import torch
@@ -1243,7 +1243,7 @@ def test_first_crossing_paired_bootstrap_matches_a_slow_one_resample_at_a_time(m
     base = (ramp + rng.normal(0, 0.03, (7, len(steps)))).tolist()
     curves = (ramp - 0.02 + rng.normal(0, 0.03, (7, len(steps)))).tolist()
     out = module.paired_bootstrap(steps, curves, base, 0.85, n_boot=300, level=0.8, seed=5)
-    slow_curve, slow_seed = _slow_paired_bootstrap(module, steps, curves, base, 0.85, 300, 5)
+    slow_curve, slow_seed = _slow_paired_bootstrap(steps, curves, base, 0.85, 300, 5)
     # Averaged curves in blocks of 10 resamples instead of one block: the same numbers.
     monkeypatch.setattr(module, "BOOTSTRAP_BLOCK", 7 * len(steps) * 10)
     assert module.paired_bootstrap(steps, curves, base, 0.85, n_boot=300, level=0.8,
@@ -1253,8 +1253,16 @@ def test_first_crossing_paired_bootstrap_matches_a_slow_one_resample_at_a_time(m
         assert r["estimate"] == pytest.approx(slow[0], abs=1e-12)
         lo, hi = np.quantile(slow[1:], [0.1, 0.9])  # numpy's default: torch.quantile's linear
         assert r["interval"] == pytest.approx([lo, hi], abs=1e-12)
+        assert r["median"] == pytest.approx(np.quantile(slow[1:], 0.5), abs=1e-12)
         assert r["share_below_minus_10pct"] == pytest.approx(
             np.mean(np.array(slow[1:]) < -0.1), abs=1e-12)
+    # The estimates at moved targets: the slow version's all-seeds draw at those targets.
+    assert [t["target"] for t in out["estimate_at_other_targets"]] == pytest.approx(
+        [0.85 + d for d in module.TARGET_SHIFTS])
+    for t in out["estimate_at_other_targets"]:
+        slow_curve_t, slow_seed_t = _slow_paired_bootstrap(steps, curves, base, t["target"], 1, 5)
+        assert t["curve"] == pytest.approx(slow_curve_t[0], abs=1e-12)
+        assert t["mean_seed_step"] == pytest.approx(slow_seed_t[0], abs=1e-12)
     assert out["n_seeds"] == 7 and out["n_boot"] == 300
 
 
@@ -1344,6 +1352,7 @@ def test_first_crossing_extra_seeds_are_the_demos_config_at_the_next_seeds(
     md = module.markdown(res, "cmd", "learnability-joint-cached")
     assert "seed 2 was trained here only" in md
     assert "paired bootstrap over 3 seeds (200 resamples" in md
+    assert "- the two estimates at other targets: " in md
 
 
 @pytest.mark.parametrize("argv, message", [
