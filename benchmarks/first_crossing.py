@@ -41,10 +41,21 @@ averaged curve's first crossing jumps when one evaluation moves across the targe
 interval is rough and need not be centred on the estimate; the target is held fixed, so its
 own uncertainty is not in either interval.)
 
+`--reuse METHOD=JSON` takes a method's curves from an earlier `--json` of this benchmark instead
+of retraining them: to set a new variant against a baseline already retrained on the same seeds
+(a demo directory built from the same runs, e.g. another Flexi setting beside the same live
+JEST). It is refused unless that run had the same T, grid, `--steps`, target and seeds, its
+learner config where it recorded one, and its curves equal this demo's saved runs at every
+evaluation both grids share; its compute speed-up is recomputed from this demo's saved runs
+(FLOPs per step are the same at every step and seed of a run, which is checked).
+
     python benchmarks/first_crossing.py --run runs/demo-T20000 \\
         --methods learnability-joint learnability-joint-flexi --eval-every 100
     python benchmarks/first_crossing.py --run runs/demo-T20000-5-seeds \\
         --methods learnability-joint learnability-joint-flexi --steps 4500 --extra-seeds 7
+    python benchmarks/first_crossing.py --run runs/demo-T20000-5-seeds-other-flexi \
+        --methods learnability-joint learnability-joint-flexi --steps 4500 --extra-seeds 7 \
+        --reuse learnability-joint=earlier.json    # its curves from the run above
     python benchmarks/first_crossing.py --quick    # a tiny demo, then this on it: < 1 minute
 """
 
@@ -216,9 +227,70 @@ def check_prefix(method: str, fine: dict, saved: dict) -> int:
     return shared
 
 
+def flops_per_step(method: str, saved: list[dict]) -> float:
+    """The FLOPs one training step of `method`'s saved runs costs: the same at every step
+    and seed (shapes fix them), which is checked on every evaluation of every saved run, so
+    that a run retrained elsewhere can be priced from these."""
+    per_step = [_total_flops(r["cumulative_flops"][i]) / step for r in saved
+                for i, step in enumerate(r["steps"])]
+    if max(per_step) - min(per_step) > 1e-9 * max(per_step):
+        raise SystemExit(f"{method}: its saved runs' FLOPs per step differ between steps or "
+                         f"seeds ({min(per_step):.0f} to {max(per_step):.0f}), so a reused "
+                         f"curve cannot be priced from them; retrain it instead of --reuse")
+    return statistics.fmean(per_step)
+
+
+def load_reused(reuse: dict[str, Path], *, expected: dict, seeds: list[int],
+                learner: dict[str, dict], saved: dict[str, list[dict]]) -> dict[str, dict]:
+    """For each method of `reuse` (method -> an earlier `--json` of this benchmark), its
+    results there, checked to be the runs this one would retrain: the same T, grid, steps and
+    target (`expected`), the same `seeds` in order, the same learner config (seed aside)
+    where the earlier run recorded it, and at every evaluation both grids share, per seed,
+    the accuracy of this demo's `saved` run. SystemExit names what differs."""
+    out = {}
+    for m, path in reuse.items():
+        try:
+            earlier = json.loads(path.read_text())
+            r = earlier["methods"][m]
+        except KeyError:
+            raise SystemExit(f"--reuse {m}={path}: it holds no {m}") from None
+        except (OSError, ValueError, TypeError) as err:
+            raise SystemExit(f"--reuse {m}={path}: not a JSON written by this benchmark's "
+                             f"--json ({err})") from None
+        for key, value in expected.items():
+            if earlier.get(key) != value:
+                raise SystemExit(f"--reuse {m}={path}: its {key} is {earlier.get(key)}, this "
+                                 f"run's {value}; reuse only a run retrained alike")
+        if r["seeds"] != seeds:
+            raise SystemExit(f"--reuse {m}={path}: {m} was retrained there for seeds "
+                             f"{r['seeds']}, this run's are {seeds}")
+        if "learner_config" in r and r["learner_config"] != learner[m]:
+            diff = sorted(k for k in {*r["learner_config"], *learner[m]}
+                          if r["learner_config"].get(k) != learner[m].get(k))
+            raise SystemExit(f"--reuse {m}={path}: {m}'s learner config there differs in "
+                             f"{diff}")
+        by_seed = {run["config"]["seed"]: run for run in saved[m]}
+        shared = 0
+        for seed, curve in zip(r["seeds"], r["per_seed_zero_shot_accuracy"], strict=True):
+            if seed not in by_seed:
+                continue
+            at = dict(zip(by_seed[seed]["steps"], by_seed[seed]["zero_shot_accuracy"],
+                          strict=True))
+            for step, acc in zip(r["steps"], curve, strict=True):
+                if step in at:
+                    if acc != at[step]:
+                        raise SystemExit(
+                            f"--reuse {m}={path}: seed {seed} at step {step}: accuracy {acc} "
+                            f"there, {at[step]} in this demo's saved run: not the same run")
+                    shared += 1
+        out[m] = {**{k: v for k, v in r.items() if k != "bootstrap"},  # redone here
+                  "shared_evaluations_checked": shared, "reused_from": str(path)}
+    return out
+
+
 def run(path: Path, methods: list[str], steps: int | None, eval_every: int,
         workers: int, extra_seeds: int = 0, compare_to: str | None = None,
-        n_boot: int = 10_000) -> dict:
+        n_boot: int = 10_000, reuse: dict[str, Path] | None = None) -> dict:
     started = time.time()
     cfg, report, saved = load_run(path)
     target = report["methods"]["uniform"]["target_accuracy"]
@@ -252,31 +324,59 @@ def run(path: Path, methods: list[str], steps: int | None, eval_every: int,
     except ValueError as err:
         raise SystemExit(f"--extra-seeds {extra_seeds} after the demo's seeds "
                          f"{list(cfg.seeds)}: {err}") from None
+    learner = {n: {k: v for k, v in dataclasses.asdict(dataclasses.replace(
+        lc, steps=steps, eval_every=eval_every)).items() if k != "seed"}
+        for n, _, lc in every}
+    if reuse and set(reuse) - set(methods):
+        raise SystemExit(f"--reuse {sorted(set(reuse) - set(methods))}: not among --methods "
+                         f"{methods}")
+    reused = load_reused(reuse or {}, seeds=list(seeds), learner=learner, saved=saved,
+        expected={"T": total_steps, "eval_every": eval_every, "steps": steps,
+                  "target_accuracy": target})
     jobs = [(name, cached, dataclasses.replace(lc, steps=steps, eval_every=eval_every))
-            for name in methods  # method by method, seeds in order within each
+            for name in methods if name not in reused  # method by method, seeds in order
             for n, cached, lc in every if n == name]
     reference = str(path / "reference.safetensors")
     cache = str(path / "reference_cache")
     if any(cached for _, cached, _ in jobs) and not (path / "reference_cache").is_dir():
         raise SystemExit(f"--run {path}: no reference_cache/, which its cached and Flexi runs "
                          f"read; give a finished `jestkit demo` directory")
-    pool = worker_pool(workers)
-    fine: dict[str, list[dict]] = {m: [] for m in methods}
-    try:
-        futures = [(name, pool.submit(_run_one, cfg.data_seed, reference,
-                                      cache if cached else None, lc))
-                   for name, cached, lc in jobs]
-        for name, fut in futures:  # in submission order: seeds in order
-            fine[name].append(fut.result())
-    except BaseException:
-        stop_workers(pool)
-        raise
-    pool.shutdown()
+    fine: dict[str, list[dict]] = {m: [] for m in methods if m not in reused}
+    if jobs:
+        pool = worker_pool(workers)
+        try:
+            futures = [(name, pool.submit(_run_one, cfg.data_seed, reference,
+                                          cache if cached else None, lc))
+                       for name, cached, lc in jobs]
+            for name, fut in futures:  # in submission order: seeds in order
+                fine[name].append(fut.result())
+        except BaseException:
+            stop_workers(pool)
+            raise
+        pool.shutdown()
     uniform_flops = statistics.fmean(_total_flops(r["cumulative_flops"][-1])
                                      for r in saved["uniform"])
     results = {}
     for m in methods:
         by_seed = {r["config"]["seed"]: r for r in saved[m]}
+        if m in reused:
+            r = reused[m]
+            step = first_reaching(r["steps"], r["zero_shot_accuracy"], target)
+            results[m] = {
+                **r, "demo_step": coarse_step[m],
+                "demo_iteration_speedup": report["methods"][m]["iteration_speedup"],
+                "demo_compute_speedup": report["methods"][m]["compute_speedup"],
+                "step": step, "iteration_speedup": None if step is None else total_steps / step,
+                "compute_speedup": None if step is None else
+                uniform_flops / (flops_per_step(m, saved[m]) * step),
+                "saved_seeds": sorted(by_seed), "learner_config": learner[m]}
+            earlier = r.get("compute_speedup")
+            if (earlier is not None and r.get("step") == step
+                    and abs(results[m]["compute_speedup"] / earlier - 1) > 1e-9):
+                raise SystemExit(f"--reuse {m}={r['reused_from']}: its compute speed-up was "
+                                 f"{earlier} there, {results[m]['compute_speedup']} from this "
+                                 f"demo's runs: other FLOPs, not the same runs")
+            continue
         shared = sum(check_prefix(m, r, by_seed[r["config"]["seed"]]) for r in fine[m]
                      if r["config"]["seed"] in by_seed)  # extra seeds: nothing saved
         grid = fine[m][0]["steps"]
@@ -300,6 +400,7 @@ def run(path: Path, methods: list[str], steps: int | None, eval_every: int,
             "steps": grid,
             "zero_shot_accuracy": curve,
             "per_seed_zero_shot_accuracy": [r["zero_shot_accuracy"] for r in fine[m]],
+            "learner_config": learner[m],
         }
     if compare_to is not None and len(seeds) >= 2:
         base = results[compare_to]["per_seed_zero_shot_accuracy"]
@@ -312,7 +413,8 @@ def run(path: Path, methods: list[str], steps: int | None, eval_every: int,
                     target, n_boot=n_boot)}
     return {"run": str(path), "target_accuracy": target, "T": total_steps,
             "demo_eval_every": coarse, "eval_every": eval_every, "steps": steps,
-            "methods": results, "wall_s": round(time.time() - started, 1)}
+            "uniform_flops": uniform_flops, "methods": results,
+            "wall_s": round(time.time() - started, 1)}
 
 
 def _extra_seeds_line(m: dict) -> str:
@@ -323,6 +425,13 @@ def _extra_seeds_line(m: dict) -> str:
              f"seeds {extra[0]}–{extra[-1]} were")
     return (f"; {seeds} trained here only (--extra-seeds: the demo did not run them, so "
             f"nothing is saved to check them against)")
+
+
+def _reused_line(m: dict) -> str:
+    reused = [(name, r) for name, r in m.items() if "reused_from" in r]
+    return "".join(f"; {name}'s curves are {r['reused_from']}'s (--reuse: not retrained here; "
+                   f"its {r['shared_evaluations_checked']} shared evaluations checked against "
+                   f"this demo's saved runs, accuracy only)" for name, r in reused)
 
 
 def _pct(x: float | None) -> str:
@@ -362,8 +471,9 @@ def markdown(res: dict, command: str, compare_to: str = "learnability-joint") ->
         f"{res['eval_every']} steps instead of {res['demo_eval_every']}).",
         "",
         "Check: at every evaluation the two grids share "
-        f"({sum(r['shared_evaluations_checked'] for r in m.values())} in all), accuracy and "
-        "FLOPs equal the saved runs'" + _extra_seeds_line(m) + ".",
+        f"({sum(r['shared_evaluations_checked'] for r in m.values() if 'reused_from' not in r)}"
+        " in all), accuracy and FLOPs equal the saved runs'" + _extra_seeds_line(m)
+        + _reused_line(m) + ".",
         "",
         f"| method | demo grid: step | iteration | compute | every {res['eval_every']}: "
         "step | iteration | compute | per seed (step) |",
@@ -427,6 +537,10 @@ def main(argv: list[str] | None = None) -> int:
                         "--compare-to by a paired bootstrap over all the seeds")
     p.add_argument("--bootstrap", type=int, default=10_000,
                    help="resamples of the paired bootstrap (default 10000)")
+    p.add_argument("--reuse", nargs="+", default=[], metavar="METHOD=JSON",
+                   help="take METHOD's curves from JSON, an earlier --json of this benchmark "
+                        "that retrained the same runs (same T, grid, steps, target, seeds and "
+                        "saved runs, checked), instead of retraining them")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--quick", action="store_true",
                    help="smoke test: a tiny demo in a temporary directory, then this on it")
@@ -442,6 +556,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--bootstrap must be in [100, 100000], got {args.bootstrap}")
     if args.quick == (args.run is not None):
         p.error("give --run DIR (a finished demo) or --quick, one of them")
+    reuse = {}
+    for item in args.reuse:
+        method, _, path = item.partition("=")
+        if not method or not path or method in reuse:
+            p.error(f"--reuse {item}: give METHOD=JSON, each method once")
+        if not Path(path).is_file():
+            p.error(f"--reuse {item}: {path} is not a file (give an earlier --json of this "
+                    f"benchmark)")
+        reuse[method] = Path(path)
     check_outputs(p, args.out, args.section, args.json)
     command = "python benchmarks/first_crossing.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
@@ -458,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
             if compare_to is None and "learnability-joint" in methods:
                 compare_to = "learnability-joint"
             res = run(args.run, methods, args.steps, args.eval_every, args.workers,
-                      args.extra_seeds, compare_to, args.bootstrap)
+                      args.extra_seeds, compare_to, args.bootstrap, reuse)
         except SystemExit as err:
             p.error(str(err))
     if args.json:  # the raw numbers first: they are what a failed --out would lose

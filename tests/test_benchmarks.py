@@ -1387,3 +1387,152 @@ def test_first_crossing_refuses_extra_seeds_past_the_learners_range(tiny_demo, t
                                          rf"\[{MAX_SEED - 1}, {MAX_SEED}\]: seeds must be "
                                          rf"ints in \[0, {MAX_SEED}\]"):
         module.run(run, ["learnability-joint-cached"], 16, 4, workers=1, extra_seeds=1)
+
+
+def test_first_crossing_reuse_gives_what_retraining_gives_without_retraining(
+        tiny_demo, tmp_path, monkeypatch):
+    """--reuse METHOD=JSON: a method's curves from an earlier run of the benchmark give the
+    same results, compute speed-up and paired bootstrap as retraining it, and it is not
+    retrained (only the other method's runs reach a worker)."""
+    module = _benchmark(monkeypatch, "first_crossing")
+    methods = ["learnability-joint-cached", "learnability-joint-flexi"]
+    kwargs = dict(workers=1, extra_seeds=1, compare_to="learnability-joint-cached", n_boot=200)
+    first = module.run(tiny_demo, methods, 24, 4, **kwargs)
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps(first))
+    trained, workers_started = [], []
+    worker_pool = module.worker_pool
+
+    class RecordingPool:  # what reaches a worker: (the learner's score patch, its seed)
+        def __init__(self, n):
+            workers_started.append(n)
+            self.pool = worker_pool(n)
+
+        def submit(self, fn, *args):
+            trained.append((args[-1].score_patch_size, args[-1].seed))
+            return self.pool.submit(fn, *args)
+
+        def shutdown(self):
+            self.pool.shutdown()
+
+    monkeypatch.setattr(module, "worker_pool", RecordingPool)
+    again = module.run(tiny_demo, methods, 24, 4, reuse={methods[0]: earlier}, **kwargs)
+    flexi_patch = first["methods"][methods[1]]["learner_config"]["score_patch_size"]
+    assert flexi_patch and trained == [(flexi_patch, 0), (flexi_patch, 1), (flexi_patch, 2)]
+    for name in methods:
+        a, b = first["methods"][name], again["methods"][name]
+        assert {k: v for k, v in b.items() if k != "reused_from"} == a
+    reused = again["methods"][methods[0]]
+    assert reused["reused_from"] == str(earlier)
+    assert reused["shared_evaluations_checked"] == 6  # 3 demo evaluations x 2 saved seeds
+    md = module.markdown(again, "cmd", methods[0])
+    assert f"learnability-joint-cached's curves are {earlier}'s (--reuse: not retrained" in md
+    # Both reused: nothing trained, no worker pool started, the same numbers again.
+    trained.clear()
+    both = module.run(tiny_demo, methods, 24, 4, reuse={m: earlier for m in methods}, **kwargs)
+    assert trained == [] and workers_started == [1]
+    assert both["methods"][methods[1]]["bootstrap"] == first["methods"][methods[1]]["bootstrap"]
+
+
+@pytest.fixture(scope="module")
+def earlier_crossings(tiny_demo):
+    """What the benchmark returns for the tiny demo's cached runs, to 16 every 4 steps."""
+    monkeypatch = pytest.MonkeyPatch()
+    try:
+        module = _benchmark(monkeypatch, "first_crossing", "bench_first_crossing_earlier")
+        return module.run(tiny_demo, ["learnability-joint-cached"], 16, 4, workers=1)
+    finally:
+        monkeypatch.undo()
+
+
+def _earlier_json(earlier_crossings, tmp_path, **change):
+    """earlier_crossings, with `change` made (a value, or a function that edits in place),
+    as an earlier --json of the benchmark."""
+    import copy
+
+    res = copy.deepcopy(earlier_crossings)
+    r = res["methods"]["learnability-joint-cached"]
+    for key, value in change.items():
+        target = res if key in res else r
+        if callable(value):
+            value(target)
+        else:
+            target[key] = value
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps(res))
+    return path
+
+
+def _bump_seed1_step8(r):
+    r["per_seed_zero_shot_accuracy"][1][1] += 0.001  # grid 4, 8, 12, 16: step 8
+
+
+def _other_lr(r):
+    r["learner_config"]["lr"] *= 2
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"steps": 12}, "its steps is 12, this run's 16; reuse only a run retrained alike"),
+    ({"target_accuracy": 0.5}, "its target_accuracy is 0.5, this run's"),
+    ({"seeds": [0]}, "was retrained there for seeds [0], this run's are [0, 1]"),
+    ({"per_seed_zero_shot_accuracy": _bump_seed1_step8}, "seed 1 at step 8: accuracy"),
+    ({"learner_config": _other_lr}, "learner config there differs in ['lr']"),
+    ({"compute_speedup": 1.5}, "its compute speed-up was 1.5 there"),
+])
+def test_first_crossing_reuse_refuses_a_run_that_is_not_this_ones(change, message, tiny_demo,
+                                                                  earlier_crossings, tmp_path,
+                                                                  monkeypatch):
+    module = _benchmark(monkeypatch, "first_crossing")
+    path = _earlier_json(earlier_crossings, tmp_path, **change)
+    if "compute_speedup" in change:  # refused after pricing, which needs the crossing
+        assert json.loads(path.read_text())["methods"]["learnability-joint-cached"]["step"]
+    monkeypatch.setattr(module, "_run_one", lambda *a: pytest.fail("trained"))
+    with pytest.raises(SystemExit) as info:
+        module.run(tiny_demo, ["learnability-joint-cached"], 16, 4, workers=1,
+                   reuse={"learnability-joint-cached": path})
+    assert f"--reuse learnability-joint-cached={path}: " in str(info.value)
+    assert message in str(info.value)
+
+
+def test_first_crossing_reuse_prices_only_runs_whose_steps_cost_alike(tiny_demo,
+                                                                     earlier_crossings,
+                                                                     tmp_path, monkeypatch):
+    import shutil
+
+    module = _benchmark(monkeypatch, "first_crossing")
+    saved = json.loads((tiny_demo / "runs" / "learnability-joint-cached.json").read_text())
+    assert module.flops_per_step("m", saved) == pytest.approx(
+        sum(saved[0]["cumulative_flops"][-1].values()) / 24, rel=1e-12)
+    run = tmp_path / "demo"
+    shutil.copytree(tiny_demo, run)
+    path = run / "runs" / "learnability-joint-cached.json"
+    first = saved[0]["cumulative_flops"][0]
+    first[next(iter(first))] *= 1.01  # seed 0's first 8 steps dearer than the rest
+    path.write_text(json.dumps(saved))
+    earlier = _earlier_json(earlier_crossings, tmp_path)
+    with pytest.raises(SystemExit, match="saved runs' FLOPs per step differ between steps or "
+                                         "seeds"):
+        module.run(run, ["learnability-joint-cached"], 16, 4, workers=1,
+                   reuse={"learnability-joint-cached": earlier})
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--reuse", "learnability-joint-cached"], "give METHOD=JSON, each method once"),
+    (["--reuse", "learnability-joint-cached=no-such.json"], "no-such.json is not a file"),
+    (["--reuse", "learnability-joint-cached=E", "learnability-joint-cached=E"],
+     "each method once"),
+    (["--methods", "learnability-joint-flexi", "--reuse", "learnability-joint-cached=E"],
+     "--reuse ['learnability-joint-cached']: not among --methods"),
+    (["--methods", "learnability-joint-flexi", "--reuse", "learnability-joint-flexi=E"],
+     "it holds no learnability-joint-flexi"),
+])
+def test_first_crossing_refuses_bad_reuse_arguments_before_training(argv, message, tiny_demo,
+                                                                    earlier_crossings, tmp_path,
+                                                                    monkeypatch, capsys):
+    module = _benchmark(monkeypatch, "first_crossing")
+    earlier = _earlier_json(earlier_crossings, tmp_path)
+    monkeypatch.setattr(module, "_run_one", lambda *a: pytest.fail("trained"))
+    argv = [a.replace("=E", f"={earlier}") for a in argv]
+    with pytest.raises(SystemExit) as info:
+        module.main(["--run", str(tiny_demo), "--eval-every", "4", "--steps", "16", *argv])
+    assert info.value.code == 2 and message in capsys.readouterr().err
