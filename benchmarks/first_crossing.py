@@ -261,6 +261,11 @@ def load_reused(reuse: dict[str, Path], *, expected: dict, seeds: list[int],
             if earlier.get(key) != value:
                 raise SystemExit(f"--reuse {m}={path}: its {key} is {earlier.get(key)}, this "
                                  f"run's {value}; reuse only a run retrained alike")
+        missing = [k for k in ("seeds", "steps", "zero_shot_accuracy",
+                               "per_seed_zero_shot_accuracy", "step") if k not in r]
+        if missing:
+            raise SystemExit(f"--reuse {m}={path}: its {m} has no {missing} (written before "
+                             f"--extra-seeds, or not by this benchmark); retrain it instead")
         if r["seeds"] != seeds:
             raise SystemExit(f"--reuse {m}={path}: {m} was retrained there for seeds "
                              f"{r['seeds']}, this run's are {seeds}")

@@ -1478,6 +1478,8 @@ def _other_lr(r):
     ({"per_seed_zero_shot_accuracy": _bump_seed1_step8}, "seed 1 at step 8: accuracy"),
     ({"learner_config": _other_lr}, "learner config there differs in ['lr']"),
     ({"compute_speedup": 1.5}, "its compute speed-up was 1.5 there"),
+    ({"per_seed_zero_shot_accuracy": lambda r: r.pop("per_seed_zero_shot_accuracy")},
+     "has no ['per_seed_zero_shot_accuracy'] (written before --extra-seeds"),
 ])
 def test_first_crossing_reuse_refuses_a_run_that_is_not_this_ones(change, message, tiny_demo,
                                                                   earlier_crossings, tmp_path,
