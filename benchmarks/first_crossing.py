@@ -53,8 +53,8 @@ evaluation both grids share; its compute speed-up is recomputed from this demo's
         --methods learnability-joint learnability-joint-flexi --eval-every 100
     python benchmarks/first_crossing.py --run runs/demo-T20000-5-seeds \\
         --methods learnability-joint learnability-joint-flexi --steps 4500 --extra-seeds 7
-    python benchmarks/first_crossing.py --run runs/demo-T20000-5-seeds-other-flexi \
-        --methods learnability-joint learnability-joint-flexi --steps 4500 --extra-seeds 7 \
+    python benchmarks/first_crossing.py --run runs/demo-T20000-5-seeds-other-flexi \\
+        --methods learnability-joint learnability-joint-flexi --steps 4500 --extra-seeds 7 \\
         --reuse learnability-joint=earlier.json    # its curves from the run above
     python benchmarks/first_crossing.py --quick    # a tiny demo, then this on it: < 1 minute
 """
