@@ -115,10 +115,6 @@ def first_reaching(steps: list[int], curve: list[float], target: float) -> int |
     return None if i is None else steps[i]
 
 
-def _mean(runs: list[dict], i: int) -> float:
-    return statistics.fmean(r["zero_shot_accuracy"][i] for r in runs)
-
-
 def first_crossings(curves: torch.Tensor, target: float) -> torch.Tensor:
     """Index of each row's first evaluation at or above `target` (the report's rule, with
     its tolerance), or -1 where a row never reaches it. curves: [R, E] -> [R] int64."""
@@ -261,8 +257,7 @@ def load_reused(reuse: dict[str, Path], *, expected: dict, seeds: list[int],
             if earlier.get(key) != value:
                 raise SystemExit(f"--reuse {m}={path}: its {key} is {earlier.get(key)}, this "
                                  f"run's {value}; reuse only a run retrained alike")
-        missing = [k for k in ("seeds", "steps", "zero_shot_accuracy",
-                               "per_seed_zero_shot_accuracy", "step") if k not in r]
+        missing = [k for k in ("seeds", "steps", "per_seed_zero_shot_accuracy") if k not in r]
         if missing:
             raise SystemExit(f"--reuse {m}={path}: its {m} has no {missing} (written before "
                              f"--extra-seeds, or not by this benchmark); retrain it instead")
@@ -288,8 +283,7 @@ def load_reused(reuse: dict[str, Path], *, expected: dict, seeds: list[int],
                             f"--reuse {m}={path}: seed {seed} at step {step}: accuracy {acc} "
                             f"there, {at[step]} in this demo's saved run: not the same run")
                     shared += 1
-        out[m] = {**{k: v for k, v in r.items() if k != "bootstrap"},  # redone here
-                  "shared_evaluations_checked": shared, "reused_from": str(path)}
+        out[m] = {**r, "shared_evaluations_checked": shared, "reused_from": str(path)}
     return out
 
 
@@ -364,32 +358,27 @@ def run(path: Path, methods: list[str], steps: int | None, eval_every: int,
     results = {}
     for m in methods:
         by_seed = {r["config"]["seed"]: r for r in saved[m]}
+        # The per-seed curves, retrained here or reused (checked in load_reused): everything
+        # below is computed from them alike; only the FLOPs spent come from different places.
         if m in reused:
-            r = reused[m]
-            step = first_reaching(r["steps"], r["zero_shot_accuracy"], target)
-            results[m] = {
-                **r, "demo_step": coarse_step[m],
-                "demo_iteration_speedup": report["methods"][m]["iteration_speedup"],
-                "demo_compute_speedup": report["methods"][m]["compute_speedup"],
-                "step": step, "iteration_speedup": None if step is None else total_steps / step,
-                "compute_speedup": None if step is None else
-                uniform_flops / (flops_per_step(m, saved[m]) * step),
-                "saved_seeds": sorted(by_seed), "learner_config": learner[m]}
-            earlier = r.get("compute_speedup")
-            if (earlier is not None and r.get("step") == step
-                    and abs(results[m]["compute_speedup"] / earlier - 1) > 1e-9):
-                raise SystemExit(f"--reuse {m}={r['reused_from']}: its compute speed-up was "
-                                 f"{earlier} there, {results[m]['compute_speedup']} from this "
-                                 f"demo's runs: other FLOPs, not the same runs")
-            continue
-        shared = sum(check_prefix(m, r, by_seed[r["config"]["seed"]]) for r in fine[m]
-                     if r["config"]["seed"] in by_seed)  # extra seeds: nothing saved
-        grid = fine[m][0]["steps"]
-        curve = [_mean(fine[m], i) for i in range(len(grid))]
+            grid, run_seeds = reused[m]["steps"], reused[m]["seeds"]
+            curves = reused[m]["per_seed_zero_shot_accuracy"]
+            shared = reused[m]["shared_evaluations_checked"]
+        else:
+            shared = sum(check_prefix(m, r, by_seed[r["config"]["seed"]]) for r in fine[m]
+                         if r["config"]["seed"] in by_seed)  # extra seeds: nothing saved
+            grid = fine[m][0]["steps"]
+            run_seeds = [r["config"]["seed"] for r in fine[m]]
+            curves = [r["zero_shot_accuracy"] for r in fine[m]]
+        curve = [statistics.fmean(c[i] for c in curves) for i in range(len(grid))]
         step = first_reaching(grid, curve, target)
-        flops = (None if step is None else
-                 statistics.fmean(_total_flops(r["cumulative_flops"][grid.index(step)])
-                                  for r in fine[m]))
+        if step is None:
+            flops = None
+        elif m in reused:  # priced from this demo's saved runs of the method
+            flops = flops_per_step(m, saved[m]) * step
+        else:
+            flops = statistics.fmean(_total_flops(r["cumulative_flops"][grid.index(step)])
+                                     for r in fine[m])
         results[m] = {
             "demo_step": coarse_step[m],
             "demo_iteration_speedup": report["methods"][m]["iteration_speedup"],
@@ -397,16 +386,22 @@ def run(path: Path, methods: list[str], steps: int | None, eval_every: int,
             "step": step,
             "iteration_speedup": None if step is None else total_steps / step,
             "compute_speedup": None if step is None else uniform_flops / flops,
-            "per_seed_step": [first_reaching(r["steps"], r["zero_shot_accuracy"], target)
-                              for r in fine[m]],
-            "seeds": [r["config"]["seed"] for r in fine[m]],
+            "per_seed_step": [first_reaching(grid, c, target) for c in curves],
+            "seeds": run_seeds,
             "saved_seeds": sorted(by_seed),
             "shared_evaluations_checked": shared,
             "steps": grid,
             "zero_shot_accuracy": curve,
-            "per_seed_zero_shot_accuracy": [r["zero_shot_accuracy"] for r in fine[m]],
+            "per_seed_zero_shot_accuracy": curves,
             "learner_config": learner[m],
         }
+        if m in reused:
+            results[m]["reused_from"] = reused[m]["reused_from"]
+            earlier, ours = reused[m].get("compute_speedup"), results[m]["compute_speedup"]
+            if earlier is not None and ours is not None and abs(ours / earlier - 1) > 1e-9:
+                raise SystemExit(f"--reuse {m}={reused[m]['reused_from']}: its compute "
+                                 f"speed-up was {earlier} there, {ours} from this demo's runs: "
+                                 f"other FLOPs, not the same runs")
     if compare_to is not None and len(seeds) >= 2:
         base = results[compare_to]["per_seed_zero_shot_accuracy"]
         for m in methods:
