@@ -264,9 +264,11 @@ def load_reused(reuse: dict[str, Path], *, expected: dict, seeds: list[int],
         if r["seeds"] != seeds:
             raise SystemExit(f"--reuse {m}={path}: {m} was retrained there for seeds "
                              f"{r['seeds']}, this run's are {seeds}")
-        if "learner_config" in r and r["learner_config"] != learner[m]:
-            diff = sorted(k for k in {*r["learner_config"], *learner[m]}
-                          if r["learner_config"].get(k) != learner[m].get(k))
+        # score_view is newer than some saved JSONs: recorded without it, a run scored the
+        # augmented view, as that option's default still does.
+        then = {"score_view": "augmented", **r.get("learner_config", {})}
+        if "learner_config" in r and then != learner[m]:
+            diff = sorted(k for k in {*then, *learner[m]} if then.get(k) != learner[m].get(k))
             raise SystemExit(f"--reuse {m}={path}: {m}'s learner config there differs in "
                              f"{diff}")
         by_seed = {run["config"]["seed"]: run for run in saved[m]}

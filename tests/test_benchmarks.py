@@ -1496,6 +1496,28 @@ def test_first_crossing_reuse_refuses_a_run_that_is_not_this_ones(change, messag
     assert message in str(info.value)
 
 
+def test_first_crossing_reuse_takes_a_config_recorded_before_score_view_as_augmented(
+        tiny_demo, earlier_crossings, tmp_path, monkeypatch):
+    # A JSON written before the option ran the default view; one that scored "stored" is
+    # another method's run, and refused by name.
+    module = _benchmark(monkeypatch, "first_crossing")
+    monkeypatch.setattr(module, "_run_one", lambda *a: pytest.fail("trained"))
+    method = "learnability-joint-cached"
+    for view, refused in ((None, False), ("stored", True)):
+        def change(r, view=view):
+            del r["learner_config"]["score_view"]
+            if view:
+                r["learner_config"]["score_view"] = view
+        path = _earlier_json(earlier_crossings, tmp_path, learner_config=change)
+        if refused:
+            with pytest.raises(SystemExit, match=r"learner config there differs in "
+                                                 r"\['score_view'\]"):
+                module.run(tiny_demo, [method], 16, 4, workers=1, reuse={method: path})
+        else:
+            got = module.run(tiny_demo, [method], 16, 4, workers=1, reuse={method: path})
+            assert got["methods"][method]["step"] == earlier_crossings["methods"][method]["step"]
+
+
 def test_first_crossing_reuse_prices_only_runs_whose_steps_cost_alike(tiny_demo,
                                                                      earlier_crossings,
                                                                      tmp_path, monkeypatch):

@@ -275,6 +275,21 @@ def test_bad_demo_config():
     with pytest.raises(ValueError, match=r"flexi_multires_split must be one of \['random', "
                                          r"'first_drawn_fine'\], got 'fine_first'"):
         DemoConfig.from_dict({"flexi_multires_split": "fine_first"})
+    with pytest.raises(ValueError, match=r"^learner.score_view must stay at its default in the "
+                                         r"demo.*and flexi_score_view for that one"):
+        DemoConfig.from_dict({"learner": {"score_view": "stored"}})
+    with pytest.raises(ValueError, match=r"flexi_score_view must be one of \['augmented', "
+                                         r"'stored'\], got 'shifted'"):
+        DemoConfig.from_dict({"flexi_score_view": "shifted"})
+
+
+def test_flexi_score_view_reaches_the_flexi_runs_only():
+    from jestkit.demo import learner_configs
+
+    cfg = dataclasses.replace(DemoConfig.quick(), flexi_score_view="stored")
+    views = {name: lc.score_view for name, _, lc in learner_configs(cfg)}
+    assert views.pop("learnability-joint-flexi") == "stored"
+    assert set(views.values()) == {"augmented"} and "learnability-joint" in views
 
 
 def test_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
@@ -946,40 +961,63 @@ def test_only_the_order_of_methods_and_seeds_may_change_on_resume():
         {**saved, "seeds": [0, 1]})) == ["seeds: [0, 1, 2] then, [0, 1] now"]
 
 
-@pytest.mark.parametrize("fraction", [0.5, 0.0])
-def test_an_interrupted_demo_from_before_the_split_option_resumes(tmp_path, fraction):
-    # Found in review: its demo_config.json and finished runs lack the multires_split keys,
-    # and every such demo was refused as "another config". They resume by the rule old
-    # checkpoints follow: selected multi-resolution runs split first_drawn_fine, the rest
-    # never used the split.
+def _partial_demo_as_saved_before(work: Path, cfg: DemoConfig, keys: dict[str, str]) -> None:
+    """An interrupted demo of `cfg` in `work`, its demo_config.json and finished runs written
+    as code before later options did: without the learner field `key` (in the learner block
+    and in every run's config) and the demo field `keys[key]`, for each key of `keys`."""
     from dataclasses import asdict
 
     from jestkit import demo
     from jestkit.provenance import code_version
 
-    def as_saved_before(config: dict, key: str, block: str | None = None) -> dict:
-        config = json.loads(json.dumps(config))
-        (config[block] if block else config).pop(key)
-        return config
+    def without(config: dict, drop) -> dict:
+        return {k: v for k, v in json.loads(json.dumps(config)).items() if k not in drop}
+
+    (work / "runs" / "finished").mkdir(parents=True)
+    saved = without(asdict(cfg), keys.values())
+    saved["learner"] = without(saved["learner"], keys)
+    (work / "demo_config.json").write_text(json.dumps(saved))
+    (work / "code_version.json").write_text(json.dumps(code_version()))
+    for name, _, lc in demo.learner_configs(cfg):
+        run = {"config": without(asdict(lc), keys), "code_version": code_version()}
+        (work / "runs" / "finished" / f"{name}.seed{lc.seed}.json").write_text(json.dumps(run))
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.0])
+def test_an_interrupted_demo_from_before_the_split_option_resumes(tmp_path, fraction):
+    # Found in review: its demo_config.json and finished runs lack the multires_split keys,
+    # and every such demo was refused as "another config". They resume by the rule old
+    # checkpoints follow: selected multi-resolution runs split first_drawn_fine, the rest
+    # never used the split. (Such a demo predates score_view as well.)
+    from jestkit import demo
 
     split = "first_drawn_fine" if fraction else "random"
     cfg = dataclasses.replace(DemoConfig.quick(), methods=("uniform", "learnability-joint-flexi"),
                               flexi_multires_fraction=fraction, flexi_multires_split=split)
     work = tmp_path / "run.partial"
-    (work / "runs" / "finished").mkdir(parents=True)
-    saved = as_saved_before(asdict(cfg), "flexi_multires_split")
-    (work / "demo_config.json").write_text(json.dumps(as_saved_before(saved, "multires_split",
-                                                                      "learner")))
-    (work / "code_version.json").write_text(json.dumps(code_version()))
-    for name, _, lc in demo.learner_configs(cfg):
-        run = {"config": as_saved_before(asdict(lc), "multires_split"),
-               "code_version": code_version()}
-        (work / "runs" / "finished" / f"{name}.seed{lc.seed}.json").write_text(json.dumps(run))
+    _partial_demo_as_saved_before(work, cfg, {"multires_split": "flexi_multires_split",
+                                              "score_view": "flexi_score_view"})
     assert len(demo._check_resumable(work, cfg)) == 2
     if fraction:  # the split mattered: today's default is another config
         with pytest.raises(ValueError, match="flexi_multires_split: 'first_drawn_fine' then, "
                                              "'random' now"):
             demo._check_resumable(work, dataclasses.replace(cfg, flexi_multires_split="random"))
+
+
+def test_an_interrupted_demo_from_before_the_score_view_option_resumes_as_it_scored(tmp_path):
+    # Before score_view every model scored the augmented view: such a demo continues as
+    # "augmented", and is another config than a stored-view one (refused, by name).
+    from jestkit import demo
+
+    cfg = dataclasses.replace(DemoConfig.quick(), methods=("uniform", "learnability-joint",
+                                                           "learnability-joint-flexi"))
+    work = tmp_path / "run.partial"
+    _partial_demo_as_saved_before(work, cfg, {"score_view": "flexi_score_view"})
+    done = demo._check_resumable(work, cfg)
+    assert len(done) == 3
+    assert {r["config"]["score_view"] for r in done.values()} == {"augmented"}
+    with pytest.raises(ValueError, match="flexi_score_view: 'augmented' then, 'stored' now"):
+        demo._check_resumable(work, dataclasses.replace(cfg, flexi_score_view="stored"))
 
 
 def test_resume_with_nothing_to_resume_starts_afresh(tmp_path, capsys):

@@ -431,11 +431,13 @@ OLD_TINY = dataclasses.replace(TINY, epoch_boundary="tail_last")
 
 def _as_before_epoch_boundary(state):
     """A state as versions before 6 wrote it: no epoch_boundary in the config (the sampler
-    drew "tail_last"), no epoch_boundary or content_digest in the sampler's state. Made from
-    a run of an OLD_TINY-like config, so its stream is the old rule's."""
+    drew "tail_last"), no epoch_boundary or content_digest in the sampler's state, and no
+    score_view (version 7's; the augmented view was scored). Made from a run of an
+    OLD_TINY-like config, so its stream is the old rule's."""
     assert state["sampler"]["epoch_boundary"] == "tail_last", "run it as older code did"
     for config in (state["config"], state["result"]["config"]):
         config.pop("epoch_boundary")
+        assert config.pop("score_view") == "augmented", "run it as older code did"
     for key in ("epoch_boundary", "content_digest"):
         state["sampler"].pop(key)
 
@@ -610,6 +612,9 @@ def test_checkpoint_arguments_need_a_run_dir(data, reference):
         (dict(weight_decay=math.nan), "weight_decay must be a finite float >= 0"),
         (dict(method="uniform", score_patch_size=16), "score_patch_size applies to"),
         (dict(method="easy_reference", score_patch_size=16), "score_patch_size applies to"),
+        (dict(score_view="shifted"), r"score_view must be one of \['augmented', 'stored'\]"),
+        (dict(method="uniform", score_view="stored"), "score_view='stored' applies to methods "
+                                                      "that score"),
         (dict(patch_size=0), "patch_size must be a positive int"),
         (dict(text_heads=0), "text_heads must be a positive int"),
         (dict(text_heads=3), r"text_heads must divide text_width=16: one of \[1, 2, 4, 8, 16\]"),
@@ -1164,6 +1169,82 @@ def test_checkpoints_from_before_the_epoch_boundary_option_resume_as_they_drew(
         train_learner(data, TINY, reference, run_dir=tmp_path, resume=True)
     resumed = train_learner(data, OLD_TINY, reference, run_dir=tmp_path, resume=True)
     assert resumed.to_dict() == full.to_dict()
+
+
+def test_checkpoints_from_before_the_score_view_option_resume_as_they_scored(
+        data, reference, tmp_path):
+    # Version 6 scored the augmented view and did not say so: such a checkpoint resumes as
+    # "augmented", to the same result, and is refused, by name, for "stored".
+    full = train_learner(data, TINY, reference)
+    train_learner(data, TINY, reference, run_dir=tmp_path, stop_after=2)
+    state_path = tmp_path / "checkpoints" / "step_0000002" / "state.pt"
+
+    def as_version_6(state):
+        state["version"] = 6
+        for config in (state["config"], state["result"]["config"]):
+            config.pop("score_view")
+    _rewrite_state(state_path, as_version_6)
+    with pytest.raises(ValueError, match=r"different config.*'score_view': \(\'augmented\', "
+                                         r"'stored'\)"):
+        train_learner(data, dataclasses.replace(TINY, score_view="stored"), reference,
+                      run_dir=tmp_path, resume=True)
+    resumed = train_learner(data, TINY, reference, run_dir=tmp_path, resume=True)
+    assert resumed.to_dict() == full.to_dict()
+
+
+class _Recording(nn.Module):
+    """A model that keeps the images it is called on."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.seen = model, []
+
+    def forward(self, images, tokens, *args):
+        self.seen.append(images.clone())
+        return self.model(images, tokens, *args)
+
+
+@pytest.mark.parametrize("view", ["augmented", "stored"])
+def test_score_view_is_what_both_scoring_models_see(data, reference, view):
+    from jestkit.data import SuperBatchSampler
+    from jestkit.training import _select, model_config
+
+    cfg = dataclasses.replace(TINY, score_view=view)
+    batch = SuperBatchSampler(data.pool, cfg.super_batch_size, seed=3).next()
+    stored = data.pool.images[batch.indices]
+    assert not torch.equal(batch.images, stored)  # the sampler augments: the views differ
+    learner = _Recording(DualEncoder(model_config(cfg, data.tokenizer.vocab_size), seed=0))
+    ref = _Recording(reference)
+    idx = _select(batch, learner, cfg, JointSelector(batch_size=cfg.batch_size, n_chunks=4),
+                  torch.Generator().manual_seed(0), _FlopMeter(FlopLedger()), ref, None,
+                  data.pool)
+    assert idx.shape == (cfg.batch_size,)
+    want = batch.images if view == "augmented" else stored
+    for model in (learner, ref):
+        assert len(model.seen) == 1 and torch.equal(model.seen[0], want)
+
+
+def test_scoring_the_stored_view_a_cached_run_is_the_live_run(data, reference, tmp_path):
+    # A cache holds the reference's embeddings of the stored images. Scoring that view, the
+    # learner and a live reference see what the cached run's do: every selection, so every
+    # curve, is the same. Scoring the augmented view the two runs differ (the live reference
+    # scores the shifted view, the cache the stored one), and so do the two views' runs.
+    from jestkit.cache import build_reference_cache
+
+    cache = build_reference_cache(reference, data.pool, tmp_path / "cache")
+    runs = {}
+    for view in ("augmented", "stored"):
+        cfg = dataclasses.replace(TINY, score_view=view)
+        runs[view] = (train_learner(data, cfg, reference),
+                      train_learner(data, cfg, reference_embedder=cache.embeddings))
+    live, cached = runs["stored"]
+    assert cached.clean_fraction == live.clean_fraction
+    assert cached.train_loss == pytest.approx(live.train_loss, abs=1e-6)
+    assert cached.zero_shot_accuracy == pytest.approx(live.zero_shot_accuracy, abs=1e-6)
+    # Power: the selections differ where the views do (the losses by far more than 1e-6).
+    live_augmented, cached_augmented = runs["augmented"]
+    for a, b in ((live_augmented, cached_augmented), (live_augmented, live)):
+        assert a.train_loss != pytest.approx(b.train_loss, abs=1e-4)
 
 
 def test_a_checkpoint_does_not_continue_on_other_data_with_the_same_ids(data, tmp_path):

@@ -62,6 +62,7 @@ from jestkit.report import (
 from jestkit.training import (
     MULTIRES_SPLITS,
     PATCH_SIZE_BEFORE_OPTION,
+    SCORE_VIEWS,
     LearnerConfig,
     ReferenceConfig,
     check_field_types,
@@ -115,6 +116,10 @@ class DemoConfig:
     # in docs/results.md were measured, and their configs pin it; the random split measured
     # the same at T = 20000, a point or two lower at T = 1000).
     flexi_multires_split: str = "random"
+    # Which images the -flexi run's models score (LearnerConfig.score_view): "augmented" (the
+    # shifted view it trains on; its cached reference scored the stored image) or "stored"
+    # (the stored images, the view the cache holds, so both models score the same images).
+    flexi_score_view: str = "augmented"
 
     @classmethod
     def quick(cls) -> DemoConfig:
@@ -193,7 +198,7 @@ class DemoConfig:
         # In the learner block these would reach every run: the live JEST methods would no
         # longer be the full-resolution baseline Flexi is compared with.
         flexi_fields = [key for key in ("score_patch_size", "multires_fraction",
-                                        "multires_split")
+                                        "multires_split", "score_view")
                         if getattr(self.learner, key) != getattr(defaults, key)]
         if flexi_fields:
             raise ValueError(" and ".join(f"learner.{key}" for key in flexi_fields)
@@ -201,7 +206,8 @@ class DemoConfig:
                                 " must stay at its default")
                              + " in the demo (full resolution for "
                              "every method but the -flexi one); set flexi_score_patch_size, "
-                             "flexi_multires_fraction and flexi_multires_split for that one")
+                             "flexi_multires_fraction, flexi_multires_split and "
+                             "flexi_score_view for that one")
         # Checked here, not only at the first learner run, so a bad config fails before the
         # reference is trained.
         allowed = patch_sizes(IMAGE_SIZE)
@@ -219,6 +225,9 @@ class DemoConfig:
         if self.flexi_multires_split not in MULTIRES_SPLITS:
             raise ValueError(f"flexi_multires_split must be one of {list(MULTIRES_SPLITS)}, got "
                              f"{self.flexi_multires_split!r}")
+        if self.flexi_score_view not in SCORE_VIEWS:
+            raise ValueError(f"flexi_score_view must be one of {list(SCORE_VIEWS)}, got "
+                             f"{self.flexi_score_view!r}")
         scoring = {name: how for name, _, _, how in DEMO_METHODS}
         jest_runs = [m for m in self.methods if m != "uniform"]
         flexi_runs = [m for m in self.methods if scoring[m] == "flexi"]
@@ -253,7 +262,8 @@ def learner_configs(cfg: DemoConfig) -> list[tuple[str, bool, LearnerConfig]]:
         if scoring == "flexi":
             flexi = {"score_patch_size": cfg.flexi_score_patch_size,
                      "multires_fraction": cfg.flexi_multires_fraction,
-                     "multires_split": cfg.flexi_multires_split}
+                     "multires_split": cfg.flexi_multires_split,
+                     "score_view": cfg.flexi_score_view}
         for seed in cfg.seeds:
             runs.append((name, scoring in ("cached", "flexi"),
                          dataclasses.replace(cfg.learner, method=method, selection=selection,
@@ -581,7 +591,9 @@ def _check_resumable(work: Path, cfg: DemoConfig, allow_other_code: bool = False
             run = result["config"] = {**run, "multires_split": multires_split_of_older_run(
                 run, expected[key]["multires_split"])}
         if isinstance(run, dict) and "epoch_boundary" not in run:
-            result["config"] = {**run, "epoch_boundary": EPOCH_BOUNDARY_BEFORE_OPTION}
+            run = result["config"] = {**run, "epoch_boundary": EPOCH_BOUNDARY_BEFORE_OPTION}
+        if isinstance(run, dict) and "score_view" not in run:
+            result["config"] = {**run, "score_view": "augmented"}
         if expected.get(key) != result.get("config"):
             raise ValueError(f"{work / 'runs' / 'finished' / (key + '.json')} is not a run of "
                              f"this demo's config; delete that file to train the run again")
@@ -606,7 +618,8 @@ def _with_options_of_older_versions(saved: dict, now: dict) -> dict:
     """A demo config saved before later options existed, as it would be saved now (`now`:
     this demo's): the -flexi runs of a multi-resolution demo trained their first-drawn picks
     at the fine patch size, in any other demo the split was never used; every sampler
-    drew its epochs "tail_last"; and the reference's patch was 8."""
+    drew its epochs "tail_last"; the reference's patch was 8; and every model scored the
+    augmented view."""
     saved = dict(saved)
     for block in ("learner", "reference"):
         if isinstance(saved.get(block), dict) and "epoch_boundary" not in saved[block]:
@@ -616,6 +629,9 @@ def _with_options_of_older_versions(saved: dict, now: dict) -> dict:
     if isinstance(saved.get("learner"), dict) and "multires_split" not in saved["learner"]:
         saved["learner"] = {**saved["learner"],
                             "multires_split": now["learner"]["multires_split"]}
+    if isinstance(saved.get("learner"), dict) and "score_view" not in saved["learner"]:
+        saved["learner"] = {**saved["learner"], "score_view": "augmented"}
+    saved.setdefault("flexi_score_view", "augmented")
     if "flexi_multires_split" not in saved:
         multires = saved.get("flexi_multires_fraction") and any(
             name.endswith("-flexi") for name in saved.get("methods") or [])

@@ -108,6 +108,10 @@ def check_trainable(cfg: ReferenceConfig | LearnerConfig, vocab_size: int, what:
 
 #: How a multi-resolution step chooses the share of the sub-batch it trains coarse.
 MULTIRES_SPLITS = ("random", "first_drawn_fine")
+# Which images selection scores (LearnerConfig.score_view): "augmented", the shifted view the
+# sub-batch then trains on; or "stored", the pool's images as stored, the view a reference
+# cache holds the reference's embeddings of.
+SCORE_VIEWS = ("augmented", "stored")
 
 #: The patch size of configs and states saved before it was a field: the learner's before
 #: checkpoint state version 2, the reference's before ReferenceConfig.patch_size.
@@ -182,6 +186,12 @@ class LearnerConfig:
     # How the pool sampler starts each epoch (`SuperBatchSampler`): "random", or
     # "tail_last", the rule before the option, which results measured with it pin.
     epoch_boundary: str = "random"
+    # What the scoring models see: "augmented" (the shifted view the sub-batch trains on) or
+    # "stored" (the pool's images as stored: the view a reference cache scored, so with a
+    # cache the learner and reference score the same images, as live scoring's do; the
+    # selected examples still train on their augmented view). Both models of a live run score
+    # the chosen view.
+    score_view: str = "augmented"
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -206,6 +216,13 @@ class LearnerConfig:
             raise ValueError(f"multires_split must be one of {list(MULTIRES_SPLITS)}, got "
                              f"{self.multires_split!r}")
         _check_epoch_boundary(self)
+        if self.score_view not in SCORE_VIEWS:
+            raise ValueError(f"score_view must be one of {list(SCORE_VIEWS)}, got "
+                             f"{self.score_view!r}")
+        if self.score_view != "augmented" and self.method == "uniform":
+            # Would be silently ignored: uniform scores nothing.
+            raise ValueError(f"score_view={self.score_view!r} applies to methods that score "
+                             f"(every method but 'uniform')")
         if self.multires_fraction > 0 and not self.score_patch_size:
             # Would silently train at one resolution only.
             raise ValueError("multires_fraction > 0 needs score_patch_size > 0 (the coarse "
@@ -728,7 +745,7 @@ def train_learner(
         if selector is not None:
             try:
                 idx = _select(batch, model, cfg, selector, select_gen, meter, reference,
-                              reference_embedder)
+                              reference_embedder, data.pool)
             except ValueError as err:  # the selector's checks of the learner's embeddings
                 if not _diverged(model):
                     raise
@@ -763,15 +780,18 @@ def train_learner(
     return result
 
 
-def _select(batch, model, cfg, selector, gen, meter, reference, reference_embedder):
-    """Score the super-batch under no-grad and return the indices of the sub-batch."""
+def _select(batch, model, cfg, selector, gen, meter, reference, reference_embedder, pool):
+    """Score the super-batch under no-grad and return the indices of the sub-batch (rows of
+    `batch`, which `pool` holds at `batch.indices`)."""
     n = batch.images.shape[0]
+    # The view both models score (a cache always scored the stored images).
+    images = batch.images if cfg.score_view == "augmented" else pool.images[batch.indices]
     learner_emb = None
     if USES_LEARNER[cfg.method]:
         patch = cfg.score_patch_size or None
         with torch.no_grad():
             img, txt, t, c = meter.run("learner_scoring", (n, patch),
-                                       lambda: model(batch.images, batch.tokens, patch))
+                                       lambda: model(images, batch.tokens, patch))
         learner_emb = ModelEmbeddings(img, txt, t, c)
     reference_emb = None
     if cfg.needs_reference:
@@ -780,7 +800,7 @@ def _select(batch, model, cfg, selector, gen, meter, reference, reference_embedd
         else:
             with torch.no_grad():
                 img, txt, t, c = meter.run("reference_scoring", (n,),
-                                           lambda: reference(batch.images, batch.tokens))
+                                           lambda: reference(images, batch.tokens))
             reference_emb = ModelEmbeddings(img, txt, t, c)
     # The selector's own matmuls (pairwise logits) are compute too: a ledger phase of their
     # own. Its FLOPs depend on N, b, K and the embedding dims, all fixed within a run.
@@ -821,7 +841,8 @@ def _reference_identity(cfg, reference, reference_embedder) -> str | None:
 #    first-drawn examples at the fine patch size ("first_drawn_fine").
 # 6: LearnerConfig has epoch_boundary; before, the sampler always drew "tail_last". The
 #    sampler's state holds the data's content digest.
-_STATE_VERSION = 6
+# 7: LearnerConfig has score_view; before, the models always scored the augmented view.
+_STATE_VERSION = 7
 _CHECKSUMS = "checksums.json"
 _CHECKPOINT_FILES = ("model.safetensors", "state.pt")
 _STEP_DIR = re.compile(r"step_(\d{7,})")  # f"{step:07d}": 8 digits from step 10**7
@@ -1001,6 +1022,8 @@ def _load_checkpoint(run_dir, cfg, model, opt, sampler, gen, ledger, result, cle
                                                                        cfg.multires_split))
     if state.get("version", 1) < 6:
         saved.setdefault("epoch_boundary", EPOCH_BOUNDARY_BEFORE_OPTION)
+    if state.get("version", 1) < 7:
+        saved.setdefault("score_view", "augmented")
     if saved != asdict(cfg):
         diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
         why = (" (checkpoints written before multires_split existed trained the first-drawn "
@@ -1045,6 +1068,7 @@ def _load_checkpoint(run_dir, cfg, model, opt, sampler, gen, ledger, result, cle
 __all__ = [
     "METHODS",
     "MULTIRES_SPLITS",
+    "SCORE_VIEWS",
     "LearnerConfig",
     "ReferenceConfig",
     "RunResult",
