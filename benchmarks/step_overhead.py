@@ -112,12 +112,13 @@ class Setup(NamedTuple):
     flexi_patch: int  # the coarse scoring patch of the flexi variants
     multires: dict[str, float]  # flexi variant -> fraction of each sub-batch trained coarse
     multires_split: str = "random"  # which part trains coarse (the demo config's)
+    score_view: str = "augmented"  # which images the flexi variants score (the demo config's)
 
     @classmethod
     def from_demo(cls, demo: DemoConfig) -> Setup:
         return cls(demo.learner, demo.reference, demo.flexi_score_patch_size,
                    {"cached+flexi": demo.flexi_multires_fraction, "cached+flexi+multires": 0.5},
-                   demo.flexi_multires_split)
+                   demo.flexi_multires_split, demo.flexi_score_view)
 
 
 DEMO_SETUP = Setup.from_demo(DemoConfig())
@@ -136,7 +137,8 @@ def variant_config(kind: str, f: float | None, seed: int, setup: Setup) -> Learn
         return dataclasses.replace(base, method="learnability", filter_ratio=f,
                                    score_patch_size=setup.flexi_patch,
                                    multires_fraction=setup.multires[kind],
-                                   multires_split=setup.multires_split)
+                                   multires_split=setup.multires_split,
+                                   score_view=setup.score_view)
     return dataclasses.replace(base, method="learnability", filter_ratio=f)
 
 
@@ -239,7 +241,7 @@ class Runner:
         batch = clock.time("sample", self.sampler.next)
         if self.selector is not None:
             idx = _select(batch, self.model, cfg, self.selector, self.select_gen, self.meter,
-                          self.reference, self.embedder)
+                          self.reference, self.embedder, data.pool)
             idx = _order_for_training(idx, cfg, self.train_patches, self.select_gen)
             batch = Batch(batch.images[idx], batch.tokens[idx], batch.ids[idx],
                           batch.indices[idx])

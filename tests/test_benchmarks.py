@@ -1,6 +1,7 @@
 """The benchmarks' shared helper that writes results into a doc (benchmarks/_markdown.py)."""
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -205,6 +206,33 @@ def test_step_overhead_times_the_demo_configs_learner(step_overhead):
         cfg = module.variant_config(kind, None if kind == "uniform" else 0.8, 0, setup)
         assert (cfg.score_patch_size, cfg.multires_fraction) == flexi, kind
         assert cfg.selection == "joint" and cfg.patch_size == 4, kind
+
+
+@pytest.mark.parametrize("view", ["augmented", "stored"])
+def test_step_overhead_steps_are_train_learners(step_overhead, view, tmp_path):
+    # The timed loop is train_learner's (check_faithful: the same FLOP ledger and loss) for
+    # every variant that scores, and a demo config's flexi_score_view reaches the flexi ones.
+    module = step_overhead
+    from jestkit.cache import build_reference_cache
+    from jestkit.data import load_digits_web
+    from jestkit.demo import DemoConfig
+    from jestkit.models import DualEncoder
+    from jestkit.training import LearnerConfig, model_config
+
+    data = load_digits_web(0, max_len=8)
+    learner = LearnerConfig(width=16, batch_size=16, n_chunks=4, patch_size=8)
+    setup = module.Setup.from_demo(DemoConfig(learner=learner, flexi_score_patch_size=16,
+                                              flexi_score_view=view))
+    reference = DualEncoder(model_config(DemoConfig().reference, data.tokenizer.vocab_size),
+                            seed=1).eval()
+    cache = build_reference_cache(reference, data.pool, tmp_path / "cache")
+    for kind in ("live", "cached+flexi"):
+        cfg = module.variant_config(kind, 0.8, 0, setup)
+        assert cfg.score_view == (view if kind == "cached+flexi" else "augmented")
+        ref, used = (None, cache) if kind.startswith("cached") else (reference, None)
+        runner = functools.partial(module.Runner, kind, cfg, data, ref, used)
+        check = module.check_faithful(runner, cfg, data, ref, used, 3)
+        assert check["identical"], check
 
 
 def test_clean_oracle_refuses_bad_arguments_before_training(tmp_path):

@@ -657,7 +657,7 @@ def test_multires_checkpoints_resume_from_this_version(data, reference, tmp_path
     full = train_learner(data, flexi, reference)
     train_learner(data, flexi, reference, run_dir=tmp_path, stop_after=2)
     state_path = tmp_path / "checkpoints" / "step_0000002" / "state.pt"
-    assert torch.load(state_path, weights_only=True)["version"] == 6
+    assert torch.load(state_path, weights_only=True)["version"] == training._STATE_VERSION == 7
     resumed = train_learner(data, flexi, reference, run_dir=tmp_path, resume=True)
     assert resumed.to_dict() == full.to_dict()
 
@@ -1185,7 +1185,8 @@ def test_checkpoints_from_before_the_score_view_option_resume_as_they_scored(
             config.pop("score_view")
     _rewrite_state(state_path, as_version_6)
     with pytest.raises(ValueError, match=r"different config.*'score_view': \(\'augmented\', "
-                                         r"'stored'\)"):
+                                         r"'stored'\).*resume them with "
+                                         r"score_view='augmented'"):
         train_learner(data, dataclasses.replace(TINY, score_view="stored"), reference,
                       run_dir=tmp_path, resume=True)
     resumed = train_learner(data, TINY, reference, run_dir=tmp_path, resume=True)
@@ -1222,6 +1223,27 @@ def test_score_view_is_what_both_scoring_models_see(data, reference, view):
     want = batch.images if view == "augmented" else stored
     for model in (learner, ref):
         assert len(model.seen) == 1 and torch.equal(model.seen[0], want)
+
+
+def test_the_stored_view_is_scored_but_the_augmented_view_trained(data, reference,
+                                                                  monkeypatch):
+    # What each step trains on is the sampler's shifted view of the picks, whatever view
+    # scored them: checked against the stream the run's sampler draws, step by step.
+    from jestkit.data import SuperBatchSampler
+
+    picks, trained = [], []
+    select, train_step = training._select, training._train_step
+    monkeypatch.setattr(training, "_select", lambda *a: picks.append(select(*a)) or picks[-1])
+    monkeypatch.setattr(training, "_train_step", lambda model, opt, images, *a: (
+        trained.append(images.clone()), train_step(model, opt, images, *a))[1])
+    cfg = dataclasses.replace(TINY, score_view="stored")
+    train_learner(data, cfg, reference)
+    sampler = SuperBatchSampler(data.pool, cfg.super_batch_size, seed=cfg.seed)
+    assert len(picks) == len(trained) == cfg.steps
+    for idx, images in zip(picks, trained, strict=True):
+        batch = sampler.next()
+        assert torch.equal(images, batch.images[idx])
+        assert not torch.equal(images, data.pool.images[batch.indices[idx]])
 
 
 def test_scoring_the_stored_view_a_cached_run_is_the_live_run(data, reference, tmp_path):

@@ -204,8 +204,8 @@ class DemoConfig:
             raise ValueError(" and ".join(f"learner.{key}" for key in flexi_fields)
                              + (" must stay at their defaults" if len(flexi_fields) > 1 else
                                 " must stay at its default")
-                             + " in the demo (full resolution for "
-                             "every method but the -flexi one); set flexi_score_patch_size, "
+                             + " in the demo (every method but the -flexi one is the live, "
+                             "full-resolution baseline); set flexi_score_patch_size, "
                              "flexi_multires_fraction, flexi_multires_split and "
                              "flexi_score_view for that one")
         # Checked here, not only at the first learner run, so a bad config fails before the

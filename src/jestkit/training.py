@@ -820,7 +820,9 @@ def _select(batch, model, cfg, selector, gen, meter, reference, reference_embedd
 
 def _reference_identity(cfg, reference, reference_embedder) -> str | None:
     """What a resumed run must score with again: "live:<fingerprint>" or
-    "cached:<fingerprint>" (a cached reference scores un-shifted images, so the two differ),
+    "cached:<fingerprint>" (a cached reference scores un-shifted images, so under
+    score_view="augmented" the two differ; under "stored" they would select alike, but a run
+    resumes with the kind it started with all the same),
     "embedder" for a lookup of unknown origin, None when the method uses no reference."""
     if not cfg.needs_reference:
         return None
@@ -1030,6 +1032,9 @@ def _load_checkpoint(run_dir, cfg, model, opt, sampler, gen, ledger, result, cle
                "picks at the fine patch size: resume them with "
                "multires_split='first_drawn_fine')"
                if "multires_split" in diff and state.get("version", 1) < 5 else "")
+        if "score_view" in diff and state.get("version", 1) < 7:
+            why += (" (checkpoints written before score_view existed scored the augmented "
+                    "view: resume them with score_view='augmented')")
         if "epoch_boundary" in diff and state.get("version", 1) < 6:
             why += (" (checkpoints written before epoch_boundary existed drew their super-"
                     "batches by the old rule: resume them with epoch_boundary='tail_last')")
