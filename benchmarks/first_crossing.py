@@ -84,7 +84,7 @@ from jestkit.demo import (
     worker_pool,
 )
 from jestkit.report import REACH_TOLERANCE, _first_reaching, _total_flops  # the report's rules
-from jestkit.training import LearnerConfig
+from jestkit.training import SCORE_VIEW_BEFORE_OPTION, LearnerConfig
 
 MAX_EXTRA_SEEDS = 100
 BOOTSTRAP_BLOCK = 2**22  # accuracies per block of resampled curves (32 MiB of float64)
@@ -266,7 +266,7 @@ def load_reused(reuse: dict[str, Path], *, expected: dict, seeds: list[int],
                              f"{r['seeds']}, this run's are {seeds}")
         # score_view is newer than some saved JSONs: recorded without it, a run scored the
         # augmented view, as that option's default still does.
-        then = {"score_view": "augmented", **(r.get("learner_config") or {})}
+        then = {"score_view": SCORE_VIEW_BEFORE_OPTION, **(r.get("learner_config") or {})}
         if "learner_config" in r and then != learner[m]:
             diff = sorted(k for k in {*then, *learner[m]} if then.get(k) != learner[m].get(k))
             raise SystemExit(f"--reuse {m}={path}: {m}'s learner config there differs in "

@@ -62,6 +62,7 @@ from jestkit.report import (
 from jestkit.training import (
     MULTIRES_SPLITS,
     PATCH_SIZE_BEFORE_OPTION,
+    SCORE_VIEW_BEFORE_OPTION,
     SCORE_VIEWS,
     LearnerConfig,
     ReferenceConfig,
@@ -593,7 +594,7 @@ def _check_resumable(work: Path, cfg: DemoConfig, allow_other_code: bool = False
         if isinstance(run, dict) and "epoch_boundary" not in run:
             run = result["config"] = {**run, "epoch_boundary": EPOCH_BOUNDARY_BEFORE_OPTION}
         if isinstance(run, dict) and "score_view" not in run:
-            result["config"] = {**run, "score_view": "augmented"}
+            result["config"] = {**run, "score_view": SCORE_VIEW_BEFORE_OPTION}
         if expected.get(key) != result.get("config"):
             raise ValueError(f"{work / 'runs' / 'finished' / (key + '.json')} is not a run of "
                              f"this demo's config; delete that file to train the run again")
@@ -630,8 +631,8 @@ def _with_options_of_older_versions(saved: dict, now: dict) -> dict:
         saved["learner"] = {**saved["learner"],
                             "multires_split": now["learner"]["multires_split"]}
     if isinstance(saved.get("learner"), dict) and "score_view" not in saved["learner"]:
-        saved["learner"] = {**saved["learner"], "score_view": "augmented"}
-    saved.setdefault("flexi_score_view", "augmented")
+        saved["learner"] = {**saved["learner"], "score_view": SCORE_VIEW_BEFORE_OPTION}
+    saved.setdefault("flexi_score_view", SCORE_VIEW_BEFORE_OPTION)
     if "flexi_multires_split" not in saved:
         multires = saved.get("flexi_multires_fraction") and any(
             name.endswith("-flexi") for name in saved.get("methods") or [])

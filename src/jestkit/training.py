@@ -112,6 +112,8 @@ MULTIRES_SPLITS = ("random", "first_drawn_fine")
 # sub-batch then trains on; or "stored", the pool's images as stored, the view a reference
 # cache holds the reference's embeddings of.
 SCORE_VIEWS = ("augmented", "stored")
+#: The view configs and states saved before LearnerConfig.score_view scored (its default).
+SCORE_VIEW_BEFORE_OPTION = "augmented"
 
 #: The patch size of configs and states saved before it was a field: the learner's before
 #: checkpoint state version 2, the reference's before ReferenceConfig.patch_size.
@@ -1025,7 +1027,7 @@ def _load_checkpoint(run_dir, cfg, model, opt, sampler, gen, ledger, result, cle
     if state.get("version", 1) < 6:
         saved.setdefault("epoch_boundary", EPOCH_BOUNDARY_BEFORE_OPTION)
     if state.get("version", 1) < 7:
-        saved.setdefault("score_view", "augmented")
+        saved.setdefault("score_view", SCORE_VIEW_BEFORE_OPTION)
     if saved != asdict(cfg):
         diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
         why = (" (checkpoints written before multires_split existed trained the first-drawn "
@@ -1074,6 +1076,7 @@ __all__ = [
     "METHODS",
     "MULTIRES_SPLITS",
     "SCORE_VIEWS",
+    "SCORE_VIEW_BEFORE_OPTION",
     "LearnerConfig",
     "ReferenceConfig",
     "RunResult",
