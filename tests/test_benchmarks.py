@@ -64,7 +64,7 @@ def test_a_doc_without_the_markers_is_refused_not_overwritten(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["step_overhead", "selection_speed", "clean_oracle",
-                                    "demo_budget", "batched_runs"])
+                                    "demo_budget", "batched_runs", "scoring_agreement"])
 def test_a_benchmark_refuses_its_out_file_before_timing_anything(script, tmp_path,
                                                                  monkeypatch, capsys):
     module = _benchmark(monkeypatch, script)
@@ -117,10 +117,28 @@ def test_a_benchmark_refuses_its_out_file_before_timing_anything(script, tmp_pat
     ("batched_runs", ["--runs", "65"], "--runs must all be in [1, 64]"),
     ("batched_runs", ["--rounds", "0"], "--rounds must be >= 1, got 0"),
     ("batched_runs", ["--steps", "0"], "--steps must all be >= 1"),
+    ("scoring_agreement", ["--super-batches", "1"], "--super-batches must be >= 2 (its "
+                                                    "bootstrap interval resamples them)"),
+    ("scoring_agreement", ["--quick", "--super-batches", "5"], "--quick sets its own"),
+    ("scoring_agreement", ["--at-steps", "500", "500"], "--at-steps must increase, within "
+                                                        "[1, 6000]"),
+    ("scoring_agreement", ["--at-steps", "0"], "--at-steps must increase"),
+    ("scoring_agreement", ["--at-steps", "6001"], "(the learner's steps), got [6001]"),
+    ("scoring_agreement", ["--learners", "uniform"], "--learners must be among the config's "
+                                                     "learnability-joint runs"),
+    ("scoring_agreement", ["--learners", "learnability-independent"], "--learners must be"),
+    ("scoring_agreement", ["--seed", "-1"], "--seed: seeds must be ints in"),
+    ("scoring_agreement", ["--workers", "0"], "--workers must be in [1, "),
 ])
 def test_benchmark_numbers_are_checked_before_any_timing(script, argv, message, monkeypatch,
                                                          capsys):
     module = _benchmark(monkeypatch, script)
+    if hasattr(module, "run"):  # a check that let it through fails here, not minutes later
+
+        def must_not_run(*args, **kwargs):
+            raise AssertionError(f"{script} started before refusing {argv}")
+
+        monkeypatch.setattr(module, "run", must_not_run)
     with pytest.raises(SystemExit) as info:
         module.main(argv)
     assert info.value.code == 2 and message in capsys.readouterr().err
@@ -1588,3 +1606,218 @@ def test_first_crossing_refuses_bad_reuse_arguments_before_training(argv, messag
     with pytest.raises(SystemExit) as info:
         module.main(["--run", str(tiny_demo), "--eval-every", "4", "--steps", "16", *argv])
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.fixture
+def scoring_agreement(monkeypatch):
+    return _benchmark(monkeypatch, "scoring_agreement", "bench_scoring_agreement_fresh")
+
+
+def test_scoring_agreement_compares_picks_under_the_same_draws(scoring_agreement):
+    import torch
+
+    from jestkit.selection import joint_select
+
+    gen = torch.Generator().manual_seed(0)
+    n, b, k = 60, 12, 4
+    fine = torch.rand(n, n, generator=gen) * 3
+    reference = torch.rand(n, n, generator=gen)
+    other = fine + 0.8 * torch.randn(n, n, generator=gen)
+    clean = torch.rand(n, generator=gen) < 0.5
+    got = scoring_agreement.compare_selections(
+        {"fine": fine, "same": fine.clone(), "shifted": fine + 3.0, "other": other},
+        reference, b, k, draw_seed=5, is_clean=clean)
+    assert got.keys() == {"fine", "same", "shifted", "other", "redrawn", "uniform"}
+    for name in ("same", "shifted"):  # a constant added to every pair moves no pick
+        assert got[name]["overlap"] == 1.0 and got[name]["value"] == got["fine"]["value"]
+        assert got[name]["diag_r"] == pytest.approx(1.0)
+        assert got[name]["pair_r"] == pytest.approx(1.0)
+        assert got[name]["overlap_other_draws"] == got["redrawn"]["overlap"]
+    # Each figure against a slow version: picks drawn again here on A = L - R, the block and
+    # the correlation summed by hand, the learner's losses alone correlated.
+    a_fine, a_other = fine - reference, other - reference
+
+    def draw(a, seed):
+        return joint_select(a, b, n_chunks=k, generator=torch.Generator().manual_seed(seed))
+
+    picks, base = draw(a_other, 5), draw(a_fine, 5)
+    value = sum(float(a_fine[i, j]) for i in picks.tolist() for j in picks.tolist()) / b
+    assert got["other"]["value"] == pytest.approx(value, rel=1e-5)
+    assert got["other"]["overlap"] == len(set(picks.tolist()) & set(base.tolist())) / b
+    again = draw(a_other, 5 + 1_000_003)
+    assert got["other"]["overlap_other_draws"] == len(set(again.tolist())
+                                                      & set(base.tolist())) / b
+    assert got["other"]["clean"] == pytest.approx(sum(bool(clean[i]) for i in picks) / b)
+    off = [(i, j) for i in range(n) for j in range(n) if i != j]
+    x = np.array([float(other[i, j]) for i, j in off])
+    y = np.array([float(fine[i, j]) for i, j in off])
+    assert got["other"]["pair_r"] == pytest.approx(statistics.correlation(x, y), abs=1e-6)
+    assert 0.6 < got["other"]["pair_r"] < 0.85  # sd 3/sqrt(12) = 0.87 against noise 0.8
+    assert got["fine"]["overlap"] == 1.0
+    assert got["uniform"]["value"] == pytest.approx(
+        scoring_agreement.uniform_value(a_fine, b))
+
+
+def test_scoring_agreement_uniform_value_is_the_mean_over_every_sub_batch(scoring_agreement):
+    import itertools
+
+    import torch
+
+    a = torch.randn(7, 7, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for b in (1, 3, 7):
+        blocks = [scoring_agreement._block_value(a, torch.tensor(s))
+                  for s in itertools.combinations(range(7), b)]
+        assert scoring_agreement.uniform_value(a, b) == pytest.approx(np.mean(blocks))
+
+
+def test_scoring_agreement_redrawn_and_uniform_picks_overlap_by_chance(scoring_agreement):
+    import torch
+
+    # With no preference at all (A = 0), the picks are b of N at random: another draw and a
+    # uniform draw share b/N of them on average. 400 super-batches: the mean overlap's
+    # standard error is ~0.006 (one draw's ~0.11); tolerance 0.03, five of them.
+    n, b = 50, 10
+    zero = torch.zeros(n, n)
+    clean = torch.arange(n) < n // 2
+    over = {"redrawn": [], "uniform": []}
+    for seed in range(400):
+        got = scoring_agreement.compare_selections({"fine": zero, "coarse": zero}, zero, b, 2,
+                                                   seed, clean)
+        assert got["coarse"]["overlap"] == 1.0  # same draws, same (empty) preference
+        assert np.isnan(got["coarse"]["diag_r"])  # nothing to correlate, and said so
+        for name in over:
+            over[name].append(got[name]["overlap"])
+        over["redrawn"].append(got["coarse"]["overlap_other_draws"])
+    for name, values in over.items():
+        assert abs(np.mean(values) - b / n) < 0.03, (name, np.mean(values))
+
+
+def test_scoring_agreement_gain_kept_and_its_interval(scoring_agreement):
+    rng = np.random.default_rng(0)
+    uniform = rng.normal(0, 1, 40)
+    fine = uniform + rng.uniform(1, 2, 40)
+    half = uniform + 0.5 * (fine - uniform)
+    assert scoring_agreement.gain_kept(fine, fine, uniform) == pytest.approx(1.0)
+    assert scoring_agreement.gain_kept(uniform, fine, uniform) == pytest.approx(0.0)
+    assert scoring_agreement.gain_kept(half, fine, uniform) == pytest.approx(0.5)
+    # Every resample of an exact half is a half; a noisy one's interval holds its estimate.
+    assert scoring_agreement._interval(half, fine, uniform, 0) == pytest.approx((0.5, 0.5))
+    noisy = half + rng.normal(0, 0.3, 40)
+    low, high = scoring_agreement._interval(noisy, fine, uniform, 0)
+    assert low < scoring_agreement.gain_kept(noisy, fine, uniform) < high
+    assert high - low < 0.5
+    # No gain to keep (fine no better than uniform): no ratio, not a sign-flipped one.
+    assert scoring_agreement.gain_kept(half, uniform, uniform) is None
+    assert scoring_agreement._interval(half, uniform, uniform, 0) is None
+    summary = scoring_agreement.summarize(
+        {"fine": {"value": list(uniform), "diag_r": [1.0, 1.0]},
+         "coarse": {"value": list(half), "diag_r": [float("nan"), 0.5]},
+         "uniform": {"value": list(uniform)}}, 0)
+    assert summary["coarse"]["gain_kept"] is None and summary["coarse"]["gain_kept_90"] is None
+    assert summary["coarse"]["diag_r"] == 0.5  # the mean of the finite ones
+    assert scoring_agreement._num(None) == scoring_agreement._num(float("nan")) == "n/a"
+
+
+def test_scoring_agreement_shrunk_image_path(scoring_agreement):
+    import torch
+
+    from jestkit.models import DualEncoder, DualEncoderConfig
+
+    model = DualEncoder(DualEncoderConfig(vocab_size=20, image_width=16, text_width=8,
+                                          patch_size=4, image_size=16), seed=0).eval()
+    images = torch.rand(5, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    tokens = []
+    model.image.blocks[0].register_forward_pre_hook(lambda mod, args: tokens.append(
+        args[0].shape[1]))
+    with torch.no_grad():
+        fine = model.encode_image(images)
+        # At the training patch size it is the model's own forward, bit for bit.
+        assert torch.equal(scoring_agreement.shrunk_image_embeddings(model, images, 4), fine)
+        shrunk = scoring_agreement.shrunk_image_embeddings(model, images, 8)
+        coarse = model.encode_image(images, 8)
+    assert tokens == [16, 16, 4, 4]  # the coarse scorings' token count, both ways
+    assert shrunk.shape == fine.shape
+    assert torch.allclose(shrunk.norm(dim=-1), torch.ones(5))
+    assert not torch.allclose(shrunk, fine, atol=1e-3)
+    assert not torch.allclose(shrunk, coarse, atol=1e-3)  # another way to 4 tokens
+
+
+@pytest.mark.parametrize("view", ["augmented", "stored"])
+@pytest.mark.parametrize("cached", [False, True])
+def test_scoring_agreement_scores_and_picks_what_the_runs_selection_does(
+        scoring_agreement, view, cached, tmp_path):
+    # The analysis's fine scoring must be a live run's selection, its coarse scoring a Flexi
+    # run's: the same images, reference embeddings and sampler, so the same picks.
+    import torch
+
+    from jestkit.cache import build_reference_cache
+    from jestkit.data import SuperBatchSampler, load_digits_web
+    from jestkit.flops import FlopLedger
+    from jestkit.models import DualEncoder
+    from jestkit.selection import JointSelector, ModelEmbeddings, joint_select
+    from jestkit.training import (
+        LearnerConfig,
+        ReferenceConfig,
+        _FlopMeter,
+        _select,
+        model_config,
+        train_reference,
+    )
+
+    data = load_digits_web(0, max_len=8)
+    reference, _ = train_reference(data, ReferenceConfig(steps=2, batch_size=16, width=16,
+                                                         depth=1))
+    cache = build_reference_cache(reference, data.pool, tmp_path / "c") if cached else None
+    for score_patch, scoring in ((0, "fine"), (16, "coarse")):
+        cfg = LearnerConfig(steps=2, batch_size=16, n_chunks=4, width=16, depth=1,
+                            patch_size=8, score_patch_size=score_patch, score_view=view)
+        learner = DualEncoder(model_config(cfg, data.tokenizer.vocab_size), seed=1).eval()
+        batch = SuperBatchSampler(data.pool, cfg.super_batch_size, seed=4).next()
+        embedder = cache.embeddings if cached else None
+        picks = _select(batch, learner, cfg, JointSelector(batch_size=16, n_chunks=4),
+                        torch.Generator().manual_seed(9), _FlopMeter(FlopLedger()),
+                        None if cached else reference, embedder, data.pool)
+        stored = data.pool.images[batch.indices]
+        images = batch.images if view == "augmented" else stored
+        if cached:
+            ref = cache.embeddings(batch)
+        else:
+            with torch.no_grad():
+                ref = ModelEmbeddings(*reference(images, batch.tokens))
+        losses, r = scoring_agreement._score(learner, ref, images, stored, batch.tokens, 16)
+        mine = joint_select(losses[scoring] - r, 16, n_chunks=4,
+                            generator=torch.Generator().manual_seed(9))
+        assert torch.equal(mine, picks), (view, cached, scoring)
+
+
+def test_scoring_agreement_end_to_end(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    out, raw = tmp_path / "doc.md", tmp_path / "raw.json"
+    out.write_text("prose\n<!-- sa:start -->\n<!-- sa:end -->\n")
+    # A subprocess, as it is run: its spawned workers import the script by its own name.
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "scoring_agreement.py"),
+                           "--quick", "--workers", "1", "--learners",
+                           "learnability-joint-flexi", "--out", str(out), "--section", "sa",
+                           "--json", str(raw)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    res = json.loads(raw.read_text())
+    rows = {(r["step"], r["scoring"]): r for r in res["rows"]}
+    assert set(rows) == {(s, name) for s in (10, 20) for name in
+                         ("fine", "coarse", "shrunk image", "fine, shifted anew", "redrawn",
+                          "uniform")}
+    assert {r["method"] for r in res["rows"]} == {"learnability-joint-flexi"}
+    for step in (10, 20):
+        fine, uniform = rows[step, "fine"], rows[step, "uniform"]
+        assert fine["overlap"] == fine["gain_kept"] == 1.0
+        assert fine["diag_r"] == pytest.approx(1.0)
+        assert uniform["gain_kept"] == 0.0 and uniform["gain_kept_90"] is None
+        coarse = rows[step, "coarse"]
+        if coarse["gain_kept_90"] is not None:  # None: 20 steps may leave fine no gain
+            low, high = coarse["gain_kept_90"]
+            assert low <= coarse["gain_kept"] <= high
+    # The same super-batches at every step: a uniform draw does not depend on the learner.
+    assert rows[10, "uniform"]["clean"] == rows[20, "uniform"]["clean"]
+    text = out.read_text()
+    assert text.startswith("prose\n<!-- sa:start -->\nCommand: ")
+    assert text.count("| learnability-joint-flexi | 20 | ") == 2  # the picks, the scores
