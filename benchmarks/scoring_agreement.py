@@ -80,6 +80,7 @@ from jestkit.training import LearnerConfig, train_learner, train_reference
 
 REPO = Path(__file__).resolve().parents[1]
 SCORINGS = ("fine", "coarse", "shrunk image", "fine, shifted anew")
+CLEAN_COLUMNS = ("fine", "coarse", "fine, shifted anew", "uniform")
 ANALYSIS_SEED = 20_261_202  # the super-batches scored: one fixed set, not the run's own
 AT_STEPS = [500, 1000, 2000, 3000]
 SUPER_BATCHES = 30
@@ -400,8 +401,8 @@ def markdown(res: dict, command: str) -> str:
                                      for i, x in enumerate(others)) + " | "
         + " | ".join(f"r, between pairs: {x}" if i == 0 else x for i, x in enumerate(others))
         + " | " + " | ".join(f"clean: {x}" if i == 0 else x
-                             for i, x in enumerate(("fine", "coarse", "uniform"))) + " |",
-        "|---|---|" + "---|" * (2 * len(others) + 3),
+                             for i, x in enumerate(CLEAN_COLUMNS)) + " |",
+        "|---|---|" + "---|" * (2 * len(others) + len(CLEAN_COLUMNS)),
     ]
     for method, step in keys:
         row = {name: by[method, step, name] for name in (*SCORINGS, "redrawn", "uniform")}
@@ -410,7 +411,7 @@ def markdown(res: dict, command: str) -> str:
             + " | ".join(_num(row[name][metric]) for metric in ("diag_r", "pair_r")
                          for name in others)
             + " | " + " | ".join(f"{100 * row[name]['clean']:.1f}%"
-                                 for name in ("fine", "coarse", "uniform")) + " |")
+                                 for name in CLEAN_COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 
