@@ -150,14 +150,17 @@ def compare_selections(learner_losses: dict[str, torch.Tensor], reference_loss: 
         is_clean: [N] bool, which pairs are clean (reported only).
 
     Returns:
-        {scoring: {"diag_r", "pair_r", "overlap", "overlap_other_draws", "value", "clean"}}
+        {scoring: {"diag_r", "pair_r", "overlap", "overlap_other_draws", "value", "clean",
+        "reference"}}
         and two baselines: "redrawn" (fine scoring, the other draws) and "uniform" (b of N at
         random: its "value" is `uniform_value`, exact; overlap and clean from one draw).
         diag_r / pair_r: Pearson r of the learner's losses with fine scoring's, on a pair's
         own (diagonal) and between pairs (off it); the reference's shared term is left out,
         so they say how much the scoring itself moves. overlap: the share of fine scoring's
         picks it picks too, with the same draws; overlap_other_draws: with the other draws.
-        value: `_block_value` of the picks under fine scoring's A.
+        value: `_block_value` of the picks under fine scoring's A; reference: under R, the
+        reference's loss of the picked block (lower: pairs the reference finds easier; for
+        "uniform" its exact expectation too).
     """
     scores = {name: learnability(loss, reference_loss) for name, loss in learner_losses.items()}
     fine, fine_loss = scores["fine"], learner_losses["fine"]
@@ -183,8 +186,10 @@ def compare_selections(learner_losses: dict[str, torch.Tensor], reference_loss: 
     for name, s in picks.items():
         out.setdefault(name, {}).update(
             overlap=_overlap(s, picks["fine"]), value=_block_value(fine, s),
-            clean=float(is_clean[s].float().mean()))
+            clean=float(is_clean[s].float().mean()),
+            reference=_block_value(reference_loss, s))
     out["uniform"]["value"] = uniform_value(fine, batch_size)
+    out["uniform"]["reference"] = uniform_value(reference_loss, batch_size)
     return out
 
 
@@ -412,6 +417,19 @@ def markdown(res: dict, command: str) -> str:
                          for name in others)
             + " | " + " | ".join(f"{100 * row[name]['clean']:.1f}%"
                                  for name in CLEAN_COLUMNS) + " |")
+    if all("reference" in r for r in res["rows"]):  # results of round 32's first runs lack it
+        lines += [
+            "",
+            "The reference's loss of the picked block, Σ_{i,j∈S} R_ij / b (lower: pairs the "
+            "reference finds easier):",
+            "",
+            "| run | step | " + " | ".join(f"reference loss: {x}" if i == 0 else x
+                                         for i, x in enumerate(CLEAN_COLUMNS)) + " |",
+            "|---|---|" + "---|" * len(CLEAN_COLUMNS),
+        ]
+        for method, step in keys:
+            lines.append(f"| {method} | {step} | " + " | ".join(
+                f"{by[method, step, name]['reference']:.2f}" for name in CLEAN_COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 

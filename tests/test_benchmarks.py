@@ -1656,6 +1656,10 @@ def test_scoring_agreement_compares_picks_under_the_same_draws(scoring_agreement
     assert got["fine"]["overlap"] == 1.0
     assert got["uniform"]["value"] == pytest.approx(
         scoring_agreement.uniform_value(a_fine, b))
+    ref = sum(float(reference[i, j]) for i in picks.tolist() for j in picks.tolist()) / b
+    assert got["other"]["reference"] == pytest.approx(ref, rel=1e-5)
+    assert got["uniform"]["reference"] == pytest.approx(
+        scoring_agreement.uniform_value(reference, b))
 
 
 def test_scoring_agreement_uniform_value_is_the_mean_over_every_sub_batch(scoring_agreement):
@@ -1820,4 +1824,5 @@ def test_scoring_agreement_end_to_end(tmp_path):
     assert rows[10, "uniform"]["clean"] == rows[20, "uniform"]["clean"]
     text = out.read_text()
     assert text.startswith("prose\n<!-- sa:start -->\nCommand: ")
-    assert text.count("| learnability-joint-flexi | 20 | ") == 2  # the picks, the scores
+    # The picks, the learner's scores, the reference's loss of the picks.
+    assert text.count("| learnability-joint-flexi | 20 | ") == 3
