@@ -262,7 +262,6 @@ def _run(name: str, cached: bool, cfg: LearnerConfig, data_seed: int, reference_
     torch.set_num_threads(1)
     data = load_digits_web(data_seed, max_len=DEMO_MAX_TEXT_LEN)
     reference = load_model(reference_path).eval()
-    cache = None
     if cached:
         cache = ReferenceCache.open(cache_dir, split=data.pool, model=reference)
         run_kwargs = {"reference_embedder": cache.embeddings}
