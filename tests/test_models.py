@@ -246,9 +246,12 @@ def test_text_padding_is_masked() -> None:
 
 
 @pytest.mark.parametrize("keys", [1, 2, 4, 8, 15, 16, 20])
-def test_attention_softmax_equals_torch_softmax_values_and_gradients(keys: int) -> None:
-    # Both sides of SHORT_SOFTMAX_MAX, with masked keys (-inf) as the text tower makes them
+def test_attention_softmax_equals_torch_softmax_values_and_gradients(keys: int,
+                                                                     monkeypatch) -> None:
+    # Both sides of AVX-512's SHORT_SOFTMAX_KEYS (1-15; set here, so that the same key axes
+    # take the same paths on every machine), with masked keys (-inf) as the text tower makes them
     # (at least one unmasked key per row), including one row with a single unmasked key.
+    monkeypatch.setattr(models, "SHORT_SOFTMAX_KEYS", range(1, 16))
     g = torch.Generator().manual_seed(keys)
     scores = torch.randn(5, 3, 7, keys, generator=g, dtype=torch.float64) * 4
     if keys > 1:
@@ -272,7 +275,8 @@ def test_attention_softmax_equals_torch_softmax_values_and_gradients(keys: int) 
                                rtol=0)
 
 
-def test_attention_softmax_gradcheck_and_double_backward() -> None:
+def test_attention_softmax_gradcheck_and_double_backward(monkeypatch) -> None:
+    monkeypatch.setattr(models, "SHORT_SOFTMAX_KEYS", range(1, 16))  # our path on every machine
     # Double backward too (a gradient penalty through attention), against torch's softmax.
     x = torch.randn(2, 2, 3, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(models.attention_softmax, (x,))
@@ -286,7 +290,8 @@ def test_attention_softmax_gradcheck_and_double_backward() -> None:
     torch.testing.assert_close(grads[0], grads[1], atol=1e-10, rtol=0)
 
 
-def test_attention_softmax_works_under_torch_func_transforms() -> None:
+def test_attention_softmax_works_under_torch_func_transforms(monkeypatch) -> None:
+    monkeypatch.setattr(models, "SHORT_SOFTMAX_KEYS", range(1, 16))  # our path on every machine
     # vmap over stacked weights (benchmarks/batched_runs.py) failed on a 4-token image tower
     # once the short path was taken: an autograd.Function needs setup_context for functorch.
     x = torch.randn(5, 3, 4, 4, dtype=torch.float64)
@@ -303,16 +308,38 @@ def test_attention_softmax_works_under_torch_func_transforms() -> None:
 
 @pytest.mark.parametrize("keys, dtype, ours", [(15, torch.float32, True),
                                                (16, torch.float32, False),
+                                               (7, torch.float32, True),
                                                (8, torch.float64, True),
                                                (8, torch.bfloat16, False),
                                                (0, torch.float32, False)])
-def test_attention_softmax_takes_its_own_path_only_where_meant(keys, dtype, ours) -> None:
+def test_attention_softmax_takes_its_own_path_only_where_meant(keys, dtype, ours,
+                                                               monkeypatch) -> None:
     # Short float32/float64 key axes only: half precision keeps torch's float32 accumulation,
-    # and an empty axis gives torch's empty result, not an error.
+    # and an empty axis gives torch's empty result, not an error. With AVX-512's key lengths
+    # (1-15), whatever this machine's are; they are read at call time.
+    monkeypatch.setattr(models, "SHORT_SOFTMAX_KEYS", range(1, 16))
     x = torch.randn(3, 4, keys, dtype=dtype, requires_grad=True)
     y = models.attention_softmax(x)
     assert ("ShortSoftmax" in type(y.grad_fn).__name__) == ours
     torch.testing.assert_close(y, x.softmax(-1))
+
+
+@pytest.mark.parametrize("capability, keys", [("AVX512", range(1, 16)), ("AVX2", range(4, 8)),
+                                              ("DEFAULT", range(0)), ("SVE256", range(0)),
+                                              ("ZVECTOR", range(0)), ("", range(0))])
+def test_short_softmax_key_lengths_follow_the_vector_unit(capability, keys,
+                                                          monkeypatch) -> None:
+    # exp/sum below one register of float32 lanes (16 with AVX-512, 8 with AVX2), where it
+    # measured faster than torch's kernel; where nothing was measured, torch's kernel always.
+    assert models.short_softmax_keys(capability) == keys
+    assert models.SHORT_SOFTMAX_KEYS == models.short_softmax_keys(
+        torch.backends.cpu.get_cpu_capability())
+    monkeypatch.setattr(models, "SHORT_SOFTMAX_KEYS", keys)
+    for n_keys in (1, 3, 4, 7, 8, 15, 16):
+        x = torch.randn(2, 3, n_keys, requires_grad=True)
+        y = models.attention_softmax(x)
+        assert ("ShortSoftmax" in type(y.grad_fn).__name__) == (n_keys in keys), n_keys
+        torch.testing.assert_close(y, x.softmax(-1))
 
 
 def test_attention_softmax_subtracts_the_row_max() -> None:

@@ -58,6 +58,7 @@ __all__ = [
     "pi_resize_matrix",
     "resize_pos_embed",
     "save_model",
+    "short_softmax_keys",
     "sigmoid_loss",
 ]
 
@@ -405,12 +406,29 @@ class FlexiPatchEmbed(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-# The longest key axis that `attention_softmax` handles itself. torch's CPU softmax over a last
-# dimension shorter than one vector register (16 float32 lanes with AVX-512) takes a slow path:
-# measured 4-5x slower than exp/sum in forward and 1.4-2.6x in backward on [320, H, 8, 8] and
-# [320, 4, 4, 4], the text tower's and the coarse image tower's attention when a 320-pair
-# super-batch is scored (benchmarks/softmax_paths.py). From 16 keys on torch's kernel is faster.
-SHORT_SOFTMAX_MAX = 15
+# torch's CPU softmax over a last axis shorter than one vector register of float32 lanes (16
+# with AVX-512, 8 with AVX2) takes a slow path whose cost grows with the axis; over a whole
+# register or more its kernel is the faster one. `attention_softmax` does exp/sum itself on the
+# key lengths where that measured faster, which is where the text tower's 8-token and the
+# coarse image tower's 4-token attention fall when a 320-pair super-batch is scored.
+# Measured with benchmarks/softmax_paths.py (which sweeps the key axis), forward + backward:
+# - AVX-512 (an earlier development machine): exp/sum 4-5x faster in forward and 1.4-2.6x in
+#   backward at 4 and 8 keys, torch's kernel faster from 16 (shorter axes not measured);
+# - AVX2 (this round's): exp/sum 0.5-0.9x torch's time at 4-7 keys, but 1.2-2.4x at 1-3 keys,
+#   2.5x at 8 and 1.3-1.6x at 9-15: torch's kernel leaves its slow path at 8 there.
+# Elsewhere (no vector unit torch knows, another architecture) nothing was measured, and
+# torch's kernel is always used.
+_SHORT_SOFTMAX_KEYS = {"AVX512": range(1, 16), "AVX2": range(4, 8)}
+
+
+def short_softmax_keys(cpu_capability: str) -> range:
+    """The key-axis lengths on which `attention_softmax` does exp/sum itself on a CPU of this
+    capability (as ``torch.backends.cpu.get_cpu_capability()`` names it); empty (always
+    torch's kernel) where unmeasured."""
+    return _SHORT_SOFTMAX_KEYS.get(cpu_capability, range(0))
+
+
+SHORT_SOFTMAX_KEYS = short_softmax_keys(torch.backends.cpu.get_cpu_capability())
 
 
 class _ShortSoftmax(torch.autograd.Function):
@@ -441,9 +459,9 @@ class _ShortSoftmax(torch.autograd.Function):
 def attention_softmax(scores: Tensor) -> Tensor:
     """softmax over the last axis (attention scores [..., L_query, L_key]; masked keys at -inf,
     at least one unmasked key per row). Equal to ``scores.softmax(-1)`` up to float rounding,
-    faster on CPU when 0 < L_key <= SHORT_SOFTMAX_MAX. Half-precision scores keep torch's
-    kernel, which accumulates in float32."""
-    if (0 < scores.shape[-1] <= SHORT_SOFTMAX_MAX and scores.device.type == "cpu"
+    faster on CPU when L_key is in SHORT_SOFTMAX_KEYS (chosen from the machine's vector unit).
+    Half-precision scores keep torch's kernel, which accumulates in float32."""
+    if (scores.shape[-1] in SHORT_SOFTMAX_KEYS and scores.device.type == "cpu"
             and scores.dtype in (torch.float32, torch.float64)):
         return _ShortSoftmax.apply(scores)
     return scores.softmax(dim=-1)
