@@ -79,5 +79,7 @@ def load_demo_config(parser: argparse.ArgumentParser, path: Path):
         return DemoConfig.from_dict(json.loads(path.read_text()))
     except OSError as err:
         parser.error(f"--config {path}: cannot read it ({err.strerror or err})")
+    except RecursionError:  # json's parser recurses once per nesting level
+        parser.error(f"--config {path}: not a demo config (JSON nested too deeply to read)")
     except (ValueError, TypeError) as err:  # not JSON, not a demo config
         parser.error(f"--config {path}: {err}")

@@ -15,8 +15,9 @@ along the way, scores a fixed set of super-batches four ways with that learner's
   common way, to tell whether PI-resize is the cost;
 - `fine, shifted anew`: at the training patch size, each image shifted afresh as the sampler
   would have drawn it: a calibration. Any scoring but fine itself scores below fine by
-  fine's own yardstick, and this one says how much a change that costs live JEST nothing
-  (another draw of its augmentation) moves it.
+  fine's own yardstick, and this one says how much a change that live JEST makes by chance
+  (another draw of its augmentation) moves it. Whether that shortfall costs training steps,
+  when the picks of one view train on another, this benchmark cannot say.
 
 Only the learner's image embeddings differ between them: its text embeddings and the run's
 own reference embeddings (its cache, or the live reference, on the view the run scores) are

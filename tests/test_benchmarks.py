@@ -95,7 +95,7 @@ def test_a_benchmark_refuses_its_out_file_before_timing_anything(script, tmp_pat
         refused(["--quick", "--json", str(path)], "it exists; give a new path")
     assert earlier.read_text() == "{}"
     if script != "selection_speed":  # a bad --config: named, not a traceback
-        for content in ("[1, 2]", "not json"):
+        for content in ("[1, 2]", "not json", "[" * 100_000 + "]" * 100_000):
             earlier.write_text(content)
             refused(["--config", str(earlier)], f"--config {earlier}:")
 

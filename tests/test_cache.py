@@ -698,8 +698,130 @@ def test_an_ids_file_that_repeats_an_id_is_refused_at_open(cache_dir):
     np.save(cache_dir / "ids.npy", ids)
     manifest = json.loads((cache_dir / "manifest.json").read_text())
     manifest["ids_sha256_file"] = hashlib.sha256((cache_dir / "ids.npy").read_bytes()).hexdigest()
+    manifest["data"]["ids_sha256"] = hashlib.sha256(ids.tobytes()).hexdigest()
     (cache_dir / "manifest.json").write_text(json.dumps(manifest))
     expect_cache_error(lambda: ReferenceCache.open(cache_dir), "ids.npy repeats example ids")
+
+
+def test_ids_swapped_with_their_file_checksum_updated_are_refused(cache_dir, split):
+    # Found in review: two coordinated edits (two ids swapped in ids.npy, its file checksum
+    # updated in the manifest) opened, and lookups served each other's rows. ids.npy is now
+    # also held to the data fingerprint's ids hash.
+    ids = np.load(cache_dir / "ids.npy")
+    ids[[0, 1]] = ids[[1, 0]]
+    np.save(cache_dir / "ids.npy", ids)
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    manifest["ids_sha256_file"] = hashlib.sha256((cache_dir / "ids.npy").read_bytes()).hexdigest()
+    (cache_dir / "manifest.json").write_text(json.dumps(manifest))
+    for kwargs in ({}, {"split": split}):
+        expect_cache_error(lambda kwargs=kwargs: ReferenceCache.open(cache_dir, **kwargs),
+                           "ids.npy", "data fingerprint")
+
+
+@pytest.mark.parametrize("key, value", [("logit_scale", 1000.0), ("logit_bias", 5.0)])
+def test_an_edited_temperature_or_bias_is_refused(cache_dir, model, split, key, value):
+    # Found in review: t and c are read from the manifest and handed to every selection; an
+    # edit there was used without a word. Against the model they are compared directly;
+    # without it, the manifest no longer names the build its shards' sidecars were written by.
+    path = cache_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    assert manifest[key] == float(getattr(model, key).detach())
+    manifest[key] = value
+    path.write_text(json.dumps(manifest))
+    expect_cache_error(lambda: ReferenceCache.open(cache_dir, split=split, model=model),
+                       f"{key}: cache has {value!r}")
+    expect_cache_error(lambda: ReferenceCache.open(cache_dir, split=split),
+                       "does not match the build that wrote shard_00000.npy")
+    # Sidecars gone (copied without them): the model still catches it, nothing else can.
+    for sidecar in cache_dir.glob("*.sha256"):
+        sidecar.unlink()
+    expect_cache_error(lambda: ReferenceCache.open(cache_dir, split=split, model=model), key)
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("logit_scale", float("nan"), "logit_scale (the temperature t: finite and > 0)"),
+    ("logit_scale", 0.0, "logit_scale (the temperature t: finite and > 0)"),
+    ("logit_scale", -1.0, "logit_scale (the temperature t: finite and > 0)"),
+    ("logit_bias", float("inf"), "logit_bias (finite)"),
+    ("logit_bias", float("-inf"), "logit_bias (finite)")])
+def test_a_temperature_or_bias_no_selection_can_use_is_named_at_open(cache_dir, key, value,
+                                                                     fragment):
+    path = cache_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest[key] = value
+    path.write_text(json.dumps(manifest))  # NaN / Infinity: Python's json reads them back
+    expect_cache_error(lambda: ReferenceCache.open(cache_dir), "damaged", fragment)
+
+
+@pytest.mark.parametrize("manifest_text", ['{"name": "my web app"}', '{"format": "other.v2"}',
+                                           "[1, 2, 3]"])
+def test_another_tools_manifest_is_never_overwritten(tmp_path, model, split, manifest_text):
+    # Found in review: --overwrite replaced a user's manifest.json and ids.npy (the error
+    # without it even suggested --overwrite). JSON that does not say it is our manifest is
+    # someone else's file: refused either way, nothing touched.
+    out = tmp_path / "proj"
+    out.mkdir()
+    (out / "manifest.json").write_text(manifest_text)
+    np.save(out / "ids.npy", np.arange(5))
+    (out / "notes.txt").write_text("important")
+    before = snapshot(out)
+    for overwrite in (False, True):
+        message = expect_cache_error(
+            lambda overwrite=overwrite: build_reference_cache(model, split, out,
+                                                              shard_size=SHARD,
+                                                              overwrite=overwrite),
+            "not a jestkit.reference_cache.v1 manifest", "someone else's files")
+        assert "--overwrite" not in message
+        assert snapshot(out) == before
+
+
+def test_a_damaged_manifest_beside_foreign_files_is_not_rebuilt_over(cache_dir, model, split):
+    # A truncated manifest cannot say whose it was: --overwrite rebuilds over it only where
+    # every other file is a cache's own.
+    manifest = cache_dir / "manifest.json"
+    manifest.write_text(manifest.read_text()[:50])
+    (cache_dir / "notes.txt").write_text("important")
+    before = snapshot(cache_dir)
+    expect_cache_error(lambda: build_reference_cache(model, split, cache_dir, shard_size=SHARD,
+                                                     overwrite=True),
+                       "notes.txt", "damaged manifest.json", "not rebuilt over")
+    assert snapshot(cache_dir) == before
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "ids.npy", ".lock", "shard_00002.npy",
+                                  "shard_00002.npy.sha256"])
+def test_a_directory_where_the_cache_keeps_a_file_is_named(cache_dir, model, split, name):
+    # Found in review: an IsADirectoryError from deep inside a write (or a read).
+    target = cache_dir / name
+    if target.exists():
+        target.unlink()
+    target.mkdir()
+    (target / "inside").write_text("kept")
+    expect_cache_error(lambda: build_reference_cache(model, split, cache_dir, shard_size=SHARD,
+                                                     overwrite=True),
+                       f"{name} is a directory", "move it away")
+    assert (target / "inside").read_text() == "kept"
+    if name == "manifest.json":
+        expect_cache_error(lambda: ReferenceCache.open(cache_dir), "manifest.json cannot be read")
+
+
+def test_a_manifest_nested_too_deeply_to_parse_is_named(cache_dir, model, split):
+    # Found in review: json's parser raised RecursionError, a traceback.
+    (cache_dir / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    expect_cache_error(lambda: ReferenceCache.open(cache_dir), "manifest.json is not valid JSON",
+                       "nested too deeply")
+    expect_cache_error(lambda: build_reference_cache(model, split, cache_dir, shard_size=SHARD),
+                       "nested too deeply", "overwrite")
+
+
+def test_another_shard_size_over_the_same_cache_says_which_size_it_has(cache_dir, model, split):
+    # Found in review: "other data or another model", and only --overwrite (which recomputes
+    # every shard) offered, where the data and model were the same.
+    before = snapshot(cache_dir)
+    expect_cache_error(lambda: build_reference_cache(model, split, cache_dir, shard_size=2 * SHARD),
+                       f"built with shard_size={SHARD}", "--shard-size", "--overwrite")
+    assert snapshot(cache_dir) == before
+    assert build_reference_cache(model, split, cache_dir, shard_size=SHARD).computed_shards == []
 
 
 def test_an_empty_split_is_refused(tmp_path, model, split):

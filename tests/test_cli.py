@@ -102,6 +102,8 @@ def test_allow_other_code_needs_resume(fake_demo, capsys):
         (None, "either --quick or --config"),  # with --quick
         ("[1, 2]", "must be a JSON object of fields"),
         ("{not json", "is not valid JSON"),
+        # Found in review: json's parser recursed into a RecursionError traceback.
+        ("[" * 100_000 + "]" * 100_000, "JSON nested too deeply to read"),
         ('{"seeds": "x"}', "seeds must be a list of ints"),
         ('{"seeds": [1, true]}', r"seeds must be ints in \[0, 4294967295\], got \[1, True\]"),
         ('{"seeds": [-1]}', r"seeds must be ints in \[0, 4294967295\]"),
@@ -123,6 +125,12 @@ def test_allow_other_code_needs_resume(fake_demo, capsys):
         ('{"data_seed": -1}', r"data_seed must be in \[0, 4294967295\], got -1"),
         ('{"data_seed": 4294967296}', r"data_seed must be in \[0, 4294967295\], got 4294967296"),
         ('{"flexi_multires_fraction": 2.0}', r"flexi_multires_fraction must be in \[0, 1\]"),
+        # Found in review: refused only as the runs were built, naming the learner's field.
+        ('{"flexi_multires_fraction": 0.001}',
+         r"flexi_multires_fraction=0.001 trains round\(learner.batch_size \* "
+         r"flexi_multires_fraction\) = 0 of learner.batch_size=64 pairs"),
+        ('{"flexi_multires_fraction": 0.999}', r"= 64 of learner.batch_size=64 pairs.*"
+         r"give a fraction in \[0.0156, 0.984\]"),
         ('{"methods": [["uniform"]]}', "methods must be a list of names"),
         # The learner block's method is set per run: one given there is refused, not ignored.
         ('{"learner": {"method": "uniform", "n_chunks": 100}}',

@@ -119,6 +119,7 @@ def test_report_is_rebuilt_from_the_saved_runs(quick_run, tmp_path, capsys):
     for content, message in (("{}", "holds a JSON object, expected an array of runs"),
                              ("[]", "holds no runs"),
                              (good[:200], "is not valid JSON"),
+                             ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
                              ('[{"steps": [1]}]', "run 0 lacks ['config', 'zero_shot_accuracy'"),
                              ("null", "holds a JSON null, expected an array of runs"),
                              (json.dumps(nan_run), "run 0's ['zero_shot_accuracy'] are not "

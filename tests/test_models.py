@@ -326,7 +326,8 @@ def test_attention_softmax_takes_its_own_path_only_where_meant(keys, dtype, ours
 
 @pytest.mark.parametrize("capability, keys", [("AVX512", range(1, 16)), ("AVX2", range(4, 8)),
                                               ("DEFAULT", range(0)), ("SVE256", range(0)),
-                                              ("ZVECTOR", range(0)), ("", range(0))])
+                                              ("Z VECTOR", range(0)), ("NO AVX", range(0)),
+                                              ("", range(0))])
 def test_short_softmax_key_lengths_follow_the_vector_unit(capability, keys,
                                                           monkeypatch) -> None:
     # exp/sum below one register of float32 lanes (16 with AVX-512, 8 with AVX2), where it

@@ -118,13 +118,48 @@ _SUB_KEYS = {"data": {"count": int, "ids_sha256": str, "content_sha256": str},
              "model": {"fingerprint": str, "embed_dim": int, "dtype": str}}
 
 
+def _load_json(path: Path) -> object:
+    """The JSON document at `path`; CacheError for anything that is not one (a directory,
+    an unreadable file, bytes that are not JSON, nesting too deep to parse)."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        what = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+        raise CacheError(f"{path} is not valid JSON (truncated or altered?): {what}") from None
+    except OSError as err:
+        raise CacheError(f"{path} cannot be read as the cache's manifest: "
+                         f"{err.strerror or err}") from None
+
+
+def _check_not_foreign(out: Path) -> None:
+    """CacheError if `out`'s manifest.json is another tool's file (found in review:
+    --overwrite replaced another tool's manifest.json and ids.npy): never overwritten."""
+    path = out / "manifest.json"
+    foreign = _foreign_manifest(path)
+    if foreign:
+        raise CacheError(f"{path}: {foreign}; {out} holds someone else's files, never "
+                         f"overwritten: give a new or empty directory")
+
+
+def _foreign_manifest(path: Path) -> str | None:
+    """Why the manifest.json at `path` is someone else's file, not a damaged one of ours: a
+    JSON document that does not say it is a cache of this format. None when it may be ours
+    (our format, or not JSON at all: a truncated file cannot say whose it was)."""
+    try:
+        doc = _load_json(path)
+    except CacheError:
+        return None
+    if isinstance(doc, dict) and doc.get("format") == FORMAT:
+        return None
+    fmt = doc.get("format") if isinstance(doc, dict) else None
+    kind = f"format {fmt!r}" if fmt is not None else "no 'format' field"
+    return f"it is JSON of another kind ({kind}), not a {FORMAT} manifest"
+
+
 def _read_manifest(path: Path) -> dict:
     """The manifest at `path`, checked to hold every field a reader uses (CacheError if not:
     a damaged manifest is named, never a KeyError deep inside)."""
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CacheError(f"{path} is not valid JSON (truncated or altered?): {err}") from None
+    manifest = _load_json(path)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CacheError(f"{path} is not a {FORMAT} manifest")
     keys = {**_MANIFEST_KEYS, **(_COMPLETE_KEYS if manifest.get("complete") else {})}
@@ -142,6 +177,12 @@ def _read_manifest(path: Path) -> dict:
             bad = ["n_shards (not ceil(data.count / shard_size))"]
         elif manifest["complete"] and len(manifest["shards"]) != manifest["n_shards"]:
             bad = ["shards"]
+        # The reference's t and c, handed to every selection: never NaN, inf or t <= 0 (an
+        # edited manifest would otherwise fail deep inside the selector, or not at all).
+        elif not (np.isfinite(manifest["logit_scale"]) and manifest["logit_scale"] > 0):
+            bad = ["logit_scale (the temperature t: finite and > 0)"]
+        elif not np.isfinite(manifest["logit_bias"]):
+            bad = ["logit_bias (finite)"]
     if bad:
         raise CacheError(f"{path} is damaged: {bad} missing or malformed")
     return manifest
@@ -190,15 +231,44 @@ def _check_without_manifest(out: Path, overwrite: bool) -> None:
     Anything else is someone's data, never written into."""
     present = [p for p in out.iterdir()
                if not (unfinished_write(p) or p.name in _HARMLESS_NAMES)]
-    foreign = sorted(p.name for p in present
-                     if not (_is_shard_file(p) or p.name == "ids.npy") or p.is_dir())
+    foreign = _foreign_files(out)
     if foreign:
         raise CacheError(f"{out} is not empty and holds no cache (no manifest.json): "
-                         f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}; "
-                         f"give a new or empty directory")
+                         f"{_some(foreign)}; give a new or empty directory")
     if present and not overwrite:
         raise CacheError(f"{out} holds cache files but no manifest.json; pass "
                          f"overwrite=True (--overwrite) to delete them and rebuild")
+
+
+_IDENTITY_KEYS = ("format", "data", "model", "logit_scale", "logit_bias", "shard_size",
+                  "n_shards")
+
+
+def _build_stamp(manifest: dict) -> str:
+    """The build a manifest's identity names (written into every shard's sidecar)."""
+    identity = {k: manifest[k] for k in _IDENTITY_KEYS}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _foreign_files(out: Path) -> list[str]:
+    """Names in `out` that no build writes (any directory among them): someone's data."""
+    return sorted(p.name for p in out.iterdir()
+                  if not (unfinished_write(p) or p.name in _HARMLESS_NAMES)
+                  and (not is_cache_file(p) or p.is_dir()))
+
+
+def _some(names: list[str]) -> str:
+    return f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+
+
+def _check_only_cache_files(out: Path) -> None:
+    """CacheError unless `out` holds only a cache's own files: a damaged manifest.json
+    vouches for nothing, so a rebuild over it must find nothing else to delete or replace."""
+    foreign = _foreign_files(out)
+    if foreign:
+        raise CacheError(f"{out} holds files no cache build writes ({_some(foreign)}) beside "
+                         f"a damaged manifest.json: not rebuilt over; give a new or empty "
+                         f"directory")
 
 
 def _delete_shards(out: Path) -> None:
@@ -295,7 +365,16 @@ def build_reference_cache(
         raise ValueError(f"out_dir {out} exists and is not a directory")
     if out.is_dir() and not (out / "manifest.json").exists():
         _check_without_manifest(out, overwrite)  # before a lock file is made in it
+    elif out.is_dir() and (out / "manifest.json").is_file():
+        _check_not_foreign(out)  # likewise (and again once locked)
     out.mkdir(parents=True, exist_ok=True)
+    in_the_way = sorted(p.name for p in out.iterdir()
+                        if p.is_dir() and (is_cache_file(p) or p.name == ".lock"))
+    if in_the_way:  # else an IsADirectoryError from deep inside a write
+        raise CacheError(f"{out}: {', '.join(in_the_way)} "
+                         f"{'is a directory' if len(in_the_way) == 1 else 'are directories'}"
+                         f" where the cache keeps a file; move "
+                         f"{'it' if len(in_the_way) == 1 else 'them'} away")
     # One build at a time in a directory: a second would delete the first's unfinished
     # writes (`_delete_unfinished_writes`) while it is still writing them.
     lock = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -334,9 +413,11 @@ def _build_locked(model: DualEncoder, split: Split, out: Path, ids: np.ndarray,
         try:
             old = _read_manifest(manifest_path)
         except CacheError as err:
+            _check_not_foreign(out)
             if not overwrite:
                 raise CacheError(f"{err}; pass overwrite=True (--overwrite) to rebuild the "
                                  f"cache") from None
+            _check_only_cache_files(out)  # a damaged manifest vouches for nothing beside it
             old = {}  # differs in everything: every shard is deleted and rebuilt
         diffs = []
         for k, v in identity.items():
@@ -346,6 +427,13 @@ def _build_locked(model: DualEncoder, split: Split, out: Path, ids: np.ndarray,
                 diffs.append(f"{k}: cache has {old.get(k)!r}, expected {v!r}")
         diffs += _data_hint(identity["data"], old.get("data"))
         if diffs and not overwrite:
+            only_size = all(d.startswith(("shard_size:", "n_shards:")) for d in diffs)
+            if only_size:  # same data and model: nothing to rebuild, only another size asked
+                raise CacheError(f"{out} holds this data's cache by this model, built with "
+                                 f"shard_size={old.get('shard_size')!r} (--shard-size), not "
+                                 f"{shard_size}: pass that size to resume or reuse it, or "
+                                 f"overwrite=True (--overwrite) to rebuild every shard at "
+                                 f"{shard_size}")
             raise CacheError(f"{out} holds a cache of other data or another model; pass "
                              f"overwrite=True (--overwrite) to replace it. Differences: "
                              + "; ".join(diffs))
@@ -371,7 +459,7 @@ def _build_locked(model: DualEncoder, split: Split, out: Path, ids: np.ndarray,
 
     # Each shard's sidecar holds its checksum *and* the build it belongs to (data, model,
     # shard size, index): a shard is reused only by a build of the same data and model.
-    build = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    build = _build_stamp(identity)
     checksums, computed = [], []
     for k in range(manifest["n_shards"]):
         path = out / _shard_name(k)
@@ -444,6 +532,12 @@ def _check_against(root: Path, manifest: dict, split: Split | None,
         diffs += _data_hint(found, manifest["data"])
     if model is not None:
         diffs += _differences(model_identity(model), manifest["model"], "model")
+        # The weights' fingerprint covers t and c, but selection reads them from the
+        # manifest (found in review: edited there, they were used without a word).
+        for key in ("logit_scale", "logit_bias"):
+            value = float(getattr(model, key).detach())
+            if value != manifest[key]:
+                diffs.append(f"{key}: cache has {manifest[key]!r}, the model {value!r}")
     if diffs:
         raise CacheError(f"the reference cache at {root} does not match: " + "; ".join(diffs))
 
@@ -457,6 +551,14 @@ class ReferenceCache:
         self.logit_scale = manifest["logit_scale"]
         self.logit_bias = manifest["logit_bias"]
         ids = np.load(root / "ids.npy", allow_pickle=False)
+        # ids.npy against the data fingerprint too, not only its own file checksum (found in
+        # review: two coordinated edits, ids swapped and the checksum updated, served other
+        # examples' rows).
+        if (ids.dtype != np.int64 or ids.shape != (manifest["data"]["count"],)
+                or hashlib.sha256(ids.tobytes()).hexdigest() != manifest["data"]["ids_sha256"]):
+            raise CacheError(f"{root / 'ids.npy'} does not hold the ids the manifest's data "
+                             f"fingerprint names (altered?); rebuild with `jestkit "
+                             f"cache-reference`")
         # Sorted index for vectorised id -> row lookups.
         self._order = np.argsort(ids, kind="stable")
         self._sorted_ids = ids[self._order]
@@ -494,8 +596,10 @@ class ReferenceCache:
         if sha256_file(root / "ids.npy") != manifest["ids_sha256_file"]:
             raise CacheError(f"{root / 'ids.npy'} fails its checksum (altered or truncated)")
         cache = cls(root, manifest)
+        build = _build_stamp(manifest)
         for k in range(manifest["n_shards"]):
             cache._check_shape(k)
+            cache._check_stamp(k, build)
         return cache
 
     def check(self, *, split: Split | None = None, model: DualEncoder | None = None) -> None:
@@ -534,6 +638,21 @@ class ReferenceCache:
             raise CacheError(f"shard {path.name} of the cache at {self.root} is truncated or "
                              f"corrupt ({err})") from None
         self._check_rows(k, shape)
+
+    def _check_stamp(self, k: int, build: str) -> None:
+        """CacheError if shard k's sidecar names another build than this manifest's
+        identity: the manifest was edited since (its t or c, say). A sidecar that is gone
+        or unreadable says nothing (the shard's checksum in the manifest still guards it)."""
+        sidecar = self.root / (_shard_name(k) + ".sha256")
+        try:
+            stamp = sidecar.read_text().split()
+        except (OSError, UnicodeDecodeError):
+            return
+        if len(stamp) == 3 and stamp[1:] != [build, str(k)]:
+            raise CacheError(f"the manifest of the cache at {self.root} does not match the "
+                             f"build that wrote {_shard_name(k)} (the manifest was edited, or "
+                             f"the shard copied from another cache); rebuild with `jestkit "
+                             f"cache-reference`")
 
     def _check_rows(self, k: int, shape: tuple) -> None:
         if shape != (self._shard_rows(k), 2, self.embed_dim):

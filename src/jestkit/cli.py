@@ -29,6 +29,9 @@ def _demo(args: argparse.Namespace) -> int:
                              f"({err.strerror or err})") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"--config {args.config} is not valid JSON ({err})") from None
+        except RecursionError:  # json's parser recurses once per nesting level
+            raise ValueError(f"--config {args.config} is not a demo config (JSON nested too "
+                             f"deeply to read)") from None
         cfg = DemoConfig.from_dict(raw)
     else:
         cfg = DemoConfig.quick() if args.quick else DemoConfig()

@@ -236,6 +236,14 @@ class DemoConfig:
             raise ValueError(f"flexi_score_patch_size must be at least learner.patch_size="
                              f"{self.learner.patch_size} (Flexi scores coarser than it trains), "
                              f"got {self.flexi_score_patch_size}")
+        b, fraction = self.learner.batch_size, self.flexi_multires_fraction
+        if flexi_runs and 0 < fraction < 1 and not 0 < round(b * fraction) < b:
+            # Found in review: refused only when the runs were built, naming the learner's
+            # multires_fraction, a field this config does not have.
+            raise ValueError(f"flexi_multires_fraction={fraction} trains round(learner."
+                             f"batch_size * flexi_multires_fraction) = {round(b * fraction)} "
+                             f"of learner.batch_size={b} pairs at the coarse patch size: give "
+                             f"a fraction in [{1 / b:.3g}, {1 - 1 / b:.3g}] (or 0 or 1)")
         if self.learner.batch_size > POOL_SIZE:
             raise ValueError(f"learner.batch_size must be in [1, {POOL_SIZE}] (digits-web's "
                              f"pool size), got {self.learner.batch_size}")

@@ -523,6 +523,8 @@ def read_json(path: Path, kind: type) -> dict | list:
         value = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON (truncated or altered?): {err}") from None
+    except RecursionError:  # json's parser recurses once per nesting level
+        raise ValueError(f"{path} is not valid JSON for this (nested too deeply)") from None
     if not isinstance(value, kind):
         json_name = {dict: "object", list: "array", str: "string", int: "number",
                      float: "number", bool: "boolean", type(None): "null"}[type(value)]
