@@ -805,6 +805,33 @@ def test_a_directory_where_the_cache_keeps_a_file_is_named(cache_dir, model, spl
         expect_cache_error(lambda: ReferenceCache.open(cache_dir), "manifest.json cannot be read")
 
 
+def test_a_read_only_cache_directory(cache_dir, tmp_path, model, split):
+    # Found in review: a rerun on a complete cache the user cannot write (a shared or
+    # read-only one) failed on its lock file, though nothing needed writing. (Tests run as
+    # root, which permissions do not stop: the lock's open is made to fail instead.)
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    before = snapshot(cache_dir)
+    with mock.patch.object(cache_mod.os, "open", read_only):
+        cache = build_reference_cache(model, split, cache_dir, shard_size=SHARD)
+        assert cache.computed_shards == []
+        assert snapshot(cache_dir) == before
+        # Not complete, or another model's: nothing can be written, and it says so.
+        (cache_dir / "shard_00001.npy").unlink()
+        expect_cache_error(lambda: build_reference_cache(model, split, cache_dir,
+                                                         shard_size=SHARD),
+                           "cannot write into", "Permission denied", "shard_00001.npy",
+                           "give a writable directory")
+    with pytest.raises(ValueError, match=r"out_dir .*afile/sub: cannot create it"):
+        (tmp_path / "afile").write_text("x")
+        build_reference_cache(model, split, tmp_path / "afile" / "sub", shard_size=SHARD)
+
+
 def test_a_manifest_nested_too_deeply_to_parse_is_named(cache_dir, model, split):
     # Found in review: json's parser raised RecursionError, a traceback.
     (cache_dir / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)

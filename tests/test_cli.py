@@ -129,6 +129,11 @@ def test_allow_other_code_needs_resume(fake_demo, capsys):
         ('{"flexi_multires_fraction": 0.001}',
          r"flexi_multires_fraction=0.001 trains round\(learner.batch_size \* "
          r"flexi_multires_fraction\) = 0 of learner.batch_size=64 pairs"),
+        ('{"flexi_multires_fraction": 0.5, "flexi_score_patch_size": 16}',
+         "flexi_multires_fraction > 0 trains that share at flexi_score_patch_size, which "
+         "equals learner.patch_size=16: one resolution"),
+        ('{"flexi_multires_split": "first_drawn_fine"}',
+         "flexi_multires_split='first_drawn_fine' applies only with flexi_multires_fraction > 0"),
         ('{"flexi_multires_fraction": 0.999}', r"= 64 of learner.batch_size=64 pairs.*"
          r"give a fraction in \[0.0156, 0.984\]"),
         ('{"methods": [["uniform"]]}', "methods must be a list of names"),

@@ -261,7 +261,7 @@ def test_bad_demo_config():
         DemoConfig.from_dict({"learner": {"score_patch_size": 16}})
     with pytest.raises(ValueError, match="learner.score_patch_size and learner.multires_fraction "
                                          "must stay at their defaults"):
-        DemoConfig.from_dict({"learner": {"score_patch_size": 16, "multires_fraction": 0.5}})
+        DemoConfig.from_dict({"learner": {"score_patch_size": 32, "multires_fraction": 0.5}})
     from jestkit.demo import run_demo
 
     with pytest.raises(ValueError, match=r"learner.eval_every=5 gives 2 evaluations in 10 "
@@ -271,8 +271,13 @@ def test_bad_demo_config():
                  "/nonexistent/never-made")
     with pytest.raises(ValueError, match="learner.steps must be at least 3"):
         run_demo(DemoConfig.from_dict({"learner": {"steps": 2}}), "/nonexistent/never-made")
-    with pytest.raises(ValueError, match="learner.multires_split must stay"):
+    with pytest.raises(ValueError, match="learner.multires_split='first_drawn_fine' applies "
+                                         "only with multires_fraction > 0"):
         DemoConfig.from_dict({"learner": {"multires_split": "first_drawn_fine"}})
+    with pytest.raises(ValueError, match="learner.score_patch_size and learner.multires_fraction "
+                                         "and learner.multires_split must stay"):
+        DemoConfig.from_dict({"learner": {"score_patch_size": 32, "multires_fraction": 0.5,
+                                          "multires_split": "first_drawn_fine"}})
     with pytest.raises(ValueError, match=r"flexi_multires_split must be one of \['random', "
                                          r"'first_drawn_fine'\], got 'fine_first'"):
         DemoConfig.from_dict({"flexi_multires_split": "fine_first"})

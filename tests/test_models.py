@@ -621,6 +621,9 @@ def test_load_rejects_foreign_safetensors(tmp_path) -> None:
         load_model(not_safetensors)
     with pytest.raises(FileNotFoundError, match="no model checkpoint"):
         load_model(tmp_path / "missing.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"no model checkpoint at .* \(a directory: give "
+                                                r"the .safetensors file in it\)"):
+        load_model(tmp_path)
 
 
 @pytest.mark.parametrize("config", ["[]", "{\"nope\": 1}", "{not json"])

@@ -623,10 +623,16 @@ def test_checkpoint_arguments_need_a_run_dir(data, reference):
         (dict(seed=-1), r"seed must be in \[0, 4294967295\], got -1"),
         (dict(seed=2**62), r"seed must be in \[0, 4294967295\]"),  # overflowed seed * 7919
         # Found in review: round(b * f) of 0 or b trained at one resolution, silently.
-        (dict(batch_size=16, score_patch_size=16, multires_fraction=0.02),
+        (dict(batch_size=16, score_patch_size=32, multires_fraction=0.02),
          r"multires_fraction=0.02 trains .* = 0 of batch_size=16 rows at the coarse patch "
          r"size: give a fraction in \[0.0625, 0.938\] \(or 0 or 1\)"),
-        (dict(batch_size=16, score_patch_size=16, multires_fraction=0.98), r"= 16 of batch_size"),
+        (dict(batch_size=16, score_patch_size=32, multires_fraction=0.98), r"= 16 of batch_size"),
+        # Found in review: accepted, and trained at one resolution / ignored, silently.
+        (dict(patch_size=8, score_patch_size=8, multires_fraction=0.5),
+         r"multires_fraction > 0 trains that share at score_patch_size, which equals "
+         r"patch_size=8: one resolution"),
+        (dict(score_patch_size=32, multires_split="first_drawn_fine"),
+         r"multires_split='first_drawn_fine' applies only with multires_fraction > 0"),
     ],
 )
 def test_bad_config(kwargs, match):

@@ -367,7 +367,10 @@ def build_reference_cache(
         _check_without_manifest(out, overwrite)  # before a lock file is made in it
     elif out.is_dir() and (out / "manifest.json").is_file():
         _check_not_foreign(out)  # likewise (and again once locked)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a parent that is a file, no permission, ...
+        raise ValueError(f"out_dir {out}: cannot create it ({err.strerror or err})") from None
     in_the_way = sorted(p.name for p in out.iterdir()
                         if p.is_dir() and (is_cache_file(p) or p.name == ".lock"))
     if in_the_way:  # else an IsADirectoryError from deep inside a write
@@ -377,7 +380,19 @@ def build_reference_cache(
                          f"{'it' if len(in_the_way) == 1 else 'them'} away")
     # One build at a time in a directory: a second would delete the first's unfinished
     # writes (`_delete_unfinished_writes`) while it is still writing them.
-    lock = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        lock = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        # Not writable (a read-only mount, a cache shared by another user): a complete cache
+        # of this data and model needs no write, and is returned as a rerun on it would be.
+        try:
+            cache = ReferenceCache.open(out, split=split, model=model)
+            cache.verify()
+            return cache
+        except CacheError as why:
+            raise CacheError(f"cannot write into {out} ({err.strerror or err}), and what is "
+                             f"there is not a complete cache of this data and model "
+                             f"({why}); give a writable directory") from None
     try:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -236,6 +236,17 @@ class DemoConfig:
             raise ValueError(f"flexi_score_patch_size must be at least learner.patch_size="
                              f"{self.learner.patch_size} (Flexi scores coarser than it trains), "
                              f"got {self.flexi_score_patch_size}")
+        if flexi_runs and self.flexi_multires_fraction > 0 and (self.flexi_score_patch_size
+                                                  == self.learner.patch_size):
+            raise ValueError(f"flexi_multires_fraction > 0 trains that share at "
+                             f"flexi_score_patch_size, which equals learner.patch_size="
+                             f"{self.learner.patch_size}: one resolution; give a coarser "
+                             f"flexi_score_patch_size, or flexi_multires_fraction=0")
+        if (flexi_runs and not self.flexi_multires_fraction > 0
+                and self.flexi_multires_split != MULTIRES_SPLITS[0]):
+            raise ValueError(f"flexi_multires_split={self.flexi_multires_split!r} applies only "
+                             f"with flexi_multires_fraction > 0 (which pairs train coarse); "
+                             f"leave it at {MULTIRES_SPLITS[0]!r}")
         b, fraction = self.learner.batch_size, self.flexi_multires_fraction
         if flexi_runs and 0 < fraction < 1 and not 0 < round(b * fraction) < b:
             # Found in review: refused only when the runs were built, naming the learner's

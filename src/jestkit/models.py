@@ -744,7 +744,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> D
     every tensor in the dtype it was saved in, on `device`."""
     device = check_device(device, instead="load it on device='cpu'")
     if not Path(path).is_file():
-        raise FileNotFoundError(f"no model checkpoint at {path}")
+        what = " (a directory: give the .safetensors file in it)" if Path(path).is_dir() else ""
+        raise FileNotFoundError(f"no model checkpoint at {path}{what}")
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}

@@ -229,6 +229,16 @@ class LearnerConfig:
             # Would silently train at one resolution only.
             raise ValueError("multires_fraction > 0 needs score_patch_size > 0 (the coarse "
                              "patch size to train that share at)")
+        if self.multires_fraction > 0 and self.score_patch_size == self.patch_size:
+            # Found in review: "multi-resolution" training at one resolution, silently.
+            raise ValueError(f"multires_fraction > 0 trains that share at score_patch_size, "
+                             f"which equals patch_size={self.patch_size}: one resolution; give "
+                             f"a coarser score_patch_size, or multires_fraction=0")
+        if self.multires_split != MULTIRES_SPLITS[0] and not self.multires_fraction:
+            # Found in review: accepted and ignored (no sub-batch is split at fraction 0).
+            raise ValueError(f"multires_split={self.multires_split!r} applies only with "
+                             f"multires_fraction > 0 (which pairs train coarse); leave it at "
+                             f"{MULTIRES_SPLITS[0]!r}")
         n_coarse = round(self.batch_size * self.multires_fraction)
         if 0 < self.multires_fraction < 1 and not 0 < n_coarse < self.batch_size:
             # round(b * f) rows train coarse: 0 or all b would be one resolution, silently.
