@@ -329,6 +329,30 @@ def test_a_model_too_large_for_this_machine_is_refused_before_any_work(block, tm
     assert not out.exists() and not (tmp_path / "out.partial").exists()
 
 
+def test_a_users_folder_named_like_an_interrupted_demo_is_never_touched(tmp_path, capsys,
+                                                                        monkeypatch):
+    # Found in review: results.partial (a user's, no demo's) was taken for an interrupted
+    # demo of --out results; "--resume", as the error advised, then deleted it with its
+    # files when the run failed before anything finished.
+    from jestkit import demo
+
+    work = tmp_path / "results.partial"
+    work.mkdir()
+    (work / "thesis.tex").write_text("keep me")
+
+    def fails_early(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "_train_and_report", fails_early)
+    for resume in ([], ["--resume"]):
+        assert main(["demo", "--quick", "--out", str(tmp_path / "results"), "--no-progress",
+                     *resume]) == 2
+        err = capsys.readouterr().err
+        assert "holds files no demo writes (thesis.tex)" in err and "move it away" in err
+        assert sorted(p.name for p in work.iterdir()) == ["thesis.tex"]  # no lock file either
+        assert (work / "thesis.tex").read_text() == "keep me"
+
+
 def test_overwrite_replaces_only_a_run_directory(tmp_path, capsys, monkeypatch):
     # Found in review: --overwrite with a mistyped --out deleted any directory it named.
     data = tmp_path / "thesis"

@@ -4,6 +4,7 @@ import dataclasses
 import hashlib
 import json
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -1033,6 +1034,66 @@ def test_latest_is_not_trusted(data, tmp_path, uniform_full):
         run = tmp_path / f"copy{len(pointer)}"
         shutil.copytree(tmp_path / "checkpoints", run / "checkpoints")
         assert train_learner(data, UNIFORM, run_dir=run, resume=True).to_dict() == uniform_full
+
+
+def test_a_run_inside_another_runs_checkpoint_is_refused_and_never_removed(
+        data, reference, tmp_path):
+    # Found in review: run B's run_dir inside run A's step_0000002; resuming A removed that
+    # older checkpoint, B's checkpoints with it.
+    cfg = dataclasses.replace(TINY, checkpoint_every=2)
+    a = tmp_path / "a"
+    train_learner(data, cfg, reference, run_dir=a, stop_after=4)
+    inside = a / "checkpoints" / "step_0000002" / "b"
+    with pytest.raises(ValueError, match=r"run_dir .*/b is inside another run's checkpoint "
+                                         r"\(.*step_0000002\).*give a directory of its own"):
+        train_learner(data, dataclasses.replace(cfg, seed=1), reference, run_dir=inside,
+                      stop_after=2)
+    assert not inside.exists()
+    # Whatever else is put into an older checkpoint by hand stays when a save would remove it.
+    (a / "checkpoints" / "step_0000002" / "notes.txt").write_text("keep me")
+    train_learner(data, cfg, reference, run_dir=a, resume=True)
+    assert (a / "checkpoints" / "step_0000002" / "notes.txt").read_text() == "keep me"
+    assert (a / "checkpoints" / "latest").read_text() == "step_0000006"
+    with pytest.raises(ValueError, match="run_dir must name a directory, got ''"):
+        train_learner(data, cfg, reference, run_dir="", stop_after=2)
+
+
+@pytest.mark.parametrize("blocker", ["step file", "latest directory"])
+def test_what_would_stop_a_save_is_refused_before_training(data, reference, tmp_path,
+                                                           blocker):
+    # Found in review: a file named step_0000006 (the final save's name), or a directory
+    # named latest, failed only at the save after the training; the first left the only
+    # copy of the final state in a temporary directory the next save deletes.
+    cfg = dataclasses.replace(TINY, checkpoint_every=2)
+    train_learner(data, cfg, reference, run_dir=tmp_path, stop_after=4)
+    ckpts = tmp_path / "checkpoints"
+    if blocker == "step file":
+        (ckpts / "step_0000006").write_text("x")
+        named = r"step_0000006 is not a directory, where this run saves its step-6 checkpoint"
+    else:
+        (ckpts / "latest").unlink()
+        (ckpts / "latest").mkdir()
+        named = r"latest is a directory"
+    before = {p.name: p.stat().st_mtime_ns for p in ckpts.iterdir()}
+    with mock.patch("jestkit.training._train_step", side_effect=AssertionError("trained")):
+        with pytest.raises(ValueError, match=named):
+            train_learner(data, cfg, reference, run_dir=tmp_path, resume=True)
+    assert {p.name: p.stat().st_mtime_ns for p in ckpts.iterdir()} == before
+
+
+def test_a_checksums_file_nested_too_deeply_is_named_and_the_one_before_resumed(
+        data, reference, tmp_path):
+    # Found in review: json's RecursionError, a traceback, instead of this checkpoint named
+    # as damaged and the one before resumed.
+    cfg = dataclasses.replace(TINY, checkpoint_every=2)
+    full = train_learner(data, cfg, reference)
+    train_learner(data, cfg, reference, run_dir=tmp_path, stop_after=4)
+    (tmp_path / "checkpoints" / "step_0000004" / "checksums.json").write_text(
+        "[" * 100_000 + "]" * 100_000)
+    with pytest.warns(UserWarning, match=r"step_0000004/checksums.json cannot be read \(JSON "
+                                         r"nested too deeply\)"):
+        resumed = train_learner(data, cfg, reference, run_dir=tmp_path, resume=True)
+    assert resumed.to_dict() == full.to_dict()
 
 
 @pytest.mark.parametrize("damage", ["model bit", "state bit", "state truncated", "state deleted",

@@ -423,7 +423,7 @@ def _build_locked(model: DualEncoder, split: Split, out: Path, ids: np.ndarray,
         "complete": False,
     }
     manifest_path = out / "manifest.json"
-    identity = {k: v for k, v in manifest.items() if k not in ("complete", "shards")}
+    identity = {k: manifest[k] for k in _IDENTITY_KEYS}  # all but "complete" (and "shards")
     if manifest_path.exists():
         try:
             old = _read_manifest(manifest_path)

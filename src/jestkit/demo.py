@@ -716,6 +716,14 @@ def run_demo(cfg: DemoConfig, out_dir: str | os.PathLike, *, overwrite: bool = F
         created = True
     except FileExistsError:
         created = False
+        # Found in review: a user's folder named OUT.partial was taken for an interrupted
+        # demo, and deleted with everything in it when the "resume" failed early.
+        foreign = _not_a_demos(work)
+        if foreign:
+            raise FileExistsError(f"{work} holds files no demo writes ("
+                                  f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}"
+                                  f"): it is not an interrupted demo of {out}; move it away "
+                                  f"or give another --out") from None
     lock = _lock(work)  # before reading anything there: a running demo may be writing it
     try:
         if not created and not resume:
@@ -743,7 +751,8 @@ def _run_in_work_dir(cfg: DemoConfig, out: Path, work: Path, done: dict[str, dic
         finished = len(_finished_runs(work))
         has_reference = (work / "reference.json").is_file()
         if not finished and not has_reference:  # nothing worth keeping: leave no debris
-            shutil.rmtree(work, ignore_errors=True)
+            if not _not_a_demos(work):  # (and never anything a demo did not write)
+                shutil.rmtree(work, ignore_errors=True)
             raise
         what = "interrupted" if not isinstance(err, Exception) else "failed"
         if (work / "runs" / "info.json").is_file():  # every run finished: the report did not

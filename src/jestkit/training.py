@@ -707,11 +707,14 @@ def train_learner(
         raise TypeError(f"resume must be a bool, got {resume!r}")
     if run_dir is None and (stop_after is not None or resume):
         raise ValueError("stop_after and resume need a run_dir to keep checkpoints in")
+    if run_dir is not None and str(run_dir) == "":  # as `jestkit demo --out ""`
+        raise ValueError("run_dir must name a directory, got '' (an unset variable?)")
     ckpt_root = None if run_dir is None else Path(run_dir) / "checkpoints"
     if ckpt_root is not None:
         for path in (Path(run_dir), ckpt_root):
             if path.exists() and not path.is_dir():
                 raise ValueError(f"run_dir: {path} exists and is not a directory")
+        _check_not_inside_a_checkpoint(Path(run_dir))
     if not resume and ckpt_root is not None and ckpt_root.exists() and any(
             not unfinished_write(p) for p in ckpt_root.iterdir()):
         raise FileExistsError(f"{ckpt_root} already holds checkpoints: pass resume=True to "
@@ -752,6 +755,7 @@ def train_learner(
                       f"returned as it is, at step {start}", stacklevel=2)
     if ckpt_root is not None and start < end:  # now, not at the first save after training
         _check_writable(ckpt_root)
+        _check_saves_can_land(ckpt_root, start, end, cfg.checkpoint_every)
     for step in range(start, end):
         batch = sampler.next()
         if selector is not None:
@@ -877,6 +881,47 @@ def _check_writable(ckpt_root: Path) -> None:
                          f"({err.strerror or err})") from None
 
 
+def _check_not_inside_a_checkpoint(run_dir: Path) -> None:
+    """run_dir must not lie inside another run's checkpoint directory (found in review: that
+    run's next save removed the older checkpoint with this run's inside it)."""
+    parts = run_dir.resolve().parts
+    for i in range(1, len(parts) - 1):
+        if parts[i] == "checkpoints" and _STEP_DIR.fullmatch(parts[i + 1]):
+            raise ValueError(f"run_dir {run_dir} is inside another run's checkpoint "
+                             f"({Path(*parts[:i + 2])}), which that run replaces or removes "
+                             f"as it saves; give a directory of its own")
+
+
+def _check_saves_can_land(ckpt_root: Path, start: int, end: int, every: int) -> None:
+    """Before training: no file where a save of this run (steps start+1..end) puts its
+    step directory, and `latest` not a directory (found in review: both failed only at the
+    save, after the training, and the first left the only copy of its state in a temporary
+    directory that the next save deletes)."""
+    latest = ckpt_root / "latest"
+    if latest.is_dir():
+        raise ValueError(f"run_dir: {latest} is a directory, where a save writes the name of "
+                         f"the newest checkpoint; move it away")
+    for path in ckpt_root.iterdir():
+        match = _STEP_DIR.fullmatch(path.name)
+        if not match or path.is_dir():
+            continue
+        step = int(match.group(1))
+        if start < step <= end and (step == end or (every and step % every == 0)):
+            raise ValueError(f"run_dir: {path} is not a directory, where this run saves its "
+                             f"step-{step} checkpoint; move it away")
+
+
+def _only_checkpoint_files(ckpt: Path) -> bool:
+    """Whether the directory `ckpt` holds nothing but a checkpoint's own files (what a save
+    may remove: never another run's files put there)."""
+    own = {*_CHECKPOINT_FILES, _CHECKSUMS}
+    try:
+        return all(p.name in own and p.is_file() and not p.is_symlink()
+                   for p in ckpt.iterdir())
+    except OSError:
+        return False
+
+
 def _save_checkpoint(run_dir, cfg, step, model, opt, sampler, gen, ledger, result, clean_seen,
                      reference_id):
     run_dir = Path(run_dir)
@@ -903,7 +948,7 @@ def _save_checkpoint(run_dir, cfg, step, model, opt, sampler, gen, ledger, resul
     older = sorted((s, p) for s, p in _step_dirs(ckpt_root) if s < step)
     spare = next((p for s, p in reversed(older) if _verifies(p, s)), None)
     for _, old in older:
-        if old != spare:
+        if old != spare and _only_checkpoint_files(old):  # anything else there stays
             shutil.rmtree(old, ignore_errors=True)
     # What a crash mid-save left behind (a run has one writer, so any is from an earlier,
     # interrupted save): a half-written checkpoint, or the set-aside copy of a replaced one
@@ -930,8 +975,9 @@ def _checksum_problem(ckpt: Path, step: int) -> str | None:
         digests, sums_step = sums["sha256"], sums["step"]
         if not isinstance(digests, dict):
             raise TypeError("sha256 is not an object")
-    except (ValueError, KeyError, TypeError) as err:
-        return f"{sums_path} cannot be read ({err})"
+    except (ValueError, KeyError, TypeError, RecursionError) as err:
+        what = "JSON nested too deeply" if isinstance(err, RecursionError) else err
+        return f"{sums_path} cannot be read ({what})"
     for name in _CHECKPOINT_FILES:
         path = ckpt / name
         if not path.is_file():
