@@ -128,13 +128,30 @@ def test_report_is_rebuilt_from_the_saved_runs(quick_run, tmp_path, capsys):
                                            **{k: [] for k in ("zero_shot_accuracy",
                                                               "i2t_recall", "t2i_recall",
                                                               "clean_fraction")}}]),
-                              "are not lists of finite numbers, one per evaluated step")):
+                              "are not lists of finite numbers, one per evaluated step"),
+                             # Found in a second review: each was read, silently wrong, or a
+                             # ZeroDivisionError.
+                             ((copy / "runs" / "learnability-joint.json").read_text(),
+                              "run 0 is not one of uniform's runs (its config: method "
+                              "'learnability'"),
+                             (json.dumps([json.loads(good)[0]] * 3), "seed 0 appears 3 times"),
+                             (json.dumps([{**json.loads(good)[0], "zero_shot_accuracy": [
+                                 100 * a for a in json.loads(good)[0]["zero_shot_accuracy"]]}]),
+                              "zero_shot_accuracy must lie in [0, 1] (fractions, not "
+                              "percentages"),
+                             (json.dumps([{**json.loads(good)[0], "steps": [
+                                 0, *json.loads(good)[0]["steps"][1:]]}]),
+                              "steps must be increasing ints >= 1"),
+                             (json.dumps([{**json.loads(good)[0], "cumulative_flops": [
+                                 {k: 0 for k in f} for f in json.loads(good)[0][
+                                     "cumulative_flops"]]}]), "above zero and never falling")):
         runs.write_text(content)
         assert main(["report", str(copy)]) == 2
         err = capsys.readouterr().err
         assert "uniform.json" in err and message in err, (content, err)
     # Well-formed files whose content the report cannot use: the run directory is named.
-    runs.write_text(json.dumps([{**json.loads(good)[0], "config": {}}]))
+    runs.write_text(json.dumps([{**json.loads(good)[0], "config": {
+        "method": "uniform", "selection": "joint", "score_patch_size": 0, "seed": 0}}]))
     assert main(["report", str(copy)]) == 2
     assert f"{copy}: the saved runs or report do not hold what `jestkit demo` writes " \
            f"(KeyError" in capsys.readouterr().err
@@ -153,10 +170,26 @@ def test_report_is_rebuilt_from_the_saved_runs(quick_run, tmp_path, capsys):
         assert main(["report", str(copy)]) == 2
         assert "reference.metrics.zero_shot_accuracy must be a number in [0, 1]" in (
             capsys.readouterr().err)
+    for change, message in (({"config": [1]}, "config must be an object"),
+                            ({"config": {**after["config"], "pool_clean_fraction": "x"}},
+                             "config.pool_clean_fraction must be a number in [0, 1]"),
+                            ({"reference": {**after["reference"], "flops": float("nan")}},
+                             "reference.flops must be a finite number >= 0")):
+        (copy / "report.json").write_text(json.dumps({**after, **change}))
+        assert main(["report", str(copy)]) == 2
+        assert message in capsys.readouterr().err, message
     (copy / "report.json").write_bytes(rebuilt)
     assert (copy / "report.json").read_bytes() == rebuilt
     # Nothing was rewritten by the failed rebuilds: not the plots either.
     assert {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()} == files
+    # A directory where the report writes a file: refused before any file is rewritten
+    # (found in review: the plots and report.json were, and report.md was not).
+    (copy / "report.md").unlink()
+    (copy / "report.md").mkdir()
+    assert main(["report", str(copy)]) == 2
+    assert "report.md is a directory, where the report writes a file" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()} == {
+        k: v for k, v in files.items() if k != "report.md"}
 
 
 def test_summary_of_a_report_without_wall_time(quick_run, capsys):

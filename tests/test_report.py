@@ -205,13 +205,15 @@ def test_rebuild_refuses_runs_cut_short(tmp_path):
     from jestkit.report import rebuild_report
 
     runs = {"uniform": [run(UNIFORM)], "learnability-joint": [run(UNIFORM)]}
+    for name, method in (("uniform", "uniform"), ("learnability-joint", "learnability")):
+        runs[name][0]["config"].update(method=method, selection="joint", score_patch_size=0)
     ref = {"metrics": {"zero_shot_accuracy": 0.5}, "flops": 1}
     write_report(build_report(runs, ref, {"steps": 40}), tmp_path)
     (tmp_path / "runs").mkdir()
     for name, method_runs in runs.items():
         (tmp_path / "runs" / f"{name}.json").write_text(json.dumps(method_runs))
     rebuild_report(tmp_path)  # as saved: fine
-    cut = run(UNIFORM)
+    cut = runs["uniform"][0]
     for key in ("steps", "zero_shot_accuracy", "i2t_recall", "t2i_recall", "cumulative_flops",
                 "clean_fraction"):
         cut[key] = cut[key][:-2]

@@ -489,6 +489,13 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
         "",
     ]
     out.mkdir(parents=True, exist_ok=True)
+    # All or nothing where it can be told beforehand (found in review: with a directory
+    # named report.md, the plots and report.json were rewritten and report.md was not).
+    in_the_way = [name for name in (*pngs, "report.json", "report.md") if (out / name).is_dir()]
+    if in_the_way:
+        raise ValueError(f"{out}: {', '.join(in_the_way)} "
+                         f"{'is a directory' if len(in_the_way) == 1 else 'are directories'}, "
+                         f"where the report writes a file; move it away (nothing was written)")
     for name, data in pngs.items():
         atomic_write(out / name, data)
     atomic_write(out / "report.json", report_json)
@@ -533,6 +540,66 @@ def read_json(path: Path, kind: type) -> dict | list:
     return value
 
 
+def _check_info(path: Path, info: dict) -> None:
+    """What the report reads from report.json (or runs/info.json) besides the runs: named
+    errors, not a traceback or a NaN in the written report (found in review)."""
+    if not isinstance(info["config"], dict):
+        raise ValueError(f"{path}: config must be an object (the demo's config), got "
+                         f"{info['config']!r:.40}")
+    clean = info["config"].get("pool_clean_fraction", 0.45)
+    if not (_is_number(clean) and 0 <= clean <= 1):
+        raise ValueError(f"{path}: config.pool_clean_fraction must be a number in [0, 1], got "
+                         f"{clean!r:.40} (altered?)")
+    reference = info["reference"]
+    for key in ("flops", "caching_flops"):
+        value = reference.get(key, 0) if isinstance(reference, dict) else None
+        if not (_is_number(value) and value >= 0):
+            raise ValueError(f"{path}: reference.{key} must be a finite number >= 0, got "
+                             f"{value!r:.40} (altered?)")
+
+
+def _check_run(path: Path, i: int, name: str, run: dict) -> None:
+    """A saved run is one of method `name`'s, with curves a report can be built from: its
+    config's method and selection those of `name` (found in review: another method's runs
+    copied in as uniform's became the baseline), evaluated at increasing steps >= 1, rates in
+    [0, 1], and FLOP ledgers of finite counts, growing from above zero."""
+    from jestkit.demo import DEMO_METHODS  # (demo imports this module)
+
+    config = run["config"]
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: run {i}'s config must be an object, got {config!r:.40}")
+    spec = {m: (method, selection, scoring) for m, method, selection, scoring in DEMO_METHODS}
+    if name in spec:
+        method, selection, scoring = spec[name]
+        got = (config.get("method"), config.get("selection"))
+        flexi = bool(config.get("score_patch_size"))
+        if got != (method, selection) or flexi != (scoring == "flexi"):
+            raise ValueError(f"{path}: run {i} is not one of {name}'s runs (its config: method "
+                             f"{got[0]!r}, selection {got[1]!r}, score_patch_size "
+                             f"{config.get('score_patch_size')!r}); copied from another "
+                             f"method's file?")
+    steps = run["steps"]
+    if not (all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in steps)
+            and all(a < b for a, b in zip(steps, steps[1:], strict=False))):
+        raise ValueError(f"{path}: run {i}'s steps must be increasing ints >= 1 (altered?)")
+    for key in _CURVE_KEYS:
+        if not all(0 <= v <= 1 for v in run[key]):
+            raise ValueError(f"{path}: run {i}'s {key} must lie in [0, 1] (fractions, not "
+                             f"percentages; altered?)")
+    ledgers = run["cumulative_flops"]
+    totals = []
+    for ledger in ledgers if isinstance(ledgers, list) else [None]:
+        values = list(ledger.values()) if isinstance(ledger, dict) else [None]
+        if not all(_is_number(v) and v >= 0 for v in values):
+            raise ValueError(f"{path}: run {i}'s cumulative_flops must be objects of finite "
+                             f"counts >= 0, one per evaluated step (altered?)")
+        totals.append(sum(values))
+    if len(totals) != len(steps) or totals[0] <= 0 or any(
+            a > b for a, b in zip(totals, totals[1:], strict=False)):
+        raise ValueError(f"{path}: run {i}'s cumulative_flops must give one total per evaluated "
+                         f"step, above zero and never falling (altered?)")
+
+
 def rebuild_report(run_dir: str | os.PathLike) -> dict:
     """Rebuild a demo run directory's report (report.json, report.md, plots) from the per-run
     curves it saved in runs/<method>.json, with this version's report code. The reference
@@ -554,6 +621,7 @@ def rebuild_report(run_dir: str | os.PathLike) -> dict:
     missing = [k for k in ("methods", "reference", "config") if not old.get(k)]
     if missing:
         raise ValueError(f"{old_path} lacks {missing}: not written by `jestkit demo`")
+    _check_info(old_path, old)
     methods = old["methods"]
     if not (isinstance(methods, dict | list) and all(isinstance(m, str) for m in methods)):
         raise ValueError(f"{old_path}: methods must be the demo's method names (an object or "
@@ -581,13 +649,19 @@ def rebuild_report(run_dir: str | os.PathLike) -> dict:
             if bad:
                 raise ValueError(f"{path}: run {i}'s {bad} are not lists of finite numbers, "
                                  f"one per evaluated step (altered?)")
-            total = run["config"].get("steps") if isinstance(run["config"], dict) else None
+            _check_run(path, i, name, run)
+            total = run["config"].get("steps")
             if _is_number(total) and run["steps"][-1] != total:
                 raise ValueError(f"{path}: run {i}'s curves end at step {run['steps'][-1]}, "
                                  f"not at its config's steps={total} (cut short or altered?)")
+        seeds = [run["config"].get("seed") for run in runs[name]]
+        repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1}, key=str)
+        if repeated:  # found in review: one run three times read as three seeds
+            raise ValueError(f"{path}: seed {repeated[0]!r} appears {seeds.count(repeated[0])} "
+                             f"times; each run must be another seed's")
     try:
         report = build_report(runs, old["reference"], old["config"])
-    except (KeyError, TypeError, IndexError, AttributeError) as err:
+    except (KeyError, TypeError, IndexError, AttributeError, ZeroDivisionError) as err:
         raise ValueError(f"{run_dir}: the saved runs or report do not hold what `jestkit "
                          f"demo` writes ({type(err).__name__}: {err})") from err
     # config.code_version made the runs; this code made the report from their curves.
