@@ -1788,10 +1788,15 @@ def test_scoring_agreement_scores_and_picks_what_the_runs_selection_does(
         else:
             with torch.no_grad():
                 ref = ModelEmbeddings(*reference(images, batch.tokens))
-        losses, r = scoring_agreement._score(learner, ref, images, stored, batch.tokens, 16)
+        losses, r = scoring_agreement._score(learner, ref, images, stored, stored,
+                                             batch.tokens, 16)
         mine = joint_select(losses[scoring] - r, 16, n_chunks=4,
                             generator=torch.Generator().manual_seed(9))
         assert torch.equal(mine, picks), (view, cached, scoring)
+        # "fine, stored view" is what a run scoring the stored view scores at the fine patch.
+        if view == "stored":
+            torch.testing.assert_close(losses["fine, stored view"], losses["fine"], rtol=0,
+                                       atol=1e-5)
 
 
 def test_scoring_agreement_end_to_end(tmp_path):
@@ -1808,8 +1813,8 @@ def test_scoring_agreement_end_to_end(tmp_path):
     res = json.loads(raw.read_text())
     rows = {(r["step"], r["scoring"]): r for r in res["rows"]}
     assert set(rows) == {(s, name) for s in (10, 20) for name in
-                         ("fine", "coarse", "shrunk image", "fine, shifted anew", "redrawn",
-                          "uniform")}
+                         ("fine", "coarse", "shrunk image", "fine, shifted anew",
+                          "fine, stored view", "redrawn", "uniform")}
     assert {r["method"] for r in res["rows"]} == {"learnability-joint-flexi"}
     for step in (10, 20):
         fine, uniform = rows[step, "fine"], rows[step, "uniform"]
