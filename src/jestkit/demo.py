@@ -242,7 +242,7 @@ class DemoConfig:
                              f"flexi_score_patch_size, which equals learner.patch_size="
                              f"{self.learner.patch_size}: one resolution; give a coarser "
                              f"flexi_score_patch_size, or flexi_multires_fraction=0")
-        if (flexi_runs and not self.flexi_multires_fraction > 0
+        if (flexi_runs and self.flexi_multires_fraction == 0
                 and self.flexi_multires_split != MULTIRES_SPLITS[0]):
             raise ValueError(f"flexi_multires_split={self.flexi_multires_split!r} applies only "
                              f"with flexi_multires_fraction > 0 (which pairs train coarse); "

@@ -587,13 +587,12 @@ def _check_run(path: Path, i: int, name: str, run: dict) -> None:
             raise ValueError(f"{path}: run {i}'s {key} must lie in [0, 1] (fractions, not "
                              f"percentages; altered?)")
     ledgers = run["cumulative_flops"]
-    totals = []
-    for ledger in ledgers if isinstance(ledgers, list) else [None]:
-        values = list(ledger.values()) if isinstance(ledger, dict) else [None]
-        if not all(_is_number(v) and v >= 0 for v in values):
-            raise ValueError(f"{path}: run {i}'s cumulative_flops must be objects of finite "
-                             f"counts >= 0, one per evaluated step (altered?)")
-        totals.append(sum(values))
+    if not (isinstance(ledgers, list) and all(
+            isinstance(ledger, dict) and all(_is_number(v) and v >= 0 for v in ledger.values())
+            for ledger in ledgers)):
+        raise ValueError(f"{path}: run {i}'s cumulative_flops must be objects of finite "
+                         f"counts >= 0, one per evaluated step (altered?)")
+    totals = [sum(ledger.values()) for ledger in ledgers]
     if len(totals) != len(steps) or totals[0] <= 0 or any(
             a > b for a, b in zip(totals, totals[1:], strict=False)):
         raise ValueError(f"{path}: run {i}'s cumulative_flops must give one total per evaluated "
@@ -655,7 +654,7 @@ def rebuild_report(run_dir: str | os.PathLike) -> dict:
                 raise ValueError(f"{path}: run {i}'s curves end at step {run['steps'][-1]}, "
                                  f"not at its config's steps={total} (cut short or altered?)")
         seeds = [run["config"].get("seed") for run in runs[name]]
-        repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1}, key=str)
+        repeated = [seed for seed in seeds if seeds.count(seed) > 1]
         if repeated:  # found in review: one run three times read as three seeds
             raise ValueError(f"{path}: seed {repeated[0]!r} appears {seeds.count(repeated[0])} "
                              f"times; each run must be another seed's")
