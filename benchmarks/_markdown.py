@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from jestkit.atomic import atomic_write
@@ -69,6 +70,24 @@ def check_outputs(parser: argparse.ArgumentParser, out: Path | None, section: st
 def write_json(path: Path, results: object) -> None:
     """The raw results as JSON, atomically (objects it cannot encode as their str)."""
     atomic_write(path, json.dumps(results, indent=1, default=str))
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that reproduced these results (`argv`, or this process's arguments), for
+    the header of the markdown it writes."""
+    return " ".join(["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)])
+
+
+def publish(md: str, results: object, json_path: Path | None, out: Path | None, section: str,
+            title: str) -> None:
+    """A finished benchmark's outputs: the raw JSON first (what a failed --out would lose),
+    then the markdown printed, then its section of `out` replaced (both checked writable by
+    `check_outputs` before the work)."""
+    if json_path is not None:
+        write_json(json_path, results)
+    print(md)
+    if out is not None:
+        replace_section(out, md, section, title)
 
 
 def load_demo_config(parser: argparse.ArgumentParser, path: Path):

@@ -58,7 +58,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _markdown import check_outputs, load_demo_config, replace_section, write_json
+from _markdown import check_outputs, command_line, load_demo_config, publish
 from step_overhead import machine_info
 from torch.func import functional_call, stack_module_state, vmap
 
@@ -365,15 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     res["demos"] = [{"steps": t, "k1_s": demo_steps_seconds(res, t, workers, False),
                      "best_s": demo_steps_seconds(res, t, workers, True)} for t in args.steps]
     res["wall_s"] = time.time() - started
-    command = "python benchmarks/batched_runs.py " + " ".join(
-        argv if argv is not None else sys.argv[1:])
-    md = markdown(res, command.strip())
-    print(md)
-    if args.out:
-        replace_section(args.out, md, "batched_runs", "Batched runs")
-    if args.json:
-        write_json(args.json, {**res, "per_run_s": {c: {str(k): v for k, v in by_k.items()}
-                                                    for c, by_k in res["per_run_s"].items()}})
+    md = markdown(res, command_line("batched_runs.py", argv))
+    raw = {**res, "per_run_s": {c: {str(k): v for k, v in by_k.items()}
+                                for c, by_k in res["per_run_s"].items()}}
+    publish(md, raw, args.json, args.out, "batched_runs", "Batched runs")
     return 0
 
 

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from _markdown import check_outputs, load_demo_config, replace_section, write_json
+from _markdown import check_outputs, command_line, load_demo_config, publish
 
 from jestkit.data import load_digits_web
 from jestkit.demo import (
@@ -163,14 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             load_demo_config(p, args.config or REPO / "configs" / "demo.json"))
     kinds = tuple(k for k in KINDS if k == "uniform" or k in args.methods)
     res = run(demo, args.workers, kinds)
-    command = "python benchmarks/clean_oracle.py " + " ".join(
-        argv if argv is not None else sys.argv[1:])
-    if args.json:  # the raw numbers first: they are what a failed --out would lose
-        write_json(args.json, res)
-    md = markdown(res, command.strip())
-    print(md)
-    if args.out:
-        replace_section(args.out, md, args.section, "Clean-pool ceiling")
+    md = markdown(res, command_line("clean_oracle.py", argv))
+    publish(md, res, args.json, args.out, args.section, "Clean-pool ceiling")
     return 0
 
 

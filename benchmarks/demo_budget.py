@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 
 import torch
-from _markdown import check_outputs, load_demo_config, replace_section, write_json
+from _markdown import check_outputs, command_line, load_demo_config, publish
 from selection_speed import measure_matmul
 from step_overhead import Runner, check_faithful, machine_info
 
@@ -283,14 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                                 res["evaluation"], res["once"], workers,
                                 res["peak_flops_per_s"]) for t in args.steps])
     res["wall_s"] = time.time() - started
-    command = "python benchmarks/demo_budget.py " + " ".join(
-        argv if argv is not None else sys.argv[1:])
-    md = markdown(res, command.strip())
-    print(md)
-    if args.out:
-        replace_section(args.out, md, "demo_budget", "What a demo costs")
-    if args.json:
-        write_json(args.json, res)
+    md = markdown(res, command_line("demo_budget.py", argv))
+    publish(md, res, args.json, args.out, "demo_budget", "What a demo costs")
     if res["checks"] and not all(c["identical"] for c in res["checks"]):
         print("the benchmark loop and train_learner disagree: the costs are not of the "
               "library's step", file=sys.stderr)

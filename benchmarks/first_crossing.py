@@ -72,7 +72,7 @@ import time
 from pathlib import Path
 
 import torch
-from _markdown import check_outputs, replace_section, write_json
+from _markdown import check_outputs, command_line, publish
 
 from jestkit.demo import (
     MAX_WORKERS,
@@ -568,8 +568,6 @@ def main(argv: list[str] | None = None) -> int:
                     f"benchmark)")
         reuse[method] = Path(path)
     check_outputs(p, args.out, args.section, args.json)
-    command = "python benchmarks/first_crossing.py " + " ".join(
-        argv if argv is not None else sys.argv[1:])
     with tempfile.TemporaryDirectory(prefix="first_crossing.") as tmp:
         if args.quick:
             args.run, args.eval_every = _quick_run(Path(tmp)), 4
@@ -586,12 +584,8 @@ def main(argv: list[str] | None = None) -> int:
                       args.extra_seeds, compare_to, args.bootstrap, reuse)
         except SystemExit as err:
             p.error(str(err))
-    if args.json:  # the raw numbers first: they are what a failed --out would lose
-        write_json(args.json, res)
-    md = markdown(res, command.strip(), compare_to)
-    print(md)
-    if args.out:
-        replace_section(args.out, md, args.section, "First crossings on a finer grid")
+    md = markdown(res, command_line("first_crossing.py", argv), compare_to)
+    publish(md, res, args.json, args.out, args.section, "First crossings on a finer grid")
     return 0
 
 

@@ -58,7 +58,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _markdown import check_outputs, load_demo_config, replace_section, write_json
+from _markdown import check_outputs, command_line, load_demo_config, publish
 
 from jestkit.cache import ReferenceCache, build_reference_cache
 from jestkit.data import (
@@ -78,7 +78,7 @@ from jestkit.demo import (
     stop_workers,
     worker_pool,
 )
-from jestkit.models import DualEncoder, _resize_2d, load_model, resize_pos_embed, save_model
+from jestkit.models import DualEncoder, _resize_2d, load_model, save_model
 from jestkit.scoring import learnability, pairwise_sigmoid_loss
 from jestkit.selection import ModelEmbeddings, joint_select
 from jestkit.training import LearnerConfig, train_learner, train_reference
@@ -102,11 +102,8 @@ def shrunk_image_embeddings(model: DualEncoder, images: torch.Tensor,
     patch = tower.config.patch_size
     size = images.shape[-1] * patch // score_patch_size
     small = images if size == images.shape[-1] else _resize_2d(images, size)
-    x = tower.patch_embed(small, patch)
-    x = x + resize_pos_embed(tower.pos_embed, size // patch)
-    for block in tower.blocks:
-        x = block(x)
-    return F.normalize(tower.head(tower.norm(x).mean(dim=1)), dim=-1)
+    return F.normalize(tower.encode_patches(tower.patch_embed(small, patch), size // patch),
+                       dim=-1)
 
 
 def _pearson(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -500,14 +497,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"coarse scoring to compare")
     check_outputs(p, args.out, args.section, args.json)
     res = run(demo, learners, seed, steps, super_batches, args.workers)
-    command = "python benchmarks/scoring_agreement.py " + " ".join(
-        argv if argv is not None else sys.argv[1:])
-    if args.json:
-        write_json(args.json, res)
-    md = markdown(res, command.strip())
-    print(md)
-    if args.out:
-        replace_section(args.out, md, args.section, "Coarse scoring's agreement")
+    md = markdown(res, command_line("scoring_agreement.py", argv))
+    publish(md, res, args.json, args.out, args.section, "Coarse scoring's agreement")
     return 0
 
 

@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 from statistics import median
 
-from _markdown import check_outputs, replace_section, write_json
+from _markdown import check_outputs, command_line, replace_section, write_json
 
 DIM = 256
 N_CHUNKS = 16
@@ -641,8 +641,7 @@ def main(argv=None) -> int:
         print(RESULT_TAG + json.dumps(child(json.loads(args.one))), flush=True)
         return 0
 
-    command = "python benchmarks/selection_speed.py " + " ".join(
-        sys.argv[1:] if argv is None else argv)
+    command = command_line("selection_speed.py", argv)
     start = time.perf_counter()
     if args.profile:
         for n in args.sizes:

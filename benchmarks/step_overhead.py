@@ -73,7 +73,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from _markdown import check_outputs, load_demo_config, replace_section, write_json
+from _markdown import check_outputs, command_line, load_demo_config, publish
 
 from jestkit.cache import build_reference_cache
 from jestkit.data import POOL_SIZE, Batch, SuperBatchSampler, load_digits_web
@@ -629,10 +629,6 @@ def markdown(res: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_out(path: Path, body: str, section: str = "step_overhead") -> None:
-    replace_section(path, body, section, "Step overhead of JEST")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke test (< 1 min)")
@@ -681,14 +677,8 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds, args.steps_per_round, args.warmup = 2, 2, 2
         args.check_steps, args.overhead_batches, args.overhead_repeats = 2, [64, 320], 3
     res = run(args, setup)
-    command = "python benchmarks/step_overhead.py " + " ".join(
-        a for a in (argv if argv is not None else sys.argv[1:]))
-    md = markdown(res, command.strip())
-    print(md)
-    if args.out:
-        write_out(args.out, md, args.section)
-    if args.json:
-        write_json(args.json, res)
+    md = markdown(res, command_line("step_overhead.py", argv))
+    publish(md, res, args.json, args.out, args.section, "Step overhead of JEST")
     if not all(c["identical"] for c in res["checks"]):
         print("the benchmark loop and train_learner disagree: timings are not of the "
               "library's step", file=sys.stderr)

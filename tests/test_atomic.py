@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from jestkit.atomic import atomic_write, replacing_directory, set_aside_copy_of, unfinished_write
+from jestkit.atomic import (
+    atomic_write,
+    atomic_write_all,
+    replacing_directory,
+    set_aside_copy_of,
+    unfinished_write,
+)
 
 
 def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
@@ -166,3 +172,52 @@ def test_a_failed_write_leaves_no_temp_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         atomic_write(tmp_path / "f", b"new")
     assert os.listdir(tmp_path) == ["f"] and (tmp_path / "f").read_bytes() == b"old"
+
+
+def test_atomic_write_all_replaces_none_when_one_write_fails(tmp_path, monkeypatch):
+    # A full disk on the third of three files: the first two must not be replaced beside an
+    # old third (the report's files are read together), and no temp file stays behind.
+    from jestkit import atomic
+
+    names = ["a.png", "report.json", "report.md"]
+    for name in names:
+        (tmp_path / name).write_text(f"old {name}")
+    real_fdopen, opened = os.fdopen, []
+
+    def fdopen(fd, mode):
+        opened.append(fd)
+        if len(opened) == 3:
+            os.close(fd)
+            raise OSError(28, "No space left on device")
+        return real_fdopen(fd, mode)
+
+    monkeypatch.setattr(atomic.os, "fdopen", fdopen)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_all({tmp_path / name: f"new {name}" for name in names})
+    assert sorted(os.listdir(tmp_path)) == sorted(names)
+    assert all((tmp_path / name).read_text() == f"old {name}" for name in names)
+    monkeypatch.undo()
+    atomic_write_all({tmp_path / name: f"new {name}".encode() for name in names})
+    assert sorted(os.listdir(tmp_path)) == sorted(names)
+    assert all((tmp_path / name).read_text() == f"new {name}" for name in names)
+    assert all(oct((tmp_path / name).stat().st_mode & 0o777) == "0o644" for name in names)
+
+
+def test_atomic_write_all_writes_every_file_before_the_first_rename(tmp_path, monkeypatch):
+    from jestkit import atomic
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(Path(dst).name)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    atomic_write_all({tmp_path / "x": b"1", tmp_path / "y": "2"})
+    assert events == ["file", "file", "x", "y", "dir"]

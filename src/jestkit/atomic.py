@@ -1,6 +1,7 @@
 """Atomic writes: a reader (or a crash) sees the old file or the complete new one.
 
-Checkpoints, caches and reports all go through `atomic_write` (files) or
+Checkpoints, caches and reports all go through `atomic_write` (files; `atomic_write_all` for
+several that belong together) or
 `replacing_directory` / `move_into_place` (a whole directory: a checkpoint, a demo run), so
 nothing already computed is ever replaced by a torn, half-written one.
 """
@@ -12,12 +13,12 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_write", "move_into_place", "replacing_directory", "set_aside_copy_of",
-           "sha256_file", "sha256_stream", "unfinished_write"]
+__all__ = ["atomic_write", "atomic_write_all", "move_into_place", "replacing_directory",
+           "set_aside_copy_of", "sha256_file", "sha256_stream", "unfinished_write"]
 
 
 @contextlib.contextmanager
@@ -77,23 +78,43 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
     `os.replace`d over `path`; the directory is fsynced too (where the platform allows), so
     the rename itself is durable. On any error the temp file is removed.
     """
-    path = Path(path)
-    if isinstance(data, str):
-        data = data.encode()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    atomic_write_all({path: data})
+
+
+def atomic_write_all(files: Mapping[str | os.PathLike, bytes | str]) -> None:
+    """Write several files atomically, each as `atomic_write` does, and all-or-nothing as far
+    as writing goes: every temp file is written and fsynced before the first rename, so a
+    write that fails (a full disk, a quota) replaces none of them; on any error the temp
+    files are removed. (The renames themselves are one at a time: a crash between two leaves
+    some files old and some new, each of them whole.)"""
+    temps: list[tuple[str, Path]] = []
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these files are data, not secrets
-        os.replace(tmp, path)
+        for path, data in files.items():
+            path = Path(path)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            temps.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data.encode() if isinstance(data, str) else data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp creates 0600; these files are data, not secrets
+        while temps:
+            tmp, path = temps[0]
+            os.replace(tmp, path)
+            temps.pop(0)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for tmp, _ in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         raise
-    try:  # not every platform can open a directory
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+    for parent in {Path(path).parent for path in files}:
+        _fsync_directory(parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the renames into `directory` durable, where the platform can open a directory."""
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
     except OSError:
         return
     try:

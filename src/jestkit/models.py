@@ -527,8 +527,14 @@ class ImageTower(nn.Module):
             raise ValueError(f"images must have shape [B, {', '.join(map(str, expected))}], "
                              f"got {tuple(images.shape)}")
         p = c.patch_size if patch_size is None else patch_size
-        x = self.patch_embed(images, p)  # [B, (S/p)^2, width]; validates p, type and dtype
-        x = x + resize_pos_embed(self.pos_embed, c.image_size // p)
+        # [B, (S/p)^2, width]; validates p, type and dtype
+        return self.encode_patches(self.patch_embed(images, p), c.image_size // p)
+
+    def encode_patches(self, patches: Tensor, grid: int) -> Tensor:
+        """The tower after its patch embedding: patch tokens [B, grid^2, width] in row-major
+        order -> image embeddings [B, embed_dim] (not normalised), the position embeddings
+        resized to grid x grid."""
+        x = patches + resize_pos_embed(self.pos_embed, grid)
         for block in self.blocks:
             x = block(x)
         # Global average pooling: works at every token count, unlike a CLS token whose

@@ -19,7 +19,7 @@ import os
 import statistics
 from pathlib import Path
 
-from jestkit.atomic import atomic_write
+from jestkit.atomic import atomic_write_all
 from jestkit.provenance import code_version
 
 __all__ = ["FINAL_EVALS", "LEVELS", "build_report", "plateau_check", "plateau_verdict",
@@ -425,7 +425,8 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write report.json, report.md and the PNG plots into out_dir; returns their paths.
 
     Everything is built in memory first (a report that cannot be written, e.g. one holding a
-    NaN, fails before any file is touched), then each file is replaced atomically."""
+    NaN, fails before any file is touched), then every file is written before any is
+    replaced (`atomic_write_all`)."""
     out = Path(out_dir)
     report_json = json.dumps(report, indent=1, allow_nan=False)
     pngs = _plots(report)
@@ -496,10 +497,9 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
         raise ValueError(f"{out}: {', '.join(in_the_way)} "
                          f"{'is a directory' if len(in_the_way) == 1 else 'are directories'}, "
                          f"where the report writes a file; move it away (nothing was written)")
-    for name, data in pngs.items():
-        atomic_write(out / name, data)
-    atomic_write(out / "report.json", report_json)
-    atomic_write(out / "report.md", "\n".join(md))
+    # Every file written before any is replaced: a full disk leaves the old report whole.
+    atomic_write_all({**{out / name: data for name, data in pngs.items()},
+                      out / "report.json": report_json, out / "report.md": "\n".join(md)})
     return {"json": out / "report.json", "md": out / "report.md",
             **{p: out / p for p in pngs}}
 
