@@ -182,16 +182,15 @@ def test_atomic_write_all_replaces_none_when_one_write_fails(tmp_path, monkeypat
     names = ["a.png", "report.json", "report.md"]
     for name in names:
         (tmp_path / name).write_text(f"old {name}")
-    real_fdopen, opened = os.fdopen, []
+    real_fsync, synced = os.fsync, []
 
-    def fdopen(fd, mode):
-        opened.append(fd)
-        if len(opened) == 3:
-            os.close(fd)
+    def fsync(fd):  # where a full disk shows on a buffered write: its flush and fsync
+        synced.append(fd)
+        if len(synced) == 3:
             raise OSError(28, "No space left on device")
-        return real_fdopen(fd, mode)
+        real_fsync(fd)
 
-    monkeypatch.setattr(atomic.os, "fdopen", fdopen)
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
     with pytest.raises(OSError, match="No space left"):
         atomic_write_all({tmp_path / name: f"new {name}" for name in names})
     assert sorted(os.listdir(tmp_path)) == sorted(names)
@@ -221,3 +220,15 @@ def test_atomic_write_all_writes_every_file_before_the_first_rename(tmp_path, mo
     monkeypatch.setattr(atomic.os, "replace", replace)
     atomic_write_all({tmp_path / "x": b"1", tmp_path / "y": "2"})
     assert events == ["file", "file", "x", "y", "dir"]
+
+
+def test_atomic_write_all_keeps_what_it_renamed_when_a_later_rename_fails(tmp_path):
+    # A directory where the second file goes: the first is already replaced (whole), the
+    # third is not, and no temp file is left, nor any renamed file deleted as a temp.
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a").write_text("old a")
+    (tmp_path / "c").write_text("old c")
+    with pytest.raises(OSError):
+        atomic_write_all({tmp_path / n: f"new {n}" for n in "abc"})
+    assert (tmp_path / "a").read_text() == "new a" and (tmp_path / "c").read_text() == "old c"
+    assert sorted(os.listdir(tmp_path)) == ["a", "b", "c"] and not os.listdir(tmp_path / "b")

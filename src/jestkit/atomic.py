@@ -93,22 +93,28 @@ def atomic_write_all(files: Mapping[str | os.PathLike, bytes | str]) -> None:
             path = Path(path)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             temps.append((tmp, path))
-            with os.fdopen(fd, "wb") as f:
+            try:
+                f = os.fdopen(fd, "wb")
+            except BaseException:
+                os.close(fd)
+                raise
+            with f:
                 f.write(data.encode() if isinstance(data, str) else data)
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o644)  # mkstemp creates 0600; these files are data, not secrets
-        while temps:
+        while temps:  # a temp leaves the list only once renamed: never unlinked after
             tmp, path = temps[0]
             os.replace(tmp, path)
             temps.pop(0)
     except BaseException:
         for tmp, _ in temps:
-            if os.path.exists(tmp):
+            with contextlib.suppress(OSError):  # one that cannot go must not hide the error
                 os.unlink(tmp)
         raise
-    for parent in {Path(path).parent for path in files}:
-        _fsync_directory(parent)
+    finally:  # the renames done, also when a later one failed
+        for parent in {Path(path).parent for path in files}:
+            _fsync_directory(parent)
 
 
 def _fsync_directory(directory: Path) -> None:
