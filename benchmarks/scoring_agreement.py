@@ -23,6 +23,12 @@ along the way, scores a fixed set of super-batches five ways with that learner's
   what a learner with `score_view="stored"` scores. The same as `fine` for a run that
   scores the stored view itself.
 
+With `--learner-weights W ...`, each W adds a scoring `coarse, learner ×W`: the coarse
+losses times W in the learnability, A = W·L_coarse - R. Not the paper's score (W = 1 is): a
+probe of how the picks move when the coarse learner term counts less (a noisy estimate of
+the fine one, shrunk toward its mean) or more (against the reference-easy, clean tilt of
+coarse picks) than the reference's.
+
 Only the learner's image embeddings differ between them: its text embeddings and the run's
 own reference embeddings (its cache, or the live reference, on the view the run scores) are
 shared, and each gives the learnability matrix A = L - R. The joint sampler draws a
@@ -41,6 +47,9 @@ sub-batch under each with the *same* random draws (and again with other draws). 
 
     python benchmarks/scoring_agreement.py \\
         --config configs/demo-T20000-64-tokens-width-96-multires-fraction-0.125.json
+    python benchmarks/scoring_agreement.py --learners learnability-joint-flexi \\
+        --config configs/demo-T20000-64-tokens-width-96-multires-fraction-0.125.json \\
+        --learner-weights 0.5 0.75 1.25 1.5
     python benchmarks/scoring_agreement.py --quick        # smoke test, < 1 minute
 """
 
@@ -233,9 +242,22 @@ def _score(model: DualEncoder, reference_emb: ModelEmbeddings, images: torch.Ten
         return {name: pairwise_sigmoid_loss(by[name], txt, t, c) for name in SCORINGS}, ref
 
 
+def weighted_name(weight: float) -> str:
+    """The scoring that counts the coarse learner loss `weight` times (`--learner-weights`)."""
+    return f"coarse, learner ×{weight:g}"
+
+
+def add_weighted(losses: dict[str, torch.Tensor], learner_weights: list[float]) -> None:
+    """Add to `losses` (scoring -> L [N, N]) a scoring W·L_coarse per W in `learner_weights`:
+    its learnability is then W·L_coarse - R."""
+    for weight in learner_weights:
+        losses[weighted_name(weight)] = weight * losses["coarse"]
+
+
 def _analyse(model: DualEncoder, data: DigitsWeb, cfg: LearnerConfig,
              reference_emb_of: Callable[[Batch, torch.Tensor], ModelEmbeddings],
-             score_patch_size: int, super_batches: int) -> dict[str, dict[str, list[float]]]:
+             score_patch_size: int, super_batches: int,
+             learner_weights: list[float]) -> dict[str, dict[str, list[float]]]:
     """Per scoring (and "redrawn", "uniform"), each metric of `compare_selections` over the
     fixed super-batches (the same at every call: the same seeds)."""
     model.eval()
@@ -250,6 +272,7 @@ def _analyse(model: DualEncoder, data: DigitsWeb, cfg: LearnerConfig,
         anew = random_shift(stored, MAX_SHIFT, torch.Generator().manual_seed(k + 3_000_003))
         losses, ref = _score(model, reference_emb_of(batch, images), images, anew, stored,
                              batch.tokens, score_patch_size)
+        add_weighted(losses, learner_weights)
         got = compare_selections(losses, ref, cfg.batch_size, cfg.n_chunks, k,
                                  data.pool.is_clean[batch.indices])
         for name, metrics in got.items():
@@ -260,7 +283,7 @@ def _analyse(model: DualEncoder, data: DigitsWeb, cfg: LearnerConfig,
 
 def _run(name: str, cached: bool, cfg: LearnerConfig, data_seed: int, reference_path: str,
          cache_dir: str | None, at_steps: list[int], score_patch_size: int,
-         super_batches: int) -> dict:
+         super_batches: int, learner_weights: list[float]) -> dict:
     """Worker: train one demo run's learner, analysing its weights at each of `at_steps`
     (the run stops there, checkpointed, and resumes: the same run as uninterrupted)."""
     torch.set_num_threads(1)
@@ -286,7 +309,7 @@ def _run(name: str, cached: bool, cfg: LearnerConfig, data_seed: int, reference_
             model = load_model(Path(run_dir) / "checkpoints" / f"step_{step:07d}"
                                / "model.safetensors")
             snapshots[step] = _analyse(model, data, cfg, reference_emb_of, score_patch_size,
-                                       super_batches)
+                                       super_batches, learner_weights)
     return {"method": name, "seed": cfg.seed, "snapshots": snapshots}
 
 
@@ -313,7 +336,7 @@ def summarize(per: dict[str, dict[str, list[float]]], seed: int) -> dict[str, di
 
 
 def run(demo: DemoConfig, learners: list[str], seed: int, at_steps: list[int],
-        super_batches: int, workers: int) -> dict:
+        super_batches: int, workers: int, learner_weights: list[float] = ()) -> dict:
     started = time.time()
     data = load_digits_web(demo.data_seed, max_len=DEMO_MAX_TEXT_LEN)
     jobs = [(name, cached, cfg) for name, cached, cfg in learner_configs(
@@ -335,7 +358,8 @@ def run(demo: DemoConfig, learners: list[str], seed: int, at_steps: list[int],
         try:
             futures = [pool.submit(_run, name, cached, cfg, demo.data_seed, reference_path,
                                    cache_dir, at_steps, demo.flexi_score_patch_size,
-                                   super_batches) for name, cached, cfg in jobs]
+                                   super_batches, list(learner_weights))
+                       for name, cached, cfg in jobs]
             done = [fut.result() for fut in futures]
         except BaseException:
             stop_workers(pool)
@@ -349,6 +373,7 @@ def run(demo: DemoConfig, learners: list[str], seed: int, at_steps: list[int],
                              **summary})
     return {"config": dataclasses.asdict(demo), "seed": seed, "at_steps": at_steps,
             "super_batches": super_batches, "analysis_seed": ANALYSIS_SEED,
+            "learner_weights": list(learner_weights),
             "reference_accuracy": ref_info["metrics"]["zero_shot_accuracy"],
             "rows": rows, "raw": done, "wall_s": round(time.time() - started, 1)}
 
@@ -433,6 +458,28 @@ def markdown(res: dict, command: str) -> str:
         for method, step in keys:
             lines.append(f"| {method} | {step} | " + " | ".join(
                 f"{by[method, step, name]['reference']:.2f}" for name in CLEAN_COLUMNS) + " |")
+    weights = res.get("learner_weights") or []
+    if weights:
+        columns = ["coarse", *map(weighted_name, weights)]
+        lines += [
+            "",
+            "The coarse learner term counted W times, A = W·L_coarse - R (not the paper's "
+            "score: W = 1 is, the coarse column): gain kept (90% interval), the share of clean "
+            "pairs picked, and the reference's loss of the picked block:",
+            "",
+            "| run | step | " + " | ".join([f"gain kept: {columns[0]}", *columns[1:],
+                                            "clean: fine", *columns,
+                                            "reference loss: fine", *columns]) + " |",
+            "|---|---|" + "---|" * (3 * len(columns) + 2),
+        ]
+        for method, step in keys:
+            row = {name: by[method, step, name] for name in ("fine", *columns)}
+            lines.append(
+                f"| {method} | {step} | " + " | ".join(gain(row[name]) for name in columns)
+                + " | " + " | ".join(f"{100 * row[name]['clean']:.1f}%"
+                                     for name in ("fine", *columns))
+                + " | " + " | ".join(f"{row[name]['reference']:.2f}"
+                                     for name in ("fine", *columns)) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -452,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"default {' '.join(map(str, AT_STEPS))})")
     p.add_argument("--super-batches", type=int,
                    help=f"super-batches scored at each step (default {SUPER_BATCHES})")
+    p.add_argument("--learner-weights", type=float, nargs="+", default=[], metavar="W",
+                   help="also score with the coarse learner loss counted W times, "
+                        "A = W*L_coarse - R (each W > 0, not 1: that is the coarse scoring)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", type=Path, help="write the markdown results into this doc")
     p.add_argument("--section", default="scoring_agreement",
@@ -463,6 +513,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--quick runs its own tiny config; drop --config (or --quick)")
     if not 1 <= args.workers <= MAX_WORKERS:
         p.error(f"--workers must be in [1, {MAX_WORKERS}], got {args.workers}")
+    weights = args.learner_weights
+    if any(not (np.isfinite(w) and w > 0) or w == 1 for w in weights) or (
+            len(set(weights)) < len(weights)):
+        p.error(f"--learner-weights must be distinct finite numbers > 0 other than 1 (the "
+                f"coarse scoring itself), got {weights}")
     if args.quick and (args.at_steps or args.super_batches):
         p.error("--quick sets its own --at-steps and --super-batches; drop them (or --quick)")
     if args.quick:
@@ -496,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"larger than learner.patch_size ({demo.learner.patch_size}): there is no "
                 f"coarse scoring to compare")
     check_outputs(p, args.out, args.section, args.json)
-    res = run(demo, learners, seed, steps, super_batches, args.workers)
+    res = run(demo, learners, seed, steps, super_batches, args.workers, weights)
     md = markdown(res, command_line("scoring_agreement.py", argv))
     publish(md, res, args.json, args.out, args.section, "Coarse scoring's agreement")
     return 0

@@ -129,6 +129,11 @@ def test_a_benchmark_refuses_its_out_file_before_timing_anything(script, tmp_pat
     ("scoring_agreement", ["--learners", "learnability-independent"], "--learners must be"),
     ("scoring_agreement", ["--seed", "-1"], "--seed: seeds must be ints in"),
     ("scoring_agreement", ["--workers", "0"], "--workers must be in [1, "),
+    ("scoring_agreement", ["--learner-weights", "1"], "--learner-weights must be distinct finite "
+                                                      "numbers > 0 other than 1"),
+    ("scoring_agreement", ["--learner-weights", "0.5", "0.5"], "--learner-weights must be"),
+    ("scoring_agreement", ["--learner-weights", "nan"], "--learner-weights must be"),
+    ("scoring_agreement", ["--learner-weights", "-2"], "--learner-weights must be"),
 ])
 def test_benchmark_numbers_are_checked_before_any_timing(script, argv, message, monkeypatch,
                                                          capsys):
@@ -1662,6 +1667,30 @@ def test_scoring_agreement_compares_picks_under_the_same_draws(scoring_agreement
         scoring_agreement.uniform_value(reference, b))
 
 
+def test_scoring_agreement_weighted_learner_term_picks_on_w_l_minus_r(scoring_agreement):
+    import torch
+
+    from jestkit.selection import joint_select
+
+    gen = torch.Generator().manual_seed(3)
+    n, b, k = 40, 8, 4
+    losses = {"fine": torch.rand(n, n, generator=gen) * 3,
+              "coarse": torch.rand(n, n, generator=gen) * 3}
+    reference = torch.rand(n, n, generator=gen) * 3
+    scoring_agreement.add_weighted(losses, [0.5, 2.0])
+    assert set(losses) == {"fine", "coarse", "coarse, learner ×0.5", "coarse, learner ×2"}
+    got = scoring_agreement.compare_selections(losses, reference, b, k, draw_seed=7,
+                                               is_clean=torch.ones(n, dtype=torch.bool))
+    for weight in (0.5, 2.0):
+        picks = joint_select(weight * losses["coarse"] - reference, b, n_chunks=k,
+                             generator=torch.Generator().manual_seed(7))
+        block = (losses["fine"] - reference)[picks][:, picks].sum().item() / b
+        name = scoring_agreement.weighted_name(weight)
+        assert got[name]["value"] == pytest.approx(block, rel=1e-5)
+    # Counting the reference more (a small W) picks blocks it finds easier.
+    assert got["coarse, learner ×0.5"]["reference"] < got["coarse, learner ×2"]["reference"]
+
+
 def test_scoring_agreement_uniform_value_is_the_mean_over_every_sub_batch(scoring_agreement):
     import itertools
 
@@ -1807,14 +1836,16 @@ def test_scoring_agreement_end_to_end(tmp_path):
     done = subprocess.run([sys.executable, str(root / "benchmarks" / "scoring_agreement.py"),
                            "--quick", "--workers", "1", "--learners",
                            "learnability-joint-flexi", "--out", str(out), "--section", "sa",
-                           "--json", str(raw)],
+                           "--json", str(raw), "--learner-weights", "0.5", "2"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     res = json.loads(raw.read_text())
     rows = {(r["step"], r["scoring"]): r for r in res["rows"]}
     assert set(rows) == {(s, name) for s in (10, 20) for name in
                          ("fine", "coarse", "shrunk image", "fine, shifted anew",
-                          "fine, stored view", "redrawn", "uniform")}
+                          "fine, stored view", "redrawn", "uniform", "coarse, learner ×0.5",
+                          "coarse, learner ×2")}
+    assert res["learner_weights"] == [0.5, 2.0]
     assert {r["method"] for r in res["rows"]} == {"learnability-joint-flexi"}
     for step in (10, 20):
         fine, uniform = rows[step, "fine"], rows[step, "uniform"]
@@ -1822,6 +1853,10 @@ def test_scoring_agreement_end_to_end(tmp_path):
         assert fine["diag_r"] == pytest.approx(1.0)
         assert uniform["gain_kept"] == 0.0 and uniform["gain_kept_90"] is None
         coarse = rows[step, "coarse"]
+        for weight in ("0.5", "2"):  # the same losses, scaled: correlated as the coarse ones
+            weighted = rows[step, f"coarse, learner ×{weight}"]
+            assert weighted["diag_r"] == pytest.approx(coarse["diag_r"])
+            assert weighted["pair_r"] == pytest.approx(coarse["pair_r"])
         if coarse["gain_kept_90"] is not None:  # None: 20 steps may leave fine no gain
             low, high = coarse["gain_kept_90"]
             assert low <= coarse["gain_kept"] <= high
@@ -1829,5 +1864,6 @@ def test_scoring_agreement_end_to_end(tmp_path):
     assert rows[10, "uniform"]["clean"] == rows[20, "uniform"]["clean"]
     text = out.read_text()
     assert text.startswith("prose\n<!-- sa:start -->\nCommand: ")
-    # The picks, the learner's scores, the reference's loss of the picks.
-    assert text.count("| learnability-joint-flexi | 20 | ") == 3
+    # The picks, the learner's scores, the reference's loss of the picks, the weighted terms.
+    assert text.count("| learnability-joint-flexi | 20 | ") == 4
+    assert "| gain kept: coarse | coarse, learner ×0.5 | coarse, learner ×2 | clean: fine |" in text
