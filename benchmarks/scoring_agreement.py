@@ -61,7 +61,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -336,7 +336,7 @@ def summarize(per: dict[str, dict[str, list[float]]], seed: int) -> dict[str, di
 
 
 def run(demo: DemoConfig, learners: list[str], seed: int, at_steps: list[int],
-        super_batches: int, workers: int, learner_weights: list[float] = ()) -> dict:
+        super_batches: int, workers: int, learner_weights: Sequence[float] = ()) -> dict:
     started = time.time()
     data = load_digits_web(demo.data_seed, max_len=DEMO_MAX_TEXT_LEN)
     jobs = [(name, cached, cfg) for name, cached, cfg in learner_configs(

@@ -527,7 +527,7 @@ class ImageTower(nn.Module):
             raise ValueError(f"images must have shape [B, {', '.join(map(str, expected))}], "
                              f"got {tuple(images.shape)}")
         p = c.patch_size if patch_size is None else patch_size
-        # [B, (S/p)^2, width]; validates p, type and dtype
+        # patch_embed validates p, the type and the dtype: [B, (S/p)^2, width]
         return self.encode_patches(self.patch_embed(images, p), c.image_size // p)
 
     def encode_patches(self, patches: Tensor, grid: int) -> Tensor:
