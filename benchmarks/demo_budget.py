@@ -135,9 +135,10 @@ def _measure(cfg: DemoConfig, args, tmp: str) -> dict:
     cache, cached = None, {"flops": 0, "s": 0.0}
     if any(uses_cache for _, uses_cache, _ in learner_configs(cfg)):
         t0 = time.perf_counter()
-        cached["flops"] = count_flops(lambda: build_reference_cache(reference, data.pool, tmp))
+        cached["flops"] = count_flops(lambda: build_reference_cache(reference, data.pool, tmp,
+                                                                    views=cfg.cache_views))
         cached["s"] = time.perf_counter() - t0
-        cache = ReferenceCache.open(tmp, split=data.pool, model=reference)
+        cache = ReferenceCache.open(tmp, split=data.pool, model=reference, views=cfg.cache_views)
 
     # One run per method (the first seed: a step costs the same whatever the seed), built as
     # the demo's workers build it (`demo._run_one`): live reference or cache.

@@ -347,7 +347,7 @@ def run(path: Path, methods: list[str], steps: int | None, eval_every: int,
         pool = worker_pool(workers)
         try:
             futures = [(name, pool.submit(_run_one, cfg.data_seed, reference,
-                                          cache if cached else None, lc))
+                                          cache if cached else None, lc, cfg.cache_views))
                        for name, cached, lc in jobs]
             for name, fut in futures:  # in submission order: seeds in order
                 fine[name].append(fut.result())

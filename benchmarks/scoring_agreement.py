@@ -283,18 +283,23 @@ def _analyse(model: DualEncoder, data: DigitsWeb, cfg: LearnerConfig,
 
 def _run(name: str, cached: bool, cfg: LearnerConfig, data_seed: int, reference_path: str,
          cache_dir: str | None, at_steps: list[int], score_patch_size: int,
-         super_batches: int, learner_weights: list[float]) -> dict:
+         super_batches: int, learner_weights: list[float], cache_views: str = "stored") -> dict:
     """Worker: train one demo run's learner, analysing its weights at each of `at_steps`
     (the run stops there, checkpointed, and resumes: the same run as uninterrupted)."""
     torch.set_num_threads(1)
     data = load_digits_web(data_seed, max_len=DEMO_MAX_TEXT_LEN)
     reference = load_model(reference_path).eval()
     if cached:
-        cache = ReferenceCache.open(cache_dir, split=data.pool, model=reference)
+        cache = ReferenceCache.open(cache_dir, split=data.pool, model=reference,
+                                    views=cache_views)
         run_kwargs = {"reference_embedder": cache.embeddings}
 
         def reference_emb_of(batch, images):
-            return cache.embeddings(batch)  # the stored images, whatever the view
+            # As the run's selection looks it up (`training._select`): a stored-view cache
+            # has the stored images whatever the view; a shifted-view one the scored view.
+            if cfg.score_view == "stored":
+                batch = dataclasses.replace(batch, images=images, views=None)
+            return cache.embeddings(batch)
     else:
         run_kwargs = {"reference": reference}
 
@@ -351,14 +356,14 @@ def run(demo: DemoConfig, learners: list[str], seed: int, at_steps: list[int],
             cache_dir = None
             if any(cached for _, cached, _ in jobs):
                 cache_dir = str(Path(tmp) / "reference_cache")
-                build_reference_cache(reference, data.pool, cache_dir)
+                build_reference_cache(reference, data.pool, cache_dir, views=demo.cache_views)
         finally:
             torch.set_num_threads(threads)
         pool = worker_pool(workers)
         try:
             futures = [pool.submit(_run, name, cached, cfg, demo.data_seed, reference_path,
                                    cache_dir, at_steps, demo.flexi_score_patch_size,
-                                   super_batches, list(learner_weights))
+                                   super_batches, list(learner_weights), demo.cache_views)
                        for name, cached, cfg in jobs]
             done = [fut.result() for fut in futures]
         except BaseException:

@@ -76,7 +76,7 @@ import torch
 from _markdown import check_outputs, command_line, load_demo_config, publish
 
 from jestkit.cache import build_reference_cache
-from jestkit.data import POOL_SIZE, Batch, SuperBatchSampler, load_digits_web
+from jestkit.data import POOL_SIZE, SuperBatchSampler, load_digits_web
 from jestkit.demo import DEMO_MAX_TEXT_LEN, DemoConfig
 from jestkit.flops import FlopLedger, count_flops
 from jestkit.models import DualEncoder
@@ -243,8 +243,7 @@ class Runner:
             idx = _select(batch, self.model, cfg, self.selector, self.select_gen, self.meter,
                           self.reference, self.embedder, data.pool)
             idx = _order_for_training(idx, cfg, self.train_patches, self.select_gen)
-            batch = Batch(batch.images[idx], batch.tokens[idx], batch.ids[idx],
-                          batch.indices[idx])
+            batch = batch.take(idx)
         self.clean_seen[0] += int(data.pool.is_clean[batch.indices].sum())  # as in the loop
         self.clean_seen[1] += len(batch.indices)
         self.last_loss = clock.time("train_step", lambda: _train_step(

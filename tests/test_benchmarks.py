@@ -1459,8 +1459,8 @@ def test_first_crossing_reuse_gives_what_retraining_gives_without_retraining(
             workers_started.append(n)
             self.pool = worker_pool(n)
 
-        def submit(self, fn, *args):
-            trained.append((args[-1].score_patch_size, args[-1].seed))
+        def submit(self, fn, *args):  # _run_one(data_seed, reference, cache, cfg, views)
+            trained.append((args[3].score_patch_size, args[3].seed))
             return self.pool.submit(fn, *args)
 
         def shutdown(self):

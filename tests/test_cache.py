@@ -1054,3 +1054,142 @@ def test_cached_and_live_reference_select_identically(pool_cache, data, model, c
                          generator=torch.Generator().manual_seed(seed))
         assert not torch.equal(wrong, want), seed
     assert len(picks) == 4
+
+
+# --- 6. a cache of every shifted view (views="shifts") -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shifts_cache(tmp_path_factory, model, split):
+    """The small subset's cache of all 25 shifted views (6 shards)."""
+    out = tmp_path_factory.mktemp("shifts") / "ref"
+    return build_reference_cache(model, split, out, shard_size=SHARD, views="shifts")
+
+
+def test_a_shifted_view_cache_holds_each_views_live_embedding(shifts_cache, built, split,
+                                                              model):
+    from jestkit.data import MAX_SHIFT, shift_view, shifted_views
+
+    assert shifts_cache.views == "shifts" and shifts_cache.n_views == (2 * MAX_SHIFT + 1) ** 2
+    rows = torch.tensor([17, 3, 599, 250, 3])
+    ids = split.ids[rows]
+    views = shifted_views(split.images[rows], MAX_SHIFT)
+    with torch.no_grad():
+        want_text = model.encode_text(split.tokens[rows])
+        for v in range(shifts_cache.n_views):
+            image, text = shifts_cache.lookup(ids, torch.full((len(rows),), v))
+            assert max_diff(image, model.encode_image(views[v])) <= 1e-6, v
+            assert max_diff(text, want_text) <= 1e-6
+        # A view per row, mixed; no views: the stored image, as a stored-view cache has it.
+        mixed = torch.tensor([0, 24, 12, 7, 7])
+        image, _ = shifts_cache.lookup(ids, mixed)
+        want = model.encode_image(views[mixed, torch.arange(len(rows))])
+        assert max_diff(image, want) <= 1e-6
+    stored = ReferenceCache.open(built)
+    assert max_diff(shifts_cache.lookup(ids)[0], stored.lookup(ids)[0]) <= 1e-6
+    assert int(shift_view(0, 0)) == shifts_cache._stored_view
+    # Only the stored-view cache's manifest lacks the entry: it is what it was before.
+    assert "views" not in stored.manifest
+    assert shifts_cache.manifest["views"] == {"kind": "shifts", "max_shift": MAX_SHIFT,
+                                              "count": 25}
+
+
+def test_cached_shifted_views_select_as_the_live_reference_on_augmented_batches(
+        tmp_path, model, data, config):
+    # The sampler shifts every image: the live reference scores that view, a stored-view
+    # cache the stored image (another selection), a shifted-view cache the very view.
+    pool = data.pool
+    shifts = build_reference_cache(model, pool, tmp_path / "shifts", views="shifts")
+    stored = build_reference_cache(model, pool, tmp_path / "stored")
+    learner = DualEncoder(config, seed=11).eval()
+    selector = JointSelector(filter_ratio=0.8)
+    sampler = SuperBatchSampler(pool, 320, seed=5)
+    differs = 0
+    for seed in range(4):
+        batch = sampler.next()
+        with torch.no_grad():
+            learner_emb = ModelEmbeddings(*learner(batch.images, batch.tokens))
+            live = ModelEmbeddings(*model(batch.images, batch.tokens))
+
+        def pick(emb, seed=seed, learner_emb=learner_emb):
+            return selector(learner_emb, emb, generator=torch.Generator().manual_seed(seed))
+
+        want = pick(live)
+        assert torch.equal(pick(shifts.embeddings(batch)), want), seed
+        differs += not torch.equal(pick(stored.embeddings(batch)), want)
+    assert differs >= 2  # power: the view matters to the selection
+
+
+def test_views_are_part_of_the_caches_identity(shifts_cache, built, split, model, tmp_path):
+    stored_dir, shifts_dir = tmp_path / "stored", tmp_path / "shifts"
+    shutil.copytree(built, stored_dir)
+    shutil.copytree(shifts_cache.root, shifts_dir)
+    before = snapshot(stored_dir)
+    expect_cache_error(lambda: build_reference_cache(model, split, stored_dir,
+                                                     shard_size=SHARD, views="shifts"),
+                       "other views", "views: cache has stored, expected shifts")
+    assert snapshot(stored_dir) == before  # nothing computed is lost
+    expect_cache_error(lambda: build_reference_cache(model, split, shifts_dir,
+                                                     shard_size=SHARD),
+                       "views: cache has shifts (max_shift 2), expected stored")
+    expect_cache_error(lambda: ReferenceCache.open(stored_dir, views="shifts"),
+                       "holds views='stored', expected 'shifts'", "--views shifts")
+    expect_cache_error(lambda: ReferenceCache.open(shifts_dir, views="stored"),
+                       "holds views='shifts', expected 'stored'")
+    assert ReferenceCache.open(shifts_dir, split=split, model=model, views="shifts").views \
+        == "shifts"
+    with pytest.raises(ValueError, match="views must be one of"):
+        ReferenceCache.open(shifts_dir, views="shifted")
+    with pytest.raises(ValueError, match=r"views must be one of \['stored', 'shifts'\]"):
+        build_reference_cache(model, split, tmp_path / "new", views="all")
+    # --overwrite replaces it with the other kind, whole.
+    cache = build_reference_cache(model, split, stored_dir, shard_size=SHARD, views="shifts",
+                                  overwrite=True)
+    assert cache.views == "shifts" and cache.computed_shards == list(range(N_SHARDS))
+    assert shard_files(stored_dir) == shard_files(shifts_dir)
+
+
+def test_a_damaged_shifted_view_shard_is_named_and_rebuilt_alone(shifts_cache, split, model,
+                                                                  tmp_path):
+    out = tmp_path / "ref"
+    shutil.copytree(shifts_cache.root, out)
+    want = shard_files(out)
+    path = out / "shard_00003.npy"
+    blob = bytearray(path.read_bytes())
+    blob[-5] ^= 0x10
+    path.write_bytes(bytes(blob))
+    cache = ReferenceCache.open(out, split=split, model=model)
+    expect_cache_error(cache.verify, "shard_00003.npy fails its checksum")
+    rebuilt = build_reference_cache(model, split, out, shard_size=SHARD, views="shifts")
+    assert rebuilt.computed_shards == [3] and shard_files(out) == want
+
+
+def test_bad_views_in_a_lookup_or_manifest_are_named(shifts_cache, built, split, tmp_path):
+    ids = split.ids[:4]
+    stored = ReferenceCache.open(built)
+    expect_cache_error(lambda: stored.lookup(ids, torch.zeros(4, dtype=torch.long)),
+                       "stored images only (views='stored')", "--views shifts")
+    cases = [
+        (torch.tensor([0, 1, 25, 2]), ValueError, r"views must be in \[0, 24\].*\[25\]"),
+        (torch.tensor([0, -1, 2, 2]), ValueError, r"views must be in \[0, 24\].*\[-1\]"),
+        (torch.zeros(3, dtype=torch.long), ValueError, r"views must be \[n\] = \[4\]"),
+        (torch.zeros(4), TypeError, "views must be integer view indices"),
+    ]
+    for views, error, match in cases:
+        with pytest.raises(error, match=match):
+            shifts_cache.lookup(ids, views)
+    # A stored-view cache serves a batch with views as it always did: the stored images.
+    batch = Batch(split.images[:4], split.tokens[:4], ids, torch.arange(4),
+                  views=torch.tensor([0, 1, 2, 3]))
+    assert torch.equal(stored.embeddings(batch).image, stored.lookup(ids)[0])
+    # An edited manifest that names other views is damaged, not silently misread.
+    out = tmp_path / "ref"
+    shutil.copytree(shifts_cache.root, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for key, value in (("max_shift", 3), ("count", 25.0), ("kind", "all")):
+        edited = {**manifest, "views": {**manifest["views"], key: value}}
+        (out / "manifest.json").write_text(json.dumps(edited))
+        expect_cache_error(lambda: ReferenceCache.open(out), "is damaged", "views")
+    # A bad views argument is named before anything is read (here: nothing to read).
+    with pytest.raises(ValueError, match="views must be one of"):
+        ReferenceCache.open(tmp_path / "nothing-here", views="shifted")

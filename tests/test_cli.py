@@ -190,6 +190,8 @@ def test_cache_reference_flags(monkeypatch, tmp_path, capsys):
     assert seen["overwrite"] is True and seen["shard_size"] == 7
     assert main(argv) == 2
     assert seen["overwrite"] is False and len(seen["split"]) == 3500
+    assert seen["views"] == "stored"
+    assert main([*argv, "--views", "shifts"]) == 2 and seen["views"] == "shifts"
     # Captions padded as the demo pads them, unless told otherwise: a cache is for one length.
     from jestkit.demo import DEMO_MAX_TEXT_LEN
     assert seen["split"].tokens.shape[1] == DEMO_MAX_TEXT_LEN
@@ -338,6 +340,17 @@ def test_cache_reference_makes_the_cache_the_demo_reads_and_says_what_it_compute
     err = capsys.readouterr().err
     assert "model fingerprint" in err and "--overwrite" in err, err
     assert {p.name: p.read_bytes() for p in sorted(out.iterdir())} == before
+    # The shifted views: another cache, told apart from this one and built beside it.
+    argv[2] = str(tmp_path / "ref.safetensors")
+    assert main([*argv, "--views", "shifts"]) == 2
+    err = capsys.readouterr().err
+    assert "views: cache has stored, expected shifts" in err and "--overwrite" in err, err
+    argv[4] = str(tmp_path / "shifts")
+    assert main([*argv, "--views", "shifts"]) == 0
+    assert "3500 reference embeddings (dim 32, 25 shifted views each)" in \
+        capsys.readouterr().out
+    ReferenceCache.open(tmp_path / "shifts", split=data.pool, model=model,
+                        views="shifts").verify()
 
 
 def test_version_and_argument_type_errors(capsys):

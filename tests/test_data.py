@@ -33,6 +33,8 @@ from jestkit.data import (
     class_prompts,
     load_digits_web,
     random_shift,
+    shift_view,
+    shifted_views,
 )
 
 MNIST_X_SHA256 = "1fddaed6f1ed819d421d45cb9357d1d4e7a922ff22a1fe9505cc7550896b3bb8"
@@ -388,6 +390,73 @@ def test_sampler_draw_equals_random_shift_of_its_rows(web: DigitsWeb) -> None:
         want = random_shift(split.images[batch.indices], MAX_SHIFT, shifts)
         assert torch.equal(batch.images, want)
     assert sampler.epoch == 2
+
+
+def test_shifted_views_are_every_shift_in_shift_view_order() -> None:
+    # Against the slow slicing shift: view shift_view(dy, dx) of every image, all 49 shifts
+    # at max_shift 3 on non-square, multi-channel images; the stored image is the middle view.
+    x = torch.rand(5, 2, 9, 11, generator=torch.Generator().manual_seed(7))
+    m = 3
+    views = shifted_views(x, m)
+    assert views.shape == ((2 * m + 1) ** 2, *x.shape)
+    seen = set()
+    for dy in range(-m, m + 1):
+        for dx in range(-m, m + 1):
+            v = int(shift_view(dy, dx, m))
+            seen.add(v)
+            for i in range(len(x)):
+                assert torch.equal(views[v, i], _slow_shift(x[i], dy, dx)), (dy, dx, i)
+    assert seen == set(range(len(views)))
+    assert int(shift_view(0, 0, m)) == len(views) // 2 and torch.equal(views[len(views) // 2], x)
+    with pytest.raises(ValueError, match="max_shift must be"):
+        shifted_views(x, 9)
+    assert shifted_views(x[:0], m).shape == (49, 0, 2, 9, 11)
+    # Found in review: shift_view checked nothing, and (0, 3) and (1, -2) shared index 15.
+    assert torch.equal(shift_view(torch.tensor([-2, 2]), torch.tensor([-2, 2])),
+                       torch.tensor([0, 24]))
+    for dy, dx, error, match in [
+            (0, 3, ValueError, r"dx must be in \[-2, 2\] \(max_shift\), got values from 3"),
+            (torch.tensor([1, -5]), 0, ValueError, r"dy must be in \[-2, 2\].*from -5 to 1"),
+            (0.5, 0, TypeError, "dy must be integer shifts, got torch.float32"),
+            (0, torch.tensor([True]), TypeError, "dx must be integer shifts, got torch.bool")]:
+        with pytest.raises(error, match=match):
+            shift_view(dy, dx, 2)
+
+
+def test_sampler_batches_name_the_view_each_image_is(web: DigitsWeb) -> None:
+    # Batch.views is what a shifted-view cache looks up: each row's image must be exactly its
+    # stored image's view of that index, over many draws (every view turns up), and the
+    # stream of images is the same as before views were recorded (random_shift's).
+    split = web.curated
+    sampler = SuperBatchSampler(split, 192, seed=3)
+    shifts = torch.Generator().manual_seed(3 + 0x5EED)
+    seen = set()
+    for _ in range(4):
+        batch = sampler.next()
+        assert batch.views is not None and batch.views.dtype == torch.int64
+        assert torch.equal(batch.images, random_shift(split.images[batch.indices], MAX_SHIFT,
+                                                      shifts))
+        views = shifted_views(split.images[batch.indices], MAX_SHIFT)
+        rows = torch.arange(len(batch))
+        assert torch.equal(batch.images, views[batch.views, rows])
+        seen.update(batch.views.tolist())
+    assert seen == set(range((2 * MAX_SHIFT + 1) ** 2))
+    # Without augmentation the images are the stored ones: no views.
+    plain = SuperBatchSampler(split, 64, seed=3, augment=False).next()
+    assert plain.views is None and torch.equal(plain.images, split.images[plain.indices])
+
+
+def test_batch_views_travel_with_their_rows(web: DigitsWeb) -> None:
+    batch = SuperBatchSampler(web.pool, 40, seed=1).next()
+    rows = torch.tensor([5, 0, 39, 7])
+    sub = batch.take(rows)
+    for name in ("images", "tokens", "ids", "indices", "views"):
+        assert torch.equal(getattr(sub, name), getattr(batch, name)[rows]), name
+    assert torch.equal(batch.to("cpu").views, batch.views)
+    plain = dataclasses.replace(batch, views=None)
+    assert plain.take(rows).views is None and plain.to("cpu").views is None
+    with pytest.raises(ValueError, match="one row per example.*'views': 3"):
+        dataclasses.replace(batch, views=batch.views[:3])
 
 
 def test_sampler_seeded(web: DigitsWeb) -> None:

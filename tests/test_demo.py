@@ -322,6 +322,18 @@ def test_bad_demo_config():
         DemoConfig.from_dict({"flexi_score_view": "shifted"})
 
 
+def test_cache_views_is_checked_and_read_from_json():
+    with pytest.raises(ValueError, match=r"cache_views must be one of \['stored', 'shifts'\], "
+                                         r"got 'all'"):
+        DemoConfig.from_dict({"cache_views": "all"})
+    assert DemoConfig.from_dict({"cache_views": "shifts"}).cache_views == "shifts"
+    assert DemoConfig().cache_views == "stored"
+    with pytest.raises(ValueError, match=r"cache_views='shifts' applies only to the methods "
+                                         r"that read the reference cache"):
+        DemoConfig.from_dict({"cache_views": "shifts",
+                              "methods": ["uniform", "learnability-joint"]})
+
+
 def test_flexi_score_view_reaches_the_flexi_runs_only():
     from jestkit.demo import learner_configs
 
@@ -748,6 +760,27 @@ def straight(tmp_path_factory):
     return report
 
 
+def test_a_demo_with_a_shifted_view_cache_runs_cached_as_live(tmp_path, straight):
+    # cache_views="shifts": the cached run's reference embeddings are the live reference's of
+    # every shifted view the sampler drew, so its curves are the live run's; the caching costs
+    # more (the 25 views' image forwards) and the stored-view demo's cached run differs.
+    from jestkit.demo import run_demo
+
+    cfg = dataclasses.replace(RESUME_CFG, cache_views="shifts")
+    report = run_demo(cfg, tmp_path / "run", show_progress=False)
+    live = report["methods"]["learnability-joint"]
+    cached = report["methods"]["learnability-joint-cached"]
+    for key in ("zero_shot_accuracy", "clean_fraction"):
+        assert cached["curves"][key] == pytest.approx(live["curves"][key], abs=1e-6), key
+    assert cached["flops_at_end"]["reference_scoring"] == 0
+    assert live == straight["methods"]["learnability-joint"]  # the view changes no live run
+    stored = straight["methods"]["learnability-joint-cached"]["curves"]["clean_fraction"]
+    assert stored != pytest.approx(cached["curves"]["clean_fraction"], abs=1e-6)
+    ratio = report["reference"]["caching_flops"] / straight["reference"]["caching_flops"]
+    assert 5 < ratio < 25  # 25 image forwards per example, one text forward
+    assert report["config"]["cache_views"] == "shifts"
+
+
 def _same_results(a: dict, b: dict) -> None:
     """The same runs and reference; only wall time and `resumed_runs` may differ."""
     assert a["methods"] == b["methods"]
@@ -1081,6 +1114,20 @@ def test_an_interrupted_demo_from_before_the_score_view_option_resumes_as_it_sco
     assert {r["config"]["score_view"] for r in done.values()} == {"augmented"}
     with pytest.raises(ValueError, match="flexi_score_view: 'augmented' then, 'stored' now"):
         demo._check_resumable(work, dataclasses.replace(cfg, flexi_score_view="stored"))
+
+
+def test_an_interrupted_demo_from_before_the_cache_views_option_resumes(tmp_path):
+    # Found in review: its demo_config.json lacks cache_views and was refused as "another
+    # config". Every cache then held the stored images: it resumes as "stored", and is
+    # another config than a shifted-view one.
+    from jestkit import demo
+
+    work = tmp_path / "run.partial"
+    _partial_demo_as_saved_before(work, RESUME_CFG, {"cache_views": "cache_views"})
+    assert "cache_views" not in json.loads((work / "demo_config.json").read_text())
+    assert len(demo._check_resumable(work, RESUME_CFG)) == 3
+    with pytest.raises(ValueError, match="cache_views: 'stored' then, 'shifts' now"):
+        demo._check_resumable(work, dataclasses.replace(RESUME_CFG, cache_views="shifts"))
 
 
 def test_resume_with_nothing_to_resume_starts_afresh(tmp_path, capsys):

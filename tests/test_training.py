@@ -1336,6 +1336,44 @@ def test_scoring_the_stored_view_a_cached_run_is_the_live_run(data, reference, t
         assert a.train_loss != pytest.approx(b.train_loss, abs=1e-4)
 
 
+def test_a_cache_of_every_shifted_view_runs_as_the_live_reference(data, reference, tmp_path):
+    # views="shifts" holds the reference's embedding of every view the sampler can draw, and
+    # each super-batch row is looked up under its own view: under either score_view the
+    # cached run selects, so trains, exactly as the live run (a stored-view cache only does
+    # under "stored": the test above).
+    from jestkit.cache import build_reference_cache
+
+    cache = build_reference_cache(reference, data.pool, tmp_path / "shifts", views="shifts")
+    stored = build_reference_cache(reference, data.pool, tmp_path / "stored")
+    for view in ("augmented", "stored"):
+        cfg = dataclasses.replace(TINY, score_view=view)
+        live = train_learner(data, cfg, reference)
+        cached = train_learner(data, cfg, reference_embedder=cache.embeddings)
+        assert cached.clean_fraction == live.clean_fraction, view
+        assert cached.train_loss == pytest.approx(live.train_loss, abs=1e-6), view
+        assert cached.zero_shot_accuracy == pytest.approx(live.zero_shot_accuracy, abs=1e-6)
+        if view == "augmented":  # power: the stored-view cache's run is another run
+            other = train_learner(data, cfg, reference_embedder=stored.embeddings)
+            assert other.train_loss != pytest.approx(live.train_loss, abs=1e-4)
+
+
+def test_resume_tells_a_shifted_view_cache_from_a_stored_view_one(data, reference, tmp_path):
+    from jestkit.cache import build_reference_cache
+
+    shifts = build_reference_cache(reference, data.pool, tmp_path / "shifts", views="shifts")
+    stored = build_reference_cache(reference, data.pool, tmp_path / "stored")
+    run = tmp_path / "run"
+    full = train_learner(data, TINY, reference_embedder=shifts.embeddings)
+    train_learner(data, TINY, reference_embedder=shifts.embeddings, run_dir=run, stop_after=2)
+    with pytest.raises(ValueError, match="scored with reference cached-shifts:.*this run with "
+                                         "cached:"):
+        train_learner(data, TINY, reference_embedder=stored.embeddings, run_dir=run,
+                      resume=True)
+    resumed = train_learner(data, TINY, reference_embedder=shifts.embeddings, run_dir=run,
+                            resume=True)
+    assert resumed.zero_shot_accuracy == pytest.approx(full.zero_shot_accuracy, abs=1e-6)
+
+
 def test_a_checkpoint_does_not_continue_on_other_data_with_the_same_ids(data, tmp_path):
     # Found in review: only the pool's ids were checked; a run of 16-token captions resumed
     # on 8-token ones and mixed the two in its FLOP counts.

@@ -21,11 +21,22 @@ A silently mismatched cache is the worst bug this system can have, so:
 - lookups are vectorised (a sorted id index and one gather per shard touched) and read the
   shards memory-mapped, so a pool far larger than RAM works.
 
+Which images: by default (``views="stored"``) the reference embeds each stored image once.
+The sampler shifts every image it draws by a random ``(dy, dx)`` in ``[-2, 2]`` pixels, so a
+live reference scores the shifted view the learner trains on, and such a cache an un-shifted
+one: the two select differently. ``views="shifts"`` embeds all 25 shifted views of every
+image (25x the build's image FLOPs, 13x the shards' size); lookups then take the view each
+row of the super-batch holds (``Batch.views``), and cached scoring selects as live scoring
+does, augmentation and all.
+
 Layout of a cache directory::
 
-    manifest.json         fingerprints, logit_scale / logit_bias, shard list, "complete"
+    manifest.json         fingerprints, logit_scale / logit_bias, shard list, "complete",
+                          and, for views="shifts", "views": {"kind", "max_shift", "count"}
     ids.npy               int64 [N]: example ids in data order (row r of the cache)
-    shard_00000.npy       float [n, 2, d]: rows of (image embedding, text embedding)
+    shard_00000.npy       float [n, V + 1, d]: per example, its V image embeddings (V = 1, the
+                          stored image, or V = 25 shifted views in `shift_view` order) and
+                          its text embedding last
     shard_00000.npy.sha256  "<sha256 of the shard> <build fingerprint> <shard index>"
 """
 
@@ -42,14 +53,36 @@ import numpy as np
 import torch
 
 from jestkit.atomic import atomic_write, sha256_file, sha256_stream, unfinished_write
-from jestkit.data import Batch, Split
+from jestkit.data import MAX_SHIFT, Batch, Split, shift_view, shifted_views
 from jestkit.models import DualEncoder, model_fingerprint
 from jestkit.selection import ModelEmbeddings
 
-__all__ = ["CacheError", "ReferenceCache", "build_reference_cache", "data_fingerprint",
-           "model_identity"]
+__all__ = ["CACHE_VIEWS", "CacheError", "ReferenceCache", "build_reference_cache",
+           "data_fingerprint", "model_identity"]
 
 FORMAT = "jestkit.reference_cache.v1"
+#: Which images a cache embeds: "stored" (each stored image once, the default) or "shifts"
+#: (every shifted view the sampler can draw; see the module docstring).
+CACHE_VIEWS = ("stored", "shifts")
+
+
+def _views_entry(views: str) -> dict | None:
+    """The manifest's "views" entry for `views`: none for "stored", so a stored-view cache's
+    manifest is byte for byte what it was before the option existed (old caches still open,
+    and still resume)."""
+    if views == "stored":
+        return None
+    side = 2 * MAX_SHIFT + 1
+    return {"kind": "shifts", "max_shift": MAX_SHIFT, "count": side * side}
+
+
+def _views_name(entry: object) -> str:
+    """A manifest's "views" entry (or its absence) in words, for an error message."""
+    if entry is None:
+        return "stored"
+    if isinstance(entry, dict):
+        return f"shifts (max_shift {entry.get('max_shift')!r})"
+    return repr(entry)
 
 
 class CacheError(ValueError):
@@ -183,6 +216,14 @@ def _read_manifest(path: Path) -> dict:
             bad = ["logit_scale (the temperature t: finite and > 0)"]
         elif not np.isfinite(manifest["logit_bias"]):
             bad = ["logit_bias (finite)"]
+        elif "views" in manifest and (
+                not isinstance(manifest["views"], dict)
+                or json.dumps(manifest["views"], sort_keys=True)
+                != json.dumps(_views_entry("shifts"), sort_keys=True)):
+            # Compared as JSON text: 25.0 == 25 in Python, and a float count must not pass.
+            # Only what this code writes: another max_shift would serve views this sampler
+            # never draws under the indices it does.
+            bad = [f"views (expected {_views_entry('shifts')} or none)"]
     if bad:
         raise CacheError(f"{path} is damaged: {bad} missing or malformed")
     return manifest
@@ -244,10 +285,17 @@ _IDENTITY_KEYS = ("format", "data", "model", "logit_scale", "logit_bias", "shard
                   "n_shards")
 
 
+def _identity(manifest: dict) -> dict:
+    """The entries that name a build: `_IDENTITY_KEYS`, and "views" where there is one."""
+    identity = {k: manifest[k] for k in _IDENTITY_KEYS}
+    if manifest.get("views") is not None:
+        identity["views"] = manifest["views"]
+    return identity
+
+
 def _build_stamp(manifest: dict) -> str:
     """The build a manifest's identity names (written into every shard's sidecar)."""
-    identity = {k: manifest[k] for k in _IDENTITY_KEYS}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(_identity(manifest), sort_keys=True).encode()).hexdigest()
 
 
 def _foreign_files(out: Path) -> list[str]:
@@ -327,8 +375,13 @@ def build_reference_cache(
     batch_size: int = 256,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    views: str = "stored",
 ) -> ReferenceCache:
     """Embed every example of `split` with the frozen `model` into a cache at `out_dir`.
+
+    `views` says which images: "stored" (each stored image once) or "shifts" (all
+    ``(2 * MAX_SHIFT + 1) ** 2`` shifted views the sampler draws, so cached scoring of an
+    augmented super-batch selects as live scoring does; 25x the image FLOPs, 13x the size).
 
     Resumes an interrupted build of the same data and model (keeping every shard whose
     checksum verifies and whose stamp names this build); a complete, verified cache of the
@@ -350,6 +403,11 @@ def build_reference_cache(
                          f"{shard_size!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if views not in CACHE_VIEWS:
+        raise ValueError(f"views must be one of {list(CACHE_VIEWS)}, got {views!r}")
+    if views == "shifts" and min(split.images.shape[-2:]) <= MAX_SHIFT:
+        raise ValueError(f"views='shifts' needs images larger than the shift ({MAX_SHIFT} "
+                         f"pixels), got {tuple(split.images.shape[-2:])}")
     if split.tokens.shape[1] > model.config.max_text_len:  # before anything is written
         raise ValueError(f"the split's captions have {split.tokens.shape[1]} tokens, more than "
                          f"the model takes (max_text_len={model.config.max_text_len})")
@@ -402,14 +460,14 @@ def build_reference_cache(
         except OSError:
             pass  # a file system without locks: build anyway, as before locks were taken
         return _build_locked(model, split, out, ids, shard_size, batch_size, overwrite,
-                             progress)
+                             progress, views)
     finally:
         os.close(lock)
 
 
 def _build_locked(model: DualEncoder, split: Split, out: Path, ids: np.ndarray,
                   shard_size: int, batch_size: int, overwrite: bool,
-                  progress: Callable[[int, int], None] | None) -> ReferenceCache:
+                  progress: Callable[[int, int], None] | None, views: str) -> ReferenceCache:
     """`build_reference_cache` once its arguments are checked and its lock taken."""
     model = model.eval()
     manifest = {
@@ -422,8 +480,10 @@ def _build_locked(model: DualEncoder, split: Split, out: Path, ids: np.ndarray,
         "n_shards": -(-len(split) // shard_size),
         "complete": False,
     }
+    if _views_entry(views) is not None:
+        manifest["views"] = _views_entry(views)
     manifest_path = out / "manifest.json"
-    identity = {k: manifest[k] for k in _IDENTITY_KEYS}  # all but "complete" (and "shards")
+    identity = _identity(manifest)  # all but "complete" (and "shards")
     if manifest_path.exists():
         try:
             old = _read_manifest(manifest_path)
@@ -436,10 +496,15 @@ def _build_locked(model: DualEncoder, split: Split, out: Path, ids: np.ndarray,
             old = {}  # differs in everything: every shard is deleted and rebuilt
         diffs = []
         for k, v in identity.items():
+            if k == "views":
+                continue
             if isinstance(v, dict) and isinstance(old.get(k), dict):
                 diffs += _differences(v, old[k], k)  # only the entries that differ
             elif old.get(k) != v:
                 diffs.append(f"{k}: cache has {old.get(k)!r}, expected {v!r}")
+        if old.get("views") != manifest.get("views"):  # either may have none
+            diffs.append(f"views: cache has {_views_name(old.get('views'))}, expected "
+                         f"{_views_name(manifest.get('views'))} (views={views!r})")
         diffs += _data_hint(identity["data"], old.get("data"))
         if diffs and not overwrite:
             only_size = all(d.startswith(("shard_size:", "n_shards:")) for d in diffs)
@@ -449,8 +514,9 @@ def _build_locked(model: DualEncoder, split: Split, out: Path, ids: np.ndarray,
                                  f"{shard_size}: pass that size to resume or reuse it, or "
                                  f"overwrite=True (--overwrite) to rebuild every shard at "
                                  f"{shard_size}")
-            raise CacheError(f"{out} holds a cache of other data or another model; pass "
-                             f"overwrite=True (--overwrite) to replace it. Differences: "
+            raise CacheError(f"{out} holds a cache of other data, another model or other "
+                             f"views; pass overwrite=True (--overwrite) to replace it. "
+                             f"Differences: "
                              + "; ".join(diffs))
         if diffs:
             _delete_shards(out)
@@ -491,8 +557,8 @@ def _build_locked(model: DualEncoder, split: Split, out: Path, ids: np.ndarray,
             parts = []
             for start in range(rows.start, rows.stop, batch_size):
                 sl = slice(start, min(start + batch_size, rows.stop))
-                parts.append(torch.stack([model.encode_image(split.images[sl]),
-                                          model.encode_text(split.tokens[sl])], dim=1))
+                parts.append(torch.stack(_image_embeddings(model, split.images[sl], views)
+                                         + [model.encode_text(split.tokens[sl])], dim=1))
             data = _npy_bytes(torch.cat(parts).numpy())
             atomic_write(path, data)
             digest = hashlib.sha256(data).hexdigest()
@@ -508,6 +574,16 @@ def _build_locked(model: DualEncoder, split: Split, out: Path, ids: np.ndarray,
     cache = ReferenceCache.open(out, split=split, model=model)
     cache.computed_shards = computed
     return cache
+
+
+def _image_embeddings(model: DualEncoder, images: torch.Tensor,
+                      views: str) -> list[torch.Tensor]:
+    """The reference's image embeddings [n, d] of each view a cache of `views` holds, in its
+    order: the stored images, or every shifted view (`shifted_views`, `shift_view` order),
+    each embedded as one batch of the n images, as a live reference embeds a super-batch."""
+    if views == "stored":
+        return [model.encode_image(images)]
+    return [model.encode_image(view) for view in shifted_views(images, MAX_SHIFT)]
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -581,15 +657,23 @@ class ReferenceCache:
             raise CacheError(f"{root / 'ids.npy'} repeats example ids; a cache needs unique ids")
         self._shards: dict[int, np.ndarray] = {}  # verified, memory-mapped
         self.computed_shards: list[int] = []  # set by build_reference_cache
+        #: "stored" or "shifts": which images the cache embedded (`CACHE_VIEWS`).
+        self.views = "stored" if manifest.get("views") is None else "shifts"
+        #: Image embeddings per example: 1, or one per shifted view; the text's comes after.
+        self.n_views = 1 if manifest.get("views") is None else manifest["views"]["count"]
+        # The view a lookup without views takes: the stored image (the unshifted view).
+        self._stored_view = 0 if self.n_views == 1 else int(shift_view(0, 0, MAX_SHIFT))
 
     @classmethod
     def open(cls, root: str | os.PathLike, *, split: Split | None = None,
-             model: DualEncoder | None = None) -> ReferenceCache:
+             model: DualEncoder | None = None, views: str | None = None) -> ReferenceCache:
         """Open the cache at `root`, checking it against the data and model it must match.
 
         Args:
             split: the data the cache must have been made from (fingerprint compared).
             model: the reference it must have been made with (weights, config, dim, dtype).
+            views: the images it must hold, "stored" or "shifts" (`CACHE_VIEWS`); any if
+                None.
 
         Raises:
             CacheError naming every difference, an incomplete build, or a missing or
@@ -597,6 +681,8 @@ class ReferenceCache:
         """
         if split is not None:
             _check_split(split)
+        if views is not None and views not in CACHE_VIEWS:
+            raise ValueError(f"views must be one of {list(CACHE_VIEWS)} or None, got {views!r}")
         root = Path(root)
         path = root / "manifest.json"
         if not path.exists():
@@ -611,6 +697,10 @@ class ReferenceCache:
         if sha256_file(root / "ids.npy") != manifest["ids_sha256_file"]:
             raise CacheError(f"{root / 'ids.npy'} fails its checksum (altered or truncated)")
         cache = cls(root, manifest)
+        if views is not None and cache.views != views:
+            raise CacheError(f"the reference cache at {root} holds views={cache.views!r}, "
+                             f"expected {views!r}; build one with `jestkit cache-reference "
+                             f"--views {views}`")
         build = _build_stamp(manifest)
         for k in range(manifest["n_shards"]):
             cache._check_shape(k)
@@ -670,9 +760,9 @@ class ReferenceCache:
                              f"cache-reference`")
 
     def _check_rows(self, k: int, shape: tuple) -> None:
-        if shape != (self._shard_rows(k), 2, self.embed_dim):
-            raise CacheError(f"shard {_shard_name(k)} has shape {shape}, expected "
-                             f"{(self._shard_rows(k), 2, self.embed_dim)}")
+        expected = (self._shard_rows(k), self.n_views + 1, self.embed_dim)
+        if shape != expected:
+            raise CacheError(f"shard {_shard_name(k)} has shape {shape}, expected {expected}")
 
     def _shard(self, k: int) -> np.ndarray:
         """Shard k, memory-mapped, from the very file whose bytes were checked against the
@@ -719,15 +809,25 @@ class ReferenceCache:
                              f"{query[missing][:5].tolist()}")
         return self._order[pos_clipped]
 
-    def lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(image [n, d], text [n, d]) reference embeddings of the examples `ids` [n]."""
+    def lookup(self, ids: torch.Tensor,
+               views: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image [n, d], text [n, d]) reference embeddings of the examples `ids` [n].
+
+        `views` [n] (a cache of views="shifts" only) names each row's shifted view
+        (`jestkit.data.shift_view`, as `Batch.views`); None takes the stored images.
+        """
         rows = self.rows(ids)
+        column = self._view_columns(views, len(rows))
         size = self.manifest["shard_size"]
         shard_of, offset = rows // size, rows % size
         out = None
         for k in np.unique(shard_of):  # one vectorised gather per shard touched
             take = shard_of == k
-            block = np.asarray(self._shard(int(k))[offset[take]])
+            shard = self._shard(int(k))
+            # Only the rows' own view and text: [m, 2, d] from the [m, V + 1, d] rows.
+            block = np.asarray(shard[offset[take][:, None],
+                                     np.stack([column[take],
+                                               np.full(int(take.sum()), self.n_views)], 1)])
             if out is None:
                 out = np.empty((len(rows), 2, block.shape[-1]), dtype=block.dtype)
             out[take] = block
@@ -736,10 +836,34 @@ class ReferenceCache:
         t = torch.from_numpy(out)
         return t[:, 0], t[:, 1]
 
+    def _view_columns(self, views: object, n: int) -> np.ndarray:
+        """Each row's image column in a shard row: `views` checked, or the stored image's."""
+        if views is None:
+            return np.full(n, self._stored_view, dtype=np.int64)
+        if self.n_views == 1:
+            raise CacheError(f"the reference cache at {self.root} holds the stored images "
+                             f"only (views='stored'): it has no shifted views to look up; "
+                             f"build one with `jestkit cache-reference --views shifts`")
+        if isinstance(views, torch.Tensor):
+            views = views.detach().cpu().numpy()
+        query = np.asarray(views)
+        if query.dtype == object or not (np.issubdtype(query.dtype, np.integer)
+                                         or query.size == 0):
+            raise TypeError(f"views must be integer view indices (a LongTensor [n]), got "
+                            f"{query.dtype}")
+        if query.shape != (n,):
+            raise ValueError(f"views must be [n] = [{n}], one per id, got shape {query.shape}")
+        bad = (query < 0) | (query >= self.n_views)
+        if bad.any():
+            raise ValueError(f"views must be in [0, {self.n_views - 1}] (shift_view of shifts "
+                             f"within {MAX_SHIFT} pixels), got {query[bad][:5].tolist()}")
+        return query.astype(np.int64, copy=False)
+
     def embeddings(self, batch: Batch) -> ModelEmbeddings:
         """The reference's ModelEmbeddings of a super-batch, by its example ids (a
-        `ReferenceEmbedder` for `train_learner`)."""
-        image, text = self.lookup(batch.ids)
+        `ReferenceEmbedder` for `train_learner`): of each row's own shifted view
+        (`batch.views`) if the cache holds every shifted view, else of the stored images."""
+        image, text = self.lookup(batch.ids, batch.views if self.n_views > 1 else None)
         device = batch.images.device
         return ModelEmbeddings(image.to(device), text.to(device), self.logit_scale,
                                self.logit_bias)

@@ -104,14 +104,15 @@ def _cache_reference(args: argparse.Namespace) -> int:
     n_shards = -(-len(split) // args.shard_size)
     with tqdm(total=n_shards, desc="shards", disable=args.no_progress) as bar:
         cache = build_reference_cache(model, split, out, shard_size=args.shard_size,
-                                      overwrite=args.overwrite,
+                                      overwrite=args.overwrite, views=args.views,
                                       progress=lambda done, total: bar.update(1))
     computed = cache.computed_shards
     done = (f"computed {len(computed)} of {n_shards} shards" if computed else
             f"all {n_shards} shards were there and verified; nothing computed")
     if computed and len(computed) < n_shards:
         done += f" (shards {_ranges(computed)}: missing or failing their checks)"
-    print(f"{len(cache)} reference embeddings (dim {cache.embed_dim}) at {out}: {done}")
+    views = "" if cache.n_views == 1 else f", {cache.n_views} shifted views each"
+    print(f"{len(cache)} reference embeddings (dim {cache.embed_dim}{views}) at {out}: {done}")
     return 0
 
 
@@ -199,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
                             f"made for one length)")
     cache.add_argument("--shard-size", type=_positive_int, default=512,
                        help="examples per shard file (default 512)")
+    cache.add_argument("--views", default="stored", choices=("stored", "shifts"),
+                       help="which images to embed: 'stored' (each once), or 'shifts' (all 25 "
+                            "shifted views the training sampler draws, so cached scoring "
+                            "selects exactly as a live reference; 25x the image FLOPs, 13x "
+                            "the disk) (default: stored)")
     cache.add_argument("--overwrite", action="store_true",
                        help="replace what --out holds if it is not this cache (other data, "
                             "another model, a damaged manifest, shards without one): its "

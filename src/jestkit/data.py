@@ -48,6 +48,8 @@ __all__ = [
     "class_prompts",
     "load_digits_web",
     "random_shift",
+    "shift_view",
+    "shifted_views",
 ]
 
 DIGIT_WORDS: tuple[str, ...] = (
@@ -519,11 +521,67 @@ def _zero_pad(images: Tensor, m: int) -> Tensor:
     return torch.nn.functional.pad(images, (m, m, m, m)).contiguous()
 
 
+def shift_view(dy: Tensor | int, dx: Tensor | int, max_shift: int = MAX_SHIFT) -> Tensor:
+    """The view index (int64, the shape of ``dy``) of a shift ``(dy, dx)``, each an integer in
+    ``[-max_shift, max_shift]``: one of ``(2 * max_shift + 1) ** 2`` views,
+    ``(dy + m) * (2m + 1) + (dx + m)``; the unshifted (stored) image is the middle one,
+    ``shift_view(0, 0) == ((2m + 1) ** 2) // 2``."""
+    max_shift = _check_int(max_shift, "max_shift", 0)
+    side = 2 * max_shift + 1
+    shifts = {}
+    for name, value in (("dy", dy), ("dx", dx)):
+        t = torch.as_tensor(value)
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{name} must be integer shifts, got {t.dtype}")
+        if t.numel() and (t.min() < -max_shift or t.max() > max_shift):
+            # Out of range, two shifts would share an index: (0, 3) and (1, -2) at m = 2.
+            raise ValueError(f"{name} must be in [-{max_shift}, {max_shift}] (max_shift), got "
+                             f"values from {int(t.min())} to {int(t.max())}")
+        shifts[name] = t.to(torch.int64)
+    return (shifts["dy"] + max_shift) * side + (shifts["dx"] + max_shift)
+
+
+def shifted_views(images: Tensor, max_shift: int = MAX_SHIFT) -> Tensor:
+    """Every shifted view of ``images`` ``[n,C,H,W]``: ``[V,n,C,H,W]`` with
+    ``V = (2 * max_shift + 1) ** 2``, view ``v`` as ``shift_view`` numbers it, each exactly the
+    image the sampler draws under that shift (the same gather, zero fill)."""
+    if images.ndim != 4:
+        raise ValueError(f"images must be [n,C,H,W], got {tuple(images.shape)}")
+    max_shift = _check_int(max_shift, "max_shift", 0, min(images.shape[-2:]) - 1)
+    side = 2 * max_shift + 1
+    if images.shape[0] == 0:  # the gather's unfold needs a row
+        return images.new_empty((side * side, *images.shape))
+    padded = _zero_pad(images, max_shift)
+    rows = torch.arange(images.shape[0], device=images.device)
+    views = []
+    for v in range(side * side):
+        dy, dx = v // side - max_shift, v % side - max_shift
+        views.append(_gather_shifted(padded, rows, max_shift, torch.full_like(rows, dy),
+                                     torch.full_like(rows, dx)))
+    return torch.stack(views)
+
+
 def _shifted_rows(padded: Tensor, rows: Tensor, m: int, generator: torch.Generator) -> Tensor:
     """Rows ``rows`` of the unpadded images, each shifted by its own ``(dy, dx)``.
 
     ``padded`` is ``_zero_pad(images, m)``; shifts are drawn as ``randint(-m, m+1, (2, n))``
-    from ``generator``. ``out[y, x] = in[y - dy, x - dx] == padded[y - dy + m, x - dx + m]``:
+    from ``generator`` (`_draw_shifts`).
+    """
+    return _gather_shifted(padded, rows, m, *_draw_shifts(len(rows), m, generator, padded.device))
+
+
+def _draw_shifts(n: int, m: int, generator: torch.Generator,
+                 device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(dy, dx)``, each ``[n]`` in ``[-m, m]``: one ``randint`` from ``generator``."""
+    shifts = torch.randint(-m, m + 1, (2, n), generator=generator, device=generator.device)
+    dy, dx = shifts.to(device)
+    return dy, dx
+
+
+def _gather_shifted(padded: Tensor, rows: Tensor, m: int, dy: Tensor, dx: Tensor) -> Tensor:
+    """Rows ``rows`` of the unpadded images shifted by ``(dy[i], dx[i])``.
+
+    ``out[y, x] = in[y - dy, x - dx] == padded[y - dy + m, x - dx + m]``:
     in the flattened padded array every output line (one image, channel and y) is ``w``
     consecutive elements starting at one position. ``unfold`` views the flat array as all its
     length-``w`` windows (no copy), so the whole draw is one ``index_select`` of n*C*h
@@ -533,8 +591,6 @@ def _shifted_rows(padded: Tensor, rows: Tensor, m: int, generator: torch.Generat
     """
     n, (chans, hp, wp) = len(rows), padded.shape[1:]
     h, w = hp - 2 * m, wp - 2 * m
-    shifts = torch.randint(-m, m + 1, (2, n), generator=generator, device=generator.device)
-    dy, dx = shifts.to(padded.device)
     # Where each image's shifted crop starts (its top-left, channel 0), then every line.
     start = rows.to(padded.device, torch.int64) * (chans * hp * wp) + (m - dy) * wp + (m - dx)
     lines = (torch.arange(chans, device=padded.device)[:, None] * (hp * wp)
@@ -546,15 +602,21 @@ def _shifted_rows(padded: Tensor, rows: Tensor, m: int, generator: torch.Generat
 @dataclass
 class Batch:
     """A super-batch: ``images`` ``[N,1,32,32]``, ``tokens`` ``[N,L]``, ``ids`` ``[N]`` (example
-    ids) and ``indices`` ``[N]`` (row indices into the sampled split)."""
+    ids), ``indices`` ``[N]`` (row indices into the sampled split) and ``views`` ``[N]``: which
+    shifted view of its stored image each row's image is (``shift_view``), or None when the
+    images are the stored ones (the sampler without ``augment``, or a batch made by hand).
+    A reference cache of every shifted view (``views="shifts"``) looks up the very view."""
 
     images: Tensor
     tokens: Tensor
     ids: Tensor
     indices: Tensor
+    views: Tensor | None = None
 
     def __post_init__(self) -> None:  # one row per example in every field (cheap: shapes)
-        rows = {k: getattr(self, k).shape[0] for k in ("images", "tokens", "ids", "indices")}
+        fields = ("images", "tokens", "ids", "indices") + (("views",) if self.views is not None
+                                                           else ())
+        rows = {k: getattr(self, k).shape[0] for k in fields}
         if len(set(rows.values())) > 1:
             raise ValueError(f"Batch fields must have one row per example, got rows {rows}")
 
@@ -563,8 +625,14 @@ class Batch:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """A copy with every tensor on ``device``."""
-        return Batch(*(t.to(device, non_blocking=non_blocking)
-                       for t in (self.images, self.tokens, self.ids, self.indices)))  # fmt: skip
+        return Batch(*(t if t is None else t.to(device, non_blocking=non_blocking)
+                       for t in (self.images, self.tokens, self.ids, self.indices,
+                                 self.views)))  # fmt: skip
+
+    def take(self, rows: Tensor) -> Batch:
+        """The rows ``rows`` of every field, in that order (a sub-batch)."""
+        return Batch(*(t if t is None else t[rows]
+                       for t in (self.images, self.tokens, self.ids, self.indices, self.views)))
 
 
 def _ids_digest(ids: Tensor) -> str:
@@ -651,15 +719,18 @@ class SuperBatchSampler:
             self._cursor = size - len(take)
             take = torch.cat([take, self._perm[: self._cursor]])
         self.batches_drawn += 1
+        views = None
         if self.augment:
             if self._padded is None:
                 self._padded = _zero_pad(self.split.images, MAX_SHIFT)
             # = random_shift(self.split.images[take], MAX_SHIFT, self._aug_gen), in one gather
-            images = _shifted_rows(self._padded, take, MAX_SHIFT, self._aug_gen)
+            dy, dx = _draw_shifts(len(take), MAX_SHIFT, self._aug_gen, self._padded.device)
+            images = _gather_shifted(self._padded, take, MAX_SHIFT, dy, dx)
+            views = shift_view(dy, dx, MAX_SHIFT)
         else:
             images = self.split.images[take]
         return Batch(images=images, tokens=self.split.tokens[take], ids=self.split.ids[take],
-                     indices=take.clone())  # fmt: skip
+                     indices=take.clone(), views=views)  # fmt: skip
 
     def _new_epoch(self, tail: Tensor) -> Tensor:
         """The next epoch's order, whose first `super_batch_size - len(tail)` rows avoid the

@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from jestkit.atomic import atomic_write, move_into_place, unfinished_write
-from jestkit.cache import ReferenceCache, build_reference_cache, is_cache_file
+from jestkit.cache import CACHE_VIEWS, ReferenceCache, build_reference_cache, is_cache_file
 from jestkit.data import (
     CURATED_SIZE,
     EPOCH_BOUNDARY_BEFORE_OPTION,
@@ -121,6 +121,12 @@ class DemoConfig:
     # shifted view it trains on; its cached reference scored the stored image) or "stored"
     # (the stored images, the view the cache holds, so both models score the same images).
     flexi_score_view: str = "augmented"
+    # Which images the reference cache of the -cached and -flexi runs embeds
+    # (`jestkit.cache.CACHE_VIEWS`): "stored" (each stored image once; a live reference
+    # scores the shifted view the learner trains on, so cached runs select a little
+    # differently) or "shifts" (all 25 shifted views the sampler draws: cached scoring then
+    # selects exactly as live scoring does, for 25x the caching's image FLOPs).
+    cache_views: str = "stored"
 
     @classmethod
     def quick(cls) -> DemoConfig:
@@ -229,6 +235,15 @@ class DemoConfig:
         if self.flexi_score_view not in SCORE_VIEWS:
             raise ValueError(f"flexi_score_view must be one of {list(SCORE_VIEWS)}, got "
                              f"{self.flexi_score_view!r}")
+        if self.cache_views not in CACHE_VIEWS:
+            raise ValueError(f"cache_views must be one of {list(CACHE_VIEWS)}, got "
+                             f"{self.cache_views!r}")
+        cached_runs = [m for m in self.methods if m.endswith(("-cached", "-flexi"))]
+        if self.cache_views != CACHE_VIEWS[0] and not cached_runs:
+            # Like flexi_multires_split: a setting that changes nothing is refused.
+            raise ValueError(f"cache_views={self.cache_views!r} applies only to the methods "
+                             f"that read the reference cache (-cached, -flexi), and methods "
+                             f"has none; leave it at {CACHE_VIEWS[0]!r}")
         scoring = {name: how for name, _, _, how in DEMO_METHODS}
         jest_runs = [m for m in self.methods if m != "uniform"]
         flexi_runs = [m for m in self.methods if scoring[m] == "flexi"]
@@ -297,7 +312,7 @@ def _data(seed: int):
 
 
 def _run_one(data_seed: int, reference_path: str, cache_dir: str | None,
-             cfg: LearnerConfig) -> dict:
+             cfg: LearnerConfig, cache_views: str = "stored") -> dict:
     """Worker: one learner run, with the version of the code that ran it. Single-threaded so
     parallel workers do not contend."""
     torch.set_num_threads(1)
@@ -310,7 +325,8 @@ def _run_one(data_seed: int, reference_path: str, cache_dir: str | None,
         if cache_dir is None:
             result = train_learner(data, cfg, reference)
         else:
-            cache = ReferenceCache.open(cache_dir, split=data.pool, model=reference)
+            cache = ReferenceCache.open(cache_dir, split=data.pool, model=reference,
+                                        views=cache_views)
             result = train_learner(data, cfg, reference_embedder=cache.embeddings)
     return {**result.to_dict(), "code_version": version}
 
@@ -639,7 +655,7 @@ def _with_options_of_older_versions(saved: dict, now: dict) -> dict:
     this demo's): the -flexi runs of a multi-resolution demo trained their first-drawn picks
     at the fine patch size, in any other demo the split was never used; every sampler
     drew its epochs "tail_last"; the reference's patch was 8; and every model scored the
-    augmented view."""
+    augmented view, and every cache held the stored images."""
     saved = dict(saved)
     for block in ("learner", "reference"):
         if isinstance(saved.get(block), dict) and "epoch_boundary" not in saved[block]:
@@ -652,6 +668,7 @@ def _with_options_of_older_versions(saved: dict, now: dict) -> dict:
     if isinstance(saved.get("learner"), dict) and "score_view" not in saved["learner"]:
         saved["learner"] = {**saved["learner"], "score_view": SCORE_VIEW_BEFORE_OPTION}
     saved.setdefault("flexi_score_view", SCORE_VIEW_BEFORE_OPTION)
+    saved.setdefault("cache_views", "stored")
     if "flexi_multires_split" not in saved:
         multires = saved.get("flexi_multires_fraction") and any(
             name.endswith("-flexi") for name in saved.get("methods") or [])
@@ -787,7 +804,8 @@ def _prepare_reference(cfg: DemoConfig, data, work: Path, needs_cache: bool,
         ref_info = json.loads(info_path.read_text())
         del ref_info["fingerprint"]  # for the resume check, not the report
         if needs_cache:
-            build_reference_cache(load_model(reference_path).eval(), data.pool, cache_dir)
+            build_reference_cache(load_model(reference_path).eval(), data.pool, cache_dir,
+                                  views=cfg.cache_views)
         return ref_info
     # No reference.json: anything an interrupted demo left here is unfinished. Both are
     # rebuilt whole (training is deterministic), so the caching FLOPs count one full build.
@@ -803,8 +821,8 @@ def _prepare_reference(cfg: DemoConfig, data, work: Path, needs_cache: bool,
         save_model(reference, reference_path)
         caching_flops = 0
         if needs_cache:
-            caching_flops = count_flops(lambda: build_reference_cache(reference, data.pool,
-                                                                      cache_dir))
+            caching_flops = count_flops(lambda: build_reference_cache(
+                reference, data.pool, cache_dir, views=cfg.cache_views))
     finally:
         torch.set_num_threads(threads)
         bar.close()
@@ -845,7 +863,8 @@ def _train_and_report(cfg: DemoConfig, work: Path, done: dict[str, dict], worker
 
     def submit(name, cached, lc):
         futures[pool.submit(_run_one, cfg.data_seed, str(reference_path),
-                            str(cache_dir) if cached else None, lc)] = (name, lc)
+                            str(cache_dir) if cached else None, lc,
+                            cfg.cache_views)] = (name, lc)
 
     def save(fut) -> None:
         """Keep a finished run: in `results`, and on disk at once (--resume reuses it)."""

@@ -110,7 +110,7 @@ def check_trainable(cfg: ReferenceConfig | LearnerConfig, vocab_size: int, what:
 MULTIRES_SPLITS = ("random", "first_drawn_fine")
 # Which images selection scores (LearnerConfig.score_view): "augmented", the shifted view the
 # sub-batch then trains on; or "stored", the pool's images as stored, the view a reference
-# cache holds the reference's embeddings of.
+# cache of views="stored" holds the reference's embeddings of.
 SCORE_VIEWS = ("augmented", "stored")
 #: The view configs and states saved before LearnerConfig.score_view scored (its default).
 SCORE_VIEW_BEFORE_OPTION = "augmented"
@@ -189,10 +189,10 @@ class LearnerConfig:
     # "tail_last", the rule before the option, which results measured with it pin.
     epoch_boundary: str = "random"
     # What the scoring models see: "augmented" (the shifted view the sub-batch trains on) or
-    # "stored" (the pool's images as stored: the view a reference cache scored, so with a
-    # cache the learner and reference score the same images, as live scoring's do; the
-    # selected examples still train on their augmented view). Both models of a live run score
-    # the chosen view.
+    # "stored" (the pool's images as stored: the view a reference cache of views="stored"
+    # holds, so with such a cache the learner and reference score the same images, as live
+    # scoring's do; the selected examples still train on their augmented view). Both models
+    # of a live run, and a cache of views="shifts", score the chosen view.
     score_view: str = "augmented"
 
     def __post_init__(self) -> None:
@@ -769,8 +769,7 @@ def train_learner(
                                                   f"are no longer finite (or t underflowed to "
                                                   f"0: {err})") from None
             idx = _order_for_training(idx, cfg, train_patches, select_gen)
-            batch = Batch(batch.images[idx], batch.tokens[idx], batch.ids[idx],
-                          batch.indices[idx])
+            batch = batch.take(idx)
         clean_seen[0] += int(data.pool.is_clean[batch.indices].sum())  # report only
         clean_seen[1] += len(batch.indices)
         loss = _train_step(model, opt, batch.images, batch.tokens, step, cfg, meter,
@@ -800,8 +799,11 @@ def _select(batch, model, cfg, selector, gen, meter, reference, reference_embedd
     """Score the super-batch under no-grad and return the indices of the sub-batch (rows of
     `batch`, which `pool` holds at `batch.indices`)."""
     n = batch.images.shape[0]
-    # The view both models score (a cache always scored the stored images).
+    # The view both models score (a cache of views="stored" holds the stored images only;
+    # one of views="shifts" looks up each row's own view, or the stored one under "stored").
     images = batch.images if cfg.score_view == "augmented" else pool.images[batch.indices]
+    if cfg.score_view == "stored":  # the batch as the reference embedder is to score it
+        batch = dataclasses.replace(batch, images=images, views=None)
     learner_emb = None
     if USES_LEARNER[cfg.method]:
         patch = cfg.score_patch_size or None
@@ -835,10 +837,11 @@ def _select(batch, model, cfg, selector, gen, meter, reference, reference_embedd
 
 
 def _reference_identity(cfg, reference, reference_embedder) -> str | None:
-    """What a resumed run must score with again: "live:<fingerprint>" or
-    "cached:<fingerprint>" (a cached reference scores un-shifted images, so under
+    """What a resumed run must score with again: "live:<fingerprint>",
+    "cached:<fingerprint>" (a cache of views="stored" scores un-shifted images, so under
     score_view="augmented" the two differ; under "stored" they would select alike, but a run
-    resumes with the kind it started with all the same),
+    resumes with the kind it started with all the same) or "cached-shifts:<fingerprint>" (a
+    cache of every shifted view),
     "embedder" for a lookup of unknown origin, None when the method uses no reference."""
     if not cfg.needs_reference:
         return None
@@ -847,7 +850,8 @@ def _reference_identity(cfg, reference, reference_embedder) -> str | None:
     cache = getattr(reference_embedder, "__self__", None)  # e.g. ReferenceCache.embeddings
     manifest = getattr(cache, "manifest", None)
     if isinstance(manifest, dict) and "model" in manifest:
-        return f"cached:{manifest['model']['fingerprint']}"
+        kind = "cached" if getattr(cache, "views", "stored") == "stored" else "cached-shifts"
+        return f"{kind}:{manifest['model']['fingerprint']}"
     return "embedder"
 
 
