@@ -113,12 +113,13 @@ class Setup(NamedTuple):
     multires: dict[str, float]  # flexi variant -> fraction of each sub-batch trained coarse
     multires_split: str = "random"  # which part trains coarse (the demo config's)
     score_view: str = "augmented"  # which images the flexi variants score (the demo config's)
+    cache_views: str = "stored"  # which images the cache embeds (the demo config's)
 
     @classmethod
     def from_demo(cls, demo: DemoConfig) -> Setup:
         return cls(demo.learner, demo.reference, demo.flexi_score_patch_size,
                    {"cached+flexi": demo.flexi_multires_fraction, "cached+flexi+multires": 0.5},
-                   demo.flexi_multires_split, demo.flexi_score_view)
+                   demo.flexi_multires_split, demo.flexi_score_view, demo.cache_views)
 
 
 DEMO_SETUP = Setup.from_demo(DemoConfig())
@@ -420,7 +421,7 @@ def run(args, setup: Setup) -> dict:
     ref = setup.reference
     reference = DualEncoder(model_config(ref, vocab), seed=args.seed + 1000).eval()
     tmp = tempfile.TemporaryDirectory(prefix="step_overhead_cache.")
-    cache = build_reference_cache(reference, data.pool, tmp.name)
+    cache = build_reference_cache(reference, data.pool, tmp.name, views=setup.cache_views)
 
     specs = [("uniform", "uniform", None)]
     for f in args.filter_ratios:

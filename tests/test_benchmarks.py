@@ -728,7 +728,8 @@ def test_step_overhead_times_the_setup_it_is_given(step_overhead, monkeypatch, t
 
     got = {}
     monkeypatch.setattr(module, "build_reference_cache",
-                        lambda ref, pool, d: got.setdefault("reference", ref.config))
+                        lambda ref, pool, d, views: got.update(reference=ref.config,
+                                                               views=views))
 
     def runner(name, cfg, *rest):
         got["learner"] = cfg
@@ -740,7 +741,11 @@ def test_step_overhead_times_the_setup_it_is_given(step_overhead, monkeypatch, t
     with pytest.raises(Stop):
         module.run(args, setup)
     assert (got["learner"].width, got["learner"].patch_size) == (16, 4)
-    assert got["reference"].image_width == 24
+    assert got["reference"].image_width == 24 and got["views"] == "stored"
+    got.clear()  # the demo config's cache views reach the cache it builds
+    with pytest.raises(Stop):
+        module.run(args, setup._replace(cache_views="shifts"))
+    assert got["views"] == "shifts"
 
     # main: --config reaches run.
     path = tmp_path / "demo.json"
