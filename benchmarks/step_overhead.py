@@ -516,7 +516,7 @@ def run(args, setup: Setup) -> dict:
             "time_without_selector": target["excess_without_selector"],
         }
     return {"machine": info, "args": vars(args), "checks": checks, "rows": rows,
-            "targets": targets, "overhead": overhead}
+            "targets": targets, "overhead": overhead, "cache_views": setup.cache_views}
 
 
 # --- markdown --------------------------------------------------------------------------------
@@ -549,6 +549,10 @@ def markdown(res: dict, command: str) -> str:
         lines += [f"Faithfulness: for {which}, {res['checks'][0]['steps']} steps of the "
                   f"benchmark loop and `train_learner` with the same config gave "
                   f"{'identical' if ok else 'DIFFERENT'} FLOP ledgers and training losses.", ""]
+    if res.get("cache_views", "stored") != "stored":  # absent from results before the option
+        lines += [f"The cached variants look up a reference cache of views="
+                  f"{res['cache_views']!r} (every shifted view of each image: the view each "
+                  f"super-batch row was drawn in).", ""]
     a = res["args"]
     lines += [
         f"Timing: {a['warmup']} warm-up steps, then {a['rounds']} rounds x "
