@@ -527,7 +527,6 @@ def shift_view(dy: Tensor | int, dx: Tensor | int, max_shift: int = MAX_SHIFT) -
     ``(dy + m) * (2m + 1) + (dx + m)``; the unshifted (stored) image is the middle one,
     ``shift_view(0, 0) == ((2m + 1) ** 2) // 2``."""
     max_shift = _check_int(max_shift, "max_shift", 0)
-    side = 2 * max_shift + 1
     shifts = {}
     for name, value in (("dy", dy), ("dx", dx)):
         t = torch.as_tensor(value)
@@ -538,7 +537,12 @@ def shift_view(dy: Tensor | int, dx: Tensor | int, max_shift: int = MAX_SHIFT) -
             raise ValueError(f"{name} must be in [-{max_shift}, {max_shift}] (max_shift), got "
                              f"values from {int(t.min())} to {int(t.max())}")
         shifts[name] = t.to(torch.int64)
-    return (shifts["dy"] + max_shift) * side + (shifts["dx"] + max_shift)
+    return _view_index(shifts["dy"], shifts["dx"], max_shift)
+
+
+def _view_index(dy: Tensor, dx: Tensor, m: int) -> Tensor:
+    """`shift_view` of shifts known to be in range (the sampler's draws): no checks."""
+    return (dy + m) * (2 * m + 1) + (dx + m)
 
 
 def shifted_views(images: Tensor, max_shift: int = MAX_SHIFT) -> Tensor:
@@ -726,7 +730,7 @@ class SuperBatchSampler:
             # = random_shift(self.split.images[take], MAX_SHIFT, self._aug_gen), in one gather
             dy, dx = _draw_shifts(len(take), MAX_SHIFT, self._aug_gen, self._padded.device)
             images = _gather_shifted(self._padded, take, MAX_SHIFT, dy, dx)
-            views = shift_view(dy, dx, MAX_SHIFT)
+            views = _view_index(dy, dx, MAX_SHIFT)  # randint's range: no check needed
         else:
             images = self.split.images[take]
         return Batch(images=images, tokens=self.split.tokens[take], ids=self.split.ids[take],
