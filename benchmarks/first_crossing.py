@@ -49,6 +49,18 @@ learner config where it recorded one, and its curves equal this demo's saved run
 evaluation both grids share; its compute speed-up is recomputed from this demo's saved runs
 (FLOPs per step are the same at every step and seed of a run, which is checked).
 
+A learner method of `jestkit demo` that the demo did not run can be named in `--methods` too
+(with `--steps`): it is trained on every seed with the demo's config and reference (and its
+cache, for a -cached or -flexi method), like an extra seed, with nothing saved to check it
+against. At least one method the demo did run must be retrained beside it: its saved runs
+check the learner code, torch and processor the two share (not the unsaved method's own
+scoring path, which only the tests vouch for). This spares a demo the part of a run past
+`--steps`: to set Flexi against live JEST, a demo of uniform and Flexi alone (uniform for the
+target, T steps long) is enough, and live JEST, the costliest per step, is trained only up to
+`--steps`. Its demo-grid columns then read "not run by the demo". Such a method's curves
+cannot be `--reuse`d (there are no saved runs to check them against), so each Flexi variant
+set against it retrains it.
+
     python benchmarks/first_crossing.py --run runs/demo-T20000 \\
         --methods learnability-joint learnability-joint-flexi --eval-every 100
     python benchmarks/first_crossing.py --run runs/demo-T20000-5-seeds \\
@@ -56,6 +68,8 @@ evaluation both grids share; its compute speed-up is recomputed from this demo's
     python benchmarks/first_crossing.py --run runs/demo-T20000-5-seeds-other-flexi \\
         --methods learnability-joint learnability-joint-flexi --steps 4500 --extra-seeds 7 \\
         --reuse learnability-joint=earlier.json    # its curves from the run above
+    python benchmarks/first_crossing.py --run runs/demo-T20000-uniform-and-flexi \\
+        --methods learnability-joint learnability-joint-flexi --steps 4500 --extra-seeds 8
     python benchmarks/first_crossing.py --quick    # a tiny demo, then this on it: < 1 minute
 """
 
@@ -75,6 +89,7 @@ import torch
 from _markdown import check_outputs, command_line, publish
 
 from jestkit.demo import (
+    DEMO_METHODS,
     MAX_WORKERS,
     DemoConfig,
     _run_one,  # the demo's own worker: the same code path as the saved runs
@@ -297,14 +312,41 @@ def run(path: Path, methods: list[str], steps: int | None, eval_every: int,
     target = report["methods"]["uniform"]["target_accuracy"]
     total_steps = cfg.learner.steps
     coarse = cfg.learner.eval_interval
-    unknown = [m for m in methods if m not in saved or m == "uniform"]
+    learners = [name for name, *_ in DEMO_METHODS if name != "uniform"]
+    unknown = [m for m in methods if m not in learners]
     if unknown:
         raise SystemExit(f"--methods {unknown}: not learner methods of {path} (it ran "
-                         f"{[m for m in cfg.methods if m != 'uniform']})")
+                         f"{[m for m in cfg.methods if m != 'uniform']}) or of `jestkit "
+                         f"demo` ({learners})")
+    if len(set(methods)) != len(methods):
+        raise SystemExit(f"--methods {methods}: name each method once")
+    # A learner method the demo did not run is trained here on every seed, with the demo's
+    # config and reference, and nothing saved to check it against (as for the extra seeds);
+    # a method it did run, retrained beside it, checks the code and processor they share.
+    unsaved = [m for m in methods if m not in saved]
+    if unsaved:
+        if steps is None:
+            raise SystemExit(f"--methods {unsaved}: the demo did not run them, so it has no "
+                             f"crossing to retrain up to; give --steps (up to T = "
+                             f"{cfg.learner.steps})")
+        if set(reuse or {}) & set(unsaved):
+            raise SystemExit(f"--reuse {sorted(set(reuse) & set(unsaved))}: the demo did not "
+                             f"run them, so reused curves could not be checked against its "
+                             f"saved runs; retrain them instead")
+        if not [m for m in methods if m in saved and m not in (reuse or {})]:
+            raise SystemExit(f"--methods {unsaved}: the demo did not run them; also retrain a "
+                             f"method it did run (one of "
+                             f"{[m for m in cfg.methods if m != 'uniform']}), whose saved runs "
+                             f"check this code and processor")
+        needs_cache = [m for m in unsaved if m.endswith(("-cached", "-flexi"))]
+        if needs_cache and not (path / "reference_cache").is_dir():
+            raise SystemExit(f"--methods {needs_cache}: they read the reference cache, which "
+                             f"this demo did not build (it ran no -cached or -flexi method)")
     if eval_every < 1 or coarse % eval_every:
         raise SystemExit(f"--eval-every must divide the demo's evaluation interval "
                          f"({coarse} steps) and be >= 1, got {eval_every}")
-    coarse_step = {m: report["methods"][m]["step_reaching_target"] for m in methods}
+    coarse_step = {m: report["methods"][m]["step_reaching_target"] for m in methods
+                   if m in saved}
     if steps is None:
         never = [m for m in methods if coarse_step[m] is None]
         if never:
@@ -321,10 +363,15 @@ def run(path: Path, methods: list[str], steps: int | None, eval_every: int,
     # The extra seeds are the next numbers after the demo's: the same config otherwise.
     seeds = (*cfg.seeds, *range(max(cfg.seeds) + 1, max(cfg.seeds) + 1 + extra_seeds))
     try:  # a seed past the learner's range is refused here, not in a worker
-        every = learner_configs(dataclasses.replace(cfg, seeds=seeds))
+        with_seeds = dataclasses.replace(cfg, seeds=seeds)
     except ValueError as err:
         raise SystemExit(f"--extra-seeds {extra_seeds} after the demo's seeds "
                          f"{list(cfg.seeds)}: {err}") from None
+    try:  # the demo's checks of its methods, for those it did not run
+        every = learner_configs(dataclasses.replace(
+            with_seeds, methods=(*cfg.methods, *unsaved)))
+    except ValueError as err:
+        raise SystemExit(f"--methods {unsaved}: with this demo's config: {err}") from None
     learner = {n: {k: v for k, v in dataclasses.asdict(dataclasses.replace(
         lc, steps=steps, eval_every=eval_every)).items() if k != "seed"}
         for n, _, lc in every}
@@ -359,7 +406,7 @@ def run(path: Path, methods: list[str], steps: int | None, eval_every: int,
                                      for r in saved["uniform"])
     results = {}
     for m in methods:
-        by_seed = {r["config"]["seed"]: r for r in saved[m]}
+        by_seed = {r["config"]["seed"]: r for r in saved.get(m, [])}
         # The per-seed curves, retrained here or reused (checked in load_reused): everything
         # below is computed from them alike; only the FLOPs spent come from different places.
         if m in reused:
@@ -381,10 +428,12 @@ def run(path: Path, methods: list[str], steps: int | None, eval_every: int,
         else:
             flops = statistics.fmean(_total_flops(r["cumulative_flops"][grid.index(step)])
                                      for r in fine[m])
+        demo = report["methods"][m] if m in saved else {}
         results[m] = {
-            "demo_step": coarse_step[m],
-            "demo_iteration_speedup": report["methods"][m]["iteration_speedup"],
-            "demo_compute_speedup": report["methods"][m]["compute_speedup"],
+            "in_demo": m in saved,
+            "demo_step": coarse_step.get(m),
+            "demo_iteration_speedup": demo.get("iteration_speedup"),
+            "demo_compute_speedup": demo.get("compute_speedup"),
             "step": step,
             "iteration_speedup": None if step is None else total_steps / step,
             "compute_speedup": None if step is None else uniform_flops / flops,
@@ -420,13 +469,25 @@ def run(path: Path, methods: list[str], steps: int | None, eval_every: int,
 
 
 def _extra_seeds_line(m: dict) -> str:
-    extra = sorted({s for r in m.values() for s in r["seeds"] if s not in r["saved_seeds"]})
+    extra = sorted({s for r in m.values() if r.get("in_demo", True) for s in r["seeds"]
+                    if s not in r["saved_seeds"]})
     if not extra:
         return ""
     seeds = (f"seed {extra[0]} was" if len(extra) == 1 else
              f"seeds {extra[0]}–{extra[-1]} were")
     return (f"; {seeds} trained here only (--extra-seeds: the demo did not run them, so "
             f"nothing is saved to check them against)")
+
+
+def _unsaved_line(m: dict) -> str:
+    unsaved = [name for name, r in m.items() if not r.get("in_demo", True)]
+    if not unsaved:
+        return ""
+    cache = (" (and its cache)" if any(n.endswith(("-cached", "-flexi")) for n in unsaved)
+             else "")
+    return (f"; {', '.join(unsaved)} {'was' if len(unsaved) == 1 else 'were'} not run by the "
+            f"demo: trained here on every seed, with the demo's config and reference{cache}, "
+            f"and nothing saved to check against")
 
 
 def _reused_line(m: dict) -> str:
@@ -475,7 +536,7 @@ def markdown(res: dict, command: str, compare_to: str = "learnability-joint") ->
         "Check: at every evaluation the two grids share "
         f"({sum(r['shared_evaluations_checked'] for r in m.values() if 'reused_from' not in r)}"
         " in all), accuracy and FLOPs equal the saved runs'" + _extra_seeds_line(m)
-        + _reused_line(m) + ".",
+        + _unsaved_line(m) + _reused_line(m) + ".",
         "",
         f"| method | demo grid: step | iteration | compute | every {res['eval_every']}: "
         "step | iteration | compute | per seed (step) |",
@@ -484,8 +545,10 @@ def markdown(res: dict, command: str, compare_to: str = "learnability-joint") ->
     for name, r in m.items():
         seeds = ", ".join(f"{s}: {'–' if st is None else st}"
                           for s, st in zip(r["seeds"], r["per_seed_step"], strict=True))
-        lines.append(f"| {name} | {r['demo_step'] or 'not reached'} | "
-                     f"{_x(r['demo_iteration_speedup'])} | {_x(r['demo_compute_speedup'])} | "
+        demo = (f"{r['demo_step'] or 'not reached'} | {_x(r['demo_iteration_speedup'])} | "
+                f"{_x(r['demo_compute_speedup'])}" if r.get("in_demo", True)
+                else "not run by the demo | – | –")
+        lines.append(f"| {name} | {demo} | "
                      f"{r['step'] or 'not reached'} | {_x(r['iteration_speedup'])} | "
                      f"{_x(r['compute_speedup'])} | {seeds} |")
     base = m.get(compare_to)
@@ -496,7 +559,10 @@ def markdown(res: dict, command: str, compare_to: str = "learnability-joint") ->
                 continue
             for grid, key in (("demo grid", "demo_iteration_speedup"),
                               (f"every {res['eval_every']}", "iteration_speedup")):
-                if r[key] is None or base[key] is None:
+                if key == "demo_iteration_speedup" and not (r.get("in_demo", True)
+                                                            and base.get("in_demo", True)):
+                    lines.append(f"- {name}, {grid}: not both run by the demo")
+                elif r[key] is None or base[key] is None:
                     lines.append(f"- {name}, {grid}: not reached")
                 else:
                     lines.append(f"- {name}, {grid}: {r[key]:.2f}x against {base[key]:.2f}x, "
@@ -524,7 +590,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", type=Path, help="a finished `jestkit demo` directory")
     p.add_argument("--methods", nargs="+",
-                   help="its learner methods to retrain (default: every one but uniform)")
+                   help="its learner methods to retrain (default: every one but uniform); "
+                        "a demo method it did not run is trained on every seed (needs --steps)")
     p.add_argument("--steps", type=int,
                    help="retrain each run to this step (default: the latest of the methods' "
                         "crossings on the demo's grid)")

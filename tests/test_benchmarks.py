@@ -1193,6 +1193,7 @@ def test_first_crossing_refuses_a_retraining_that_is_not_the_saved_run(tiny_demo
                                              "in [1, 24] (T), got 25"),
     (["--steps", "6"], "--steps must be a multiple of --eval-every (4)"),
     (["--methods", "uniform"], "--methods ['uniform']: not learner methods of"),
+    (["--methods", "nope"], "--methods ['nope']: not learner methods of"),
     (["--workers", "0"], "--workers must be in [1, 256], got 0"),
 ])
 def test_first_crossing_refuses_bad_arguments_before_training(argv, message, tiny_demo,
@@ -1261,6 +1262,115 @@ def test_first_crossing_names_a_missing_reference_cache(tiny_demo, tmp_path, mon
     with pytest.raises(SystemExit, match=r"no reference_cache/, which its cached and Flexi runs "
                                          r"read"):
         module.run(run, ["learnability-joint-cached"], 16, 4, workers=1)
+
+
+def test_first_crossing_trains_a_method_the_demo_did_not_run_as_it_retrains_a_saved_one(
+        tiny_demo, tmp_path, monkeypatch):
+    """A demo method the demo left out is trained on every seed with the demo's config,
+    reference and cache: the very runs that retraining it gives where the demo did run it
+    (and there they are checked against the saved runs), reported as not run by the demo."""
+    import shutil
+
+    module = _benchmark(monkeypatch, "first_crossing")
+    name, flexi = "learnability-joint-cached", "learnability-joint-flexi"
+    run = tmp_path / "demo"
+    shutil.copytree(tiny_demo, run)
+    cfg = json.loads((run / "demo_config.json").read_text())
+    cfg["methods"] = [m for m in cfg["methods"] if m != name]
+    (run / "demo_config.json").write_text(json.dumps(cfg))
+    (run / "runs" / f"{name}.json").unlink()
+    report = json.loads((run / "report.json").read_text())
+    del report["methods"][name]
+    (run / "report.json").write_text(json.dumps(report))
+
+    checked = module.run(tiny_demo, [name, flexi], 20, 2, workers=1, compare_to=name)
+    got = module.run(run, [name, flexi], 20, 2, workers=1, compare_to=name)
+    a, b = checked["methods"][name], got["methods"][name]
+    assert a["step"] is not None  # so the FLOPs spent by then are compared below
+    assert a["in_demo"] and not b["in_demo"]
+    assert a["shared_evaluations_checked"] == 4 and b["shared_evaluations_checked"] == 0
+    assert b["saved_seeds"] == [] and b["seeds"] == a["seeds"] == [0, 1]
+    assert b["demo_step"] is None and b["demo_iteration_speedup"] is None
+    for key in ("steps", "per_seed_zero_shot_accuracy", "step", "per_seed_step",
+                "iteration_speedup", "compute_speedup", "learner_config"):
+        assert b[key] == a[key], key
+    assert got["methods"][flexi] == checked["methods"][flexi]  # still checked: the same runs
+    assert got["methods"][flexi]["shared_evaluations_checked"] == 4
+    md = module.markdown(got, "cmd", compare_to=name)
+    assert f"| {name} | not run by the demo | – | – | " in md
+    assert (f"{name} was not run by the demo: trained here on every seed, with the demo's "
+            f"config and reference (and its cache)") in md
+    assert "trained here only (--extra-seeds" not in md  # its seeds are not extra seeds
+    assert f"- {flexi}, demo grid: not both run by the demo" in md
+    assert f"- {flexi}, every 2: " in md
+
+    with pytest.raises(SystemExit, match=r"the demo did not run them, so it has no crossing "
+                                         r"to retrain up to; give --steps \(up to T = 24\)"):
+        module.run(run, [name], None, 4, workers=1)
+    with pytest.raises(SystemExit, match=r"--reuse \['learnability-joint-cached'\]: the demo "
+                                         r"did not run them"):
+        module.run(run, [name], 16, 4, workers=1, reuse={name: tmp_path / "earlier.json"})
+
+
+def test_first_crossing_trains_live_jest_beside_a_flexi_only_demo_with_extra_seeds(
+        tiny_demo, tmp_path, monkeypatch):
+    """The intended use: live JEST, which the demo did not run, set against its Flexi runs,
+    with extra seeds: live gets the demo's seeds and the extra ones, reads no cache, and only
+    the extra seeds are called extra."""
+    module = _benchmark(monkeypatch, "first_crossing")
+    live, flexi = "learnability-joint", "learnability-joint-flexi"
+    calls, real_pool = [], module.worker_pool
+
+    def pool_that_records(workers):  # the runs go to worker processes: record what is sent
+        pool = real_pool(workers)
+        submit = pool.submit
+
+        def record(fn, data_seed, reference, cache, lc, views):
+            calls.append((lc.method, lc.score_patch_size, lc.seed, cache is not None))
+            return submit(fn, data_seed, reference, cache, lc, views)
+
+        pool.submit = record
+        return pool
+
+    monkeypatch.setattr(module, "worker_pool", pool_that_records)
+    got = module.run(tiny_demo, [live, flexi], 8, 4, workers=1, extra_seeds=1,
+                     compare_to=live)
+    assert got["methods"][live]["seeds"] == got["methods"][flexi]["seeds"] == [0, 1, 2]
+    assert got["methods"][live]["shared_evaluations_checked"] == 0
+    assert got["methods"][flexi]["shared_evaluations_checked"] == 2  # step 8, seeds 0 and 1
+    assert got["methods"][flexi]["bootstrap"]["n_seeds"] == 3  # set against live
+    flexi_patch = json.loads((tiny_demo / "demo_config.json").read_text())[
+        "flexi_score_patch_size"]
+    assert calls == [("learnability", 0, s, False) for s in (0, 1, 2)] + [
+        ("learnability", flexi_patch, s, True) for s in (0, 1, 2)]
+    md = module.markdown(got, "cmd")
+    assert "seed 2 was trained here only (--extra-seeds" in md
+    assert (f"{live} was not run by the demo: trained here on every seed, with the demo's "
+            f"config and reference, and nothing saved") in md
+
+
+def test_first_crossing_refuses_a_method_the_demo_did_not_run_with_nothing_to_check(
+        tiny_demo, tmp_path, monkeypatch):
+    import shutil
+
+    module = _benchmark(monkeypatch, "first_crossing")
+    monkeypatch.setattr(module, "_run_one", lambda *a: pytest.fail("trained"))
+    live, cached = "learnability-joint", "learnability-joint-cached"
+    with pytest.raises(SystemExit, match=r"--methods \['learnability-joint'\]: the demo did "
+                                         r"not run them; also retrain a method it did run"):
+        module.run(tiny_demo, [live], 8, 4, workers=1)
+    with pytest.raises(SystemExit, match=r"name each method once"):
+        module.run(tiny_demo, [live, cached, live], 8, 4, workers=1)
+    run = tmp_path / "demo"
+    shutil.copytree(tiny_demo, run)
+    cfg = json.loads((run / "demo_config.json").read_text())
+    cfg["methods"] = [m for m in cfg["methods"] if m != cached]
+    (run / "demo_config.json").write_text(json.dumps(cfg))
+    shutil.rmtree(run / "reference_cache")
+    with pytest.raises(SystemExit, match=r"--methods \['learnability-joint-cached'\]: they "
+                                         r"read the reference cache, which this demo did not "
+                                         r"build"):
+        module.run(run, [cached, "learnability-joint-flexi"], 8, 4, workers=1)
 
 
 def _slow_paired_bootstrap(steps, curves, base, target, n_boot, seed):
